@@ -14,12 +14,14 @@ Decoding is strict in three layers, each with its own message:
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from typing import Any
 
 from pyasn1.codec.der import decoder as der_decoder
 from pyasn1.codec.der import encoder as der_encoder
 from pyasn1.error import PyAsn1Error
+from pyasn1.type import char, univ
 
 from . import asn1, der
 from .errors import DERError, ForeignImageError, NoSpaceError
@@ -227,6 +229,14 @@ def looks_like_header(buf: bytes) -> bool:
     return len(buf) > 16 and buf[0] == _SEQUENCE and oid in buf[:64]
 
 
+def header_length(buf: bytes) -> int:
+    """Total bytes of the DER value at the start of *buf* (tag + length + content)."""
+    if len(buf) < 2 or buf[0] != _SEQUENCE:
+        raise ForeignImageError("no nvmgr directory here")
+    length, start = der.read_length(buf, 1, len(buf))
+    return start + length
+
+
 def decode_header(buf: bytes, *, padded: bool = True) -> Directory:
     """Decode one header copy strictly.
 
@@ -306,3 +316,41 @@ def validate(d: Directory) -> None:
     for (o1, n1, w1), (o2, _n2, w2) in zip(spans, spans[1:], strict=False):
         if o1 + n1 > o2:
             raise DERError(f"{w1} overlaps {w2}")
+
+
+def _value_notation(v: Any, indent: int) -> str:
+    pad = "  " * (indent + 1)
+    if isinstance(v, univ.SequenceOf):
+        if not len(v):
+            return "{ }"
+        items = [_value_notation(x, indent + 1) for x in v]
+        return "{\n" + ",\n".join(pad + i for i in items) + "\n" + "  " * indent + "}"
+    if isinstance(v, univ.Sequence):
+        items = []
+        for i in range(len(v.componentType)):
+            name = v.componentType.getNameByPosition(i)
+            comp = v.getComponentByPosition(i)
+            if comp is None or not comp.isValue:
+                continue
+            items.append(f"{pad}{name} {_value_notation(comp, indent + 1)}")
+        return "{\n" + ",\n".join(items) + "\n" + "  " * indent + "}"
+    if isinstance(v, univ.BitString):
+        names = [n for n, bit in zip(_FLAG_BITS, v, strict=False) if bit]
+        return "{ " + ", ".join(names) + " }" if names else "{ }"
+    if isinstance(v, univ.Enumerated):
+        name = v.namedValues.getName(int(v)) if v.namedValues else None
+        return str(name) if name else str(int(v))
+    if isinstance(v, univ.Boolean):
+        return "TRUE" if v else "FALSE"
+    if isinstance(v, univ.Integer):
+        return str(int(v))
+    if isinstance(v, univ.ObjectIdentifier):
+        return "{ " + " ".join(str(x) for x in v.asTuple()) + " }"
+    if isinstance(v, univ.OctetString) and not isinstance(v, char.AbstractCharacterString):
+        return "'" + bytes(v).hex().upper() + "'H"
+    return json.dumps(str(v))
+
+
+def value_notation(d: Directory) -> str:
+    """The directory in ASN.1 value notation (X.680), for people to read."""
+    return "directory Directory ::= " + _value_notation(directory_to_asn1(d), 0)
