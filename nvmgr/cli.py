@@ -191,11 +191,12 @@ def cmd_create(args: argparse.Namespace) -> Result:
         except ValueError:
             raise UsageError(f"--domain-uuid {args.domain_uuid!r} is not a UUID") from None
     with Image.create(args.image, specs, fmt=args.format, kek=kek, domain_uuid=dom) as img:
-        return _info(img)
+        info: Result = _info(img)
+        return info
 
 
 def _info(img: Any) -> Result:
-    d = img.directory.to_json()
+    d: Result = img.directory.to_json()
     d["path"] = img.path
     d["format"] = img.fmt
     d["file_size"] = img.container.size()
@@ -333,7 +334,7 @@ def _check_args(p: argparse.ArgumentParser) -> None:
 def cmd_check(args: argparse.Namespace) -> Result:
     with _open(args) as img:
         report = img.check(progress=_progress(args, "check"))
-    r = report.to_json()
+    r: Result = report.to_json()
     if not report.ok:
         r["_exit"] = ExitCode.CORRUPT
     return r
@@ -428,7 +429,7 @@ def cmd_dump(args: argparse.Namespace) -> Result:
                 f.write(blob)
         if args.asn1:
             return {"_text": codec.value_notation(d)}
-        r = d.to_json()
+        r: Result = d.to_json()
         r["headers"] = [h.__dict__ for h in img.headers]
         return r
 

@@ -121,7 +121,8 @@ def qemu_holds_write(path: str) -> bool:
         req = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, _QEMU_LOCK_WRITE_BYTE, 1, 0)
         f_ofd_getlk = getattr(fcntl, "F_OFD_GETLK", 36)
         res = fcntl.fcntl(fd, f_ofd_getlk, req)
-        return struct.unpack("hhqqi", res)[0] != fcntl.F_UNLCK
+        lock_type: int = struct.unpack("hhqqi", res)[0]
+        return lock_type != fcntl.F_UNLCK
     except OSError:
         return False
     finally:

@@ -159,9 +159,9 @@ def read_directory(c: Container) -> tuple[Directory, int, list[HeaderState]]:
         raise DERError(
             f"both header copies are damaged (A: {sa.error}; B: {sb.error})", image=c.path
         )
-    if len(found) == 2 and found[0][0].image_uuid != found[1][0].image_uuid:  # type: ignore[union-attr]
+    if len(found) == 2 and found[0][0].image_uuid != found[1][0].image_uuid:
         log.warning("%s: header copies name different image UUIDs", c.path)
-    d, slot = max(found, key=lambda t: t[0].generation)  # type: ignore[union-attr]
+    d, slot = max(found, key=lambda t: t[0].generation)
     assert d is not None
     return d, slot, states
 
