@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Callable
@@ -554,6 +555,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(ExitCode.USAGE)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="nvmgr: %(message)s", stream=sys.stderr)
+
+    def terminate(signum: int, _frame: object) -> None:
+        # Unwind through every finally: qemu-storage-daemons stop, locks drop.
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, terminate)
     try:
         return _emit(args, COMMANDS[args.command].handler(args))
     except NvmgrError as e:

@@ -88,6 +88,7 @@ def directory_to_asn1(d: Directory) -> asn1.Directory:
     a["scratch"]["offset"] = d.scratch_offset
     a["scratch"]["length"] = d.scratch_length
     secs = a["sections"]
+    secs.clear()  # an empty SEQUENCE OF is a value too (pyasn1 refuses to encode it otherwise)
     tmpl = secs.componentType
     for s in d.sections:
         secs.append(_section_to_asn1(s, tmpl))
@@ -149,11 +150,13 @@ def _opt(value: Any) -> Any:
 
 
 def _section_from_asn1(a: Any) -> Section:
+    name = str(a["name"])
     bits = list(a["flags"])
     if len(bits) > len(_FLAG_BITS):
         raise DERError(f"section flags carry {len(bits)} bits, version 1 defines 3")
+    if bits and not bits[-1]:  # X.690 11.2.2: a named bit list drops trailing zeros
+        raise DERError(f"section {name}: flags BIT STRING has trailing zero bits (not DER)")
     bits += [0] * (len(_FLAG_BITS) - len(bits))
-    name = str(a["name"])
     binding = Binding(int(a["binding"]))
     if bool(bits[1]) != binding.live:
         raise DERError(f"section {name}: the live flag disagrees with binding {binding.name}")
@@ -252,7 +255,9 @@ def decode_header(buf: bytes, *, padded: bool = True) -> Directory:
     try:
         value, rest = der_decoder.decode(body, asn1Spec=asn1.HeaderCopy())
     except PyAsn1Error as e:
-        raise DERError(f"directory does not match the nvmgr schema: {e}") from None
+        # pyasn1's UnicodeDecodeError wrapper has an empty str(): say what it is.
+        why = "a UTF8String is not valid UTF-8" if isinstance(e, UnicodeDecodeError) else e
+        raise DERError(f"directory does not match the nvmgr schema: {why}") from None
     if rest:
         raise DERError(f"{len(rest)} bytes of trailing data inside the header")
     try:

@@ -114,8 +114,8 @@ def walk(buf: bytes | memoryview, *, allow_zero_padding: bool = False) -> int:
     end = len(buf)
     nodes = 0
     # Iterative walk: a stack of (end of constructed value, depth).
-    _, constructed, _, pos = _read_tag(buf, 0, end)
-    if not constructed:
+    cls, constructed, number, pos = _read_tag(buf, 0, end)
+    if (cls, constructed, number) != (0, True, 16):
         raise DERError("DER: the outermost value is not a SEQUENCE")
     length, pos = read_length(buf, pos, end)
     total = pos + length

@@ -14,7 +14,9 @@ Handshake ("Fixed newstyle negotiation"):
   requests ("Option types").  The server answers with ``NBD_REP_INFO`` (3)
   replies, of which ``NBD_INFO_EXPORT`` (0: size, transmission flags) is
   mandatory, then ``NBD_REP_ACK`` (1); any reply type with bit 31 set is an
-  error ("Option reply types") and raises :class:`~nvmgr.errors.ExternalError`.
+  error ("Option reply types"): the client sends ``NBD_OPT_ABORT`` ("Termination
+  of the session during option haggling") and raises
+  :class:`~nvmgr.errors.ExternalError`.
 
 Transmission ("Request message", "Simple reply message", "Request types"):
 structured replies are never negotiated, so every reply is a simple reply
@@ -22,13 +24,26 @@ structured replies are never negotiated, so every reply is a simple reply
 ``NBD_CMD_READ``).  Requests are issued one at a time; each reply's magic and
 handle are checked.  ``NBD_CMD_READ``, ``NBD_CMD_WRITE`` (optionally with
 ``NBD_CMD_FLAG_FUA``), ``NBD_CMD_FLUSH`` and ``NBD_CMD_DISC`` are
-implemented.  Requests longer than :data:`MAX_REQUEST` (QEMU's
-``NBD_MAX_BUFFER_SIZE``, 32 MiB) are split.
+implemented; ``NBD_CMD_FLUSH`` makes every write already answered durable
+("Ordering of messages and writes").  A non-zero error field raises
+:class:`~nvmgr.errors.ExternalError` naming the errno ("Error values");
+``ESHUTDOWN`` first triggers the soft disconnect the protocol requires
+("Terminating the transmission phase").  A reply that breaks the protocol
+(bad magic, wrong handle, short read) drops the connection.
+
+Longer transfers are split into requests of ``max_request`` bytes: at most
+:data:`MAX_REQUEST` (QEMU's ``NBD_MAX_BUFFER_SIZE``, 32 MiB), by default
+:data:`DEFAULT_REQUEST` (4 MiB), which moved data up to ~3x faster than
+32 MiB requests against qemu-storage-daemon 7.2 (QEMU maps and faults in a
+fresh bounce buffer for every huge request, but reuses heap memory for 4 MiB
+ones).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno as _errno
+import io
 import os
 import socket
 import struct
@@ -58,6 +73,7 @@ FLAG_SEND_FLUSH = 1 << 2
 FLAG_SEND_FUA = 1 << 3
 
 # "Option types", "Option reply types", NBD_INFO_* of NBD_REP_INFO
+OPT_ABORT = 2
 OPT_GO = 7
 REP_ACK = 1
 REP_INFO = 3
@@ -97,8 +113,12 @@ NBD_ERRNO = {
     108: "ESHUTDOWN",
 }
 
-#: Largest payload sent or requested at once: QEMU's NBD_MAX_BUFFER_SIZE.
+ESHUTDOWN = 108
+
+#: Largest payload a request may carry or ask for: QEMU's NBD_MAX_BUFFER_SIZE.
 MAX_REQUEST = 32 << 20
+#: The payload size transfers are split into by default.
+DEFAULT_REQUEST = 4 << 20
 
 _REQUEST = struct.Struct(">IHHQQI")
 _SIMPLE_REPLY = struct.Struct(">IIQ")
@@ -127,6 +147,8 @@ class NBDClient:
         (None waits forever).
     :param sock: an already connected stream socket to use instead of
         connecting to *path* (the client owns and closes it).
+    :param max_request: largest payload per request, 1 .. :data:`MAX_REQUEST`.
+    :raise ValueError: *max_request* is out of range.
     :raise ExternalError: the server refused the export, broke the protocol
         or closed the connection.
     :raise OSError: the socket could not be connected.
@@ -139,7 +161,11 @@ class NBDClient:
         *,
         timeout: float | None = 60.0,
         sock: socket.socket | None = None,
+        max_request: int = DEFAULT_REQUEST,
     ) -> None:
+        if not 0 < max_request <= MAX_REQUEST:
+            raise ValueError(f"max_request must be 1 .. {MAX_REQUEST}, not {max_request}")
+        self.max_request = max_request
         self.path = path
         self.export = export
         self.size = 0
@@ -232,6 +258,7 @@ class NBDClient:
             if rtype & REP_FLAG_ERROR:
                 what = REP_ERRORS.get(rtype, f"error reply {rtype:#x}")
                 msg = payload.decode("utf-8", "replace")
+                self._abort_option()
                 raise self._fail(
                     f"export {self.export!r} refused: {what}" + (f": {msg}" if msg else "")
                 )
@@ -251,6 +278,17 @@ class NBDClient:
                     raise self._fail("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT")
                 return
             raise self._fail(f"unexpected option reply type {rtype}")
+
+    def _abort_option(self) -> None:
+        """Soft-disconnect during option haggling: ``NBD_OPT_ABORT``, no wait.
+
+        "Termination of the session during option haggling": a client must
+        not simply drop the connection; the server may or may not answer.
+        """
+        if self._sock is None:
+            return
+        with contextlib.suppress(OSError):
+            self._sock.sendall(_OPT_HEADER.pack(IHAVEOPT, OPT_ABORT, 0))
 
     # -- transmission ----------------------------------------------------
 
@@ -283,6 +321,10 @@ class NBDClient:
         if rhandle != handle:
             raise self._fail(f"reply for handle {rhandle}, expected {handle}")
         if err:
+            if err == ESHUTDOWN:
+                # "Terminating the transmission phase": the client MUST then
+                # initiate a soft disconnect.
+                self.close()
             raise ExternalError(
                 f"NBD {what} of {length} bytes at offset {offset} failed: "
                 f"{errno_name(err)} ({os.strerror(err)})"
@@ -298,12 +340,22 @@ class NBDClient:
         """Read *length* bytes at *offset* (``NBD_CMD_READ``).
 
         :param offset: byte offset in the export.
-        :param length: byte count; split into requests of at most :data:`MAX_REQUEST`.
+        :param length: byte count; split into requests of at most ``max_request``.
         :raise ExternalError: out of range, server error, or protocol failure.
         """
-        buf = bytearray(length)
-        self.read_into(offset, memoryview(buf))
-        return bytes(buf)
+        self._check_range(offset, length)
+        if not length:
+            return b""
+        # Receive straight into the storage of the bytes object getvalue()
+        # returns: one allocation instead of a bytearray plus a bytes copy
+        # (page faults dominate 64 MiB reads).  Correct whatever CPython does;
+        # only the copy saved depends on BytesIO's implementation.
+        bio = io.BytesIO()
+        bio.seek(length - 1)
+        bio.write(b"\0")
+        with bio.getbuffer() as view:
+            self.read_into(offset, view)
+        return bio.getvalue()
 
     def read_into(self, offset: int, view: memoryview) -> None:
         """Fill the writable buffer *view* from *offset* (``NBD_CMD_READ``).
@@ -312,10 +364,12 @@ class NBDClient:
         :param view: a writable, byte-formatted buffer.
         :raise ExternalError: out of range, server error, or protocol failure.
         """
+        if view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
         self._check_range(offset, len(view))
         done = 0
         while done < len(view):
-            n = min(MAX_REQUEST, len(view) - done)
+            n = min(self.max_request, len(view) - done)
             handle = self._request(CMD_READ, offset + done, n)
             self._reply(handle, "read", offset + done, n)
             self._recv_into(view[done : done + n])
@@ -327,7 +381,7 @@ class NBDClient:
         """Write *data* at *offset* (``NBD_CMD_WRITE``).
 
         :param offset: byte offset in the export.
-        :param data: the bytes; split into requests of at most :data:`MAX_REQUEST`.
+        :param data: the bytes; split into requests of at most ``max_request``.
         :param fua: set ``NBD_CMD_FLAG_FUA`` so that each request is on stable
             storage before its reply (only when the server sends
             ``NBD_FLAG_SEND_FUA``; otherwise :meth:`flush` afterwards).
@@ -338,13 +392,10 @@ class NBDClient:
         self._check_range(offset, len(view))
         if len(view) and self.read_only:
             raise ExternalError(f"NBD export {self.export!r} at {self.path} is read-only")
-        flags = 0
-        if fua:
-            if self.flags & FLAG_SEND_FUA:
-                flags = CMD_FLAG_FUA
+        flags = CMD_FLAG_FUA if fua and self.flags & FLAG_SEND_FUA else 0
         done = 0
         while done < len(view):
-            n = min(MAX_REQUEST, len(view) - done)
+            n = min(self.max_request, len(view) - done)
             handle = self._request(
                 CMD_WRITE, offset + done, n, flags=flags, payload=view[done : done + n]
             )

@@ -2,17 +2,24 @@
 
 :class:`Qcow2Container` never parses qcow2 itself: it starts a private
 ``qemu-storage-daemon`` that opens the image (``file`` node + ``qcow2``
-node) and exports it over NBD on a unix socket in a fresh 0700 directory,
-then talks to it with :class:`nvmgr.nbd.NBDClient`.  Every write, flush and
-allocation is therefore done by QEMU exactly as a VM would do it.
+node) and exports it over NBD on a private unix socket, then talks to it
+with :class:`nvmgr.nbd.NBDClient`.  Every write, flush and allocation is
+therefore done by QEMU exactly as a VM would do it.
 
-Start-up: nvmgr creates and binds the listening socket itself and hands it to
-the daemon as an inherited file descriptor (``--nbd-server
-addr.type=fd``), so there is no polling for a socket to appear: the client
-connects at once, the kernel queues the connection, and the daemon answers
-the handshake as soon as its main loop runs.  If the daemon fails instead
-(bad image, a running QEMU holding the lock), it exits, the connection is
-reset, and its stderr explains why.
+Start-up (about 5 ms to a finished handshake): nvmgr binds the listening
+socket itself in a fresh 0700 directory (under ``$XDG_RUNTIME_DIR``, else the
+temp dir), connects to it at once (the kernel queues the connection), removes
+the socket path and directory again, and only then starts the daemon with the
+listener as an inherited fd (``--nbd-server addr.type=fd``).  There is no
+polling for a socket to appear and nothing on disk to leak; the daemon
+answers the queued handshake as soon as its main loop runs.  If it fails
+instead (bad image, a running QEMU holding the lock), it exits, the
+connection is reset, and its stderr (an anonymous temp file) explains why.
+
+The daemon is nvmgr's child, in its process group, holding nvmgr's flock'd fd
+and (when util-linux ``setpriv`` is installed) with SIGTERM as its parent-death
+signal: :meth:`Qcow2Container.close` stops and reaps it, and a killed nvmgr
+takes its daemon with it.  SIGTERM makes the daemon close the image cleanly.
 
 Locking, in order:
 
@@ -44,7 +51,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
 
 from .container import QCOW2_MAGIC, Container, lock_file, probe_format
 from .errors import BusyError, ExternalError, NoSpaceError, NotFoundError, UsageError
@@ -210,7 +217,6 @@ class Qcow2Container(Container):
         self.writable = writable
         self._abs = _abspath(path)
         self._fd = -1
-        self._dir: str | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._nbd: NBDClient | None = None
         #: Seconds from spawning the daemon to a finished NBD handshake.
@@ -302,46 +308,44 @@ class Qcow2Container(Container):
     def _start(self) -> None:
         """Start the daemon and connect to it.
 
+        The client connects to the listening socket *before* the daemon exists
+        (the kernel queues the connection), so the socket path and its private
+        directory are removed again before the daemon even starts: nothing is
+        left on disk whatever happens to nvmgr.
+
         :raise BusyError: a running QEMU holds a conflicting image lock.
         :raise ExternalError: the daemon failed; its stderr is in the message.
         """
-        if self._dir is None:
-            self._dir = _private_dir()
-        sock_path = os.path.join(self._dir, "nbd.sock")
-        log_path = os.path.join(self._dir, "qsd.log")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(sock_path)
-        t0 = time.monotonic()
+        d = _private_dir()
+        sock_path = os.path.join(d, "nbd.sock")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            listener.bind(sock_path)
-            listener.listen(1)
-            with open(log_path, "wb") as log:
+            try:
+                listener.bind(sock_path)
+                listener.listen(1)
+                client.connect(sock_path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(sock_path)
+                os.rmdir(d)
+            # Anonymous (O_TMPFILE or unlinked at once): the daemon's stderr.
+            with tempfile.TemporaryFile() as log:
+                t0 = time.monotonic()
+                self._spawn(listener, log)
+                # Only the daemon holds the listener now: if it dies, the
+                # handshake fails at once instead of hanging.
+                listener.close()
                 try:
-                    self._proc = subprocess.Popen(
-                        self._daemon_args(listener.fileno()),
-                        stdin=subprocess.DEVNULL,
-                        stdout=log,
-                        stderr=log,
-                        pass_fds=(listener.fileno(),),
-                        close_fds=True,
-                        # Out of the terminal's process group: ^C reaches nvmgr,
-                        # which then stops the daemon cleanly in close().
-                        start_new_session=True,
-                    )
-                except FileNotFoundError:
-                    raise ExternalError(
-                        f"{QEMU_STORAGE_DAEMON} is not installed (needed for qcow2 images)"
-                    ) from None
+                    self._nbd = NBDClient(sock_path, EXPORT_NAME, timeout=NBD_TIMEOUT, sock=client)
+                except (ExternalError, OSError) as e:
+                    raise self._daemon_failure(e, log) from None
+                self.start_latency = time.monotonic() - t0
+        except BaseException:
+            client.close()
+            raise
         finally:
-            # Only the daemon holds the listener now: if it dies, connecting
-            # or the handshake fails at once instead of hanging.
             listener.close()
-        try:
-            self._nbd = NBDClient(sock_path, EXPORT_NAME, timeout=NBD_TIMEOUT)
-        except (ExternalError, OSError) as e:
-            raise self._daemon_failure(e, log_path) from None
-        self.start_latency = time.monotonic() - t0
         if self._nbd.read_only == self.writable:
             raise ExternalError(
                 "qemu-storage-daemon exported the image "
@@ -349,7 +353,42 @@ class Qcow2Container(Container):
                 image=self.path,
             )
 
-    def _daemon_failure(self, err: Exception, log_path: str) -> Exception:
+    def _spawn(self, listener: socket.socket, log: IO[bytes]) -> None:
+        """Popen the daemon with the listener and the flock'd image fd inherited.
+
+        The daemon inherits nvmgr's locked fd of the image (an open file
+        description shares its ``flock``): the nvmgr lock is then held until
+        nvmgr *and* its daemon are gone, so a daemon that outlives a killed
+        nvmgr for a moment never makes the next nvmgr mistake it for a VM.
+        With util-linux ``setpriv``, the daemon also gets SIGTERM (a clean
+        shutdown) when the thread that started it dies, even by SIGKILL; so
+        use a container from a thread that outlives it.
+        """
+        args = self._daemon_args(listener.fileno())
+        setpriv = shutil.which("setpriv")
+        if setpriv:
+            args = [setpriv, "--pdeathsig", "TERM", "--", *args]
+        try:
+            self._proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                pass_fds=(listener.fileno(), self._fd),
+                close_fds=True,
+                # Deliberately in nvmgr's process group: a terminal's ^C or
+                # hangup reaches the daemon too, which then shuts down cleanly.
+            )
+        except FileNotFoundError:
+            raise ExternalError(
+                f"{QEMU_STORAGE_DAEMON} is not installed (needed for qcow2 images)"
+            ) from None
+        except OSError as e:
+            raise ExternalError(
+                f"cannot start {QEMU_STORAGE_DAEMON}: {e.strerror or e}", image=self.path
+            ) from None
+
+    def _daemon_failure(self, err: Exception, log: IO[bytes]) -> Exception:
         """Reap a daemon whose export failed; turn its stderr into an error."""
         proc = self._proc
         status: int | None = None
@@ -359,8 +398,8 @@ class Qcow2Container(Container):
             except subprocess.TimeoutExpired:
                 status = None  # alive but not serving: _stop() kills it
         try:
-            with open(log_path, encoding="utf-8", errors="replace") as f:
-                stderr = f.read()
+            log.seek(0)
+            stderr = log.read(1 << 16).decode("utf-8", "replace")
         except OSError:
             stderr = ""
         lock = _lock_failure(stderr)
@@ -399,6 +438,22 @@ class Qcow2Container(Container):
             raise UsageError(f"{self.path} is closed", image=self.path)
         return self._nbd
 
+    @contextlib.contextmanager
+    def _io(self) -> Iterator[None]:
+        """Give NBD failures the image's name, and the daemon's fate if it died."""
+        try:
+            yield
+        except ExternalError as e:
+            if e.image is not None:
+                raise
+            status = self._proc.poll() if self._proc is not None else None
+            died = (
+                f" ({QEMU_STORAGE_DAEMON} exited with status {status})"
+                if status is not None
+                else ""
+            )
+            raise ExternalError(e.message + died, image=self.path) from e
+
     # -- Container -----------------------------------------------------------
 
     def read(self, offset: int, length: int) -> bytes:
@@ -411,10 +466,11 @@ class Qcow2Container(Container):
         if offset < 0 or length < 0:
             raise UsageError(f"bad read of {length} bytes at {offset}", image=self.path)
         inside = max(0, min(length, nbd.size - offset))
-        buf = bytearray(length)
-        if inside:
-            nbd.read_into(offset, memoryview(buf)[:inside])
-        return bytes(buf)
+        with self._io():
+            data = nbd.read(offset, inside) if inside else b""
+        if inside < length:
+            data += bytes(length - inside)
+        return data
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         """Write *data* at *offset* (calls the fault hook first).
@@ -436,7 +492,8 @@ class Qcow2Container(Container):
                 f"write of {n} bytes at {offset} ends past the image's {nbd.size} bytes",
                 image=self.path,
             )
-        nbd.write(offset, data)
+        with self._io():
+            nbd.write(offset, data)
 
     def flush(self) -> None:
         """Make all writes durable: NBD flush, i.e. qcow2 metadata and data fsynced by QEMU.
@@ -444,7 +501,9 @@ class Qcow2Container(Container):
         :raise ExternalError: the daemon failed the flush.
         """
         self._fault("flush", 0, 0)
-        self._client().flush()
+        nbd = self._client()
+        with self._io():
+            nbd.flush()
 
     def size(self) -> int:
         """The image's virtual (guest-visible) size in bytes."""
@@ -485,19 +544,19 @@ class Qcow2Container(Container):
             raise
 
     def close(self) -> None:
-        """Disconnect, stop the daemon, remove its directory, release the flock.
+        """Disconnect, stop the daemon (waiting for it), release the flock.
 
         Idempotent; safe on a half-initialised container.
         """
         try:
             self._stop()
         finally:
-            d, self._dir = self._dir, None
-            if d is not None:
-                shutil.rmtree(d, ignore_errors=True)
             fd, self._fd = self._fd, -1
             if fd >= 0:
                 os.close(fd)  # releases the flock, after the daemon is gone
+
+    def __enter__(self) -> Qcow2Container:
+        return self
 
     def __del__(self) -> None:
         # Last resort against a leaked daemon when close() was never called.
@@ -559,7 +618,12 @@ def _offline(path: str, exclusive: bool, wait: float) -> Iterator[None]:
     """Hold nvmgr's flock on *path* while qemu-img works on it."""
     if probe_format(path) != "qcow2":
         raise UsageError(f"{path} is not a qcow2 image (snapshots need qcow2)", image=path)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFoundError(f"no such image: {path}", image=path) from None
+    except OSError as e:
+        raise UsageError(f"cannot open {path}: {e.strerror}", image=path) from None
     try:
         lock_file(fd, path, exclusive, wait)
         yield
