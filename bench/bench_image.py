@@ -431,6 +431,10 @@ def info_anatomy(path: str, work: str, reps: int) -> dict[str, Any]:
                 timed(lambda c=img.container: read_directory(c)))
         render()
     inproc = {k: {"median_s": statistics.median(v), "min_s": min(v)} for k, v in samples.items()}
+    try:
+        steps = decode_steps(path, reps)
+    except Exception as e:  # the codec's internals moved: report, do not fail the run
+        steps = {"error": f"{type(e).__name__}: {e}"}
 
     # cProfile of the whole command (imports included), in a child process.
     prof = os.path.join(work, "info.prof")
@@ -470,6 +474,7 @@ def info_anatomy(path: str, work: str, reps: int) -> dict[str, Any]:
     return {
         "image": path,
         "in_process": inproc,
+        "decode_steps": steps,
         "cprofile": {"cmd": short(argv), "total_s": total, "by_tottime": by_tot,
                      "nvmgr_by_cumtime": by_cum, "tottime_by_package_s": by_pkg},
         "importtime": {
@@ -478,6 +483,43 @@ def info_anatomy(path: str, work: str, reps: int) -> dict[str, Any]:
             "cumulative_us": dict(sorted(top_cum, key=lambda kv: -kv[1])[:12]),
         },
     }
+
+
+def decode_steps(path: str, reps: int) -> dict[str, Any]:
+    """Time each step of ``codec.decode_header`` on one header copy of *path*.
+
+    Mirrors the steps of nvmgr.codec.decode_header (strict DER walk, pyasn1
+    decode, pyasn1 re-encode for the canonical-form check, digest, model
+    conversion, layout validation); ``read_directory`` does this for both copies.
+    """
+    import hashlib
+
+    from pyasn1.codec.der import decoder as der_decoder
+    from pyasn1.codec.der import encoder as der_encoder
+
+    from nvmgr import asn1, codec, der
+
+    with Image.open(path) as img:
+        buf = img.container.read(0, img.directory.header_area)
+    total = der.walk(buf, allow_zero_padding=True)
+    body = bytes(buf[:total])
+    value, _ = der_decoder.decode(body, asn1Spec=asn1.HeaderCopy())
+    d = codec.directory_from_asn1(value["directory"])
+    fns: dict[str, Callable[[], object]] = {
+        "der.walk (strict DER rules)": lambda: der.walk(buf, allow_zero_padding=True),
+        "pyasn1 decode against the schema": lambda: der_decoder.decode(
+            body, asn1Spec=asn1.HeaderCopy()),
+        "pyasn1 re-encode (canonical-form check)": lambda: der_encoder.encode(value),
+        "sha256 digest": lambda: hashlib.sha256(body).digest(),
+        "directory_from_asn1": lambda: codec.directory_from_asn1(value["directory"]),
+        "validate (layout rules)": lambda: codec.validate(d),
+        "codec.decode_header (all of the above)": lambda: codec.decode_header(buf),
+    }
+    out: dict[str, Any] = {"der_bytes": total, "sections": len(d.sections)}
+    for k, fn in fns.items():
+        ts = [timed(fn) for _ in range(reps)]
+        out[k] = {"median_s": statistics.median(ts), "min_s": min(ts)}
+    return out
 
 
 def short_path(fname: str) -> str:
@@ -742,6 +784,17 @@ def report_directory(res: dict[str, Any]) -> tuple[str, list[str]]:
             ["+ `import nvmgr.cli` (all imports)", fmt_t(imp["median_s"] - base["median_s"])]]
     rows += [[k, fmt_t(x["median_s"])] for k, x in ip.items()]
     out += [md_table(["part", "median"], rows), ""]
+    ds = a["decode_steps"]
+    if "error" in ds:
+        out += [f"(decode steps not measured: {ds['error']})", ""]
+    else:
+        out += [f"One header copy ({ds['der_bytes']} bytes of DER, {ds['sections']} sections), "
+                "each step of `codec.decode_header` timed in process; `Image.open` decodes "
+                "both copies (A and B), so twice this:", ""]
+        tot = ds["codec.decode_header (all of the above)"]["median_s"]
+        rows = [[k, fmt_t(x["median_s"]), fmt_t(x["min_s"]), f"{100 * x['median_s'] / tot:.0f}%"]
+                for k, x in ds.items() if isinstance(x, dict)]
+        out += [md_table(["step", "median", "min", "of decode_header"], rows), ""]
     cp = a["cprofile"]
     out += [f"cProfile (`{cp['cmd']}`; total {fmt_t(cp['total_s'])} under the profiler), "
             "self time by package:", "", "```"]
@@ -868,6 +921,7 @@ def main(argv: list[str] | None = None) -> int:
         if "mem" in only:
             results["memory"] = bench_memory(work, key_file, rng, args.quick)
     elapsed = time.perf_counter() - t_start
+    info["loadavg_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     meta = {"command": cmdline, "quick": args.quick, "seed": seed, "machine": info,
             "elapsed_s": elapsed, "cli": short(CLI) + f" = {shlex.join(CLI)}"}
     os.makedirs(OUT, exist_ok=True)

@@ -111,9 +111,11 @@ def _add_key_args(p: argparse.ArgumentParser, *, prefix: str = "key") -> None:
                    help="read the key-encryption key from standard input")
 
 
-def _add_image(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
-    p.add_argument("image", metavar="IMAGE", nargs="?" if optional else None,
-                   help="the nvmgr image file")
+def _add_image(p: argparse.ArgumentParser) -> None:
+    # Optional so that "--domain NAME SECTION" works: argparse gives IMAGE
+    # nothing when only the later positionals are present.
+    p.add_argument("image", metavar="IMAGE", nargs="?",
+                   help="the nvmgr image file (or give --domain)")
     p.add_argument("--domain", metavar="NAME",
                    help="use the image recorded in this libvirt domain's nvmgr metadata")
     p.add_argument("--connect", "-c", metavar="URI", help="libvirt connection URI")
@@ -577,4 +579,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module, where the other modules register their commands.
+    from nvmgr import cli as _cli
+
+    sys.exit(_cli.main())

@@ -234,7 +234,9 @@ def looks_like_header(buf: bytes) -> bool:
 
 def header_length(buf: bytes) -> int:
     """Total bytes of the DER value at the start of *buf* (tag + length + content)."""
-    if len(buf) < 2 or buf[0] != _SEQUENCE:
+    # Probe first: a foreign file that merely starts with 0x30 (BER, another
+    # DER format) is foreign, not a damaged nvmgr header.
+    if not looks_like_header(buf):
         raise ForeignImageError("no nvmgr directory here")
     length, start = der.read_length(buf, 1, len(buf))
     return start + length

@@ -166,6 +166,10 @@ def parse_tree(data: str | bytes, *, what: str = "domain XML") -> etree._Element
     try:
         root = etree.fromstring(raw, _parser())
     except etree.XMLSyntaxError as e:
+        if "Excessive depth" in str(e):  # libxml2's own cap (256), met before ours
+            raise InvalidInputError(
+                f"{what}: elements nest deeper than {MAX_DEPTH} levels (line {e.lineno})"
+            ) from None
         raise InvalidInputError(f"{what} is not well-formed XML: {e}") from None
     tree = root.getroottree()
     if getattr(tree.docinfo, "doctype", "") or tree.docinfo.internalDTD is not None:

@@ -36,9 +36,6 @@ from .units import format_size
 
 #: Where ``nvmgr define`` puts a domain's image unless the metadata says otherwise.
 DEFAULT_IMAGE_DIR = "/var/lib/libvirt/nvmgr"
-#: libvirt's default TPM version for an emulator backend with none given
-#: (libvirt 9.0, measured: ``virsh define`` then ``dumpxml``).
-DEFAULT_TPM_VERSION = "2.0"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +149,12 @@ def _uefi_want(dom: Domain, meta: NvmgrMetadata | None) -> _Want | None:
     elif loader is None or loader.type != "pflash":
         return None  # BIOS, or a ROM loader: nothing persistent
     assert loader_path is not None
+    override = next(
+        (d.size for d in (meta.sections if meta else ()) if d.name == profiles.UEFI_SECTION),
+        None,
+    )
+    if override is not None:  # no need to know the firmware: _apply_decl sets the size
+        return _Want(profiles.UEFI_SECTION, override, Binding.PFLASH, "", template=template)
     vs = profiles.uefi_vars_size(template, loader_path)
     return _Want(profiles.UEFI_SECTION, vs.size, Binding.PFLASH, vs.source, template=template)
 
@@ -161,7 +164,7 @@ def _tpm_wants(dom: Domain) -> list[_Want]:
     for i, tpm in enumerate(dom.tpms):
         if tpm.backend_type != "emulator":
             continue  # passthrough/external: the state is not libvirt's (or ours)
-        version = tpm.version or DEFAULT_TPM_VERSION
+        version = profiles.tpm_version(tpm.model, tpm.version)
         prof = profiles.device_profile(f"tpm-{version}")
         prefix = profiles.tpm_prefix(i)
         for sp in prof.sections:
@@ -170,7 +173,7 @@ def _tpm_wants(dom: Domain) -> list[_Want]:
                     prefix + sp.suffix,
                     sp.size,
                     sp.binding,
-                    f"TPM {version} profile ({tpm.model or 'tpm'}, swtpm)",
+                    f"TPM {version} profile ({tpm.model or profiles.TPM_DEFAULT_MODEL}, swtpm)",
                     device=tpm.alias or f"tpm{i}",
                 )
             )

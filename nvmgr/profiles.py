@@ -130,8 +130,26 @@ def device_profile(kind: str) -> DeviceProfile:
         raise InvalidInputError(f"unknown device kind {kind!r} (known: {known})") from None
 
 
-#: Section-name prefix of the n-th TPM (libvirt allows one, pSeries two).
+#: The TPM version libvirt 9.0 fills in for ``<backend type='emulator'>``
+#: without one, by model (measured: ``virsh define``, then ``dumpxml``; a
+#: ``<tpm>`` without a model becomes ``tpm-tis`` on x86).
+TPM_DEFAULT_VERSION: Mapping[str, str] = {
+    "tpm-tis": "1.2",
+    "tpm-crb": "2.0",
+    "tpm-spapr": "2.0",
+}
+TPM_DEFAULT_MODEL = "tpm-tis"
+
+
+def tpm_version(model: str | None, version: str | None) -> str:
+    """The TPM version a ``<tpm>`` gets: its own, else libvirt's default for the model."""
+    if version:
+        return version
+    return TPM_DEFAULT_VERSION.get(model or TPM_DEFAULT_MODEL, "2.0")
+
+
 def tpm_prefix(index: int) -> str:
+    """Section-name prefix of the n-th TPM: ``tpm``, then ``tpm1``... (pSeries has two)."""
     return "tpm" if index == 0 else f"tpm{index}"
 
 
@@ -299,7 +317,7 @@ def select_firmware(
     features: Mapping[str, bool],
     *,
     smm: bool | None = None,
-    dirs: Iterable[str] = FIRMWARE_DIRS,
+    dirs: Iterable[str] | None = None,
 ) -> Firmware:
     """The UEFI flash firmware libvirt would pick for this guest.
 
@@ -307,8 +325,10 @@ def select_firmware(
         ``enrolled-keys``: True required, False refused).
     :param smm: ``<features><smm state=...>``; False skips firmware that
         requires SMM.
+    :param dirs: descriptor directories, default :data:`FIRMWARE_DIRS`.
     :raise NotFoundError: no descriptor fits.
     """
+    dirs = tuple(FIRMWARE_DIRS if dirs is None else dirs)
     for path in _descriptors(dirs):
         try:
             desc = json.loads(path.read_text())

@@ -68,6 +68,15 @@ def domain_xml(name: str, uri: str | None = None, *, inactive: bool = True) -> s
         return xml
 
 
+def exists(name: str, uri: str | None = None) -> bool:
+    with connect(uri, readonly=True) as conn:
+        try:
+            lookup(conn, name)
+            return True
+        except NotFoundError:
+            return False
+
+
 def is_active(name: str, uri: str | None = None) -> bool:
     with connect(uri, readonly=True) as conn:
         return bool(lookup(conn, name).isActive())

@@ -311,8 +311,22 @@ def test_header_declared_length_past_the_end() -> None:
 def test_header_length_octets_past_the_end() -> None:
     with pytest.raises(DERError, match="length runs past the end"):
         der.walk(HEADER[:2])  # 30 81 | (missing length octet)
-    with pytest.raises(DERError, match="length runs past the end"):
-        codec.header_length(HEADER[:2])
+    with pytest.raises(ForeignImageError):
+        codec.header_length(HEADER[:2])  # too short to tell
+
+
+def test_header_length() -> None:
+    assert codec.header_length(HEADER + bytes(100)) == len(HEADER)
+    # An nvmgr header (its OID is there) with a malformed outer length is damaged ...
+    with pytest.raises(DERError, match="indefinite length at offset 1"):
+        codec.header_length(b"\x30\x80" + HEADER[3:] + b"\x00\x00")
+    with pytest.raises(DERError, match="non-minimal length"):
+        codec.header_length(b"\x30\x82\x00" + HEADER[2:])
+    # ... while a file that merely starts with a SEQUENCE is foreign.
+    for foreign in (bytes.fromhex("3080 06092a864886f70d010702") + bytes(200),
+                    bytes.fromhex("308200ff") + bytes(300), bytes(300), b"\x30"):
+        with pytest.raises(ForeignImageError, match="no nvmgr directory here"):
+            codec.header_length(foreign)
 
 
 def test_header_too_many_nodes(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,135 @@
+"""Commands about libvirt domains: plan, define, undefine, install-hook."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .cli import Result, arguments, command, load_key
+from .errors import NotFoundError, UsageError
+
+HOOK_DIR = "/etc/libvirt/hooks/qemu.d"
+HOOK_NAME = "nvmgr"
+
+
+def _read_xml(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="strict")
+    except FileNotFoundError:
+        raise NotFoundError(f"no such file: {path}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text") from None
+
+
+@arguments("plan")
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("xml", metavar="DOMAIN.xml", help="a libvirt domain XML file, or -")
+    p.add_argument("--encrypted", action="store_true",
+                   help="plan encrypted sections (as with a key at define)")
+
+
+@command("plan", "the sections a domain needs, their offsets and the image size",
+         "nvmgr plan examples/uefi-tpm.xml --output json",
+         render=lambda r: str(r.pop("_render", "")))
+def cmd_plan(args: argparse.Namespace) -> Result:
+    from .plan import plan_domain, plan_to_json, render_text
+
+    plan = plan_domain(_read_xml(args.xml), encrypted=args.encrypted)
+    r: Result = dict(plan_to_json(plan))
+    if args.output != "json":
+        return {"_text": render_text(plan)}
+    return r
+
+
+@arguments("define")
+def _define_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("xml", metavar="DOMAIN.xml", help="a libvirt domain XML file, or -")
+    p.add_argument("--connect", "-c", metavar="URI", help="libvirt URI (qemu:///system)")
+    p.add_argument("--format", "-f", choices=("raw", "qcow2"),
+                   help="container of a new image (default raw; an existing image keeps its own)")
+    p.add_argument("--image", metavar="PATH",
+                   help="where the image lives (default /var/lib/libvirt/nvmgr/NAME.nvram)")
+    p.add_argument("--print-xml", action="store_true", help="print the XML that was defined")
+    g = p.add_argument_group("encryption (the key source is recorded in the domain, never the key)")
+    g.add_argument("--key-file", metavar="FILE", help="a 0600 key file the hooks will read")
+    g.add_argument("--key-secret", metavar="UUID", help="a libvirt secret holding the key")
+
+
+@command("define", "plan, create or grow the image, rewrite and define the domain in libvirt",
+         "nvmgr define examples/uefi-tpm.xml --format qcow2 --key-file /etc/nvmgr/vm1.key",
+         render=lambda r: (f"defined {r['domain']} with {r['image']}"
+                           f" ({'created' if r['created'] else 'existing'} image; "
+                           f"added: {', '.join(r['added']) or 'nothing'}; "
+                           f"imported: {', '.join(f'{k} from {v}' for k, v in r['imported'].items()) or 'nothing'})"
+                           + (f"\n{r['xml']}" if r.get("xml") else "")))
+def cmd_define(args: argparse.Namespace) -> Result:
+    from .define import define
+
+    kek = load_key(args)
+    res = define(_read_xml(args.xml), uri=args.connect, fmt=args.format, image=args.image,
+                 kek=kek, key_file=args.key_file, key_secret=args.key_secret)
+    r: Result = res.to_json()
+    if args.print_xml:
+        r["xml"] = res.xml
+    return r
+
+
+@arguments("undefine")
+def _undefine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
+    p.add_argument("--connect", "-c", metavar="URI", help="libvirt URI (qemu:///system)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--keep-nvram", action="store_true", help="keep the nvmgr image")
+    g.add_argument("--remove-nvram", action="store_true", help="delete the nvmgr image too")
+
+
+@command("undefine", "undefine a domain, keeping or removing its image (virsh's semantics)",
+         "nvmgr undefine vm1 --remove-nvram")
+def cmd_undefine(args: argparse.Namespace) -> Result:
+    from .define import undefine
+
+    return undefine(args.domain, uri=args.connect, keep_nvram=args.keep_nvram,
+                    remove_nvram=args.remove_nvram)
+
+
+@arguments("install-hook")
+def _install_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hook-dir", default=HOOK_DIR, metavar="DIR",
+                   help=f"libvirt's qemu hook directory (default {HOOK_DIR})")
+    p.add_argument("--uninstall", action="store_true", help="remove the hook instead")
+
+
+@command("install-hook", "install (or --uninstall) the libvirt qemu hook; restart libvirtd after",
+         "nvmgr install-hook && pkill -x libvirtd; libvirtd -d")
+def cmd_install_hook(args: argparse.Namespace) -> Result:
+    target = Path(args.hook_dir) / HOOK_NAME
+    if args.uninstall:
+        existed = target.exists()
+        if existed:
+            target.unlink()
+        return {"hook": str(target), "removed": existed}
+    src = Path(__file__).resolve().parent.parent / "hooks" / "qemu"
+    body = src.read_text() if src.exists() else _HOOK_FALLBACK
+    lines = body.splitlines(keepends=True)
+    lines[0] = f"#!{sys.executable}\n"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{HOOK_NAME}.tmp")
+    tmp.write_text("".join(lines))
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, target)
+    return {"hook": str(target), "python": sys.executable,
+            "note": "libvirtd looks for hooks when it starts: restart it once"}
+
+
+_HOOK_FALLBACK = """#!/usr/bin/env python3
+import sys
+
+from nvmgr.hook import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv, sys.stdin.buffer, sys.stdout, sys.stderr))
+"""

@@ -1,0 +1,215 @@
+"""``nvmgr define`` and ``nvmgr undefine``: a domain and its image, together.
+
+define: plan the domain's sections, create the image (or open and grow the
+one it already has), fill empty sections from what the domain already owns
+(its libvirt ``<nvram>`` file, its swtpm state, else the firmware's vars
+template), rewrite the XML so QEMU sees each section, and define it through
+libvirt.  Running it again on the same domain changes nothing: sections that
+hold data are never overwritten, offsets never move.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+from . import staging, virt
+from .container import probe_format
+from .crypto import Kek
+from .domainxml import parse_domain
+from .errors import ExternalError, InvalidInputError, UsageError
+from .image import Image
+from .layout import SectionSpec
+from .model import Binding, Directory
+from .plan import Plan, PlannedSection, plan_for
+from .qemuargs import rewrite_domain
+
+log = logging.getLogger(__name__)
+
+
+def plan_with_offsets(plan: Plan, d: Directory) -> Plan:
+    """The plan with each section's offsets as the image really has them."""
+    placed = []
+    for ps in plan.sections:
+        s = d.find(ps.name)
+        if s is None:
+            raise UsageError(f"section {ps.name} is planned but not in the image")
+        placed.append(dataclasses.replace(ps, offset=s.home if s.home is not None else s.offset,
+                                          spare=s.spare, reserved=s.reserved))
+    return dataclasses.replace(plan, sections=tuple(placed), image_size=d.image_size,
+                               header_area=d.header_area, image_uuid=d.image_uuid,
+                               scratch_offset=d.scratch_offset, scratch_length=d.scratch_length,
+                               directory=d)
+
+
+def _read_firmware_file(path: str, fmt: str | None) -> bytes:
+    """A varstore file's bytes; qcow2 files are converted through qemu-img."""
+    if (fmt or probe_format(path)) != "qcow2":
+        return Path(path).read_bytes()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "vars.raw")
+        p = subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", path, out],
+                           capture_output=True, text=True, check=False)
+        if p.returncode:
+            raise ExternalError(f"cannot read {path}", detail=p.stderr)
+        return Path(out).read_bytes()
+
+
+def initial_content(dom: Any, plan: Plan, ps: PlannedSection) -> tuple[bytes, str] | None:
+    """What an empty section should start with, and where it came from."""
+    meta = dom.nvmgr
+    if ps.binding is Binding.PFLASH:
+        rec = meta.libvirt_nvram if meta else None
+        nv = dom.os.nvram if dom.os is not None else None
+        candidates = [(nv.path, nv.format) if nv is not None else (None, None),
+                      (rec.path, rec.format) if rec is not None else (None, None)]
+        for path, fmt in candidates:
+            if path and os.path.isfile(path):
+                return _read_firmware_file(path, fmt), f"imported {path}"
+        if ps.template and os.path.isfile(ps.template):
+            return _read_firmware_file(ps.template, None), f"template {ps.template}"
+        return None
+    if ps.binding is Binding.TPM and plan.domain_uuid is not None:
+        for version in ("2.0", "1.2"):
+            d = staging.tpm_state_dir(str(plan.domain_uuid), version)
+            name = staging.tpm_file_name(ps.name, version)
+            if (d / name).is_file():
+                return (d / name).read_bytes(), f"imported {d / name}"
+    return None
+
+
+@dataclasses.dataclass
+class DefineResult:
+    domain: str
+    image: str
+    image_uuid: str
+    created: bool
+    added: list[str]
+    imported: dict[str, str]
+    xml: str
+
+    def to_json(self) -> dict[str, object]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "xml"}
+
+
+def prepare_image(plan: Plan, dom: Any, *, kek: Kek | None, fmt: str,
+                  path: str) -> tuple[Image, bool, list[str]]:
+    """Open the domain's image, creating or growing it to hold the plan."""
+    specs = [SectionSpec(s.name, s.capacity, s.binding, s.encrypted, s.device)
+             for s in plan.sections]
+    meta = dom.nvmgr
+    if os.path.exists(path):
+        img = Image.open(path, writable=True, kek=kek)
+        try:
+            if meta and meta.uuid and img.directory.image_uuid != meta.uuid:
+                raise UsageError(
+                    f"{path} belongs to another image ({img.directory.image_uuid}), "
+                    f"the domain names {meta.uuid}", image=path)
+            missing = [s for s in specs if img.directory.find(s.name) is None]
+            if missing:
+                img.add_sections(missing)
+            return img, False, [s.name for s in missing]
+        except BaseException:
+            img.close()
+            raise
+    os.makedirs(os.path.dirname(path) or ".", mode=0o711, exist_ok=True)
+    img = Image.create(path, specs, fmt=fmt, kek=kek, domain_uuid=plan.domain_uuid)
+    return img, True, [s.name for s in specs]
+
+
+def define(xml_text: str, *, uri: str | None = None, fmt: str | None = None,
+           image: str | None = None, kek: Kek | None = None,
+           key_file: str | None = None, key_secret: str | None = None,
+           dry_run: bool = False) -> DefineResult:
+    """Plan, create or grow the image, rewrite and define the domain.
+
+    :raise InvalidInputError: hostile or malformed XML; libvirt refuses it.
+    :raise BusyError: the domain is running (its image would change under it).
+    """
+    dom = parse_domain(xml_text)
+    if not dom.name:
+        raise InvalidInputError("the domain XML has no <name>")
+    if dom.uuid is None:
+        # libvirt would invent one at define; nvmgr needs it before (swtpm, fw_cfg paths).
+        dom.uuid = uuid.uuid4()
+        xml_text = dom.to_xml()
+        dom = parse_domain(xml_text)
+    meta = dom.nvmgr
+    if key_file or key_secret:
+        xml_text = _with_key_source(dom, key_file, key_secret)
+        dom = parse_domain(xml_text)
+        meta = dom.nvmgr
+    plan = plan_for(dom, encrypted=kek is not None)
+    path = os.path.abspath(image or (meta.image if meta and meta.image else plan.image))
+    fmt = fmt or (meta.format if meta and meta.format else None) or (
+        probe_format(path) if os.path.exists(path) else "raw")
+    if dry_run:
+        return DefineResult(dom.name, path, "", not os.path.exists(path), [], {}, xml_text)
+    if virt.exists(dom.name, uri):
+        virt.require_inactive(dom.name, uri, what="redefining it with nvmgr")
+    img, created, added = prepare_image(plan, dom, kek=kek, fmt=fmt, path=path)
+    imported: dict[str, str] = {}
+    try:
+        for ps in plan.sections:
+            if img.section(ps.name).length:
+                continue
+            got = initial_content(dom, plan, ps)
+            if got is not None:
+                img.put(ps.name, got[0])
+                imported[ps.name] = got[1]
+        placed = plan_with_offsets(plan, img.directory)
+        image_uuid = img.directory.image_uuid
+    finally:
+        img.close()
+    new_xml = rewrite_domain(xml_text, placed, path, fmt, image_uuid)
+    name = virt.define(new_xml, uri)
+    log.info("defined %s with image %s (%s)", name, path, ", ".join(added) or "no new sections")
+    return DefineResult(name, path, str(image_uuid), created, added, imported, new_xml)
+
+
+def _with_key_source(dom: Any, key_file: str | None, key_secret: str | None) -> str:
+    from .domainxml import NvmgrMetadata
+
+    meta = dom.nvmgr or NvmgrMetadata()
+    meta = dataclasses.replace(
+        meta,
+        key_file=os.path.abspath(key_file) if key_file else None,
+        key_secret=uuid.UUID(key_secret) if key_secret else None,
+    )
+    dom.set_nvmgr(meta)
+    xml: str = dom.to_xml()
+    return xml
+
+
+def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
+             remove_nvram: bool = False) -> dict[str, object]:
+    """Undefine a domain; keep or remove its nvmgr image, as virsh does for ``<nvram>``.
+
+    :raise UsageError: the domain has an image and neither flag was given.
+    :raise BusyError: removing the image of a running domain.
+    """
+    if keep_nvram and remove_nvram:
+        raise UsageError("--keep-nvram and --remove-nvram exclude each other")
+    xml = virt.domain_xml(name, uri)
+    dom = parse_domain(xml)
+    meta = dom.nvmgr
+    image = meta.image if meta else None
+    if image and os.path.exists(image) and not (keep_nvram or remove_nvram):
+        raise UsageError(
+            f"the domain's state is in {image}: undefine with --keep-nvram or --remove-nvram",
+            domain=name)
+    if remove_nvram and image:
+        virt.require_inactive(name, uri, what="removing its image")
+    virt.undefine(name, uri)
+    removed = False
+    if remove_nvram and image and os.path.exists(image):
+        os.unlink(image)
+        removed = True
+    return {"domain": name, "image": image, "image_removed": removed}
+

@@ -1,0 +1,279 @@
+"""The libvirt qemu hook: ``hooks/qemu`` (installed as ``/etc/libvirt/hooks/qemu.d/nvmgr``).
+
+libvirtd runs it as ``nvmgr NAME OP SUBOP EXTRA`` with the domain XML on
+stdin.  Domains without nvmgr metadata are ignored.  It never calls back
+into libvirt (libvirtd waits for the hook while holding the domain: a call
+back deadlocks); everything it needs is in the XML, the image and files.
+
+==============  ============================================================
+prepare begin   create or grow the image to the XML's plan; verify every
+                crc32 and MAC, refusing the start (exit != 0, message on
+                stderr, which ``virsh start`` shows) on corruption, a missing
+                or a wrong key; stage tpm sections into swtpm's state
+                directory and fwcfg sections under /run/nvmgr; flag live
+                sections in use; hand the image to the QEMU user
+started begin   remove runtime key files
+release end     collect swtpm's state back into the image (encrypted where
+                configured) and wipe the staged files; reseal the crc32 of
+                live sections and clear in-use; remove /run/nvmgr/<uuid>
+reconnect begin flag live sections in use (libvirtd restarted, VM running)
+migrate begin   rewrite image paths through /etc/nvmgr/migrate.map and
+                print the XML (the only output on stdout)
+==============  ============================================================
+
+One log line per action goes to ``/var/log/nvmgr/hook.log``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO, TextIO
+
+from . import keys, staging
+from .crypto import Kek
+from .define import initial_content, prepare_image
+from .domainxml import Domain, parse_domain
+from .errors import CorruptError, ExitCode, KeyRequiredError, NvmgrError
+from .image import Image
+from .model import Binding
+from .plan import Plan, plan_for
+from .qemuargs import node_name
+
+LOG_FILE = "/var/log/nvmgr/hook.log"
+MIGRATE_MAP = "/etc/nvmgr/migrate.map"
+
+log = logging.getLogger("nvmgr.hook")
+
+
+@dataclasses.dataclass
+class HookContext:
+    name: str
+    op: str
+    sub: str
+    xml: str
+    dom: Domain
+    users: staging.Users
+    swtpm_root: str = staging.SWTPM_STATE_ROOT
+    runtime_root: str = staging.RUNTIME_ROOT
+
+    @property
+    def uuid(self) -> str:
+        return str(self.dom.uuid)
+
+    @property
+    def meta(self) -> Any:
+        return self.dom.nvmgr
+
+    def kek(self) -> Kek | None:
+        """The image's key-encryption key from the metadata's key source."""
+        meta = self.meta
+        if meta.key_file:
+            return keys.load_key_file(meta.key_file)
+        if meta.key_secret:
+            # Read libvirt's own secret store: calling libvirt from a hook deadlocks.
+            return keys.load_libvirt_secret_file(str(meta.key_secret))
+        return None
+
+    def plan(self, encrypted: bool) -> Plan:
+        return plan_for(self.dom, encrypted=encrypted)
+
+    def tpm_version(self) -> str:
+        from .profiles import tpm_version
+
+        tpms = getattr(self.dom, "tpms", None) or []
+        for t in tpms:
+            return str(tpm_version(t.model, t.version))
+        return "2.0"
+
+
+def _open(ctx: HookContext, kek: Kek | None) -> Image:
+    meta = ctx.meta
+    plan = ctx.plan(kek is not None)
+    img, _created, _added = prepare_image(plan, ctx.dom, kek=kek, fmt=meta.format or "raw",
+                                          path=meta.image)
+    return img
+
+
+def expected_offsets(args: list[str]) -> dict[str, int]:
+    """node-name -> offset of the raw slices in the domain's QEMU arguments."""
+    out = {}
+    for a in args:
+        if a.startswith("{") and '"offset"' in a:
+            try:
+                obj = json.loads(a)
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and "node-name" in obj and "offset" in obj:
+                out[str(obj["node-name"])] = int(obj["offset"])
+    return out
+
+
+def prepare(ctx: HookContext) -> str:
+    kek = ctx.kek()
+    img = _open(ctx, kek)
+    with img:
+        if img.directory.encrypted and kek is None:
+            raise KeyRequiredError(
+                "the image is encrypted but the domain's nvmgr metadata names no key "
+                "(key-file or key-secret)", image=img.path)
+        expected = expected_offsets(ctx.dom.qemu_args)
+        for s in img.directory.sections:  # QEMU's arguments were written for these offsets
+            want = expected.get(node_name(s.name))
+            if s.live and want is not None and want != s.offset:
+                raise CorruptError(f"section {s.name} is at offset {s.offset}, the domain's "
+                                   f"QEMU arguments say {want}; run nvmgr define again",
+                                   image=img.path)
+        report = img.check()
+        if not report.ok:
+            raise CorruptError("; ".join(report.errors), image=img.path)
+        plan = ctx.plan(kek is not None)
+        for ps in plan.sections:  # first start: templates, state made before nvmgr
+            if img.directory.find(ps.name) is not None and not img.section(ps.name).length:
+                got = initial_content(ctx.dom, plan, ps)
+                if got is not None:
+                    img.put(ps.name, got[0])
+        version = ctx.tpm_version()
+        tpm = staging.tpm_sections(img.directory.sections)
+        state_dir = staging.tpm_state_dir(ctx.uuid, version, ctx.swtpm_root)
+        blobs = {staging.tpm_file_name(s.name, version): img.get(s.name)
+                 for s in tpm if s.length}
+        staged = staging.stage_tpm(state_dir, blobs, ctx.users) if blobs else []
+        fw = {s.name: img.get(s.name) for s in img.directory.sections
+              if s.binding is Binding.FWCFG}
+        if fw:
+            staging.stage_runtime(ctx.uuid, fw, ctx.users, ctx.runtime_root)
+        img.set_in_use([s.name for s in img.directory.sections if s.live], True)
+        staging.hand_to_qemu(img.path, ctx.users)
+        n = len(img.directory.sections)
+        return (f"verified {n} section(s) of {img.path}; staged tpm {staged or 'none'}, "
+                f"fw_cfg {sorted(fw) or 'none'}")
+
+
+def started(ctx: HookContext) -> str:
+    key = Path(staging.runtime_dir(ctx.uuid, ctx.runtime_root)) / "image.key"
+    if key.exists():
+        key.unlink()
+        return "removed the runtime key file"
+    return "nothing to do"
+
+
+def release(ctx: HookContext) -> str:
+    kek = ctx.kek()
+    with Image.open(ctx.meta.image, writable=True, kek=kek, wait=30) as img:
+        version = ctx.tpm_version()
+        state_dir = staging.tpm_state_dir(ctx.uuid, version, ctx.swtpm_root)
+        collected = []
+        names = []
+        for s in staging.tpm_sections(img.directory.sections):
+            fname = staging.tpm_file_name(s.name, version)
+            names.append(fname)
+            data = staging.read_tpm(state_dir, [fname]).get(fname)
+            if data is None:
+                continue
+            if not s.length or img.get(s.name) != data:
+                img.put(s.name, data)
+                collected.append(s.name)
+        changed = img.reseal([s.name for s in img.directory.sections if s.live])
+        staging.wipe_tpm(state_dir, names)
+    staging.remove_runtime(ctx.uuid, ctx.runtime_root)
+    return f"collected {collected or 'nothing'}; live sections changed: {changed or 'none'}"
+
+
+def reconnect(ctx: HookContext) -> str:
+    with Image.open(ctx.meta.image, writable=True, wait=30) as img:
+        img.set_in_use([s.name for s in img.directory.sections if s.live], True)
+    return "live sections marked in use"
+
+
+def load_path_map(path: str = MIGRATE_MAP) -> list[tuple[str, str]]:
+    """``SOURCE-PREFIX DEST-PREFIX`` per line; ``#`` comments."""
+    pairs = []
+    try:
+        for line in Path(path).read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                src, _, dst = line.partition(" ")
+                pairs.append((src.strip(), dst.strip()))
+    except FileNotFoundError:
+        pass
+    return pairs
+
+
+def migrate(ctx: HookContext, out: TextIO) -> str:
+    pairs = load_path_map()
+    image = ctx.meta.image
+    for src, dst in pairs:
+        if image.startswith(src):
+            new = dst + image[len(src):]
+            xml = ctx.xml.replace(image, new)
+            out.write(xml)
+            return f"image path {image} -> {new}"
+    return "no path map entry; XML unchanged"
+
+
+ACTIONS: dict[tuple[str, str], Callable[[HookContext], str]] = {
+    ("prepare", "begin"): prepare,
+    ("started", "begin"): started,
+    ("release", "end"): release,
+    ("reconnect", "begin"): reconnect,
+}
+
+
+def _setup_log(path: str) -> None:
+    if log.handlers:
+        return
+    try:
+        os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
+        handler: logging.Handler = logging.FileHandler(path)
+    except OSError:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def main(argv: list[str], stdin: BinaryIO, stdout: TextIO, stderr: TextIO,
+         *, log_file: str = LOG_FILE) -> int:
+    """Run one hook invocation; return the exit code for libvirtd."""
+    if len(argv) < 4:
+        stderr.write("nvmgr hook: usage: qemu NAME OP SUBOP [EXTRA]\n")
+        return int(ExitCode.USAGE)
+    name, op, sub = argv[1], argv[2], argv[3]
+    action = ACTIONS.get((op, sub))
+    if action is None and (op, sub) != ("migrate", "begin"):
+        return 0
+    _setup_log(log_file)
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    raw = stdin.read()
+    if not raw.strip():
+        if op == "prepare":
+            stderr.write(f"nvmgr: domain {name}: the hook got no domain XML on stdin\n")
+            log.info("%s %s %s %s: refused: no domain XML on stdin", stamp, name, op, sub)
+            return int(ExitCode.INVALID_INPUT)
+        return 0
+    try:
+        dom = parse_domain(raw)
+        if dom.nvmgr is None or not dom.nvmgr.image:
+            return 0
+        ctx = HookContext(name, op, sub, raw.decode("utf-8", "replace"), dom,
+                          staging.Users.from_qemu_conf())
+        what = migrate(ctx, stdout) if action is None else action(ctx)
+        log.info("%s %s %s %s: %s", stamp, name, op, sub, what)
+        return 0
+    except NvmgrError as e:
+        e.domain = e.domain or name
+        stderr.write(f"nvmgr: {e}\n")
+        log.info("%s %s %s %s: refused: %s", stamp, name, op, sub, e)
+        return int(e.exit_code)
+    except Exception as e:  # a hook must answer libvirtd, never hang or dump a traceback
+        stderr.write(f"nvmgr: domain {name}: internal error in {op}: {e!r}\n")
+        log.exception("%s %s %s %s: internal error", stamp, name, op, sub)
+        return int(ExitCode.ERROR)
