@@ -23,7 +23,7 @@ from pyasn1.codec.der import encoder as der_encoder
 from pyasn1.error import PyAsn1Error
 from pyasn1.type import char, univ
 
-from . import asn1, der
+from . import asn1, der, reader
 from .errors import DERError, ForeignImageError, NoSpaceError
 from .model import (
     ALIGN,
@@ -42,6 +42,7 @@ _FLAG_BITS = ("encrypted", "live", "dirty")
 # Tag and first length byte a header copy starts with: SEQUENCE, long form.
 _SEQUENCE = 0x30
 _OCTET_STRING = 0x04
+_FORMAT_TLV = bytes([reader.OID, len(reader._FORMAT)]) + reader._FORMAT
 
 
 def _flags(s: Section) -> asn1.SectionFlags:
@@ -228,8 +229,7 @@ def directory_from_asn1(a: Any) -> Directory:
 
 def looks_like_header(buf: bytes) -> bool:
     """Cheap probe: does *buf* start like an nvmgr header copy?"""
-    oid = bytes(der_encoder.encode(asn1.id_nvmgr_directory))
-    return len(buf) > 16 and buf[0] == _SEQUENCE and oid in buf[:64]
+    return len(buf) > 16 and buf[0] == _SEQUENCE and _FORMAT_TLV in buf[:64]
 
 
 def header_length(buf: bytes) -> int:
@@ -242,8 +242,60 @@ def header_length(buf: bytes) -> int:
     return start + length
 
 
+def peek_generation(buf: bytes) -> int:
+    """The generation a header copy claims, from its first few fields only.
+
+    Nothing is verified: this orders the copies so that only the newest
+    needs a full (expensive) decode.
+
+    :raise ForeignImageError: the bytes do not start like an nvmgr header.
+    """
+    if not looks_like_header(buf):
+        raise ForeignImageError("no nvmgr directory here")
+    end = len(buf)
+    _, pos = der.read_length(buf, 1, end)  # HeaderCopy SEQUENCE
+    if pos >= end or buf[pos] != _SEQUENCE:
+        raise DERError("header does not start with the directory")
+    _, pos = der.read_length(buf, pos + 1, end)  # Directory SEQUENCE
+    for _field in ("format", "version", "imageUUID"):
+        length, pos = der.read_length(buf, pos + 1, end)
+        pos += length
+    if pos >= end or buf[pos] != 0x02:
+        raise DERError("the directory's generation is not an INTEGER")
+    length, pos = der.read_length(buf, pos + 1, end)
+    if pos + length > end or not 0 < length <= 9:
+        raise DERError("the directory's generation is malformed")
+    return int.from_bytes(buf[pos : pos + length], "big", signed=True)
+
+
 def decode_header(buf: bytes, *, padded: bool = True) -> Directory:
     """Decode one header copy strictly.
+
+    :func:`nvmgr.der.walk` checks X.690 DER rules, :func:`nvmgr.reader.read_header`
+    the schema (field by field, sizes, ranges), then the digest and
+    :func:`validate` the layout.  :func:`decode_header_pyasn1` is the
+    reference implementation the tests hold this one to.
+
+    :param buf: the header area (or the bare DER when *padded* is false).
+    :raise ForeignImageError: the bytes are not an nvmgr header at all.
+    :raise DERError: an nvmgr header that is malformed, non-canonical,
+        fails its digest or breaks a layout rule.
+    """
+    if not looks_like_header(buf):
+        raise ForeignImageError("no nvmgr directory here")
+    total = der.walk(buf, allow_zero_padding=padded)
+    d, directory_der, digest = reader.read_header(bytes(buf[:total]))
+    if hashlib.sha256(directory_der).digest() != digest:
+        raise DERError("header digest does not match its directory")
+    validate(d)
+    return d
+
+
+def decode_header_pyasn1(buf: bytes, *, padded: bool = True) -> Directory:
+    """Decode one header copy strictly with pyasn1: the reference decoder.
+
+    Slower than :func:`decode_header` (a pyasn1 decode and a re-encode to
+    prove canonical form); the tests require both to agree on every input.
 
     :param buf: the header area (or the bare DER when *padded* is false).
     :raise ForeignImageError: the bytes are not an nvmgr header at all.

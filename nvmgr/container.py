@@ -162,7 +162,10 @@ class RawContainer(Container):
         return cls(path, writable=True, wait=wait)
 
     def read(self, offset: int, length: int) -> bytes:
-        out = bytearray()
+        first = os.pread(self.fd, length, offset)
+        if len(first) == length:  # the usual case for a regular file: no copies
+            return first
+        out = bytearray(first)
         while len(out) < length:
             chunk = os.pread(self.fd, length - len(out), offset + len(out))
             if not chunk:

@@ -10,6 +10,7 @@ hold data are never overwritten, offsets never move.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -120,6 +121,17 @@ def prepare_image(plan: Plan, dom: Any, *, kek: Kek | None, fmt: str,
             raise
     os.makedirs(os.path.dirname(path) or ".", mode=0o711, exist_ok=True)
     img = Image.create(path, specs, fmt=fmt, kek=kek, domain_uuid=plan.domain_uuid)
+    if meta and meta.uuid and img.directory.image_uuid != meta.uuid:
+        # Recreated for a domain that names its image (prepare found the file
+        # missing): keep the UUID the metadata records, or the next start
+        # would take its own image for a foreign one.
+        # TODO: Image.create(image_uuid=...) once the image API takes it.
+        try:
+            for _copy in "AB":  # both header copies, as Image.create writes them
+                img._commit(dataclasses.replace(img.directory, image_uuid=meta.uuid))
+        except BaseException:
+            img.close()
+            raise
     return img, True, [s.name for s in specs]
 
 
@@ -145,14 +157,17 @@ def define(xml_text: str, *, uri: str | None = None, fmt: str | None = None,
         xml_text = _with_key_source(dom, key_file, key_secret)
         dom = parse_domain(xml_text)
         meta = dom.nvmgr
+    name = dom.name
+    if not name:
+        raise InvalidInputError("the domain XML has no <name>")
     plan = plan_for(dom, encrypted=kek is not None)
     path = os.path.abspath(image or (meta.image if meta and meta.image else plan.image))
     fmt = fmt or (meta.format if meta and meta.format else None) or (
         probe_format(path) if os.path.exists(path) else "raw")
     if dry_run:
-        return DefineResult(dom.name, path, "", not os.path.exists(path), [], {}, xml_text)
-    if virt.exists(dom.name, uri):
-        virt.require_inactive(dom.name, uri, what="redefining it with nvmgr")
+        return DefineResult(name, path, "", not os.path.exists(path), [], {}, xml_text)
+    if virt.exists(name, uri):
+        virt.require_inactive(name, uri, what="redefining it with nvmgr")
     img, created, added = prepare_image(plan, dom, kek=kek, fmt=fmt, path=path)
     imported: dict[str, str] = {}
     try:
@@ -167,8 +182,14 @@ def define(xml_text: str, *, uri: str | None = None, fmt: str | None = None,
         image_uuid = img.directory.image_uuid
     finally:
         img.close()
-    new_xml = rewrite_domain(xml_text, placed, path, fmt, image_uuid)
-    name = virt.define(new_xml, uri)
+    try:
+        new_xml = rewrite_domain(xml_text, placed, path, fmt, image_uuid)
+        name = virt.define(new_xml, uri)
+    except BaseException:
+        if created:  # nothing written when the domain is refused
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
     log.info("defined %s with image %s (%s)", name, path, ", ".join(added) or "no new sections")
     return DefineResult(name, path, str(image_uuid), created, added, imported, new_xml)
 
@@ -206,7 +227,9 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
             domain=name)
     if remove_nvram and image:
         virt.require_inactive(name, uri, what="removing its image")
-    virt.undefine(name, uri)
+    # The image holds the TPM; libvirt's swtpm directory only stages it.  It
+    # goes with the image, and stays (as virsh's --keep-tpm) otherwise.
+    virt.undefine(name, uri, remove_tpm=remove_nvram)
     removed = False
     if remove_nvram and image and os.path.exists(image):
         os.unlink(image)

@@ -184,8 +184,9 @@ def parse_tree(data: str | bytes, *, what: str = "domain XML") -> etree._Element
             raise InvalidInputError(
                 f"{what}: elements nest deeper than {MAX_DEPTH} levels (at line {node.sourceline})"
             )
-        if isinstance(node, etree._Entity):
-            raise InvalidInputError(f"{what}: entity reference {node.text} is not allowed")
+    entity = next(root.iter(etree.Entity), None)  # unreachable without a DTD; kept as a guard
+    if entity is not None:
+        raise InvalidInputError(f"{what}: entity reference {entity.text} is not allowed")
     return root
 
 
@@ -259,10 +260,6 @@ class XMLProperty(Generic[T]):
         self.parse = parse
         self.unparse = unparse
         self.what = what
-        self.name = path
-
-    def __set_name__(self, owner: type[Any], name: str) -> None:
-        self.name = name
 
     def raw(self, obj: XMLObject) -> str | None:
         node = _walk(obj._node, self.steps, False)
@@ -314,12 +311,6 @@ class XMLProperty(Generic[T]):
             node.text = text
 
 
-def _str(text: str) -> str:
-    if "\x00" in text:
-        raise ValueError("it contains a NUL character")
-    return text
-
-
 def _yesno(text: str) -> bool:
     v = text.strip()
     if v in ("yes", "on"):
@@ -335,7 +326,7 @@ def _uuid(text: str) -> uuid.UUID:
 
 def Text(path: str) -> XMLProperty[str]:  # noqa: N802 - reads as a declaration
     """A string value: ``name = Text("./name")``."""
-    return XMLProperty(path, _str, str, "text")
+    return XMLProperty(path, str, str, "text")
 
 
 def YesNo(path: str) -> XMLProperty[bool]:  # noqa: N802
@@ -383,7 +374,7 @@ class Child(Generic[X]):
         if node is not None:
             parent = node.getparent()
             assert parent is not None
-            _remove_keeping_tail(parent, node)
+            parent.remove(node)
 
 
 class Children(Generic[X]):
@@ -409,16 +400,6 @@ class Children(Generic[X]):
         if parent is None:
             return []
         return [self.cls(n) for n in parent.findall(_clark(self.tag))]
-
-
-def _remove_keeping_tail(parent: etree._Element, node: etree._Element) -> None:
-    """Remove *node*; its tail whitespace goes to the previous sibling so layout stays tidy."""
-    prev = node.getprevious()
-    if prev is not None:
-        prev.tail = node.tail if node.getnext() is not None else (node.tail or prev.tail)
-    elif node.getnext() is None:
-        parent.text = node.tail if (node.tail or "").strip() else parent.text
-    parent.remove(node)
 
 
 # --------------------------------------------------------------------------
@@ -478,7 +459,7 @@ class OS(XMLObject):
         """Replace ``<firmware><feature>`` (an empty dict removes ``<firmware>``)."""
         fw = self._node.find("firmware")
         if fw is not None:
-            _remove_keeping_tail(self._node, fw)
+            self._node.remove(fw)
         if not features:
             return
         fw = etree.Element("firmware")
@@ -558,13 +539,25 @@ class SectionDecl:
 
 @dataclasses.dataclass(frozen=True)
 class LibvirtNvram:
-    """The ``<nvram>`` (and firmware autoselection) nvmgr replaced in a domain."""
+    """The ``<nvram>`` (and firmware autoselection) nvmgr replaced in a domain.
+
+    ``path``, ``template`` and ``format`` are the ``<nvram>`` element as it
+    was (all ``None`` when there was none); ``firmware`` and ``features`` the
+    autoselection; ``firmware_template`` the varstore template of the
+    firmware autoselection picked, which fills the ``uefi-vars`` section.
+    """
 
     path: str | None = None
     template: str | None = None
     format: str | None = None
     firmware: str | None = None
     features: tuple[tuple[str, bool], ...] = ()
+    firmware_template: str | None = None
+
+    @property
+    def vars_template(self) -> str | None:
+        """The template the UEFI vars section starts from."""
+        return self.template or self.firmware_template
 
 
 @dataclasses.dataclass(frozen=True)
@@ -729,6 +722,7 @@ def _metadata_from(node: etree._Element) -> NvmgrMetadata:
             format=lv.get("format"),
             firmware=lv.get("firmware"),
             features=tuple(features),
+            firmware_template=_absolute_path(lv, "firmware-template"),
         )
     return NvmgrMetadata(
         image=_absolute_path(node, "image"),
@@ -798,6 +792,7 @@ def _metadata_element(meta: NvmgrMetadata) -> etree._Element:
             ("template", rec.template),
             ("format", rec.format),
             ("firmware", rec.firmware),
+            ("firmware-template", rec.firmware_template),
         ):
             if value is not None:
                 lv.set(attr, value)
@@ -806,6 +801,25 @@ def _metadata_element(meta: NvmgrMetadata) -> etree._Element:
                 lv, _clark("nvmgr:feature"), name=name, enabled="yes" if enabled else "no"
             )
     return el
+
+
+def _keep_written_sections(old: etree._Element, new: etree._Element) -> None:
+    """Reuse *old*'s ``<nvmgr:section>`` elements where they say the same thing.
+
+    A user's ``size='1M'`` stays ``1M`` when nvmgr rewrites the metadata.
+    """
+    tag = _clark("nvmgr:section")
+    written = {}
+    for el in old.findall(tag):
+        try:
+            written[_section_decl(el)] = el
+        except InvalidInputError:
+            continue
+    for el in new.findall(tag):
+        same = written.get(_section_decl(el))
+        if same is not None:
+            keep = etree.fromstring(etree.tostring(same, with_tail=False), _parser())
+            new.replace(el, keep)
 
 
 # --------------------------------------------------------------------------
@@ -844,12 +858,13 @@ class Domain(XMLObject):
             for n in nodes:
                 parent = n.getparent()
                 assert parent is not None
-                _remove_keeping_tail(parent, n)
+                parent.remove(n)
             if md is not None and not len(md) and not (md.text or "").strip():
-                _remove_keeping_tail(self._node, md)
+                self._node.remove(md)
             return
         new = _metadata_element(meta)
         if nodes:
+            _keep_written_sections(nodes[0], new)
             nodes[0].getparent().replace(nodes[0], new)  # type: ignore[union-attr]
             for n in nodes[1:]:
                 n.getparent().remove(n)  # type: ignore[union-attr]
@@ -900,7 +915,7 @@ class Domain(XMLObject):
         if cl is None:
             return
         for a in cl.findall(_clark("qemu:arg")):
-            _remove_keeping_tail(cl, a)
+            cl.remove(a)
         anchor = cl.find(_clark("qemu:env"))
         for value in args:
             el = etree.Element(_clark("qemu:arg"))
@@ -910,7 +925,7 @@ class Domain(XMLObject):
             else:
                 cl.append(el)
         if not len(cl):
-            _remove_keeping_tail(self._node, cl)
+            self._node.remove(cl)
 
     # -- output
 

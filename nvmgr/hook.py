@@ -37,10 +37,17 @@ from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
 from . import keys, staging
-from .crypto import Kek
+from .crypto import Kek, unlock
 from .define import initial_content, prepare_image
 from .domainxml import Domain, parse_domain
-from .errors import CorruptError, ExitCode, KeyRequiredError, NvmgrError
+from .errors import (
+    CorruptError,
+    ExitCode,
+    KeyRequiredError,
+    NotFoundError,
+    NvmgrError,
+    WrongKeyError,
+)
 from .image import Image
 from .model import Binding
 from .plan import Plan, plan_for
@@ -72,13 +79,25 @@ class HookContext:
         return self.dom.nvmgr
 
     def kek(self) -> Kek | None:
-        """The image's key-encryption key from the metadata's key source."""
+        """The image's key-encryption key from the metadata's key source.
+
+        :raise KeyRequiredError: the key file or secret the metadata names is
+            missing (the message says which, and that the key is missing).
+        :raise UsageError: the key file is not 0600 or holds no key.
+        """
         meta = self.meta
-        if meta.key_file:
-            return keys.load_key_file(meta.key_file)
-        if meta.key_secret:
-            # Read libvirt's own secret store: calling libvirt from a hook deadlocks.
-            return keys.load_libvirt_secret_file(str(meta.key_secret))
+        try:
+            if meta.key_file:
+                return keys.load_key_file(meta.key_file)
+            if meta.key_secret:
+                # Read libvirt's own secret store: calling libvirt from a hook deadlocks.
+                return keys.load_libvirt_secret_file(str(meta.key_secret))
+        except NotFoundError as e:
+            source = (f"key file {meta.key_file}" if meta.key_file
+                      else f"libvirt secret {meta.key_secret}")
+            raise KeyRequiredError(
+                f"the image's key is missing: {source} named in the domain's nvmgr "
+                f"metadata cannot be read ({e.message})", image=meta.image) from None
         return None
 
     def plan(self, encrypted: bool) -> Plan:
@@ -115,14 +134,33 @@ def expected_offsets(args: list[str]) -> dict[str, int]:
     return out
 
 
+def _verify_key(img: Image, kek: Kek | None, ctx: HookContext) -> None:
+    """Refuse an encrypted image without its key, or with another key.
+
+    Checked up front, not only through the sections that hold data: an image
+    whose TPM is not manufactured yet must not start with a key that could
+    never write the state back at release.
+    """
+    if not img.directory.encrypted:
+        return
+    if kek is None:
+        raise KeyRequiredError(
+            "the image is encrypted but the domain's nvmgr metadata names no key "
+            "(key-file or key-secret)", image=img.path)
+    try:
+        unlock(img.directory.key_slots or [], kek, image=img.path)
+    except WrongKeyError:
+        source = ctx.meta.key_file or f"libvirt secret {ctx.meta.key_secret}"
+        raise WrongKeyError(
+            f"wrong key: the key in {source} is not one of this image's keys; "
+            "refusing to start", image=img.path) from None
+
+
 def prepare(ctx: HookContext) -> str:
     kek = ctx.kek()
     img = _open(ctx, kek)
     with img:
-        if img.directory.encrypted and kek is None:
-            raise KeyRequiredError(
-                "the image is encrypted but the domain's nvmgr metadata names no key "
-                "(key-file or key-secret)", image=img.path)
+        _verify_key(img, kek, ctx)
         expected = expected_offsets(ctx.dom.qemu_args)
         for s in img.directory.sections:  # QEMU's arguments were written for these offsets
             want = expected.get(node_name(s.name))
@@ -132,7 +170,8 @@ def prepare(ctx: HookContext) -> str:
                                    image=img.path)
         report = img.check()
         if not report.ok:
-            raise CorruptError("; ".join(report.errors), image=img.path)
+            raise CorruptError("refusing to start: " + "; ".join(report.errors),
+                               image=img.path)
         plan = ctx.plan(kek is not None)
         for ps in plan.sections:  # first start: templates, state made before nvmgr
             if img.directory.find(ps.name) is not None and not img.section(ps.name).length:
@@ -142,8 +181,9 @@ def prepare(ctx: HookContext) -> str:
         version = ctx.tpm_version()
         tpm = staging.tpm_sections(img.directory.sections)
         state_dir = staging.tpm_state_dir(ctx.uuid, version, ctx.swtpm_root)
+        recovered = _recover_tpm(img, tpm, state_dir, version)
         blobs = {staging.tpm_file_name(s.name, version): img.get(s.name)
-                 for s in tpm if s.length}
+                 for s in staging.tpm_sections(img.directory.sections) if s.length}
         staged = staging.stage_tpm(state_dir, blobs, ctx.users) if blobs else []
         fw = {s.name: img.get(s.name) for s in img.directory.sections
               if s.binding is Binding.FWCFG}
@@ -152,8 +192,28 @@ def prepare(ctx: HookContext) -> str:
         img.set_in_use([s.name for s in img.directory.sections if s.live], True)
         staging.hand_to_qemu(img.path, ctx.users)
         n = len(img.directory.sections)
-        return (f"verified {n} section(s) of {img.path}; staged tpm {staged or 'none'}, "
-                f"fw_cfg {sorted(fw) or 'none'}")
+        return (f"verified {n} section(s) of {img.path}; "
+                + (f"recovered {recovered} left staged by an earlier run; " if recovered else "")
+                + f"staged tpm {staged or 'none'}, fw_cfg {sorted(fw) or 'none'}")
+
+
+def _recover_tpm(img: Image, tpm: list[Any], state_dir: Path, version: str) -> list[str]:
+    """Collect swtpm state an earlier run left staged (its release never ran or failed).
+
+    release wipes the staged files once they are in the image, so files
+    still there are the newest state of the TPM: a host crash, a killed
+    libvirtd or a release without its key.  Staging the image's older copy
+    over them would lose the TPM's last changes.
+    """
+    names = {s.name: staging.tpm_file_name(s.name, version) for s in tpm}
+    found = staging.read_tpm(state_dir, list(names.values()))
+    recovered = []
+    for s in tpm:
+        data = found.get(names[s.name])
+        if data is not None and (not s.length or img.get(s.name) != data):
+            img.put(s.name, data)
+            recovered.append(s.name)
+    return recovered
 
 
 def started(ctx: HookContext) -> str:
@@ -165,31 +225,47 @@ def started(ctx: HookContext) -> str:
 
 
 def release(ctx: HookContext) -> str:
-    kek = ctx.kek()
-    with Image.open(ctx.meta.image, writable=True, kek=kek, wait=30) as img:
-        version = ctx.tpm_version()
-        state_dir = staging.tpm_state_dir(ctx.uuid, version, ctx.swtpm_root)
+    """Collect what the VM left behind; touch nothing when it never ran.
+
+    libvirtd also runs ``release`` after a start that failed, prepare's own
+    refusal included: then nothing was staged and no live section is in use,
+    and the image (a corrupted one, say) must stay byte for byte as it was,
+    its crc never resealed over damage QEMU did not cause.
+    """
+    if not os.path.exists(ctx.meta.image):
+        staging.remove_runtime(ctx.uuid, ctx.runtime_root)
+        return f"no image at {ctx.meta.image}; nothing to collect"
+    version = ctx.tpm_version()
+    state_dir = staging.tpm_state_dir(ctx.uuid, version, ctx.swtpm_root)
+    with Image.open(ctx.meta.image, writable=True, wait=30) as img:
+        tpm = staging.tpm_sections(img.directory.sections)
+        names = [staging.tpm_file_name(s.name, version) for s in tpm]
+        found = staging.read_tpm(state_dir, names)
+        in_use = [s.name for s in img.directory.sections if s.live and s.dirty]
+        changed = img.reseal(in_use) if in_use else []
         collected = []
-        names = []
-        for s in staging.tpm_sections(img.directory.sections):
-            fname = staging.tpm_file_name(s.name, version)
-            names.append(fname)
-            data = staging.read_tpm(state_dir, [fname]).get(fname)
+        if found:
+            # Only writing state back needs the key.  Without it the staged
+            # files stay where they are and the next prepare recovers them.
+            img.kek = ctx.kek()
+        for s, fname in zip(tpm, names, strict=True):
+            data = found.get(fname)
             if data is None:
                 continue
             if not s.length or img.get(s.name) != data:
                 img.put(s.name, data)
                 collected.append(s.name)
-        changed = img.reseal([s.name for s in img.directory.sections if s.live])
         staging.wipe_tpm(state_dir, names)
     staging.remove_runtime(ctx.uuid, ctx.runtime_root)
-    return f"collected {collected or 'nothing'}; live sections changed: {changed or 'none'}"
+    return (f"collected {collected or 'nothing'}; resealed {in_use or 'nothing'}; "
+            f"live sections changed: {changed or 'none'}")
 
 
 def reconnect(ctx: HookContext) -> str:
     with Image.open(ctx.meta.image, writable=True, wait=30) as img:
-        img.set_in_use([s.name for s in img.directory.sections if s.live], True)
-    return "live sections marked in use"
+        live = [s.name for s in img.directory.sections if s.live]
+        img.set_in_use(live, True)
+    return f"live sections {live or 'none'} marked in use"
 
 
 def load_path_map(path: str = MIGRATE_MAP) -> list[tuple[str, str]]:

@@ -64,6 +64,9 @@ class HeaderState:
     generation: int | None = None
     length: int = 0
     error: str | None = None
+    #: False for the older copy when only the newer one was decoded (``check``
+    #: decodes both).
+    verified: bool = True
 
 
 @dataclasses.dataclass
@@ -98,22 +101,25 @@ class CheckReport:
         }
 
 
-def _read_header(c: Container, slot: int, offset: int, area: int | None) -> tuple[Directory | None, HeaderState]:
+def _decode_copy(c: Container, slot: int, offset: int,
+                 area: int | None) -> tuple[Directory | None, HeaderState]:
+    """Fully decode and verify one header copy (DER, schema, digest, layout, padding)."""
     state = HeaderState(slot=slot, offset=offset)
     head = c.read(offset, MIN_HEADER_AREA)
     try:
         total = codec.header_length(head)
         if area is not None and total > area:
             raise DERError(f"header length {total} exceeds its area of {area} bytes")
-        if total > head.__len__():
+        if total > len(head):
             if total > max(HEADER_AREA_SIZES):
                 raise DERError(f"header length {total} exceeds the largest header area")
             head = c.read(offset, total)
         d = codec.decode_header(head[:total], padded=False)
         if area is not None and d.header_area != area:
             raise DERError(f"header area size {d.header_area} disagrees with the other copy")
-        if slot == 1 and offset != d.header_area:
-            raise DERError(f"copy B found at {offset}, but its area size is {d.header_area}")
+        if offset != slot * d.header_area:
+            raise DERError(f"copy {'AB'[slot]} found at {offset}, but its area size is "
+                           f"{d.header_area}")
         # Everything after the DER up to the end of the area must be zero.
         pos = offset + total
         end = offset + d.header_area
@@ -129,8 +135,21 @@ def _read_header(c: Container, slot: int, offset: int, area: int | None) -> tupl
         return None, state
 
 
-def read_directory(c: Container) -> tuple[Directory, int, list[HeaderState]]:
+def _peek(c: Container, offset: int) -> int | None:
+    """The generation a header copy claims, read cheaply; None if it has none."""
+    try:
+        return codec.peek_generation(c.read(offset, 256))
+    except (DERError, ForeignImageError):
+        return None
+
+
+def read_directory(c: Container, *, verify_both: bool = False) -> tuple[Directory, int, list[HeaderState]]:
     """Find the current directory: the valid copy with the highest generation.
+
+    Copies are tried in the order of the generation they claim and only the
+    first that verifies is decoded in full (decoding is the expensive part of
+    opening an image with many sections); *verify_both* decodes the other
+    copy too, for ``check``.
 
     :return: (directory, slot it came from (0 = A, 1 = B), both header states)
     :raise ForeignImageError: neither copy is an nvmgr header.
@@ -141,29 +160,46 @@ def read_directory(c: Container) -> tuple[Directory, int, list[HeaderState]]:
         raise ForeignImageError(
             f"not an nvmgr image: {size} bytes is smaller than two header areas", image=c.path
         )
-    a, sa = _read_header(c, 0, 0, None)
-    b: Directory | None = None
-    sb = HeaderState(slot=1, offset=-1, error="not found")
-    offsets = [a.header_area] if a else [n for n in HEADER_AREA_SIZES if 2 * n <= size]
-    for off in offsets:
-        b, sb = _read_header(c, 1, off, a.header_area if a else None)
-        if b is not None or a is not None:
+    gen_a = _peek(c, 0)
+    # B sits one header area after A; with A unreadable, probe every allowed size.
+    b_offsets = [n for n in HEADER_AREA_SIZES if 2 * n <= size]
+    gen_b, off_b = None, b_offsets[0]
+    for off in b_offsets:
+        g = _peek(c, off)
+        if g is not None:
+            gen_b, off_b = g, off
             break
-    states = [sa, sb]
-    found = [(d, s) for d, s in ((a, 0), (b, 1)) if d is not None]
-    if not found:
-        if all(s.error == "no nvmgr directory here" for s in states):
+    order = sorted([(gen_a, 0, 0), (gen_b, 1, off_b)],
+                   key=lambda t: -1 if t[0] is None else t[0], reverse=True)
+    states: dict[int, HeaderState] = {}
+    found: tuple[Directory, int] | None = None
+    for _gen, slot, off in order:
+        if found is not None and not verify_both:
+            states[slot] = HeaderState(slot=slot, offset=off, generation=_gen,
+                                       length=-1, error=None, verified=False)
+            continue
+        area = found[0].header_area if found is not None else None
+        if found is not None and off != slot * found[0].header_area:
+            off = slot * found[0].header_area
+        d, st = _decode_copy(c, slot, off, area)
+        states[slot] = st
+        if d is not None and found is None:
+            found = (d, slot)
+    result = [states[0], states[1]]
+    if found is None:
+        if all(s.error == "no nvmgr directory here" for s in result):
             raise ForeignImageError(
                 "not an nvmgr image (no directory in either header copy)", image=c.path
             )
         raise DERError(
-            f"both header copies are damaged (A: {sa.error}; B: {sb.error})", image=c.path
+            f"both header copies are damaged (A: {result[0].error}; B: {result[1].error})",
+            image=c.path,
         )
-    if len(found) == 2 and found[0][0].image_uuid != found[1][0].image_uuid:
-        log.warning("%s: header copies name different image UUIDs", c.path)
-    d, slot = max(found, key=lambda t: t[0].generation)
-    assert d is not None
-    return d, slot, states
+    d, slot = found
+    for st in result:
+        if st.length == -1:  # not decoded: whatever it holds is rewritten by the next commit
+            st.length = d.header_area
+    return d, slot, result
 
 
 class Image:
@@ -585,6 +621,7 @@ class Image:
         """
         errors: list[str] = []
         warnings: list[str] = []
+        _, _, self.headers = read_directory(self.container, verify_both=True)
         for h in self.headers:
             if h.error and h.error != "new":
                 warnings.append(f"header copy {'AB'[h.slot]} is unusable: {h.error}")

@@ -137,7 +137,7 @@ def _uefi_want(dom: Domain, meta: NvmgrMetadata | None) -> _Want | None:
         return None  # the user asked for stateless firmware: no vars to keep
     loader_path = loader.path.strip() if loader is not None and loader.path else None
     nvram = os_.nvram
-    template = (nvram.template if nvram else None) or (record.template if record else None)
+    template = (nvram.template if nvram else None) or (record.vars_template if record else None)
     if loader_path is None and firmware == "efi":
         fw = profiles.select_firmware(
             os_.arch or "x86_64",

@@ -118,18 +118,17 @@ def qemu_args(
         raise UsageError("LUKS encryption needs a qcow2 image", image=image_path)
     live = plan.live_sections
     fwcfg = [s for s in plan.sections if s.binding is Binding.FWCFG]
-    if not live and not fwcfg and not luks:
-        return []
+    if not live and not fwcfg:
+        return []  # QEMU does not open the image at all
     dom_uuid = domain_uuid or plan.domain_uuid
-    if dom_uuid is None and (fwcfg or luks):
+    if dom_uuid is None and (fwcfg or (live and luks)):
         raise UsageError("the domain has no <uuid>; fw_cfg files and keys are staged per UUID")
     args: list[str] = []
     if live:
         if luks:
-            args += [
-                "-object",
-                f"secret,id={KEY_SECRET_ID},format=raw,file={_keyval_path(key_path(dom_uuid or ''))}",
-            ]
+            assert dom_uuid is not None
+            key = _keyval_path(key_path(dom_uuid))
+            args += ["-object", f"secret,id={KEY_SECRET_ID},format=raw,file={key}"]
         args += ["-blockdev", _json({"driver": "file", "filename": image_path,
                                      "node-name": FILE_NODE, "discard": "unmap"})]
         base = FILE_NODE
@@ -218,8 +217,7 @@ def _make_stateless(dom: Domain, record: LibvirtNvram | None) -> LibvirtNvram:
             os_.arch or "x86_64", os_.machine or "pc", os_.firmware_features(), smm=dom.smm
         )
         loader.path = fw.loader
-        if record.template is None:
-            record = dataclasses.replace(record, template=fw.template)
+        record = dataclasses.replace(record, firmware_template=fw.template)
     # libvirt 9.0 refuses readonly= with firmware autoselection, and
     # <firmware><feature> without it: the loader is now named explicitly.
     os_.firmware = None
@@ -236,12 +234,15 @@ def rewrite_domain(
     fmt: str,
     image_uuid: uuid.UUID | str,
     *,
-    luks: bool = False,
+    luks: bool | None = None,
 ) -> str:
     """The domain with nvmgr's QEMU arguments, stateless loader and metadata.
 
     Running it again on its own output (with the same plan) gives the same
     text.  The user's own ``<qemu:arg>`` values are kept, after nvmgr's.
+
+    :param luks: the qcow2 image is LUKS-encrypted (``None``: as the
+        domain's nvmgr metadata already says, else no).
 
     :raise InvalidInputError: the XML is hostile or malformed, or does not
         fit the plan (UEFI vars planned but no ``<os>``).
@@ -251,6 +252,8 @@ def rewrite_domain(
     old = dom.nvmgr
     image_uuid = uuid.UUID(str(image_uuid))
     record = old.libvirt_nvram if old else None
+    if luks is None:
+        luks = bool(old and old.luks)
     if plan.find(profiles.UEFI_SECTION) is not None:
         record = _make_stateless(dom, record)
     args = qemu_args(plan, image_path, fmt, domain_uuid=dom.uuid or plan.domain_uuid, luks=luks)
@@ -289,10 +292,11 @@ def strip_nvmgr(xml_text: str | bytes, *, keep_sections: bool = False) -> str:
     os_ = dom.os
     if rec is not None and os_ is not None:
         loader = os_.loader
-        if rec.firmware is not None and loader is not None:
+        if rec.firmware is not None:
             os_.firmware = rec.firmware
             os_.set_firmware_features(dict(rec.features))
-            # autoselection again: libvirt refuses an explicit loader with it
+        if loader is not None and rec.firmware_template is not None:
+            # nvmgr named the loader the autoselection picked: select again
             loader.readonly = loader.type = loader.stateless = loader.path = None
         elif loader is not None:
             loader.stateless = None

@@ -97,17 +97,22 @@ def define(xml: str, uri: str | None = None) -> str:
         return name
 
 
-def undefine(name: str, uri: str | None = None) -> None:
-    """Undefine a domain, keeping libvirt-managed NVRAM/TPM files libvirt knows of.
+def undefine(name: str, uri: str | None = None, *, remove_tpm: bool = False) -> None:
+    """Undefine a domain, keeping libvirt-managed NVRAM files libvirt knows of.
 
     nvmgr-managed domains have no libvirt ``<nvram>`` file; their state is
     the nvmgr image, which the caller keeps or removes.
+
+    :param remove_tpm: also remove libvirt's swtpm state directory (for an
+        nvmgr domain only a staging place, wiped after every run); kept
+        otherwise.
     """
     lv = _libvirt()
     with connect(uri) as conn:
         dom = lookup(conn, name)
         flags = getattr(lv, "VIR_DOMAIN_UNDEFINE_KEEP_NVRAM", 0)
-        flags |= getattr(lv, "VIR_DOMAIN_UNDEFINE_KEEP_TPM", 0)
+        flags |= getattr(lv, "VIR_DOMAIN_UNDEFINE_TPM" if remove_tpm
+                         else "VIR_DOMAIN_UNDEFINE_KEEP_TPM", 0)
         try:
             dom.undefineFlags(flags)
         except lv.libvirtError as e:

@@ -54,15 +54,17 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import nvmgr.image as image_mod
@@ -175,13 +177,40 @@ def injected(hook: Faults, *, record: bool = False) -> Iterator[list[Container]]
         yield opened
 
 
+def run_crashing(
+    open_image: Callable[[], Image], op: Callable[[Image], object], hook: Faults, record: bool
+) -> tuple[bool, list[Write]]:
+    """Open (a writable open may already do I/O: a pending live copy) and run
+    *op* under *hook*; return whether it crashed and the unflushed writes."""
+    with injected(hook, record=record) as opened:
+        img: Image | None = None
+        try:
+            img = open_image()
+            op(img)
+            crashed = False
+        except Crash:
+            crashed = True
+        finally:
+            if img is not None:
+                img.close()
+    assert not hook.after, f"I/O was attempted after the crash: {hook.after}"
+    assert len(opened) == 1
+    c = opened[0]
+    return crashed, list(c.unflushed) if isinstance(c, RecordingRaw) else []
+
+
 Choice = list[tuple[int, int | None]]  # (index of unflushed write, cut or None = whole)
 
 
 def plan_power_loss(
-    unflushed: Sequence[Write], rng: random.Random, *, max_subsets: int = 6, cuts: int = 2
+    unflushed: Sequence[Write], rng: random.Random, *, max_subsets: int = 6, cuts: int = 2,
+    edges: bool = True,
 ) -> list[tuple[str, Choice]]:
-    """Disk states a power cut may leave: which unflushed writes (or prefixes) landed."""
+    """Disk states a power cut may leave: which unflushed writes (or prefixes) landed.
+
+    Torn writes are cut at *cuts* random sector boundaries inside each write
+    (plus the first and last ones with *edges*), and once at a random byte.
+    """
     k = len(unflushed)
     out: list[tuple[str, Choice]] = [("(a) none of the unflushed writes landed", [])]
     if not k:
@@ -196,7 +225,8 @@ def plan_power_loss(
         inside = range(SECTOR, len(w.new), SECTOR)
         picks = set()
         if len(inside):
-            picks |= {inside[0], inside[-1]}
+            if edges:
+                picks |= {inside[0], inside[-1]}
             picks |= set(rng.sample(inside, min(cuts, len(inside))))
         if len(w.new) > 1:
             picks.add(rng.randrange(1, len(w.new)))  # sub-sector: stronger than disks promise
@@ -317,8 +347,8 @@ def recover_and_verify(path: Path, keks: dict[str, Kek], old: State, new: State)
         fresh = os.urandom(700)
         img.put("canary", fresh)
     with Image.open(str(path)) as img:
+        after = observe(img, keks)  # check() decodes both header copies
         assert [h.error for h in img.headers] == [None, None], [h.error for h in img.headers]
-        after = observe(img, keks)
     assert after == got.with_section("canary", fresh), "a put after recovery disturbed the image"
     return "old" if got == old else "new"
 
@@ -356,6 +386,7 @@ SMALL = [
     SectionSpec("canary", 1024, Binding.OPAQUE),
 ]
 BIG = 9 << 20  # three CHUNK writes: 4 + 4 + 1 MiB
+BIG_PLAN = {"max_subsets": 2, "cuts": 1, "edges": False}
 assert BIG > 2 * CHUNK
 
 
@@ -458,7 +489,8 @@ class Harness:
 
     def __init__(self, scn: Scenario, workdir: Path, fmt: str = "raw") -> None:
         self.scn, self.workdir, self.fmt = scn, workdir, fmt
-        self.template = workdir / f"{scn.id}.{fmt}.template"
+        self.prefix = f"{scn.id}.{fmt}.{uuid.uuid4().hex[:8]}"
+        self.template = workdir / f"{self.prefix}.template"
         scn.build(str(self.template), fmt)
         self.old = observe_path(self.template, scn.keks)
         p = self.copy("dry")
@@ -473,26 +505,14 @@ class Harness:
         assert self.old != self.new, "the operation changes nothing observable"
 
     def copy(self, tag: str) -> Path:
-        p = self.workdir / f"{self.scn.id}.{self.fmt}.{tag}"
+        p = self.workdir / f"{self.prefix}.{tag}"
         shutil.copyfile(self.template, p)
         return p
 
     def run_op(self, path: Path, hook: Faults, record: bool = False) -> tuple[bool, list[Write]]:
         key = self.scn.keks[self.scn.open_with] if self.scn.open_with else None
-        with injected(hook, record=record):
-            img = self.scn.image_cls.open(str(path), writable=True, kek=key)
-            unflushed: list[Write] = []
-            try:
-                self.scn.op(img)
-                crashed = False
-            except Crash:
-                crashed = True
-            finally:
-                if isinstance(img.container, RecordingRaw):
-                    unflushed = list(img.container.unflushed)
-                img.close()
-        assert not hook.after, f"I/O was attempted after the crash: {hook.after}"
-        return crashed, unflushed
+        cls, op = self.scn.image_cls, self.scn.op
+        return run_crashing(lambda: cls.open(str(path), writable=True, kek=key), op, hook, record)
 
     def where(self, n: int) -> str:
         kind, off, length = self.trace[n - 1]
@@ -513,7 +533,7 @@ class Harness:
         POINTS[f"{self.scn.id}/{self.fmt}/exception"] = self.total
         return outcomes
 
-    def power_loss(self, **plan: int) -> int:
+    def power_loss(self, **plan: Any) -> int:
         states = 0
         for n in range(1, self.total + 1):
             p = self.copy(f"pl{n}")
@@ -536,8 +556,19 @@ class Harness:
 
 
 @pytest.fixture
-def workdir(tmp_path: Path) -> Path:
-    return tmp_path
+def workdir(tmp_path: Path) -> Iterator[Path]:
+    """Where the images live: tmpfs when there is one.
+
+    The crash models are simulated above the file system, so the medium does
+    not matter, but the big scenarios copy hundreds of MiB; on tmpfs that costs
+    no disk writes and their fsyncs are free.
+    """
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 1 << 30:
+        with tempfile.TemporaryDirectory(prefix="nvmgr-crash-", dir=shm) as d:
+            yield Path(d)
+    else:
+        yield tmp_path
 
 
 # ======================================================================
@@ -565,7 +596,8 @@ def test_exception_at_every_io_qcow2(sid: str, workdir: Path) -> None:
 def test_power_loss_at_every_io(sid: str, workdir: Path) -> None:
     big = sid.startswith("big")
     h = Harness(SCENARIOS[sid], workdir)
-    states = h.power_loss(max_subsets=3 if big else 6, cuts=1 if big else 2)
+    # Big: three 4 MiB chunks in flight; sample their landings more sparsely.
+    states = h.power_loss(**(BIG_PLAN if big else {}))
     print(f"{sid}: {h.total} crash points, {states} disk states")
 
 
@@ -575,7 +607,7 @@ def test_expected_io_sequences(workdir: Path) -> None:
     between the two commits of a live put, between chunks)."""
     def kinds(sid: str) -> str:
         h = Harness(SCENARIOS[sid], workdir)
-        return " ".join(k[0] for k in h.trace)
+        return " ".join(k[0][0] for k in h.trace)
 
     assert kinds("put") == "w f w f"  # data into spare; commit
     assert kinds("put-live") == "w f w f w f w f"  # scratch; commit; home; commit
@@ -616,7 +648,9 @@ def test_crash_while_finishing_a_pending_live_copy(workdir: Path) -> None:
                 assert not hook.after
                 unflushed = list(opened[0].unflushed) if record else []
                 opened[0].close()
-                choices = plan_power_loss(unflushed, random.Random(m)) if record else [("", [])]
+                plan = BIG_PLAN if sid.startswith("big") else {}
+                choices = (plan_power_loss(unflushed, random.Random(m), **plan) if record
+                           else [("", [])])
                 for k, (label, chosen) in enumerate(choices):
                     q = p
                     if record:
@@ -643,7 +677,7 @@ OPS: dict[str, Callable[[Image, random.Random], object]] = {
     "remove-eeprom": lambda i, r: i.remove("eeprom") if i.directory.find("eeprom")
     else i.put("vtpm", b"y"),
     "grow": lambda i, r: i.add_sections(
-        [SectionSpec(f"s{r.randrange(1 << 30)}", r.choice([512, 8192, 20480]),
+        [SectionSpec(f"s{len(i.directory.sections)}", r.choice([512, 8192, 20480]),
                      r.choice([Binding.OPAQUE, Binding.PFLASH]))]
     ),
     "resize-vtpm": lambda i, r: i.resize_section(
@@ -658,19 +692,8 @@ OPS: dict[str, Callable[[Image, random.Random], object]] = {
 
 def _run(path: Path, name: str, seed: int, hook: Faults, record: bool = False,
          key: Kek | None = None) -> tuple[bool, list[Write]]:
-    with injected(hook, record=record):
-        img = Image.open(str(path), writable=True, kek=key)
-        unflushed: list[Write] = []
-        try:
-            OPS[name](img, random.Random(seed))
-            crashed = False
-        except Crash:
-            crashed = True
-        finally:
-            if isinstance(img.container, RecordingRaw):
-                unflushed = list(img.container.unflushed)
-            img.close()
-    return crashed, unflushed
+    return run_crashing(lambda: Image.open(str(path), writable=True, kek=key),
+                        lambda img: OPS[name](img, random.Random(seed)), hook, record)
 
 
 def _current_key(path: Path) -> Kek | None:
@@ -690,6 +713,7 @@ step = st.tuples(
 
 
 @settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          phases=[Phase.explicit, Phase.generate, Phase.shrink],
           suppress_health_check=[HealthCheck.too_slow])
 @given(encrypted=st.booleans(), steps=st.lists(step, min_size=1, max_size=5),
        plan_seed=st.integers(0, 2**32))
@@ -793,19 +817,19 @@ class CliCase:
 
 
 def cli_outcome(case: CliCase, img: Path) -> str:
-    c = cli("check", img, *case.key_args)
+    """``nvmgr check`` (exit 0; its JSON names the sections) and ``nvmgr get``."""
+    c = cli("check", img, "-O", "json", *case.key_args)
     assert c.returncode == 0, f"nvmgr check: rc {c.returncode}: {c.stdout.decode()}{c.stderr.decode()}"
+    names = [s["name"] for s in json.loads(c.stdout)["sections"]]
     g = cli("get", img, case.section, *case.key_args)
     assert g.returncode == 0, g.stderr.decode()
     assert g.stdout in (case.old, case.new), f"get returned {digest(g.stdout)}: a mix"
-    ls = cli("list", img, "-O", "json")
-    names = [s["name"] for s in json.loads(ls.stdout)["sections"]]
     assert names in (case.names_old, case.names_new), names
-    outcome = "old" if (g.stdout, names) == (case.old, case.names_old) else "new"
-    assert (g.stdout, names) in ((case.old, case.names_old), (case.new, case.names_new)), (
+    got = (g.stdout, names)
+    assert got in ((case.old, case.names_old), (case.new, case.names_new)), (
         "payload and section list disagree about the outcome"
     )
-    return outcome
+    return "old" if got == (case.old, case.names_old) else "new"
 
 
 def kill_sweep(case: CliCase, work: Path) -> list[str]:
@@ -827,7 +851,8 @@ def kill_sweep(case: CliCase, work: Path) -> list[str]:
         canary.write_bytes(os.urandom(500))
         p = cli("put", img, "canary", canary, *case.key_args)  # writable: finishes pending
         assert p.returncode == 0, p.stderr.decode()
-        assert cli_outcome(case, img) == outcome
+        g = cli("get", img, case.section, *case.key_args)
+        assert g.stdout == (case.old if outcome == "old" else case.new)
         g = cli("get", img, "canary", *case.key_args)
         assert g.stdout == canary.read_bytes()
         return outcome
@@ -836,8 +861,7 @@ def kill_sweep(case: CliCase, work: Path) -> list[str]:
         outcomes = list(pool.map(one, range(1, total + 2)))
     assert outcomes[-1] == "new"
     outcomes = outcomes[:-1]
-    assert outcomes[0] == "old" and outcomes[-1] == "new", outcomes
-    assert "".join(o[0] for o in outcomes).count("no") == 1, outcomes  # old...old new...new
+    assert_monotone(outcomes, [("kill", n, 0) for n in range(1, total + 1)])
     return outcomes
 
 
@@ -847,49 +871,49 @@ def _cli_template(work: Path, key: Kek | None = None, fmt: str = "raw") -> Path:
     return t
 
 
-def test_kill_cli_put(tmp_path: Path) -> None:
-    new = tmp_path / "new.bin"
+def test_kill_cli_put(workdir: Path) -> None:
+    new = workdir / "new.bin"
     new.write_bytes(rand(7001, "cli-new"))
-    case = CliCase(_cli_template(tmp_path), lambda p: ["put", p, "vtpm", new], [], "vtpm",
+    case = CliCase(_cli_template(workdir), lambda p: ["put", p, "vtpm", new], [], "vtpm",
                    rand(6000, "vtpm"), new.read_bytes(), [s.name for s in SMALL],
                    [s.name for s in SMALL])
-    outcomes = kill_sweep(case, tmp_path)
+    outcomes = kill_sweep(case, workdir)
     POINTS["cli put/kill"] = len(outcomes)
     print(f"cli put: {len(outcomes)} kill points: {''.join(o[0] for o in outcomes)}")
 
 
-def test_kill_cli_put_encrypted(tmp_path: Path) -> None:
+def test_kill_cli_put_encrypted(workdir: Path) -> None:
     raw_key = os.urandom(32)
-    key = write_key(tmp_path / "k", raw_key)
-    new = tmp_path / "new.bin"
+    key = write_key(workdir / "k", raw_key)
+    new = workdir / "new.bin"
     new.write_bytes(rand(7001, "cli-enc"))
-    case = CliCase(_cli_template(tmp_path, Kek(raw_key)),
+    case = CliCase(_cli_template(workdir, Kek(raw_key)),
                    lambda p: ["put", p, "vtpm", new, "--key-file", key], ["--key-file", key],
                    "vtpm", rand(6000, "vtpm"), new.read_bytes(), [s.name for s in SMALL],
                    [s.name for s in SMALL])
-    outcomes = kill_sweep(case, tmp_path)
+    outcomes = kill_sweep(case, workdir)
     POINTS["cli put encrypted/kill"] = len(outcomes)
     print(f"cli put --key-file: {len(outcomes)} kill points: {''.join(o[0] for o in outcomes)}")
 
 
-def test_kill_cli_put_live(tmp_path: Path) -> None:
-    new = tmp_path / "new.bin"
+def test_kill_cli_put_live(workdir: Path) -> None:
+    new = workdir / "new.bin"
     new.write_bytes(rand(8192, "cli-live"))
-    case = CliCase(_cli_template(tmp_path), lambda p: ["put", p, "efivars", new], [], "efivars",
+    case = CliCase(_cli_template(workdir), lambda p: ["put", p, "efivars", new], [], "efivars",
                    rand(8192, "efivars"), new.read_bytes(), [s.name for s in SMALL],
                    [s.name for s in SMALL])
-    outcomes = kill_sweep(case, tmp_path)
+    outcomes = kill_sweep(case, workdir)
     POINTS["cli put live/kill"] = len(outcomes)
     print(f"cli put live: {len(outcomes)} kill points: {''.join(o[0] for o in outcomes)}")
 
 
-def test_kill_cli_grow(tmp_path: Path) -> None:
+def test_kill_cli_grow(workdir: Path) -> None:
     names = [s.name for s in SMALL]
-    case = CliCase(_cli_template(tmp_path),
+    case = CliCase(_cli_template(workdir),
                    lambda p: ["grow", p, "-s", "vpd:32K:fwcfg", "-s", "flash2:16K:pflash"], [],
                    "vtpm", rand(6000, "vtpm"), rand(6000, "vtpm"), names,
                    [*names, "flash2", "vpd"])
-    outcomes = kill_sweep(case, tmp_path)
+    outcomes = kill_sweep(case, workdir)
     POINTS["cli grow/kill"] = len(outcomes)
     print(f"cli grow: {len(outcomes)} kill points: {''.join(o[0] for o in outcomes)}")
 
@@ -909,57 +933,59 @@ def _daemons_serving(path: Path) -> list[int]:
     return out
 
 
-def test_kill_cli_put_qcow2_leaves_old_or_new(tmp_path: Path) -> None:
+def test_kill_cli_put_qcow2_leaves_old_or_new(workdir: Path) -> None:
     """Killing nvmgr mid-put on a qcow2 image: the bytes are old or new (read-only
     opens, which share the image with whatever still holds it)."""
-    img = _cli_template(tmp_path, fmt="qcow2")
-    new = tmp_path / "new.bin"
+    img = _cli_template(workdir, fmt="qcow2")
+    new = workdir / "new.bin"
     new.write_bytes(rand(7001, "q-new"))
-    dry = tmp_path / "dry.qcow2"
+    dry = workdir / "dry.qcow2"
     shutil.copyfile(img, dry)
     total = io_count(faultrun(0, "put", dry, "vtpm", new))
     outcomes = []
     try:
         for n in range(1, total + 1):
-            p = tmp_path / f"kill{n}.qcow2"
+            p = workdir / f"kill{n}.qcow2"
             shutil.copyfile(img, p)
             r = faultrun(n, "put", p, "vtpm", new)
             assert r.returncode == -signal.SIGKILL, r.stderr.decode()
+            assert not _wait_daemons_gone(p)  # it holds the flock until it is gone
             assert cli("check", p).returncode == 0
             g = cli("get", p, "vtpm").stdout
             assert g in (rand(6000, "vtpm"), new.read_bytes())
             outcomes.append("old" if g == rand(6000, "vtpm") else "new")
     finally:
         for n in range(1, total + 1):
-            for pid in _daemons_serving(tmp_path / f"kill{n}.qcow2"):
+            for pid in _daemons_serving(workdir / f"kill{n}.qcow2"):
                 os.kill(pid, signal.SIGTERM)
     assert outcomes[0] == "old" and outcomes[-1] == "new"
     POINTS["cli put qcow2/kill"] = total
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG in nvmgr/qcow2.py: qemu-storage-daemon is started with start_new_session=True and "
-    "nothing ties its life to nvmgr's, so after SIGKILL it keeps running, holding QEMU's "
-    "write lock: the image stays unwritable ('in use by a running QEMU') until someone "
-    "kills the orphan.  Fix: PR_SET_PDEATHSIG in the child (see the report)."))
-def test_kill_cli_qcow2_leaves_no_daemon_behind(tmp_path: Path) -> None:
-    img = _cli_template(tmp_path, fmt="qcow2")
-    new = tmp_path / "new.bin"
+def _wait_daemons_gone(path: Path, timeout: float = 5.0) -> list[int]:
+    """Wait for the daemons serving *path* to exit; return those still there."""
+    deadline = time.monotonic() + timeout
+    while (left := _daemons_serving(path)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return left
+
+
+def test_kill_cli_qcow2_takes_its_daemon_along(workdir: Path) -> None:
+    """A SIGKILLed nvmgr must not leave a qemu-storage-daemon holding the image
+    (QEMU's write lock would make it look like a running VM forever)."""
+    img = _cli_template(workdir, fmt="qcow2")
+    new = workdir / "new.bin"
     new.write_bytes(rand(7001, "q-new"))
     try:
-        r = faultrun(1, "put", img, "vtpm", new)
-        assert r.returncode == -signal.SIGKILL
-        orphans = []
-        for _ in range(20):  # give a well-behaved daemon up to 1 s to notice
-            orphans = _daemons_serving(img)
-            if not orphans:
-                break
-            subprocess.run(["sleep", "0.05"], check=False)
-        assert not orphans, f"qemu-storage-daemon {orphans} outlived the killed nvmgr"
+        for n in (1, 3):  # before any write; between the data and the commit
+            r = faultrun(n, "put", img, "vtpm", new)
+            assert r.returncode == -signal.SIGKILL
+            assert not _wait_daemons_gone(img), "qemu-storage-daemon outlived the killed nvmgr"
         p = cli("put", img, "vtpm", new)
         assert p.returncode == 0, p.stderr.decode()
+        assert cli("get", img, "vtpm").stdout == new.read_bytes()
     finally:
-        for pid in _daemons_serving(img):
+        for pid in _daemons_serving(img):  # only daemons our own runs started
             os.kill(pid, signal.SIGTERM)
 
 
@@ -1087,3 +1113,47 @@ def test_sanity_mixed_payload_is_caught(workdir: Path) -> None:
     with pytest.raises(AssertionError, match="neither the old nor the new"):
         Harness(scn, workdir).exceptions()
 
+
+
+# ======================================================================
+# a damaged header copy: the other must stand in, not section data
+# ======================================================================
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG in nvmgr/image.py read_directory (lazy header decoding): when copy B does not "
+    "even parse at 64 KiB, B is probed at 128 KiB, 256 KiB, ... although copy A is "
+    "readable and says where B is; those offsets are section data (here the live efivars "
+    "section, which the guest writes), and a header-shaped payload there with a higher "
+    "generation becomes the directory; the next commit then overwrites copy A's place "
+    "with it and the real directory is gone.  Patch in the crash-test report."))
+def test_damaged_copy_b_never_lets_section_data_pose_as_a_header(workdir: Path) -> None:
+    from nvmgr import codec
+    from nvmgr.layout import layout
+
+    path = str(workdir / "vm.img")
+    specs = [SectionSpec("efivars", 540672, Binding.PFLASH),  # OVMF_VARS_4M-sized
+             SectionSpec("vtpm", 65536, Binding.TPM), SectionSpec("canary", 1024)]
+    forged = dataclasses.replace(layout([], header_area=131072), generation=1 << 40,
+                                 image_size=262144)
+    with Image.create(path, specs) as img:
+        img.put("vtpm", b"precious TPM state")
+        assert img.directory.header_area == 65536
+        assert img.section("efivars").offset == 131072  # = a larger header area size
+        img.put("efivars", codec.encode_header(forged))  # what a guest may write there
+        names = [s.name for s in img.directory.sections]
+    # Copy B's first sector is garbage: a media error, or a write torn below
+    # sector granularity whose mix no longer parses (e.g. when the commit
+    # changed the header's DER length form).
+    with open(path, "r+b") as f:
+        f.seek(65536)
+        f.write(b"\xff" * 16)
+    with Image.open(path) as img:
+        assert [s.name for s in img.directory.sections] == names, "a foreign directory"
+        assert img.directory.header_area == 65536
+        assert img.get("vtpm") == b"precious TPM state"
+    with Image.open(path, writable=True) as img:
+        img.put("canary", b"after")
+    with Image.open(path) as img:
+        assert img.get("vtpm") == b"precious TPM state"
+        assert img.check().ok

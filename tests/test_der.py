@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from nvmgr import codec, der
 from nvmgr.errors import DERError, ForeignImageError
 from nvmgr.layout import SectionSpec, layout
-from nvmgr.model import Binding
+from nvmgr.model import Binding, Directory
 
 # --------------------------------------------------------------- DER tree helper
 
@@ -99,7 +99,7 @@ def _cons(ident: int, *children: Node) -> Node:
 IMAGE_UUID = uuid.UUID("0c7d7a51-58f3-4c1e-9a0b-6d2f9f4d8e11")
 
 
-def _directory():  # type: ignore[no-untyped-def]
+def _directory() -> Directory:
     return layout(
         [
             SectionSpec("efivars", 540672, Binding.PFLASH),
@@ -498,9 +498,11 @@ def test_too_many_nodes_real_bound() -> None:
 
 # --------------------------------------------------------------- random damage
 
-def _is_canonical_accept(blob: bytes) -> bool:
-    d = codec.decode_header(blob, padded=False)
-    return codec.encode_header(d) == blob
+def _verdict(decode: Callable[..., Directory], blob: bytes) -> Directory | type[Exception]:
+    try:
+        return decode(blob, padded=False)
+    except (DERError, ForeignImageError) as e:
+        return type(e)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -533,11 +535,13 @@ def test_damaged_header_never_raises_anything_else(
         blob = b"\x30" + _len_octets(len(content)) + content
     else:
         blob = HEADER[:start] + bytes(body) + HEADER[-34:]
-    try:
-        accepted = _is_canonical_accept(blob)
-    except (DERError, ForeignImageError):
-        return
-    assert accepted, "a non-canonical header was accepted"
+    verdict = _verdict(codec.decode_header, blob)
+    # The pyasn1 reference decoder, where there is one, must agree.
+    ref = getattr(codec, "decode_header_pyasn1", None)
+    if ref is not None:
+        assert _verdict(ref, blob) == verdict
+    if isinstance(verdict, Directory):
+        assert codec.encode_header(verdict) == blob, "a non-canonical header was accepted"
 
 
 def test_non_canonical_named_bit_string_is_rejected() -> None:
@@ -545,9 +549,9 @@ def test_non_canonical_named_bit_string_is_rejected() -> None:
     # '01'B (03 02 06 40) is canonical.  Both are strict DER at the walker's level.
     blob = _edit(_set(EFIVARS_FLAGS, content=b"\x05\x40"))
     assert der.walk(blob) == len(blob)
-    with pytest.raises(DERError, match=r"section efivars: flags BIT STRING has trailing zero"):
+    with pytest.raises(DERError, match=r"section efivars: flags.*trailing zero"):
         codec.decode_header(blob, padded=False)
     # An empty flag set spelled as one zero bit.
     blob = _edit(_set((*TPM, 2), content=b"\x07\x00"))
-    with pytest.raises(DERError, match=r"section tpm: flags BIT STRING has trailing zero"):
+    with pytest.raises(DERError, match=r"section tpm: flags.*trailing zero"):
         codec.decode_header(blob, padded=False)

@@ -340,3 +340,11 @@ def test_default_image_path_refuses_unusable_names() -> None:
     assert planmod.default_image_path("vm1") == "/var/lib/libvirt/nvmgr/vm1.nvram"
     with pytest.raises(InvalidInputError):
         planmod.default_image_path("../etc")
+
+
+@pytest.mark.parametrize("example", sorted((DATA.parent.parent / "examples").glob("*.xml")),
+                         ids=lambda p: p.name)
+def test_examples_plan(example: Path) -> None:
+    p = plan_domain(example.read_text())
+    assert p.find("uefi-vars") is not None and p.find("tpm-permall") is not None
+    check_layout_rules(p)

@@ -1,0 +1,353 @@
+"""QEMU arguments and the domain rewrite: golden files, idempotence, libvirt round trips."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nvmgr import profiles, qemuargs
+from nvmgr.domainxml import parse_domain
+from nvmgr.errors import InvalidInputError, UsageError
+from nvmgr.plan import Plan, plan_domain
+
+DATA = Path(__file__).resolve().parent / "data"
+ROOT = Path(__file__).resolve().parent.parent
+CASES = sorted(p.name[: -len("-in.xml")] for p in DATA.glob("*-in.xml"))
+IMAGE_UUID = uuid.UUID("22222222-3333-4444-5555-666666666666")
+
+
+@pytest.fixture(autouse=True)
+def host_independent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(profiles, "_image_size", lambda path: None)
+    monkeypatch.setattr(profiles, "FIRMWARE_DIRS", (str(DATA / "firmware"),))
+
+
+def golden(path: Path, text: str, regenerate: bool) -> None:
+    if regenerate:
+        path.write_text(text)
+    assert path.exists(), f"{path.name} missing: run pytest --regenerate-output"
+    assert path.read_text() == text, f"{path.name} differs (pytest --regenerate-output to accept)"
+
+
+def rewrite(xml: str, **kw: object) -> tuple[str, Plan]:
+    p = plan_domain(xml)
+    return qemuargs.rewrite_domain(xml, p, p.image, p.format, IMAGE_UUID, **kw), p  # type: ignore[arg-type]
+
+
+def pairs(args: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for opt, value in zip(args[::2], args[1::2], strict=False):
+        out.setdefault(opt, []).append(value)
+    return out
+
+
+# -- golden files -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_golden_rewrite_and_strip(case: str, regenerate: bool) -> None:
+    xml = (DATA / f"{case}-in.xml").read_text()
+    out, _ = rewrite(xml)
+    golden(DATA / f"{case}-out.xml", out, regenerate)
+    golden(DATA / f"{case}-stripped.xml", qemuargs.strip_nvmgr(out), regenerate)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_rewrite_is_idempotent_and_the_plan_survives_it(case: str) -> None:
+    xml = (DATA / f"{case}-in.xml").read_text()
+    out, p = rewrite(xml)
+    p2 = plan_domain(out)
+    assert p2.sections == p.sections and p2.image_size == p.image_size
+    again = qemuargs.rewrite_domain(out, p2, p.image, p.format, IMAGE_UUID)
+    assert again == out
+
+
+@pytest.mark.parametrize("case", ["uefi-tpm2", "bios-tpm12", "aavmf"])
+def test_strip_gives_back_the_original_domain(case: str) -> None:
+    xml = (DATA / f"{case}-in.xml").read_text()
+    out, _ = rewrite(xml)
+    assert qemuargs.strip_nvmgr(out) == parse_domain(xml).to_xml()
+
+
+def test_strip_restores_firmware_autoselection() -> None:
+    xml = (DATA / "firmware-efi-in.xml").read_text()
+    out, _ = rewrite(xml)
+    dom = parse_domain(out)
+    assert dom.os is not None and dom.os.firmware is None and dom.os.firmware_features() == {}
+    assert dom.os.loader is not None and dom.os.loader.path == "/usr/share/OVMF/OVMF_CODE_4M.fd"
+    assert qemuargs.strip_nvmgr(out) == parse_domain(xml).to_xml()
+
+
+def test_strip_can_keep_declared_sections() -> None:
+    out, _ = rewrite((DATA / "sections-in.xml").read_text())
+    kept = parse_domain(qemuargs.strip_nvmgr(out, keep_sections=True)).nvmgr
+    assert kept is not None and kept.image is None and kept.uuid is None
+    assert [s.name for s in kept.sections] == ["nic0-eeprom", "vpd0", "blk0", "fru", "tpm-permall"]
+
+
+# -- the arguments --------------------------------------------------------------
+
+
+def test_uefi_arguments() -> None:
+    out, p = rewrite((DATA / "uefi-tpm2-in.xml").read_text())
+    dom = parse_domain(out)
+    args = dom.qemu_args
+    vars_ = p.find("uefi-vars")
+    assert vars_ is not None
+    assert args[:6] == [
+        "-blockdev",
+        json.dumps({"driver": "file", "filename": p.image, "node-name": "nvmgr-file",
+                    "discard": "unmap"}, separators=(",", ":")),
+        "-blockdev",
+        json.dumps({"driver": "raw", "file": "nvmgr-file", "offset": vars_.offset,
+                    "size": vars_.capacity, "node-name": "nvmgr-uefi-vars"}, separators=(",", ":")),
+        "-machine", "pflash1=nvmgr-uefi-vars",
+    ]
+    # the user's own arguments follow, untouched, even one that looks like ours
+    assert args[6:] == ["-machine", "pflash1=not-ours", "-no-reboot"]
+    assert 'qemu:env name="SPICE_DEBUG_ALLOW_MC"' in out
+    assert dom.os is not None and dom.os.nvram is None and dom.os.loader is not None
+    loader = dom.os.loader
+    assert (loader.readonly, loader.type, loader.stateless) == (True, "pflash", True)
+    meta = dom.nvmgr
+    assert meta is not None and (meta.image, meta.format, meta.uuid) == (p.image, "raw", IMAGE_UUID)
+    assert meta.libvirt_nvram is not None
+    assert meta.libvirt_nvram.template == "/usr/share/OVMF/OVMF_VARS_4M.fd"
+
+
+def test_block_fwcfg_and_key_arguments() -> None:
+    xml = (DATA / "sections-in.xml").read_text()
+    p = plan_domain(xml)
+    args = qemuargs.qemu_args(p, "/srv/img.qcow2", "qcow2", luks=True)
+    by = pairs(args)
+    dom_uuid = "5c0f8a1e-2b7d-4c39-9e14-6a8b3d2f7c03"
+    assert by["-object"] == [
+        f"secret,id=nvmgr-key,format=raw,file=/run/nvmgr/{dom_uuid}/image.key"]
+    assert json.loads(by["-blockdev"][1]) == {
+        "driver": "qcow2", "file": "nvmgr-file", "node-name": "nvmgr-image",
+        "encrypt": {"format": "luks", "key-secret": "nvmgr-key"}}
+    slices = [json.loads(v) for v in by["-blockdev"][2:]]
+    assert all(s["file"] == "nvmgr-image" and s["size"] % 512 == 0 for s in slices)
+    assert [s["node-name"] for s in slices] == ["nvmgr-uefi-vars", "nvmgr-blk0"]
+    assert [json.loads(v) for v in by["-device"]] == [
+        {"driver": "virtio-blk-pci", "drive": "nvmgr-blk0", "id": "nvblk0", "share-rw": True}]
+    assert by["-fw_cfg"] == [f"name=opt/org.example/vpd0,file=/run/nvmgr/{dom_uuid}/vpd0"]
+    assert qemuargs.staged_path(dom_uuid, "vpd0") == f"/run/nvmgr/{dom_uuid}/vpd0"
+    assert qemuargs.user_args(args + ["-S"]) == ["-S"]
+
+
+def test_luks_is_remembered_by_the_metadata() -> None:
+    xml = (DATA / "uefi-tpm2-in.xml").read_text()
+    p = plan_domain(xml)
+    out = qemuargs.rewrite_domain(xml, p, "/srv/i.qcow2", "qcow2", IMAGE_UUID, luks=True)
+    assert "secret,id=nvmgr-key" in out
+    assert qemuargs.rewrite_domain(out, p, "/srv/i.qcow2", "qcow2", IMAGE_UUID) == out
+    assert "nvmgr-key" not in qemuargs.strip_nvmgr(out)
+
+
+def test_strip_keeps_an_explicit_loader_the_user_named() -> None:
+    xml = ("<domain><name>t</name><uuid>5c0f8a1e-2b7d-4c39-9e14-6a8b3d2f7c0a</uuid><os>"
+           "<type arch='x86_64' machine='q35'>hvm</type>"
+           "<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader></os>"
+           "</domain>")
+    out, _ = rewrite(xml)
+    assert qemuargs.strip_nvmgr(out) == parse_domain(xml).to_xml()
+
+
+def test_no_arguments_without_live_or_fwcfg_sections() -> None:
+    out, p = rewrite((DATA / "bios-tpm12-in.xml").read_text())
+    assert qemuargs.qemu_args(p, p.image, "raw") == []
+    assert "qemu:commandline" not in out and "nvmgr:nvram" in out
+
+
+@pytest.mark.parametrize(
+    ("image", "fmt", "luks", "needle"),
+    [
+        ("relative.nvram", "raw", False, "absolute"),
+        ("/i.vmdk", "vmdk", False, "not raw or qcow2"),
+        ("/i.nvram", "raw", True, "LUKS encryption needs a qcow2"),
+    ],
+)
+def test_bad_argument_requests(image: str, fmt: str, luks: bool, needle: str) -> None:
+    p = plan_domain((DATA / "uefi-tpm2-in.xml").read_text())
+    with pytest.raises(UsageError, match=needle):
+        qemuargs.qemu_args(p, image, fmt, luks=luks)
+
+
+def test_fwcfg_needs_a_domain_uuid() -> None:
+    xml = (DATA / "sections-in.xml").read_text().replace(
+        "<uuid>5c0f8a1e-2b7d-4c39-9e14-6a8b3d2f7c03</uuid>", "")
+    with pytest.raises(UsageError, match="no <uuid>"):
+        qemuargs.qemu_args(plan_domain(xml), "/i.nvram", "raw")
+
+
+@pytest.mark.parametrize("name", ["uefi-vars", "0abc", "a+b", "x" * 64, "a.b_c-d"])
+def test_node_names_are_valid_for_qemu_and_unique(name: str) -> None:
+    node = qemuargs.node_name(name)
+    assert re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]{0,30}", node), node
+    assert node != qemuargs.node_name(name + "x")
+
+
+def test_rewrite_refuses_uefi_plan_for_a_domain_without_os() -> None:
+    p = plan_domain((DATA / "uefi-tpm2-in.xml").read_text())
+    with pytest.raises(InvalidInputError, match="no <os>"):
+        qemuargs.rewrite_domain("<domain><name>x</name></domain>", p, "/i", "raw", IMAGE_UUID)
+
+
+def test_rewrite_keeps_key_and_sections_from_existing_metadata() -> None:
+    out, _ = rewrite((DATA / "sections-in.xml").read_text())
+    meta = parse_domain(out).nvmgr
+    assert meta is not None and meta.key_secret is not None and len(meta.sections) == 5
+    assert "other:keep" in out
+
+
+def test_rewrite_refuses_hostile_xml() -> None:
+    p = plan_domain((DATA / "uefi-tpm2-in.xml").read_text())
+    with pytest.raises(InvalidInputError, match="DOCTYPE"):
+        qemuargs.rewrite_domain("<!DOCTYPE x [<!ENTITY a 'b'>]><domain/>", p, "/i", "raw",
+                                IMAGE_UUID)
+
+
+# -- libvirt round trips -----------------------------------------------------------
+
+libvirt = pytest.importorskip("libvirt")
+
+
+def test_test_driver_keeps_the_metadata() -> None:
+    """libvirt's test:///default driver stores the nvmgr metadata unchanged.
+
+    It has no qemu namespace, so it drops <qemu:commandline> (libvirt 9.0,
+    measured); the qemu driver round trip is below.
+    """
+    out, p = rewrite((DATA / "sections-in.xml").read_text())
+    conn = libvirt.open("test:///default")
+    try:
+        dom = conn.defineXML(out)
+        try:
+            back = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        finally:
+            dom.undefine()
+    finally:
+        conn.close()
+    assert parse_domain(back).nvmgr == parse_domain(out).nvmgr
+    assert plan_domain(back).sections == p.sections
+
+
+@pytest.fixture(scope="module")
+def embed_conn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """The real qemu driver without a daemon (``qemu:///embed``): it parses qemu:commandline."""
+    if not shutil.which("qemu-system-x86_64"):
+        pytest.skip("needs qemu-system-x86_64")
+    libvirt.virEventRegisterDefaultImpl()
+    root = tmp_path_factory.mktemp("embed")
+    try:
+        conn = libvirt.open(f"qemu:///embed?root={root}")
+    except libvirt.libvirtError as e:
+        pytest.skip(f"qemu:///embed unavailable: {e}")
+    yield conn
+    conn.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["uefi-tpm2", "sections", "firmware-efi"])
+def test_qemu_driver_keeps_commandline_and_metadata(embed_conn: object, case: str) -> None:
+    out, p = rewrite((DATA / f"{case}-in.xml").read_text())
+    dom = embed_conn.defineXML(out)  # type: ignore[attr-defined]
+    try:
+        back = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    finally:
+        dom.undefine()
+    mine, theirs = parse_domain(out), parse_domain(back)
+    assert theirs.qemu_args == mine.qemu_args
+    assert theirs.nvmgr == mine.nvmgr
+    assert theirs.os is not None and theirs.os.nvram is None
+    assert theirs.os.loader is not None and theirs.os.loader.stateless is True
+    # libvirt's own additions (machine type expansion, defaults) do not disturb nvmgr
+    assert plan_domain(back).sections == p.sections
+    again = parse_domain(qemuargs.rewrite_domain(back, p, p.image, p.format, IMAGE_UUID))
+    assert again.qemu_args == theirs.qemu_args and again.nvmgr == theirs.nvmgr
+
+
+# -- end to end: OVMF boots with its vars in a slice of the image ----------------------
+
+
+def _libvirtd_up() -> bool:
+    return (os.geteuid() == 0 and os.path.exists("/run/libvirt/libvirt-sock")
+            and shutil.which("virsh") is not None)
+
+
+def virsh(args: list[str], *, check: bool = True) -> str:
+    r = subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True, text=True,
+                       check=False)
+    if check:
+        assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.skipif(not _libvirtd_up(), reason="needs root and a running libvirtd")
+@pytest.mark.skipif(not os.path.exists("/usr/share/OVMF/OVMF_VARS_4M.fd"), reason="needs OVMF")
+def test_ovmf_boots_with_vars_in_a_raw_slice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rewritten domain starts under the real libvirtd; OVMF finds and writes its vars."""
+    from nvmgr.image import Image
+    from nvmgr.layout import SectionSpec
+
+    monkeypatch.undo()  # real firmware files
+    name = f"nvmgr-test-{uuid.uuid4().hex[:8]}"
+    xml = (ROOT / "examples" / "uefi-tpm.xml").read_text()
+    xml = xml.replace("nvmgr-example-uefi-tpm", name).replace(
+        "6f1c2a9e-4f0e-4d7b-9a51-3c2d8e7b1a01", str(uuid.uuid4()))
+    image = f"/var/lib/libvirt/nvmgr/{name}.nvram"
+    serial = Path(f"/var/log/libvirt/qemu/{name}-serial.log")
+    p = plan_domain(xml)
+    vars_ = p.find("uefi-vars")
+    assert vars_ is not None
+    template = Path("/usr/share/OVMF/OVMF_VARS_4M.fd").read_bytes()
+    os.makedirs(os.path.dirname(image), exist_ok=True)
+    specs = [SectionSpec(s.name, s.capacity, s.binding, s.encrypted, s.device) for s in p.sections]
+    with Image.create(image, specs, domain_uuid=p.domain_uuid) as img:
+        assert img.section("uefi-vars").offset == vars_.offset  # the plan is the layout
+        img.put("uefi-vars", template)
+        image_uuid = img.directory.image_uuid
+    out = qemuargs.rewrite_domain(xml, p, image, "raw", image_uuid)
+    shutil.chown(image, "libvirt-qemu", "kvm")  # libvirt does not chown qemu:commandline files
+    xml_file = tmp_path / "domain.xml"
+    xml_file.write_text(out)
+    # virsh, not libvirt-python: this process may hold an embedded qemu driver
+    virsh(["define", str(xml_file)])
+    try:
+        virsh(["start", name])
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if serial.exists() and b"Shell>" in serial.read_bytes():
+                break
+            time.sleep(0.5)
+        log = Path(f"/var/log/libvirt/qemu/{name}.log").read_text()
+        assert "-machine pflash1=nvmgr-uefi-vars" in log
+        assert f'"offset":{vars_.offset},"size":{vars_.capacity}' in log
+        assert b"Shell>" in serial.read_bytes(), "OVMF did not reach its shell"
+        with open(image, "rb") as f:
+            f.seek(vars_.offset)
+            written = f.read(vars_.capacity)
+    finally:
+        virsh(["destroy", name], check=False)
+        virsh(["undefine", name])  # no --nvram needed: the loader is stateless
+        serial.unlink(missing_ok=True)
+        os.unlink(image)
+    assert written != template  # OVMF wrote its variables into the slice
+    if shutil.which("virt-fw-vars"):
+        vars_file = tmp_path / "vars.fd"
+        vars_file.write_bytes(written)
+        r = subprocess.run(["virt-fw-vars", "-i", str(vars_file), "--print"],
+                           capture_output=True, text=True, check=False)
+        assert "BootOrder" in r.stdout, r.stderr
