@@ -242,13 +242,14 @@ def header_length(buf: bytes) -> int:
     return start + length
 
 
-def peek_generation(buf: bytes) -> int:
-    """The generation a header copy claims, from its first few fields only.
+def peek(buf: bytes) -> tuple[int, int]:
+    """(generation, headerAreaSize) a header copy claims, from its first fields only.
 
     Nothing is verified: this orders the copies so that only the newest
-    needs a full (expensive) decode.
+    needs a full (expensive) decode, and says where copy B should be.
 
     :raise ForeignImageError: the bytes do not start like an nvmgr header.
+    :raise DERError: the first fields are malformed.
     """
     if not looks_like_header(buf):
         raise ForeignImageError("no nvmgr directory here")
@@ -260,12 +261,16 @@ def peek_generation(buf: bytes) -> int:
     for _field in ("format", "version", "imageUUID"):
         length, pos = der.read_length(buf, pos + 1, end)
         pos += length
-    if pos >= end or buf[pos] != 0x02:
-        raise DERError("the directory's generation is not an INTEGER")
-    length, pos = der.read_length(buf, pos + 1, end)
-    if pos + length > end or not 0 < length <= 9:
-        raise DERError("the directory's generation is malformed")
-    return int.from_bytes(buf[pos : pos + length], "big", signed=True)
+    values = []
+    for field in ("generation", "headerAreaSize"):
+        if pos >= end or buf[pos] != 0x02:
+            raise DERError(f"the directory's {field} is not an INTEGER")
+        length, pos = der.read_length(buf, pos + 1, end)
+        if pos + length > end or not 0 < length <= 9:
+            raise DERError(f"the directory's {field} is malformed")
+        values.append(int.from_bytes(buf[pos : pos + length], "big", signed=True))
+        pos += length
+    return values[0], values[1]
 
 
 def decode_header(buf: bytes, *, padded: bool = True) -> Directory:

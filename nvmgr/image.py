@@ -135,10 +135,10 @@ def _decode_copy(c: Container, slot: int, offset: int,
         return None, state
 
 
-def _peek(c: Container, offset: int) -> int | None:
-    """The generation a header copy claims, read cheaply; None if it has none."""
+def _peek(c: Container, offset: int) -> tuple[int, int] | None:
+    """(generation, header area) a header copy claims, read cheaply; None if none."""
     try:
-        return codec.peek_generation(c.read(offset, 256))
+        return codec.peek(c.read(offset, 256))
     except (DERError, ForeignImageError):
         return None
 
@@ -146,10 +146,15 @@ def _peek(c: Container, offset: int) -> int | None:
 def read_directory(c: Container, *, verify_both: bool = False) -> tuple[Directory, int, list[HeaderState]]:
     """Find the current directory: the valid copy with the highest generation.
 
-    Copies are tried in the order of the generation they claim and only the
-    first that verifies is decoded in full (decoding is the expensive part of
-    opening an image with many sections); *verify_both* decodes the other
-    copy too, for ``check``.
+    Copy B is looked for where copy A says it is.  Only when A is unreadable
+    are the allowed area sizes probed, smallest first, and the first offset
+    that holds a header is B: past the real B lies section data, which a
+    guest may write (a live pflash section), so nothing further out may
+    outvote a readable copy.
+
+    Copies are tried newest first and only the first that verifies is
+    decoded in full (decoding dominates opening an image with many
+    sections); *verify_both* decodes the other copy too, for ``check``.
 
     :return: (directory, slot it came from (0 = A, 1 = B), both header states)
     :raise ForeignImageError: neither copy is an nvmgr header.
@@ -160,26 +165,30 @@ def read_directory(c: Container, *, verify_both: bool = False) -> tuple[Director
         raise ForeignImageError(
             f"not an nvmgr image: {size} bytes is smaller than two header areas", image=c.path
         )
-    gen_a = _peek(c, 0)
-    # B sits one header area after A; with A unreadable, probe every allowed size.
-    b_offsets = [n for n in HEADER_AREA_SIZES if 2 * n <= size]
-    gen_b, off_b = None, b_offsets[0]
+    peek_a = _peek(c, 0)
+    if peek_a is not None and peek_a[1] in HEADER_AREA_SIZES and 2 * peek_a[1] <= size:
+        b_offsets = [peek_a[1]]
+    else:
+        b_offsets = [n for n in HEADER_AREA_SIZES if 2 * n <= size]
+    peek_b, off_b = None, b_offsets[0]
     for off in b_offsets:
-        g = _peek(c, off)
-        if g is not None:
-            gen_b, off_b = g, off
+        peek_b = _peek(c, off)
+        if peek_b is not None:
+            off_b = off
             break
+    gen_a = peek_a[0] if peek_a else None
+    gen_b = peek_b[0] if peek_b else None
     order = sorted([(gen_a, 0, 0), (gen_b, 1, off_b)],
                    key=lambda t: -1 if t[0] is None else t[0], reverse=True)
     states: dict[int, HeaderState] = {}
     found: tuple[Directory, int] | None = None
-    for _gen, slot, off in order:
+    for gen, slot, off in order:
         if found is not None and not verify_both:
-            states[slot] = HeaderState(slot=slot, offset=off, generation=_gen,
+            states[slot] = HeaderState(slot=slot, offset=off, generation=gen,
                                        length=-1, error=None, verified=False)
             continue
         area = found[0].header_area if found is not None else None
-        if found is not None and off != slot * found[0].header_area:
+        if found is not None:
             off = slot * found[0].header_area
         d, st = _decode_copy(c, slot, off, area)
         states[slot] = st
