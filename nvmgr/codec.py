@@ -16,14 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pyasn1.codec.der import decoder as der_decoder
-from pyasn1.codec.der import encoder as der_encoder
-from pyasn1.error import PyAsn1Error
-from pyasn1.type import char, univ
-
-from . import asn1, der, reader
+from . import der, reader, writer
 from .errors import DERError, ForeignImageError, NoSpaceError
 from .model import (
     ALIGN,
@@ -38,6 +33,9 @@ from .model import (
     check_name,
 )
 
+if TYPE_CHECKING:
+    from . import asn1
+
 _FLAG_BITS = ("encrypted", "live", "dirty")
 # Tag and first length byte a header copy starts with: SEQUENCE, long form.
 _SEQUENCE = 0x30
@@ -46,6 +44,8 @@ _FORMAT_TLV = bytes([reader.OID, len(reader._FORMAT)]) + reader._FORMAT
 
 
 def _flags(s: Section) -> asn1.SectionFlags:
+    from . import asn1
+
     bits = [s.encrypted, s.live, s.dirty]
     while bits and not bits[-1]:  # DER: named bit lists drop trailing zeros
         bits.pop()
@@ -79,6 +79,8 @@ def _section_to_asn1(s: Section, tmpl: Any) -> Any:
 
 
 def directory_to_asn1(d: Directory) -> asn1.Directory:
+    from . import asn1
+
     a = asn1.Directory()
     a["format"] = asn1.id_nvmgr_directory
     a["version"] = d.version
@@ -120,15 +122,17 @@ def directory_to_asn1(d: Directory) -> asn1.Directory:
 
 def encode_directory(d: Directory) -> bytes:
     """The DER of the Directory alone (what the digest covers)."""
+    return writer.encode_directory(d)
+
+
+def encode_directory_pyasn1(d: Directory) -> bytes:
+    """The same bytes through pyasn1: the reference :func:`encode_directory` is held to."""
+    from pyasn1.codec.der import encoder as der_encoder
+
     return bytes(der_encoder.encode(directory_to_asn1(d)))
 
 
-def _tlv(tag: int, content: bytes) -> bytes:
-    n = len(content)
-    if n < 0x80:
-        return bytes([tag, n]) + content
-    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([tag, 0x80 | len(size)]) + size + content
+_tlv = writer.tlv
 
 
 def encode_header(d: Directory) -> bytes:
@@ -190,6 +194,8 @@ def _section_from_asn1(a: Any) -> Section:
 
 
 def directory_from_asn1(a: Any) -> Directory:
+    from . import asn1
+
     if a["format"] != asn1.id_nvmgr_directory:
         raise ForeignImageError(f"format identifier {a['format']} is not nvmgr's")
     if int(a["version"]) != 1:
@@ -307,6 +313,12 @@ def decode_header_pyasn1(buf: bytes, *, padded: bool = True) -> Directory:
     :raise DERError: an nvmgr header that is malformed, non-canonical,
         fails its digest or breaks a layout rule.
     """
+    from pyasn1.codec.der import decoder as der_decoder
+    from pyasn1.codec.der import encoder as der_encoder
+    from pyasn1.error import PyAsn1Error
+
+    from . import asn1
+
     if not looks_like_header(buf):
         raise ForeignImageError("no nvmgr directory here")
     total = der.walk(buf, allow_zero_padding=padded)
@@ -383,6 +395,8 @@ def validate(d: Directory) -> None:
 
 
 def _value_notation(v: Any, indent: int) -> str:
+    from pyasn1.type import char, univ
+
     pad = "  " * (indent + 1)
     if isinstance(v, univ.SequenceOf):
         if not len(v):

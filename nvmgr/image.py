@@ -24,10 +24,10 @@ import dataclasses
 import logging
 import zlib
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from . import codec
 from .container import Container, create_container, open_container, qemu_holds_write
-from .crypto import Kek, SectionCipher, new_data_key, unlock
 from .errors import (
     BusyError,
     CorruptError,
@@ -47,6 +47,9 @@ from .model import (
     Section,
     SectionCrypto,
 )
+
+if TYPE_CHECKING:  # cryptography is imported when an encrypted image needs it
+    from .crypto import Kek, SectionCipher
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +309,8 @@ class Image:
         )
         data_key = None
         if kek is not None:
+            from .crypto import new_data_key
+
             data_key = new_data_key()
             d.key_slots = [KeySlot(kek.key_id, kek.wrap(data_key), kek.label)]
         codec.encode_header(d)  # fails early (NoSpaceError) before any file exists
@@ -313,6 +318,8 @@ class Image:
         states = [HeaderState(0, 0, error="new"), HeaderState(1, d.header_area, error="new")]
         img = cls(c, d, 1, states, kek)
         if data_key is not None:
+            from .crypto import SectionCipher
+
             img._data_key = data_key
             img._cipher = SectionCipher(data_key, image=path)
         try:
@@ -351,6 +358,8 @@ class Image:
                     "or --key-stdin",
                     image=self.path,
                 )
+            from .crypto import SectionCipher, unlock
+
             self._data_key = unlock(self.directory.key_slots, self.kek, image=self.path)
             self._cipher = SectionCipher(self._data_key, image=self.path)
         return self._cipher
