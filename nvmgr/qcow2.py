@@ -54,7 +54,14 @@ from collections.abc import Iterator
 from typing import IO, Any
 
 from .container import QCOW2_MAGIC, Container, lock_file, probe_format
-from .errors import BusyError, ExternalError, NoSpaceError, NotFoundError, UsageError
+from .errors import (
+    BusyError,
+    CorruptError,
+    ExternalError,
+    NoSpaceError,
+    NotFoundError,
+    UsageError,
+)
 from .nbd import NBDClient
 
 QEMU_IMG = "qemu-img"
@@ -102,6 +109,14 @@ def _json_target(path: str) -> str:
         "file": {"driver": "file", "filename": _abspath(path)},
     }
     return "json:" + json.dumps(spec)
+
+
+def _qcow2_rejection(stderr: str) -> str | None:
+    """QEMU's words when its qcow2 driver refused the file (the qcow2 --blockdev failed)."""
+    for line in stderr.splitlines():
+        if '"driver": "qcow2"' in line and "--blockdev" in line:
+            return line.split("}: ", 1)[-1].strip()
+    return None
 
 
 def _lock_failure(stderr: str) -> str | None:
@@ -405,6 +420,12 @@ class Qcow2Container(Container):
         lock = _lock_failure(stderr)
         if lock is not None:
             return BusyError(f"image is in use by a running QEMU: {lock}", image=self.path)
+        qcow2_said = _qcow2_rejection(stderr)
+        if qcow2_said is not None:
+            return CorruptError(
+                f"the qcow2 container is damaged or not qcow2 at all: {qcow2_said}",
+                image=self.path,
+            )
         if status is not None:
             return ExternalError(
                 f"{QEMU_STORAGE_DAEMON} failed (exit {status})",

@@ -265,11 +265,6 @@ def test_foreign_qcow2_with_junk_content(tmp_path: Path, nvmgr: RunCli) -> None:
                       error="ForeignImageError")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a file with QCOW2's magic and a junk header goes to qemu-storage-daemon, which "
-           "fails: ExternalError (exit 10) instead of ForeignImageError (exit 4)",
-)
 def test_foreign_qcow2_looking_header_with_junk(tmp_path: Path, nvmgr: RunCli) -> None:
     if shutil.which("qemu-storage-daemon") is None:
         pytest.skip("QEMU tools are not installed")

@@ -18,7 +18,14 @@ import pytest
 
 from nvmgr import nbd
 from nvmgr.container import RawContainer, create_container, open_container, qemu_holds_write
-from nvmgr.errors import BusyError, ExternalError, NoSpaceError, NotFoundError, UsageError
+from nvmgr.errors import (
+    BusyError,
+    CorruptError,
+    ExternalError,
+    NoSpaceError,
+    NotFoundError,
+    UsageError,
+)
 from nvmgr.qcow2 import (
     Qcow2Container,
     qemu_img_info,
@@ -129,7 +136,7 @@ def test_daemon_failure_cleans_up(tmp_path: Path, runtime: Path) -> None:
     """A qcow2 magic over garbage: the daemon refuses it; nothing is left behind."""
     bad = tmp_path / "bad.qcow2"
     bad.write_bytes(b"QFI\xfb" + b"\xff" * 4092)
-    with pytest.raises(ExternalError, match="qemu-storage-daemon failed"):
+    with pytest.raises(CorruptError, match="the qcow2 container is damaged or not qcow2"):
         Qcow2Container(str(bad), writable=True)
     assert qsd_pids(str(tmp_path)) == []
     assert list(runtime.iterdir()) == []
