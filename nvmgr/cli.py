@@ -181,7 +181,7 @@ def _create_args(p: argparse.ArgumentParser) -> None:
 
 @command("create", "create an image with empty sections",
          "nvmgr create vm1.nvram -f qcow2 -s efivars:528K:pflash -s tpm-permall:128K:tpm "
-         "--key-file /etc/nvmgr/vm1.key")
+         "--key-file /etc/nvmgr/vm1.key", render=lambda r: _render_info(r))
 def cmd_create(args: argparse.Namespace) -> Result:
     from .image import Image
 
@@ -258,7 +258,11 @@ def _put_args(p: argparse.ArgumentParser) -> None:
 
 
 @command("put", "store a file's bytes in a section (crash-safe)",
-         "nvmgr put vm1.nvram nic0-eeprom eeprom.bin")
+         "nvmgr put vm1.nvram nic0-eeprom eeprom.bin",
+         render=lambda r: (f"{r['section']['name']}: {r['section']['length']} bytes stored "
+                           f"(crc32 {r['section']['crc32']}"
+                           f"{', encrypted' if r['section']['encrypted'] else ''}), "
+                           f"generation {r['generation']}"))
 def cmd_put(args: argparse.Namespace) -> Result:
     if args.file == "-":
         data = sys.stdin.buffer.read()
@@ -525,6 +529,16 @@ def _load_plugins() -> None:
                 raise
 
 
+def _render_plain(result: Result) -> str:
+    """``key: value`` lines, for commands without a renderer of their own."""
+    lines = []
+    for k, v in result.items():
+        if isinstance(v, list | dict):
+            v = json.dumps(v, default=str)
+        lines.append(f"{k.replace('_', ' ')}: {v}")
+    return "\n".join(lines)
+
+
 def _emit(args: argparse.Namespace, result: Result) -> int:
     code = int(result.pop("_exit", ExitCode.OK))
     if result.pop("_silent", False):
@@ -538,7 +552,7 @@ def _emit(args: argparse.Namespace, result: Result) -> int:
         print(text)
     else:
         cmd = COMMANDS[args.command]
-        print(cmd.render(result) if cmd.render else json.dumps(result, indent=2, default=str))
+        print(cmd.render(result) if cmd.render else _render_plain(result))
     return code
 
 
