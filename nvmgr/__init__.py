@@ -18,11 +18,25 @@ import logging
 
 __version__ = "0.1.0"
 
-from .errors import NvmgrError  # noqa: E402
-from .image import Image  # noqa: E402
-from .layout import SectionSpec  # noqa: E402
-from .model import Binding  # noqa: E402
+from typing import TYPE_CHECKING, Any
 
 __all__ = ["Image", "SectionSpec", "Binding", "NvmgrError", "__version__"]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+if TYPE_CHECKING:
+    from .errors import NvmgrError
+    from .image import Image
+    from .layout import SectionSpec
+    from .model import Binding
+
+_LAZY = {"Image": "image", "SectionSpec": "layout", "Binding": "model", "NvmgrError": "errors"}
+
+
+def __getattr__(name: str) -> Any:
+    """Load the public names on first use: the hook and the CLI start faster."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -88,7 +89,11 @@ def _undefine_args(p: argparse.ArgumentParser) -> None:
 
 
 @command("undefine", "undefine a domain, keeping or removing its image (virsh's semantics)",
-         "nvmgr undefine vm1 --remove-nvram")
+         "nvmgr undefine vm1 --remove-nvram",
+         render=lambda r: (f"undefined {r['domain']}" + (
+             "" if not r["image"] else
+             f"; removed its image {r['image']}" if r["image_removed"] else
+             f"; kept its image {r['image']}")))
 def cmd_undefine(args: argparse.Namespace) -> Result:
     from .define import undefine
 
@@ -113,16 +118,47 @@ def cmd_install_hook(args: argparse.Namespace) -> Result:
             target.unlink()
         return {"hook": str(target), "removed": existed}
     src = Path(__file__).resolve().parent.parent / "hooks" / "qemu"
-    body = src.read_text() if src.exists() else _HOOK_FALLBACK
-    lines = body.splitlines(keepends=True)
-    lines[0] = f"#!{sys.executable}\n"
+    body = hook_script(src.read_text()) if src.exists() else _HOOK_FALLBACK.replace(
+        "#!/usr/bin/env python3", f"#!{sys.executable}", 1)
+    was_empty = not (target.parent.is_dir() and any(target.parent.iterdir()))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{HOOK_NAME}.tmp")
-    tmp.write_text("".join(lines))
+    tmp.write_text(body)
     os.chmod(tmp, 0o755)
     os.replace(tmp, target)
-    return {"hook": str(target), "python": sys.executable,
-            "note": "libvirtd looks for hooks when it starts: restart it once"}
+    r: Result = {"hook": str(target), "python": sys.executable}
+    if was_empty:
+        r["note"] = ("libvirtd looks for hooks when it starts: restart it once "
+                     f"({target.parent} was empty)")
+    return r
+
+
+def hook_script(template: str) -> str:
+    """``hooks/qemu`` with this Python, isolated (-I -S), and the paths it needs.
+
+    Starting Python without site initialisation saves most of its start-up
+    time, which libvirtd waits for at every start and stop; the paths that
+    site would have added (this nvmgr and the site-packages holding lxml,
+    cryptography and pyasn1) are given to it instead.
+    """
+    import site
+
+    pkg_parent = str(Path(__file__).resolve().parent.parent)
+    paths = [pkg_parent] + [p for p in site.getsitepackages() if p != pkg_parent]
+    values = {
+        "PYTHON": sys.executable,
+        "PYTHON_FLAGS": "-I -S",
+        "NVMGR_PATH": ":".join(paths),
+    }
+    out = []
+    for line in template.splitlines(keepends=True):
+        name = line.split("=", 1)[0]
+        if name in values and "=" in line:
+            line = f"{name}={shlex.quote(values.pop(name))}\n"
+        out.append(line)
+    if values:
+        raise UsageError(f"hooks/qemu has no {', '.join(values)} line to set")
+    return "".join(out)
 
 
 _HOOK_FALLBACK = """#!/usr/bin/env python3

@@ -24,7 +24,7 @@ from . import staging, virt
 from .container import probe_format
 from .crypto import Kek
 from .domainxml import parse_domain
-from .errors import ExternalError, InvalidInputError, UsageError
+from .errors import ExternalError, InvalidInputError, KeyRequiredError, UsageError
 from .image import Image
 from .layout import SectionSpec
 from .model import Binding, Directory
@@ -120,18 +120,11 @@ def prepare_image(plan: Plan, dom: Any, *, kek: Kek | None, fmt: str,
             img.close()
             raise
     os.makedirs(os.path.dirname(path) or ".", mode=0o711, exist_ok=True)
-    img = Image.create(path, specs, fmt=fmt, kek=kek, domain_uuid=plan.domain_uuid)
-    if meta and meta.uuid and img.directory.image_uuid != meta.uuid:
-        # Recreated for a domain that names its image (prepare found the file
-        # missing): keep the UUID the metadata records, or the next start
-        # would take its own image for a foreign one.
-        # TODO: Image.create(image_uuid=...) once the image API takes it.
-        try:
-            for _copy in "AB":  # both header copies, as Image.create writes them
-                img._commit(dataclasses.replace(img.directory, image_uuid=meta.uuid))
-        except BaseException:
-            img.close()
-            raise
+    # Recreated for a domain that names its image (prepare found the file
+    # missing): keep the UUID the metadata records, or the next start would
+    # take its own image for a foreign one.
+    img = Image.create(path, specs, fmt=fmt, kek=kek, domain_uuid=plan.domain_uuid,
+                       image_uuid=meta.uuid if meta and meta.uuid else None)
     return img, True, [s.name for s in specs]
 
 
@@ -171,6 +164,11 @@ def define(xml_text: str, *, uri: str | None = None, fmt: str | None = None,
     img, created, added = prepare_image(plan, dom, kek=kek, fmt=fmt, path=path)
     imported: dict[str, str] = {}
     try:
+        if img.directory.encrypted and not (meta and meta.encrypted):
+            # Defining it without a key source would leave a domain that cannot start.
+            raise KeyRequiredError(
+                f"{path} is encrypted: define the domain with --key-file or --key-secret "
+                "(the domain's nvmgr metadata names no key)", image=path)
         for ps in plan.sections:
             if img.section(ps.name).length:
                 continue

@@ -31,6 +31,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +40,7 @@ from typing import Any, BinaryIO, TextIO
 from . import keys, staging
 from .crypto import Kek, unlock
 from .define import initial_content, prepare_image
-from .domainxml import Domain, parse_domain
+from .domainxml import NVMGR_NS, Domain, parse_domain
 from .errors import (
     CorruptError,
     ExitCode,
@@ -262,9 +263,13 @@ def release(ctx: HookContext) -> str:
 
 
 def reconnect(ctx: HookContext) -> str:
-    with Image.open(ctx.meta.image, writable=True, wait=30) as img:
-        live = [s.name for s in img.directory.sections if s.live]
-        img.set_in_use(live, True)
+    """Flag live sections in use again; never fail (libvirtd would kill the running VM)."""
+    try:
+        with Image.open(ctx.meta.image, writable=True, wait=30) as img:
+            live = [s.name for s in img.directory.sections if s.live]
+            img.set_in_use(live, True)
+    except NvmgrError as e:
+        return f"could not mark live sections in use ({e}); the VM keeps running"
     return f"live sections {live or 'none'} marked in use"
 
 
@@ -334,6 +339,10 @@ def main(argv: list[str], stdin: BinaryIO, stdout: TextIO, stderr: TextIO,
             stderr.write(f"nvmgr: domain {name}: the hook got no domain XML on stdin\n")
             log.info("%s %s %s %s: refused: no domain XML on stdin", stamp, name, op, sub)
             return int(ExitCode.INVALID_INPUT)
+        return 0
+    if NVMGR_NS.encode() not in raw and not re.search(rb"<!\s*(DOCTYPE|ENTITY)", raw, re.I):
+        # Not nvmgr's domain: whatever else its XML holds (another tool's deep
+        # metadata, say) is libvirt's business, never a reason to refuse it.
         return 0
     try:
         dom = parse_domain(raw)

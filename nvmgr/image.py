@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import uuid
 import zlib
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
@@ -288,25 +289,21 @@ class Image:
         *,
         fmt: str = "raw",
         kek: Kek | None = None,
-        domain_uuid: object = None,
+        domain_uuid: uuid.UUID | None = None,
         header_area: int | None = None,
+        image_uuid: uuid.UUID | None = None,
     ) -> Image:
         """Create a new image holding empty *specs* sections.
 
         With *kek*, the image gets a random data key wrapped by it, and every
         section QEMU does not read live is encrypted.
         """
-        import uuid as _uuid
-
         if kek is not None:
             specs = [
                 dataclasses.replace(s, encrypted=True) if not s.binding.live else s for s in specs
             ]
-        d = layout(
-            specs,
-            domain_uuid=domain_uuid if isinstance(domain_uuid, _uuid.UUID) else None,
-            header_area=header_area,
-        )
+        d = layout(specs, image_uuid=image_uuid, domain_uuid=domain_uuid,
+                   header_area=header_area)
         data_key = None
         if kek is not None:
             from .crypto import new_data_key

@@ -23,46 +23,12 @@ from . import vmlib
 
 MakeVM = Callable[..., vmlib.VM]
 
-_PROBE_XML = """<domain type='qemu'>
-  <name>{name}</name>
-  <uuid>{uuid}</uuid>
-  <metadata>
-    <nvmgr:nvram xmlns:nvmgr='https://nvmgr.dev/schemas/metadata/1' image='{image}'/>
-  </metadata>
-  <memory unit='MiB'>32</memory>
-  <os><type arch='x86_64' machine='q35'>hvm</type></os>
-  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator><memballoon model='none'/></devices>
-</domain>
-"""
-
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.e2e)
-
-
-def _hook_is_live(workdir: Path) -> bool:
-    """Start a probe domain whose nvmgr image is not an image: only a live hook refuses it."""
-    import uuid
-
-    name = vmlib.new_name("probe")
-    dom_uuid = str(uuid.uuid4())
-    image = workdir / "probe-foreign.img"
-    image.write_bytes(bytes(256 << 10))
-    xml = workdir / "probe.xml"
-    xml.write_text(_PROBE_XML.format(name=name, uuid=dom_uuid, image=image))
-    try:
-        vmlib.virsh("define", str(xml))
-        p = vmlib.start(name, check=False)
-        if p.returncode == 0:
-            return False  # started: libvirtd ran no nvmgr hook
-        if "nvmgr" not in p.stderr:
-            raise vmlib.Failed(f"the probe domain failed to start for another reason: {p.stderr}")
-        return True
-    finally:
-        vmlib.cleanup_domain(name, dom_uuid, [image])
 
 
 @pytest.fixture(scope="session")
@@ -76,12 +42,8 @@ def e2e_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         subprocess.run(["apt-get", "install", "-y", "-qq", "tpm2-tools"], check=True,
                        capture_output=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     vmlib.ensure_services()
-    vmlib.install_hook()
     work = tmp_path_factory.mktemp("e2e")
-    if not _hook_is_live(work):
-        vmlib.restart_libvirtd()  # installed while libvirtd ran with hooks it had found before
-        if not _hook_is_live(work):
-            raise vmlib.Failed("libvirtd does not run the nvmgr hook even after a restart")
+    vmlib.ensure_hook(work)
     yield work
 
 

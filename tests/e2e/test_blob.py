@@ -1,5 +1,17 @@
 """5. A blob put with ``nvmgr put`` is what QEMU exposes: the guest reads the VPD blob from
-fw_cfg, and QEMU's block layer serves the block section's bytes."""
+fw_cfg, and QEMU's block layer serves the block section's bytes.
+
+What is proven, and how:
+
+- fwcfg (VPD): the *guest* reads it.  OVMF's shell, driven over the serial port, writes a
+  fw_cfg DMA request (mm) and dumps the memory QEMU copied the file into (dmem).  The staged
+  file is zeroed before, so the bytes come from the copy QEMU loaded at start through the
+  domain's ``-fw_cfg`` argument (also checked on QEMU's command line).
+- block (an EEPROM image): QEMU exports its own ``nvmgr-eeprom0`` node (the raw slice a
+  device's ``drive=`` would name) over NBD through QMP, and qemu-img reads it: the bytes
+  come out of QEMU's block layer.  No guest device reads it in this test (x86 has no EEPROM
+  device that takes a drive); that a device sees the node is QEMU's business.
+"""
 
 from __future__ import annotations
 
@@ -46,7 +58,7 @@ def test_put_blobs_are_what_qemu_and_the_guest_read(vm: MakeVM, tmp_path: Path) 
     staged.write_bytes(bytes(len(vpd)))  # QEMU read the file at start; this copy no longer matters
     assert v.socket is not None
     with vmlib.Shell(v.socket) as sh:
-        sh.wait_prompt(60)
+        sh.wait_prompt(vmlib.serial_log(v.name), 60)
         got = sh.fw_cfg_read(FW_NAME)
         assert sh.fw_cfg_dir[FW_NAME][1] == len(vpd), sh.fw_cfg_dir
         assert got == vpd

@@ -14,10 +14,12 @@ pytestmark = pytest.mark.e2e
 TEMPLATE = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
 
-def test_ovmf_writes_its_boot_entries_into_the_image(vm: MakeVM, tmp_path: Path) -> None:
-    v = vm("boot")
-    out = v.define()
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_ovmf_writes_its_boot_entries_into_the_image(vm: MakeVM, tmp_path: Path, fmt: str) -> None:
+    v = vm(f"boot-{fmt}")
+    out = v.define("--format", fmt)
     assert "imported: uefi-vars from template" in out.stdout
+    assert vmlib.info(v.image)["format"] == fmt
 
     # The domain QEMU gets: libvirt's own vars file gone, a raw slice of the image on pflash1.
     xml = vmlib.virsh("dumpxml", "--inactive", v.name).stdout
@@ -33,6 +35,8 @@ def test_ovmf_writes_its_boot_entries_into_the_image(vm: MakeVM, tmp_path: Path)
     # QEMU really runs on the image's slice, and the section is flagged in use while it does.
     block = vmlib.virsh("qemu-monitor-command", v.name, "--hmp", "info block").stdout
     assert "nvmgr-uefi-vars" in block and str(v.image) in block and "system.flash1" in block
+    if fmt == "qcow2":  # the slice sits on QEMU's qcow2 driver, not on the file
+        assert '"driver": "qcow2"' in block, block
     assert v.section("uefi-vars")["dirty"] is True
     secs = v.wait_for_shell(60)
     print(f"OVMF reached its shell in {secs:.1f} s")

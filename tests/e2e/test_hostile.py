@@ -4,6 +4,7 @@ no image, no domain, no staged files; the hook refuses the same input on its std
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -18,6 +19,9 @@ NS = "xmlns:nvmgr='https://nvmgr.dev/schemas/metadata/1'"
 
 
 def _domain(name: str, *, metadata: str = "", prolog: str = "", name_text: str | None = None) -> str:
+    """A UEFI + TPM domain that asks for nvmgr (its metadata has an ``<nvmgr:nvram>``)."""
+    if "nvmgr:nvram" not in metadata:
+        metadata += f"<nvmgr:nvram {NS}/>"
     return f"""{prolog}<domain type='qemu'>
   <name>{name_text if name_text is not None else name}</name>
   <uuid>{uuid.uuid4()}</uuid>
@@ -96,18 +100,34 @@ def test_hostile_xml_is_refused_and_nothing_is_written(e2e_env: Path, tmp_path: 
         assert len(p.stderr) < 2000
         assert _snapshot() == before  # no image, no swtpm or runtime directory
         assert not vmlib.exists(name) and not vmlib.image_of(name).exists()
+        assert not Path(f"/tmp/{name}").exists()  # where image-path-dotdot points
 
-        # The hook, given the same XML on stdin by libvirtd, refuses it too.
-        h = vmlib.run([sys.executable, vmlib.ROOT / "hooks" / "qemu", name, "prepare", "begin",
-                       "-"], input=xml.read_bytes(), check=False,
-                      env={"PYTHONPATH": str(vmlib.ROOT)})
-        assert h.returncode == 9, (h.returncode, h.stdout, h.stderr)
-        assert h.stderr.startswith("nvmgr: ") and h.stdout == ""
-        for w in words:
-            assert w in h.stderr, (w, h.stderr)
+        # The hook, given the same XML on stdin as libvirtd gives it, refuses it too: the
+        # checkout's hooks/qemu and the copy libvirtd runs (/etc/libvirt/hooks/qemu.d/nvmgr).
+        for h in _hooks(name, "prepare", "begin", stdin=xml.read_bytes()):
+            assert h.returncode == 9, (h.args, h.returncode, h.stdout, h.stderr)
+            assert h.stderr.startswith("nvmgr: ") and h.stdout == ""
+            for w in words:
+                assert w in h.stderr, (w, h.stderr)
         assert _snapshot() == before
     finally:
         vmlib.cleanup_domain(name, None)
         for stray in (Path(f"/tmp/{name}"),):
             if stray.exists():
                 os.unlink(stray)
+
+
+def test_the_hook_leaves_domains_without_nvmgr_metadata_alone(e2e_env: Path) -> None:
+    """Not nvmgr's business: another tool's deep metadata must not stop a plain domain."""
+    name = vmlib.new_name("plain")
+    xml = _domain(name, metadata="<x>" * 100 + "</x>" * 100).replace(f"<nvmgr:nvram {NS}/>", "")
+    assert "nvmgr" not in xml.replace(name, "")
+    for op in (("prepare", "begin"), ("started", "begin"), ("release", "end")):
+        for h in _hooks(name, *op, stdin=xml.encode()):
+            assert (h.returncode, h.stdout, h.stderr) == (0, "", ""), h
+
+
+def _hooks(name: str, op: str, sub: str, *, stdin: bytes) -> list[subprocess.CompletedProcess[str]]:
+    return [vmlib.run([hook, name, op, sub, "-"], input=stdin, check=False,
+                      env={"NVMGR_PYTHON": sys.executable})
+            for hook in (vmlib.ROOT / "hooks" / "qemu", vmlib.HOOK)]

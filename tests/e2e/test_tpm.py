@@ -23,6 +23,11 @@ def test_tpm_state_is_encrypted_in_the_image_and_keeps_its_ek(vm: MakeVM, tmp_pa
     assert v.section("tpm-permall")["encrypted"] is True
     assert v.section("uefi-vars")["encrypted"] is False  # QEMU reads it in place
     assert v.section("tpm-permall")["length"] == 0
+    # Defined again without the key: refused (it could never start), the definition kept.
+    xml = vmlib.virsh("dumpxml", "--inactive", v.name).stdout
+    again = vmlib.nvmgr("define", v.xml_path, check=False)
+    assert again.returncode == 6 and "--key-file" in again.stderr, again
+    assert vmlib.virsh("dumpxml", "--inactive", v.name).stdout == xml
 
     # First start: nothing to stage, libvirt's swtpm_setup manufactures the TPM (EK + cert).
     mark = len(vmlib.hook_log_lines())

@@ -174,6 +174,50 @@ def uninstall_hook() -> bool:
     return False
 
 
+_PROBE_XML = """<domain type='qemu'>
+  <name>{name}</name>
+  <uuid>{uuid}</uuid>
+  <metadata>
+    <nvmgr:nvram xmlns:nvmgr='https://nvmgr.dev/schemas/metadata/1' image='{image}'/>
+  </metadata>
+  <memory unit='MiB'>32</memory>
+  <os><type arch='x86_64' machine='q35'>hvm</type></os>
+  <devices><emulator>/usr/bin/qemu-system-x86_64</emulator><memballoon model='none'/></devices>
+</domain>
+"""
+
+
+def hook_is_live(workdir: Path) -> bool:
+    """Whether libvirtd runs the nvmgr hook: start a probe domain whose nvmgr image is
+    not an image; only a live hook refuses it (otherwise the probe starts, and is destroyed).
+    """
+    name = new_name("probe")
+    dom_uuid = str(uuid.uuid4())
+    image = workdir / f"{name}-foreign.img"
+    image.write_bytes(bytes(256 << 10))
+    xml = workdir / f"{name}.xml"
+    xml.write_text(_PROBE_XML.format(name=name, uuid=dom_uuid, image=image))
+    try:
+        virsh("define", str(xml))
+        p = start(name, check=False)
+        if p.returncode == 0:
+            return False
+        if "nvmgr" not in p.stderr:
+            raise Failed(f"the probe domain failed to start for another reason: {p.stderr}")
+        return True
+    finally:
+        cleanup_domain(name, dom_uuid, [image, xml])
+
+
+def ensure_hook(workdir: Path) -> None:
+    """The current hooks/qemu installed, and libvirtd running it (restarted if need be)."""
+    install_hook()
+    if not hook_is_live(workdir):
+        restart_libvirtd()  # installed while libvirtd ran without hooks
+        if not hook_is_live(workdir):
+            raise Failed("libvirtd does not run the nvmgr hook even after a restart")
+
+
 def hook_log_lines() -> list[str]:
     try:
         return HOOK_LOG.read_text(errors="replace").splitlines()
@@ -208,7 +252,7 @@ def serial_log(name: str) -> Path:
 
 def domain_xml(name: str, dom_uuid: str, *, base: Path = EXAMPLE, tpm: bool = True,
                sections: Sequence[dict[str, str]] = (), serial_socket: Path | None = None,
-               metadata_attrs: dict[str, str] | None = None) -> str:
+               metadata_attrs: dict[str, str] | None = None, description: str | None = None) -> str:
     """*base* (a libvirt domain XML) renamed, with a new UUID and per-domain paths.
 
     :param tpm: keep the base's ``<tpm>`` devices.
@@ -227,6 +271,10 @@ def domain_xml(name: str, dom_uuid: str, *, base: Path = EXAMPLE, tpm: bool = Tr
                 el.set(k, v.replace(old, name))
         if el.text and old and old in el.text and el.tag == "nvram":
             el.text = el.text.replace(old, name)
+    if description is not None:
+        desc = etree.Element("description")
+        desc.text = description
+        root.find("uuid").addnext(desc)  # type: ignore[union-attr]
     devices = root.find("devices")
     assert devices is not None
     for s in devices.findall("serial") + devices.findall("console"):
@@ -503,22 +551,26 @@ class Shell:
                 self.buf += data
         return pattern in self.buf
 
-    def wait_prompt(self, timeout: float = 60) -> None:
-        """Get to an idle prompt: wait for the shell, skip startup.nsh."""
+    def wait_prompt(self, log: Path, timeout: float = 60) -> None:
+        """Get to an idle prompt: wait for the shell, skip startup.nsh.
+
+        The shell may have shown up before this connected (QEMU drops serial
+        output nobody reads), so *log*, the port's log file, says when it is
+        there; then Enter ("any other key": no startup.nsh to run) brings a prompt.
+        """
         deadline = time.monotonic() + timeout
-        while not (b"startup.nsh" in self.buf or self.PROMPT in self.buf):
+        while not (SHELL_RE.search(self.buf) or (log.exists() and SHELL_RE.search(log.read_bytes()))):
             if time.monotonic() > deadline:
-                raise Failed("OVMF's shell did not show up on the serial port")
+                raise Failed(f"OVMF's shell did not show up on the serial port within {timeout} s")
             self._read_until(b"startup.nsh", 0.5)
         time.sleep(0.2)
-        self.buf = b""
-        self.sock.sendall(b"\r")  # "any other key": no startup.nsh to run, so the prompt
-        if not self._read_until(self.PROMPT, 15):
+        for _ in range(3):
             self.buf = b""
             self.sock.sendall(b"\r")
-            if not self._read_until(self.PROMPT, 15):
-                raise Failed(f"no shell prompt after two Enters: {self.buf[-500:]!r}")
-        self._drain()
+            if self._read_until(self.PROMPT, 10):
+                self._drain()
+                return
+        raise Failed(f"no shell prompt after three Enters: {self.buf[-500:]!r}")
 
     def _drain(self) -> None:
         time.sleep(0.2)
