@@ -169,3 +169,54 @@ from nvmgr.hook import main
 if __name__ == "__main__":
     sys.exit(main(sys.argv, sys.stdin.buffer, sys.stdout, sys.stderr))
 """
+
+
+@arguments("reconcile")
+def _reconcile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("domains", metavar="DOMAIN", nargs="*", help="domains to reconcile")
+    p.add_argument("--all", action="store_true", help="every domain with nvmgr metadata")
+    p.add_argument("--watch", action="store_true",
+                   help="keep running: reconcile each nvmgr domain when it is defined "
+                        "or stops (virt-manager, virsh edit); one line per action")
+    p.add_argument("--connect", "-c", metavar="URI", help="libvirt URI (qemu:///system)")
+
+
+def _render_reconcile(r: Result) -> str:
+    return "\n".join(f"{x['domain']}: {x['status']}"
+                     + (f" (added {', '.join(x['added'])})" if x["added"] else "")
+                     for x in r["domains"]) or "no nvmgr domains"
+
+
+@command("reconcile", "bring domains changed elsewhere (virsh edit, virt-manager) back in line "
+         "with their images: new sections, QEMU arguments, stateless loader",
+         "nvmgr reconcile --all --watch", render=_render_reconcile)
+def cmd_reconcile(args: argparse.Namespace) -> Result:
+    from . import virt
+    from .define import nvmgr_domains, reconcile
+    from .errors import NvmgrError
+
+    if bool(args.domains) == args.all:
+        raise UsageError("name DOMAINs or give --all")
+    names = args.domains or nvmgr_domains(args.connect)
+    results = [reconcile(n, uri=args.connect).to_json() for n in names]
+    if not args.watch:
+        return {"domains": results}
+    print(_render_reconcile({"domains": results}), flush=True)
+    # Our own define raises a DEFINED event too: remember the XML each
+    # reconcile left, and skip events that bring nothing new.
+    seen: dict[str, str] = {}
+
+    def on_change(name: str) -> None:
+        try:
+            xml = virt.domain_xml(name, args.connect)
+            if seen.get(name) == xml or (not args.all and name not in args.domains):
+                return
+            r = reconcile(name, uri=args.connect)
+            seen[name] = virt.domain_xml(name, args.connect)
+            if r.status != "not-nvmgr":
+                print(_render_reconcile({"domains": [r.to_json()]}), flush=True)
+        except NvmgrError as e:
+            print(f"{name}: error: {e}", flush=True)
+
+    virt.watch_domains(args.connect, on_change)
+    return {"domains": results}

@@ -24,7 +24,7 @@ from . import staging, virt
 from .container import probe_format
 from .crypto import Kek
 from .domainxml import parse_domain
-from .errors import ExternalError, InvalidInputError, KeyRequiredError, UsageError
+from .errors import ExternalError, InvalidInputError, KeyRequiredError, NvmgrError, UsageError
 from .image import Image
 from .layout import SectionSpec
 from .model import Binding, Directory
@@ -234,3 +234,60 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
         removed = True
     return {"domain": name, "image": image, "image_removed": removed}
 
+
+
+def _kek_from_metadata(meta: Any, uri: str | None) -> Kek | None:
+    """The key a domain's metadata names (outside a hook libvirt may be asked)."""
+    from . import keys
+
+    if meta is None:
+        return None
+    if meta.key_file:
+        return keys.load_key_file(meta.key_file)
+    if meta.key_secret:
+        return keys.load_libvirt_secret(str(meta.key_secret), uri)
+    return None
+
+
+@dataclasses.dataclass
+class ReconcileResult:
+    domain: str
+    status: str  # reconciled | unchanged | running | not-nvmgr
+    added: list[str] = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def reconcile(name: str, *, uri: str | None = None) -> ReconcileResult:
+    """Bring a domain changed elsewhere (``virsh edit``, virt-manager) back in line.
+
+    Re-runs :func:`define` on the domain's persistent XML: sections a new
+    device or metadata entry needs are added, QEMU arguments and the
+    stateless loader restored.  Running domains are left alone (their image
+    is in use); domains without nvmgr metadata are not touched.
+    """
+    before = virt.domain_xml(name, uri)
+    dom = parse_domain(before)
+    if dom.nvmgr is None or not dom.nvmgr.image:
+        return ReconcileResult(name, "not-nvmgr")
+    if virt.is_active(name, uri):
+        return ReconcileResult(name, "running")
+    res = define(before, uri=uri, kek=_kek_from_metadata(dom.nvmgr, uri))
+    after = virt.domain_xml(name, uri)
+    changed = res.added or after != before
+    return ReconcileResult(name, "reconciled" if changed else "unchanged", res.added)
+
+
+def nvmgr_domains(uri: str | None = None) -> list[str]:
+    """Names of the persistent domains that carry nvmgr metadata."""
+    from .domainxml import NVMGR_NS
+
+    out = []
+    for name in virt.defined_domains(uri):
+        try:
+            if NVMGR_NS in virt.domain_xml(name, uri):
+                out.append(name)
+        except NvmgrError:
+            continue
+    return out

@@ -7,7 +7,7 @@ waits for the hook while holding the domain's job, so a call back deadlocks).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .errors import BusyError, ExternalError, InvalidInputError, NotFoundError
@@ -139,3 +139,39 @@ def image_of_domain(name: str, uri: str | None = None) -> str:
         raise NotFoundError("the domain has no nvmgr image (define it with nvmgr define)",
                             domain=name)
     return str(meta.image)
+
+
+def defined_domains(uri: str | None = None) -> list[str]:
+    """Names of every persistent domain."""
+    with connect(uri, readonly=True) as conn:
+        return sorted(d.name() for d in conn.listAllDomains(_libvirt().VIR_CONNECT_LIST_DOMAINS_PERSISTENT))
+
+
+def watch_domains(uri: str | None, on_change: Callable[[str], None],
+                  *, stop: Callable[[], bool] = lambda: False) -> None:
+    """Call *on_change(name)* after a domain is defined or stops, until *stop()*.
+
+    Events are queued by libvirt's callback and handled between event-loop
+    turns, so *on_change* may call libvirt itself.
+    """
+    lv = _libvirt()
+    lv.virEventRegisterDefaultImpl()
+    pending: list[str] = []
+    wanted = {lv.VIR_DOMAIN_EVENT_DEFINED, lv.VIR_DOMAIN_EVENT_STOPPED}
+
+    def callback(_conn: Any, dom: Any, event: int, _detail: int, _opaque: Any) -> None:
+        if event in wanted:
+            pending.append(dom.name())
+
+    with connect(uri, readonly=True) as conn:
+        handle = conn.domainEventRegisterAny(None, lv.VIR_DOMAIN_EVENT_ID_LIFECYCLE, callback, None)
+        try:
+            while not stop():
+                lv.virEventRunDefaultImpl()
+                while pending:
+                    name = pending.pop(0)
+                    if name not in pending:
+                        on_change(name)
+        finally:
+            with contextlib.suppress(Exception):
+                conn.domainEventDeregisterAny(handle)
