@@ -34,13 +34,13 @@ import uuid
 import zlib
 from collections.abc import Callable, Mapping
 
-from . import profiles
+from . import profiles, staging
 from .domainxml import Domain, LibvirtNvram, NvmgrMetadata, parse_domain
 from .errors import InvalidInputError, UsageError
 from .model import Binding
 from .plan import Plan
+from .staging import RUNTIME_ROOT as RUNTIME_DIR  # one definition of /run/nvmgr
 
-RUNTIME_DIR = "/run/nvmgr"
 FILE_NODE = "nvmgr-file"
 FORMAT_NODE = "nvmgr-image"
 KEY_SECRET_ID = "nvmgr-key"
@@ -57,7 +57,7 @@ SHARE_RW_DRIVERS = frozenset(
 
 def runtime_dir(domain_uuid: uuid.UUID | str) -> str:
     """``/run/nvmgr/<domain uuid>``: staged fw_cfg files and the image key."""
-    return os.path.join(RUNTIME_DIR, str(uuid.UUID(str(domain_uuid))))
+    return str(staging.runtime_dir(str(uuid.UUID(str(domain_uuid)))))
 
 
 def staged_path(domain_uuid: uuid.UUID | str, section: str) -> str:
