@@ -9,10 +9,13 @@ only here (see :mod:`nvmgr.errors` for the codes).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import mmap
 import os
 import signal
+import stat
 import sys
 import uuid
 from collections.abc import Callable
@@ -264,16 +267,25 @@ def _put_args(p: argparse.ArgumentParser) -> None:
                            f"{', encrypted' if r['section']['encrypted'] else ''}), "
                            f"generation {r['generation']}"))
 def cmd_put(args: argparse.Namespace) -> Result:
-    if args.file == "-":
-        data = sys.stdin.buffer.read()
-    else:
-        try:
-            with open(args.file, "rb") as f:
+    with contextlib.ExitStack() as stack:
+        data: bytes | mmap.mmap
+        if args.file == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            try:
+                f = stack.enter_context(open(args.file, "rb"))
+            except FileNotFoundError:
+                from .errors import NotFoundError
+                raise NotFoundError(f"no such file: {args.file}") from None
+            except IsADirectoryError:
+                raise UsageError(f"{args.file} is a directory") from None
+            size = os.fstat(f.fileno()).st_size
+            if size and stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                # Map it: no 64 MiB copy into Python before the crc and the write.
+                data = stack.enter_context(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            else:
                 data = f.read()
-        except FileNotFoundError:
-            from .errors import NotFoundError
-            raise NotFoundError(f"no such file: {args.file}") from None
-    with _open(args, writable=True) as img:
+        img = stack.enter_context(_open(args, writable=True))
         s = img.put(args.name, data, progress=_progress(args, f"put {args.name}"))
         return {"image": img.path, "section": s.to_json(), "generation": img.directory.generation}
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import mmap
 import uuid
 import zlib
 from collections.abc import Callable, Iterable
@@ -55,6 +56,8 @@ if TYPE_CHECKING:  # cryptography is imported when an encrypted image needs it
 log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20
+#: Bytes to store: bytes, or any buffer such as an mmap of the input file.
+Buffer = bytes | bytearray | memoryview | mmap.mmap
 #: Progress callback: (bytes done, bytes total).
 Progress = Callable[[int, int], None]
 
@@ -429,7 +432,7 @@ class Image:
             self.directory, sections=[dataclasses.replace(s) for s in self.directory.sections]
         )
 
-    def _write_flush(self, offset: int, data: bytes, progress: Progress | None) -> None:
+    def _write_flush(self, offset: int, data: Buffer, progress: Progress | None) -> None:
         total = len(data)
         view = memoryview(data)
         for done in range(0, max(total, 1), CHUNK):
@@ -438,7 +441,7 @@ class Image:
                 progress(min(done + CHUNK, total), total)
         self.container.flush()
 
-    def put(self, name: str, data: bytes, *, progress: Progress | None = None) -> Section:
+    def put(self, name: str, data: Buffer, *, progress: Progress | None = None) -> Section:
         """Replace the section's payload, crash-safely (see the module docstring).
 
         :raise NoSpaceError: *data* is larger than the section's capacity.
@@ -454,9 +457,9 @@ class Image:
             )
         self._refuse_if_running(s)
         crypto = None
-        stored = data
+        stored: Buffer = data
         if s.encrypted:
-            ct, iv, mac = self._get_cipher().encrypt(name, data)
+            ct, iv, mac = self._get_cipher().encrypt(name, bytes(data))
             stored, crypto = ct, SectionCrypto(iv=iv, mac=mac)
         crc = zlib.crc32(stored)
         new = self._copy_dir()
