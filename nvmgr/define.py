@@ -34,6 +34,14 @@ from .qemuargs import rewrite_domain
 log = logging.getLogger(__name__)
 
 
+def refuse_luks(meta: Any) -> None:
+    """qcow2+LUKS containers are planned for, not built: say so instead of
+    defining a domain whose QEMU would wait for a key file nobody writes."""
+    if meta is not None and meta.luks:
+        raise UsageError("luks='yes': qcow2+LUKS images are not supported yet; nvmgr "
+                         "encrypts sections itself (--key-file / --key-secret)")
+
+
 def plan_with_offsets(plan: Plan, d: Directory) -> Plan:
     """The plan with each section's offsets as the image really has them."""
     placed = []
@@ -150,6 +158,7 @@ def define(xml_text: str, *, uri: str | None = None, fmt: str | None = None,
         xml_text = _with_key_source(dom, key_file, key_secret)
         dom = parse_domain(xml_text)
         meta = dom.nvmgr
+    refuse_luks(meta)
     name = dom.name
     if not name:
         raise InvalidInputError("the domain XML has no <name>")

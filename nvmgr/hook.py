@@ -39,7 +39,7 @@ from typing import Any, BinaryIO, TextIO
 
 from . import keys, staging
 from .crypto import Kek, unlock
-from .define import initial_content, prepare_image
+from .define import initial_content, prepare_image, refuse_luks
 from .domainxml import NVMGR_NS, Domain, parse_domain
 from .errors import (
     CorruptError,
@@ -158,6 +158,7 @@ def _verify_key(img: Image, kek: Kek | None, ctx: HookContext) -> None:
 
 
 def prepare(ctx: HookContext) -> str:
+    refuse_luks(ctx.meta)
     kek = ctx.kek()
     img = _open(ctx, kek)
     with img:
