@@ -18,18 +18,27 @@ import subprocess
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import staging, virt
 from .container import probe_format
-from .crypto import Kek
 from .domainxml import parse_domain
-from .errors import ExternalError, InvalidInputError, KeyRequiredError, NvmgrError, UsageError
+from .errors import (
+    BusyError,
+    ExternalError,
+    InvalidInputError,
+    KeyRequiredError,
+    NvmgrError,
+    UsageError,
+)
 from .image import Image
 from .layout import SectionSpec
 from .model import Binding, Directory
 from .plan import Plan, PlannedSection, plan_for
 from .qemuargs import rewrite_domain
+
+if TYPE_CHECKING:
+    from .crypto import Kek
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +129,14 @@ def prepare_image(plan: Plan, dom: Any, *, kek: Kek | None, fmt: str,
                 raise UsageError(
                     f"{path} belongs to another image ({img.directory.image_uuid}), "
                     f"the domain names {meta.uuid}", image=path)
+            owner = img.directory.domain_uuid
+            if owner is not None and plan.domain_uuid is not None and owner != plan.domain_uuid:
+                # A clone (virt-clone copies the XML, not the image) must never
+                # share its original's UEFI vars and TPM.
+                raise BusyError(
+                    f"the image belongs to domain {owner}, not {plan.domain_uuid} (a clone "
+                    "sharing its original's state?): run nvmgr define on this domain to "
+                    "give it its own copy", image=path, domain=plan.domain)
             missing = [s for s in specs if img.directory.find(s.name) is None]
             if missing:
                 img.add_sections(missing)
@@ -134,6 +151,40 @@ def prepare_image(plan: Plan, dom: Any, *, kek: Kek | None, fmt: str,
     img = Image.create(path, specs, fmt=fmt, kek=kek, domain_uuid=plan.domain_uuid,
                        image_uuid=meta.uuid if meta and meta.uuid else None)
     return img, True, [s.name for s in specs]
+
+
+def owner_of(path: str) -> uuid.UUID | None:
+    """The domain UUID an existing image records (None: none, or no image)."""
+    if not os.path.exists(path):
+        return None
+    with Image.open(path) as img:
+        return img.directory.domain_uuid
+
+
+def copy_for_clone(src: str, dst: str, domain_uuid: uuid.UUID, kek: Kek | None) -> uuid.UUID:
+    """Copy *src* to *dst* as a new image owned by *domain_uuid*; return its image UUID.
+
+    Everything is copied except the TPM: like libvirt, whose swtpm state is
+    per domain UUID, a clone gets a fresh TPM (its own endorsement key) at
+    first start instead of a second copy of its original's identity.
+    """
+    from .convert import convert
+
+    convert(src, dst, probe_format(src))
+    new_uuid = uuid.uuid4()
+    try:
+        with Image.open(dst, writable=True, kek=kek) as img:
+            for s in img.directory.sections:
+                if s.binding is Binding.TPM and s.length:
+                    img.put(s.name, b"")
+            for _copy in "AB":  # both header copies name the new owner
+                img._commit(dataclasses.replace(img.directory, image_uuid=new_uuid,
+                                                domain_uuid=domain_uuid))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(dst)
+        raise
+    return new_uuid
 
 
 def define(xml_text: str, *, uri: str | None = None, fmt: str | None = None,
@@ -162,6 +213,24 @@ def define(xml_text: str, *, uri: str | None = None, fmt: str | None = None,
     name = dom.name
     if not name:
         raise InvalidInputError("the domain XML has no <name>")
+    cloned_from = None
+    if meta and meta.image and dom.uuid is not None and image is None:
+        owner = owner_of(meta.image)
+        if owner is not None and owner != dom.uuid:
+            # The XML is a clone's (virt-clone, or copied by hand): give it its own image.
+            from .plan import default_image_path
+
+            own = default_image_path(name)
+            if os.path.abspath(own) == os.path.abspath(meta.image):
+                raise UsageError(f"{meta.image} belongs to domain {owner}; give this domain "
+                                 "its own image with --image PATH", domain=name)
+            if not dry_run:
+                new_uuid = copy_for_clone(meta.image, own, dom.uuid, kek)
+                cloned_from = meta.image
+                dom.set_nvmgr(dataclasses.replace(meta, image=own, uuid=new_uuid))
+                xml_text = dom.to_xml()
+                dom = parse_domain(xml_text)
+                meta = dom.nvmgr
     plan = plan_for(dom, encrypted=kek is not None)
     path = os.path.abspath(image or (meta.image if meta and meta.image else plan.image))
     fmt = fmt or (meta.format if meta and meta.format else None) or (
@@ -198,7 +267,10 @@ def define(xml_text: str, *, uri: str | None = None, fmt: str | None = None,
                 os.unlink(path)
         raise
     log.info("defined %s with image %s (%s)", name, path, ", ".join(added) or "no new sections")
-    return DefineResult(name, path, str(image_uuid), created, added, imported, new_xml)
+    if cloned_from:
+        imported["*"] = f"copied from {cloned_from} (a clone: fresh TPM)"
+    return DefineResult(name, path, str(image_uuid), created or bool(cloned_from), added,
+                        imported, new_xml)
 
 
 def _with_key_source(dom: Any, key_file: str | None, key_secret: str | None) -> str:
