@@ -24,9 +24,8 @@ import os
 import struct
 import time
 from collections.abc import Callable
-from typing import BinaryIO
 
-from .errors import BusyError, ExternalError, NotFoundError, UsageError
+from .errors import BusyError, NotFoundError, UsageError
 
 QCOW2_MAGIC = b"QFI\xfb"
 FORMATS = ("raw", "qcow2")
@@ -223,15 +222,3 @@ def create_container(path: str, fmt: str, size: int, *, wait: float = 0) -> Cont
 
         return Qcow2Container.create(path, size, wait=wait)
     raise UsageError(f"unknown image format {fmt!r} (one of: {', '.join(FORMATS)})")
-
-
-def copy_stream(src: BinaryIO, container: Container, offset: int, length: int) -> None:
-    """Write *length* bytes from *src* at *offset*, in 4 MiB chunks."""
-    chunk = 4 << 20
-    done = 0
-    while done < length:
-        data = src.read(min(chunk, length - done))
-        if not data:
-            raise ExternalError(f"input ended after {done} of {length} bytes")
-        container.write(offset + done, data)
-        done += len(data)
