@@ -181,9 +181,13 @@ def prepare(ctx: HookContext) -> str:
                 if got is not None:
                     img.put(ps.name, got[0])
         version = ctx.tpm_version()
-        tpm = staging.tpm_sections(img.directory.sections)
         state_dir = staging.tpm_state_dir(ctx.uuid, version, ctx.swtpm_root)
-        recovered = _recover_tpm(img, tpm, state_dir, version)
+        # release wipes the staged files once they are in the image, so files
+        # still there are the TPM's newest state (a host crash, a killed
+        # libvirtd, a release without its key): staging the image's older
+        # copy over them would lose its last changes.
+        recovered = _collect_tpm(img, staging.read_tpm(state_dir, _tpm_files(img, version)),
+                                 version)
         blobs = {staging.tpm_file_name(s.name, version): img.get(s.name)
                  for s in staging.tpm_sections(img.directory.sections) if s.length}
         staged = staging.stage_tpm(state_dir, blobs, ctx.users) if blobs else []
@@ -199,23 +203,21 @@ def prepare(ctx: HookContext) -> str:
                 + f"staged tpm {staged or 'none'}, fw_cfg {sorted(fw) or 'none'}")
 
 
-def _recover_tpm(img: Image, tpm: list[Any], state_dir: Path, version: str) -> list[str]:
-    """Collect swtpm state an earlier run left staged (its release never ran or failed).
+def _tpm_files(img: Image, version: str) -> list[str]:
+    """swtpm's file names for the image's tpm sections."""
+    return [staging.tpm_file_name(s.name, version)
+            for s in staging.tpm_sections(img.directory.sections)]
 
-    release wipes the staged files once they are in the image, so files
-    still there are the newest state of the TPM: a host crash, a killed
-    libvirtd or a release without its key.  Staging the image's older copy
-    over them would lose the TPM's last changes.
-    """
-    names = {s.name: staging.tpm_file_name(s.name, version) for s in tpm}
-    found = staging.read_tpm(state_dir, list(names.values()))
-    recovered = []
-    for s in tpm:
-        data = found.get(names[s.name])
+
+def _collect_tpm(img: Image, found: dict[str, bytes], version: str) -> list[str]:
+    """Store staged swtpm files (by file name) in their sections where they differ."""
+    collected = []
+    for s in staging.tpm_sections(img.directory.sections):
+        data = found.get(staging.tpm_file_name(s.name, version))
         if data is not None and (not s.length or img.get(s.name) != data):
             img.put(s.name, data)
-            recovered.append(s.name)
-    return recovered
+            collected.append(s.name)
+    return collected
 
 
 def started(ctx: HookContext) -> str:
@@ -240,23 +242,15 @@ def release(ctx: HookContext) -> str:
     version = ctx.tpm_version()
     state_dir = staging.tpm_state_dir(ctx.uuid, version, ctx.swtpm_root)
     with Image.open(ctx.meta.image, writable=True, wait=30) as img:
-        tpm = staging.tpm_sections(img.directory.sections)
-        names = [staging.tpm_file_name(s.name, version) for s in tpm]
+        names = _tpm_files(img, version)
         found = staging.read_tpm(state_dir, names)
         in_use = [s.name for s in img.directory.sections if s.live and s.dirty]
         changed = img.reseal(in_use) if in_use else []
-        collected = []
         if found:
             # Only writing state back needs the key.  Without it the staged
             # files stay where they are and the next prepare recovers them.
             img.kek = ctx.kek()
-        for s, fname in zip(tpm, names, strict=True):
-            data = found.get(fname)
-            if data is None:
-                continue
-            if not s.length or img.get(s.name) != data:
-                img.put(s.name, data)
-                collected.append(s.name)
+        collected = _collect_tpm(img, found, version)
         staging.wipe_tpm(state_dir, names)
     staging.remove_runtime(ctx.uuid, ctx.runtime_root)
     return (f"collected {collected or 'nothing'}; resealed {in_use or 'nothing'}; "
