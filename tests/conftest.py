@@ -23,6 +23,33 @@ def regenerate(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--regenerate-output"))
 
 
+Golden = Callable[[Path, str], None]
+
+
+@pytest.fixture
+def golden(regenerate: bool) -> Golden:
+    """``golden(path, text)``: *text* must equal the golden file (rewritten with
+    ``--regenerate-output``)."""
+
+    def check(path: Path, text: str) -> None:
+        if regenerate:
+            path.write_text(text)
+        assert path.exists(), f"{path.name} missing: run pytest --regenerate-output"
+        assert path.read_text() == text, (
+            f"{path.name} differs (pytest --regenerate-output to accept)")
+
+    return check
+
+
+@pytest.fixture
+def host_independent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plans must not depend on which firmware files this host has installed."""
+    from nvmgr import profiles
+
+    monkeypatch.setattr(profiles, "_image_size", lambda path: None)
+    monkeypatch.setattr(profiles, "FIRMWARE_DIRS", (str(ROOT / "tests" / "data" / "firmware"),))
+
+
 def make_key(path: Path, *, hex_form: bool = False) -> Path:
     key = os.urandom(32)
     path.write_bytes(key.hex().encode() + b"\n" if hex_form else key)

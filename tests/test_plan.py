@@ -7,6 +7,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from conftest import Golden
 
 from nvmgr import plan as planmod
 from nvmgr import profiles
@@ -19,18 +20,7 @@ CASES = sorted(p.name[: -len("-in.xml")] for p in DATA.glob("*-in.xml"))
 KiB, MiB = 1 << 10, 1 << 20
 
 
-@pytest.fixture(autouse=True)
-def host_independent(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Plans must not depend on which firmware files this host has installed."""
-    monkeypatch.setattr(profiles, "_image_size", lambda path: None)
-    monkeypatch.setattr(profiles, "FIRMWARE_DIRS", (str(DATA / "firmware"),))
-
-
-def golden(path: Path, text: str, regenerate: bool) -> None:
-    if regenerate:
-        path.write_text(text)
-    assert path.exists(), f"{path.name} missing: run pytest --regenerate-output"
-    assert path.read_text() == text, f"{path.name} differs (pytest --regenerate-output to accept)"
+pytestmark = pytest.mark.usefixtures("host_independent")
 
 
 def dom(body: str, os_: str = "", meta: str = "") -> str:
@@ -105,10 +95,10 @@ def test_totals_follow_the_layout_rules(case: str, encrypted: bool) -> None:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_golden_plans(case: str, regenerate: bool) -> None:
+def test_golden_plans(case: str, golden: Golden) -> None:
     p = plan_domain((DATA / f"{case}-in.xml").read_bytes())
-    golden(DATA / f"{case}-plan.json", json.dumps(plan_to_json(p), indent=2) + "\n", regenerate)
-    golden(DATA / f"{case}-plan.txt", render_text(p), regenerate)
+    golden(DATA / f"{case}-plan.json", json.dumps(plan_to_json(p), indent=2) + "\n")
+    golden(DATA / f"{case}-plan.txt", render_text(p))
 
 
 # -- where the sections come from --------------------------------------------

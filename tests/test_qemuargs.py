@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import Golden
 
-from nvmgr import profiles, qemuargs
+from nvmgr import qemuargs
 from nvmgr.domainxml import parse_domain
 from nvmgr.errors import InvalidInputError, UsageError
 from nvmgr.plan import Plan, plan_domain
@@ -25,17 +26,7 @@ CASES = sorted(p.name[: -len("-in.xml")] for p in DATA.glob("*-in.xml"))
 IMAGE_UUID = uuid.UUID("22222222-3333-4444-5555-666666666666")
 
 
-@pytest.fixture(autouse=True)
-def host_independent(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(profiles, "_image_size", lambda path: None)
-    monkeypatch.setattr(profiles, "FIRMWARE_DIRS", (str(DATA / "firmware"),))
-
-
-def golden(path: Path, text: str, regenerate: bool) -> None:
-    if regenerate:
-        path.write_text(text)
-    assert path.exists(), f"{path.name} missing: run pytest --regenerate-output"
-    assert path.read_text() == text, f"{path.name} differs (pytest --regenerate-output to accept)"
+pytestmark = pytest.mark.usefixtures("host_independent")
 
 
 def rewrite(xml: str, **kw: object) -> tuple[str, Plan]:
@@ -54,11 +45,11 @@ def pairs(args: list[str]) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_golden_rewrite_and_strip(case: str, regenerate: bool) -> None:
+def test_golden_rewrite_and_strip(case: str, golden: Golden) -> None:
     xml = (DATA / f"{case}-in.xml").read_text()
     out, _ = rewrite(xml)
-    golden(DATA / f"{case}-out.xml", out, regenerate)
-    golden(DATA / f"{case}-stripped.xml", qemuargs.strip_nvmgr(out), regenerate)
+    golden(DATA / f"{case}-out.xml", out)
+    golden(DATA / f"{case}-stripped.xml", qemuargs.strip_nvmgr(out))
 
 
 @pytest.mark.parametrize("case", CASES)
