@@ -48,13 +48,13 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from nvmgr import Image, SectionSpec  # noqa: E402
-from nvmgr.keys import load_key_file  # noqa: E402
+from nvmgr.crypto.keys import load_key_file  # noqa: E402
 
 OUT = os.path.join(BENCH, "out")
 RESULTS = os.path.join(BENCH, "RESULTS.md")
 MiB = 1 << 20
 GiB = 1 << 30
-CLI = [sys.executable, "-m", "nvmgr.cli"]
+CLI = [sys.executable, "-m", "nvmgr"]
 ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 GNU_TIME = "/usr/bin/time"
 
@@ -78,7 +78,7 @@ def sh(cmd: list[str]) -> str:
 
 
 def short(argv: list[str]) -> str:
-    """A command line as the reader would type it (nvmgr for python -m nvmgr.cli)."""
+    """A command line as the reader would type it (nvmgr for python -m nvmgr)."""
     if argv[: len(CLI)] == CLI:
         argv = ["nvmgr", *argv[len(CLI) :]]
     return shlex.join(argv)
@@ -403,8 +403,9 @@ def bench_directory(work: str, rng: random.Random, quick: bool) -> dict[str, Any
 def info_anatomy(path: str, work: str, reps: int) -> dict[str, Any]:
     """Where the time of ``nvmgr info`` on *path* goes."""
     from nvmgr import cli
-    from nvmgr.image import Image as Img
-    from nvmgr.image import read_directory
+    from nvmgr.cli import images as cli_images
+    from nvmgr.image.image import Image as Img
+    from nvmgr.image.image import read_directory
 
     def in_process() -> None:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -416,7 +417,7 @@ def info_anatomy(path: str, work: str, reps: int) -> dict[str, Any]:
     def render() -> None:
         with Img.open(path) as img:
             t0 = time.perf_counter()
-            cli._render_info(cli._info(img))
+            cli_images._render_info(cli_images._info(img))
             samples["render only"].append(time.perf_counter() - t0)
 
     samples: dict[str, list[float]] = {"cli.main(['info']) in process": [],
@@ -438,7 +439,7 @@ def info_anatomy(path: str, work: str, reps: int) -> dict[str, Any]:
 
     # cProfile of the whole command (imports included), in a child process.
     prof = os.path.join(work, "info.prof")
-    argv = [sys.executable, "-m", "cProfile", "-o", prof, "-m", "nvmgr.cli", "info", path]
+    argv = [sys.executable, "-m", "cProfile", "-o", prof, "-m", "nvmgr", "info", path]
     run(argv)
     st = pstats.Stats(prof, stream=io.StringIO())
     rows = []
@@ -488,7 +489,7 @@ def info_anatomy(path: str, work: str, reps: int) -> dict[str, Any]:
 def decode_steps(path: str, reps: int) -> dict[str, Any]:
     """Time each step of ``codec.decode_header`` on one header copy of *path*.
 
-    Mirrors the steps of nvmgr.codec.decode_header (strict DER walk, pyasn1
+    Mirrors the steps of nvmgr.format.codec.decode_header (strict DER walk, pyasn1
     decode, pyasn1 re-encode for the canonical-form check, digest, model
     conversion, layout validation); ``read_directory`` does this for both copies.
     """
@@ -497,7 +498,7 @@ def decode_steps(path: str, reps: int) -> dict[str, Any]:
     from pyasn1.codec.der import decoder as der_decoder
     from pyasn1.codec.der import encoder as der_encoder
 
-    from nvmgr import asn1, codec, der
+    from nvmgr.format import asn1, codec, der
 
     with Image.open(path) as img:
         buf = img.container.read(0, img.directory.header_area)

@@ -10,33 +10,53 @@ The public API, most important first::
     SectionSpec     what a new section needs (name, size, binding)
     Binding         how a device consumes its section
     NvmgrError      root of every error nvmgr raises (see nvmgr.errors)
+
+The package's layers, top to bottom (``ARCHITECTURE.md`` draws them)::
+
+    cli, hook       the two entries: argv in, exit code out
+    virt            the only libvirt-python user: define, undefine, reconcile
+    provision       a domain's image from its plan (shared by define and hook)
+    domain          domain XML -> devices -> profiles -> plan -> QEMU arguments
+    image           the commit protocols over one container
+    format          the image format: model, layout, DER directory codec
+    storage         bytes at offsets: raw files, qcow2 through QEMU's tools
+    crypto          section encryption and key sources
 """
 
 from __future__ import annotations
 
 import logging
-
-__version__ = "0.1.0"
-
 from typing import TYPE_CHECKING, Any
+
+__version__ = "0.2.0"
 
 __all__ = ["Image", "SectionSpec", "Binding", "NvmgrError", "__version__"]
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 if TYPE_CHECKING:
-    from .errors import NvmgrError
-    from .image import Image
-    from .layout import SectionSpec
-    from .model import Binding
-
-_LAZY = {"Image": "image", "SectionSpec": "layout", "Binding": "model", "NvmgrError": "errors"}
+    from nvmgr.errors import NvmgrError
+    from nvmgr.format.layout import SectionSpec
+    from nvmgr.format.model import Binding
+    from nvmgr.image.image import Image
 
 
 def __getattr__(name: str) -> Any:
     """Load the public names on first use: the hook and the CLI start faster."""
-    if name in _LAZY:
-        import importlib
+    if name == "Image":
+        from nvmgr.image.image import Image
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        return Image
+    if name == "SectionSpec":
+        from nvmgr.format.layout import SectionSpec
+
+        return SectionSpec
+    if name == "Binding":
+        from nvmgr.format.model import Binding
+
+        return Binding
+    if name == "NvmgrError":
+        from nvmgr.errors import NvmgrError
+
+        return NvmgrError
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

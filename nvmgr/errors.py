@@ -1,7 +1,7 @@
 """The nvmgr error tree.
 
 Every failure nvmgr reports is an :class:`NvmgrError`.  Only the command line
-(:mod:`nvmgr.cli`) and the hook entry (:mod:`nvmgr.hook`) turn errors into
+(:mod:`nvmgr.cli`) and the hook entry (:mod:`nvmgr.hook.entry`) turn errors into
 messages and exit codes; library code raises and never exits.
 
 ::
@@ -18,6 +18,7 @@ messages and exit codes; library code raises and never exits.
      +-- NoSpaceError               exit 8   data larger than the section, image full
      +-- InvalidInputError          exit 9   hostile or malformed domain XML, metadata
      +-- ExternalError              exit 10  qemu-img, qemu-storage-daemon, libvirt failed
+     +-- InstallationError          exit 11  nvmgr itself is installed incompletely
 
 Each error carries the context it was raised in (``image``, ``section``,
 ``domain``) and names it in its message.
@@ -26,6 +27,7 @@ Each error carries the context it was raised in (``image``, ``section``,
 from __future__ import annotations
 
 import enum
+import errno
 
 
 class ExitCode(enum.IntEnum):
@@ -42,6 +44,7 @@ class ExitCode(enum.IntEnum):
     NO_SPACE = 8
     INVALID_INPUT = 9
     EXTERNAL = 10
+    INSTALLATION = 11
 
 
 class NvmgrError(Exception):
@@ -143,3 +146,41 @@ class ExternalError(NvmgrError):
             message = f"{message}: {detail.strip()}"
         super().__init__(message, **kw)
         self.detail = detail
+
+
+class InstallationError(NvmgrError):
+    """A file nvmgr ships (a schema, the hook front end) is missing: a broken
+    installation, not a mistake of the user's."""
+
+    exit_code = ExitCode.INSTALLATION
+
+
+#: How the operating system's errors read as nvmgr errors (errno -> class).
+_OS_ERRORS: dict[int, type[NvmgrError]] = {
+    errno.ENOENT: NotFoundError,
+    errno.ENOTDIR: UsageError,
+    errno.EISDIR: UsageError,
+    errno.EEXIST: UsageError,
+    errno.EACCES: UsageError,
+    errno.EPERM: UsageError,
+    errno.EROFS: UsageError,
+    errno.ENOSPC: NoSpaceError,
+    errno.EDQUOT: NoSpaceError,
+    errno.EFBIG: NoSpaceError,
+}
+
+
+def from_os_error(e: OSError) -> NvmgrError:
+    """*e* as an :class:`NvmgrError` with a message naming the file; the
+    cause is kept (``raise from_os_error(e) from e``)."""
+    cls = _OS_ERRORS.get(e.errno or 0, NvmgrError)
+    what = e.strerror or str(e)
+    if e.filename is not None and e.filename2 is not None:
+        msg = f"{e.filename} -> {e.filename2}: {what}"
+    elif e.filename is not None:
+        msg = f"{e.filename}: {what}"
+    else:
+        msg = what
+    err = cls(msg)
+    err.__cause__ = e
+    return err

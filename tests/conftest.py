@@ -44,7 +44,7 @@ def golden(regenerate: bool) -> Golden:
 @pytest.fixture
 def host_independent(monkeypatch: pytest.MonkeyPatch) -> None:
     """Plans must not depend on which firmware files this host has installed."""
-    from nvmgr import profiles
+    from nvmgr.domain import profiles
 
     monkeypatch.setattr(profiles, "_image_size", lambda path: None)
     monkeypatch.setattr(profiles, "FIRMWARE_DIRS", (str(ROOT / "tests" / "data" / "firmware"),))
@@ -76,7 +76,7 @@ def nvmgr() -> RunCli:
 
     def run(*args: str | os.PathLike[str], input: bytes | None = None,
             cwd: str | os.PathLike[str] | None = None) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([sys.executable, "-m", "nvmgr.cli", *map(str, args)],
+        return subprocess.run([sys.executable, "-m", "nvmgr", *map(str, args)],
                               input=input, capture_output=True, cwd=cwd, check=False,
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
 

@@ -6,7 +6,7 @@ Usage::
     python tests/faultrun.py N -- put vm.nvram vtpm state.bin --key-file k
 
 Every container write, flush and resize calls ``Container._fault`` first
-(:mod:`nvmgr.container`); this wrapper counts those calls and, at the N-th,
+(:mod:`nvmgr.storage.container`); this wrapper counts those calls and, at the N-th,
 sends itself SIGKILL *before* that I/O happens: no exception handler, no
 ``finally``, no ``atexit``, no buffered output survives, exactly as if the
 process had been killed there.  The exit status seen by the parent is -9.
@@ -35,7 +35,8 @@ def main(argv: list[str]) -> int:
         return 2
     kill_at = int(argv[0])
 
-    from nvmgr import cli, container
+    from nvmgr import cli
+    from nvmgr.storage import container
 
     trace: list[tuple[str, int, int]] = []
     original = container.Container._fault

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from nvmgr import cli
+from nvmgr.cli.common import COMMANDS
 from nvmgr.errors import ExitCode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def all_commands() -> list[str]:
     cli.build_parser()
-    return sorted(cli.COMMANDS)
+    return sorted(COMMANDS)
 
 
 @pytest.mark.parametrize("name", all_commands())
@@ -138,7 +139,7 @@ def test_dump_asn1_and_der(nvmgr, tmp_path: Path) -> None:
 
 
 def test_busy_when_another_writer_holds_the_image(nvmgr, tmp_path: Path) -> None:
-    from nvmgr.image import Image
+    from nvmgr.image.image import Image
 
     img = tmp_path / "vm.nvram"
     nvmgr("create", img, "-s", "eeprom:256")

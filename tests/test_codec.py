@@ -1,6 +1,6 @@
-"""nvmgr.codec: round trips, schema-level rejections, interop with openssl and dumpasn1.
+"""nvmgr.format.codec: round trips, schema-level rejections, interop with openssl and dumpasn1.
 
-Schema-invalid inputs are strict DER (they pass :func:`nvmgr.der.walk`) with
+Schema-invalid inputs are strict DER (they pass :func:`nvmgr.format.der.walk`) with
 a correct SHA-256 digest, so the error must come from the real defect, not
 from the walker or the digest check.
 """
@@ -24,11 +24,10 @@ from pyasn1.codec.der import decoder as der_decoder
 from pyasn1.codec.der import encoder as der_encoder
 from pyasn1.type import univ
 
-from nvmgr import asn1, codec, der
 from nvmgr.errors import DERError, ForeignImageError, NoSpaceError
-from nvmgr.image import Image
-from nvmgr.layout import MAX_SECTION_SIZE, SectionSpec, layout
-from nvmgr.model import (
+from nvmgr.format import asn1, codec, der
+from nvmgr.format.layout import MAX_SECTION_SIZE, SectionSpec, layout
+from nvmgr.format.model import (
     ALIGN,
     Binding,
     Directory,
@@ -36,6 +35,7 @@ from nvmgr.model import (
     Section,
     SectionCrypto,
 )
+from nvmgr.image.image import Image
 
 OID_TEXT = "2.25.282081522808666108998162609141495310460.1"
 

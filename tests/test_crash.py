@@ -78,13 +78,13 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-import nvmgr.image as image_mod
-from nvmgr.container import Container, RawContainer, probe_format
-from nvmgr.crypto import Kek, unlock
+import nvmgr.image.image as image_mod
+from nvmgr.crypto.cipher import Kek, unlock
 from nvmgr.errors import WrongKeyError
-from nvmgr.image import CHUNK, Image, Progress
-from nvmgr.layout import SectionSpec
-from nvmgr.model import Binding, Directory, Section
+from nvmgr.format.layout import SectionSpec
+from nvmgr.format.model import Binding, Directory, Section
+from nvmgr.image.image import CHUNK, Image, Progress
+from nvmgr.storage.container import Container, RawContainer, probe_format
 
 ROOT = Path(__file__).resolve().parent.parent
 FAULTRUN = ROOT / "tests" / "faultrun.py"
@@ -811,7 +811,7 @@ def test_random_histories_then_power_cut(
 
 
 def cli(*args: object, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "nvmgr.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "nvmgr", *map(str, args)],
                           capture_output=True, env=ENV, input=input, check=False)
 
 
@@ -1116,7 +1116,7 @@ class CommitInPlace(Image):
     """BROKEN: _commit overwrites the CURRENT header copy."""
 
     def _commit(self, new: Directory) -> None:
-        from nvmgr import codec
+        from nvmgr.format import codec
 
         new = dataclasses.replace(new, generation=self.directory.generation + 1)
         blob = codec.encode_header(new)
@@ -1131,7 +1131,7 @@ class TwoStepRekey(Image):
     """BROKEN: rekey adds the new slot in one commit and drops the old in another."""
 
     def rekey(self, new_kek: Kek, *, keep_old: bool = False) -> None:
-        from nvmgr.model import KeySlot
+        from nvmgr.format.model import KeySlot
 
         self._get_cipher()
         assert self.directory.key_slots is not None
@@ -1230,8 +1230,8 @@ def test_sanity_cli_judge_catches_a_mixed_slot(workdir: Path) -> None:
 
 
 def test_damaged_copy_b_never_lets_section_data_pose_as_a_header(workdir: Path) -> None:
-    from nvmgr import codec
-    from nvmgr.layout import layout
+    from nvmgr.format import codec
+    from nvmgr.format.layout import layout
 
     path = str(workdir / "vm.img")
     specs = [SectionSpec("efivars", 540672, Binding.PFLASH),  # OVMF_VARS_4M-sized

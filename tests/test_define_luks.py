@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from nvmgr import hook
-from nvmgr.define import define
 from nvmgr.errors import UsageError
+from nvmgr.hook import entry as hook
+from nvmgr.virt.define import define
 
 XML = """<domain type='qemu'>
   <name>luks-vm</name>

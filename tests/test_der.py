@@ -1,4 +1,4 @@
-"""The strict X.690 DER reader (nvmgr.der) and its use by codec.decode_header.
+"""The strict X.690 DER reader (nvmgr.format.der) and its use by codec.decode_header.
 
 Each malformed form appears twice:
 
@@ -7,9 +7,9 @@ Each malformed form appears twice:
   is re-serialized with correct enclosing lengths and a recomputed SHA-256
   digest, so the injected defect is the *only* thing wrong and the error must
   name it;
-- as a tiny standalone DER value for :func:`nvmgr.der.walk`.
+- as a tiny standalone DER value for :func:`nvmgr.format.der.walk`.
 
-Every vector also goes through :func:`nvmgr.codec.decode_header`, which may
+Every vector also goes through :func:`nvmgr.format.codec.decode_header`, which may
 only raise DERError or ForeignImageError (never a traceback of another type).
 """
 
@@ -25,10 +25,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nvmgr import codec, der
 from nvmgr.errors import DERError, ForeignImageError
-from nvmgr.layout import SectionSpec, layout
-from nvmgr.model import Binding, Directory
+from nvmgr.format import codec, der
+from nvmgr.format.layout import SectionSpec, layout
+from nvmgr.format.model import Binding, Directory
 
 # --------------------------------------------------------------- DER tree helper
 

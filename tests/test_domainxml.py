@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from nvmgr import domainxml
-from nvmgr.domainxml import (
+from nvmgr.domain import domainxml
+from nvmgr.domain.domainxml import (
     LibvirtNvram,
     NvmgrMetadata,
     SectionDecl,
     parse_domain,
 )
 from nvmgr.errors import InvalidInputError
-from nvmgr.model import Binding
+from nvmgr.format.model import Binding
 
 DATA = Path(__file__).resolve().parent / "data"
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nvmgr.crypto import Kek
+from nvmgr.crypto.cipher import Kek
 from nvmgr.errors import (
     BusyError,
     CorruptError,
@@ -18,9 +18,9 @@ from nvmgr.errors import (
     UsageError,
     WrongKeyError,
 )
-from nvmgr.image import Image
-from nvmgr.layout import SectionSpec
-from nvmgr.model import Binding
+from nvmgr.format.layout import SectionSpec
+from nvmgr.format.model import Binding
+from nvmgr.image.image import Image
 
 FORMATS = ["raw", "qcow2"]
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")

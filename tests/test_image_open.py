@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from nvmgr import codec
 from nvmgr.errors import CorruptError, DERError, ExitCode, ForeignImageError
-from nvmgr.image import Image
-from nvmgr.layout import SectionSpec
-from nvmgr.model import Binding
+from nvmgr.format import codec
+from nvmgr.format.layout import SectionSpec
+from nvmgr.format.model import Binding
+from nvmgr.image.image import Image
 
 RunCli = Callable[..., subprocess.CompletedProcess[bytes]]
 

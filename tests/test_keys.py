@@ -1,4 +1,4 @@
-"""Tests for nvmgr.keys: key files, streams and libvirt secrets."""
+"""Tests for nvmgr.crypto.keys: key files, streams and libvirt secrets."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from typing import Any, BinaryIO, cast
 
 import pytest
 
-from nvmgr import keys
-from nvmgr.crypto import Kek
+from nvmgr.crypto import keys
+from nvmgr.crypto.cipher import Kek
 from nvmgr.errors import ExternalError, NotFoundError, NvmgrError, UsageError
+from nvmgr.virt import secrets
 
 # Bytes chosen so a leak is easy to spot in text and in reprs.
 KEY = bytes.fromhex("c0ffee00deadbeef" * 4)
@@ -307,7 +308,7 @@ def test_libvirt_secret_test_driver() -> None:
         secret.setValue(KEY)
         # test:///default is one shared instance per process while a
         # connection to it is open, so the loader's own connection sees it.
-        k = keys.load_libvirt_secret(secret.UUIDString(), "test:///default")
+        k = secrets.load_libvirt_secret(secret.UUIDString(), "test:///default")
         assert k.key_id == Kek(KEY).key_id
         assert k.label == f"libvirt-secret:{secret.UUIDString()}"
     finally:
@@ -317,7 +318,7 @@ def test_libvirt_secret_test_driver() -> None:
 def test_libvirt_secret_real_connection_failure() -> None:
     pytest.importorskip("libvirt")
     with pytest.raises(ExternalError, match="cannot connect to libvirt at test:///"):
-        keys.load_libvirt_secret(SECRET_UUID, "test:///no/such/config.xml")
+        secrets.load_libvirt_secret(SECRET_UUID, "test:///no/such/config.xml")
 
 
 def test_libvirt_secret_real_test_driver_lookup() -> None:
@@ -325,7 +326,7 @@ def test_libvirt_secret_real_test_driver_lookup() -> None:
     # The test driver either has no such secret or no secret support at all;
     # either way the libvirt error is mapped, never leaked as libvirtError.
     with pytest.raises((NotFoundError, ExternalError)) as ei:
-        keys.load_libvirt_secret(SECRET_UUID, "test:///default")
+        secrets.load_libvirt_secret(SECRET_UUID, "test:///default")
     assert SECRET_UUID in str(ei.value)
 
 
@@ -400,7 +401,7 @@ def fake_libvirt(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
 @pytest.mark.parametrize("value", [KEY, KEY_HEX.encode(), KEY_HEX.encode() + b"\n"])
 def test_libvirt_secret_loaded(fake_libvirt: Callable[..., Any], value: bytes) -> None:
     state = fake_libvirt({SECRET_UUID: FakeSecret(value)})
-    k = keys.load_libvirt_secret(SECRET_UUID.upper(), "qemu:///system")
+    k = secrets.load_libvirt_secret(SECRET_UUID.upper(), "qemu:///system")
     assert k.key_id == Kek(KEY).key_id
     assert k.label == f"libvirt-secret:{SECRET_UUID}"
     assert state.uris == ["qemu:///system"]
@@ -409,14 +410,14 @@ def test_libvirt_secret_loaded(fake_libvirt: Callable[..., Any], value: bytes) -
 
 def test_libvirt_secret_default_uri(fake_libvirt: Callable[..., Any]) -> None:
     state = fake_libvirt({SECRET_UUID: FakeSecret(KEY)})
-    keys.load_libvirt_secret(SECRET_UUID)
+    secrets.load_libvirt_secret(SECRET_UUID)
     assert state.uris == [None]
 
 
 def test_libvirt_secret_no_such_secret(fake_libvirt: Callable[..., Any]) -> None:
     state = fake_libvirt({})
     with pytest.raises(NotFoundError) as ei:
-        keys.load_libvirt_secret(SECRET_UUID)
+        secrets.load_libvirt_secret(SECRET_UUID)
     assert SECRET_UUID in str(ei.value)
     assert ei.value.__cause__ is None
     assert state.conns[0].closed
@@ -426,14 +427,14 @@ def test_libvirt_secret_no_value(fake_libvirt: Callable[..., Any]) -> None:
     err = FakeLibvirtError(f"secret '{SECRET_UUID}' does not have a value", VIR_ERR_NO_SECRET)
     fake_libvirt({SECRET_UUID: FakeSecret(err)})
     with pytest.raises(NotFoundError, match="does not have a value"):
-        keys.load_libvirt_secret(SECRET_UUID)
+        secrets.load_libvirt_secret(SECRET_UUID)
 
 
 def test_libvirt_secret_denied(fake_libvirt: Callable[..., Any]) -> None:
     err = FakeLibvirtError("operation forbidden: secret is private", VIR_ERR_OPERATION_DENIED)
     state = fake_libvirt({SECRET_UUID: FakeSecret(err)})
     with pytest.raises(ExternalError) as ei:
-        keys.load_libvirt_secret(SECRET_UUID)
+        secrets.load_libvirt_secret(SECRET_UUID)
     assert "secret is private" in str(ei.value)
     assert state.conns[0].closed
 
@@ -441,14 +442,14 @@ def test_libvirt_secret_denied(fake_libvirt: Callable[..., Any]) -> None:
 def test_libvirt_secret_connect_failure(fake_libvirt: Callable[..., Any]) -> None:
     fake_libvirt(open_error=FakeLibvirtError("Failed to connect socket", 38))
     with pytest.raises(ExternalError, match="cannot connect to libvirt at qemu:///system"):
-        keys.load_libvirt_secret(SECRET_UUID, "qemu:///system")
+        secrets.load_libvirt_secret(SECRET_UUID, "qemu:///system")
 
 
 @pytest.mark.parametrize("value", list(BAD_CONTENTS.values()), ids=list(BAD_CONTENTS))
 def test_libvirt_secret_bad_value(fake_libvirt: Callable[..., Any], value: bytes) -> None:
     fake_libvirt({SECRET_UUID: FakeSecret(value)})
     with pytest.raises(UsageError) as ei:
-        keys.load_libvirt_secret(SECRET_UUID)
+        secrets.load_libvirt_secret(SECRET_UUID)
     assert ei.value.message == (
         f"libvirt secret {SECRET_UUID} must hold 32 bytes raw or 64 hex digits"
     )
@@ -459,11 +460,11 @@ def test_libvirt_secret_bad_value(fake_libvirt: Callable[..., Any], value: bytes
 def test_libvirt_secret_bad_uuid_checked_first(fake_libvirt: Callable[..., Any], bad: str) -> None:
     state = fake_libvirt({})
     with pytest.raises(UsageError, match="invalid secret UUID"):
-        keys.load_libvirt_secret(bad)
+        secrets.load_libvirt_secret(bad)
     assert state.uris == []
 
 
 def test_libvirt_module_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "libvirt", None)
     with pytest.raises(ExternalError, match="libvirt Python module is missing"):
-        keys.load_libvirt_secret(SECRET_UUID)
+        secrets.load_libvirt_secret(SECRET_UUID)

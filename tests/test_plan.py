@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from conftest import Golden
 
-from nvmgr import plan as planmod
-from nvmgr import profiles
+from nvmgr.domain import plan as planmod
+from nvmgr.domain import profiles
+from nvmgr.domain.plan import Plan, plan_domain, plan_to_json, render_text
 from nvmgr.errors import InvalidInputError, NotFoundError
-from nvmgr.model import Binding
-from nvmgr.plan import Plan, plan_domain, plan_to_json, render_text
+from nvmgr.format.model import Binding
 
 DATA = Path(__file__).resolve().parent / "data"
 CASES = sorted(p.name[: -len("-in.xml")] for p in DATA.glob("*-in.xml"))
@@ -36,7 +36,7 @@ OVMF4M = ("<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd<
 TPM2 = "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"
 
 
-# -- the layout rules, computed independently of nvmgr.layout ---------------
+# -- the layout rules, computed independently of nvmgr.format.layout ---------------
 
 
 def expected_image_size(capacities: list[tuple[int, bool, bool]]) -> tuple[int, int]:

@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from nvmgr import nbd
-from nvmgr.container import RawContainer, create_container, open_container, qemu_holds_write
 from nvmgr.errors import (
     BusyError,
     CorruptError,
@@ -26,7 +24,9 @@ from nvmgr.errors import (
     NotFoundError,
     UsageError,
 )
-from nvmgr.qcow2 import (
+from nvmgr.storage import nbd
+from nvmgr.storage.container import RawContainer, create_container, open_container, qemu_holds_write
+from nvmgr.storage.qcow2 import (
     Qcow2Container,
     qemu_img_info,
     snapshot_apply,
@@ -244,7 +244,7 @@ def test_flush_survives_daemon_kill(image: str) -> None:
 
 
 def test_private_dir_is_0700(runtime: Path) -> None:
-    from nvmgr.qcow2 import _private_dir
+    from nvmgr.storage.qcow2 import _private_dir
 
     d = _private_dir()
     try:
@@ -260,7 +260,7 @@ def test_killed_nvmgr_takes_its_daemon_along(image: str, tmp_path: Path) -> None
         pytest.skip("needs util-linux setpriv for the parent-death signal")
     script = (
         "import os, signal, sys\n"
-        "from nvmgr.qcow2 import Qcow2Container\n"
+        "from nvmgr.storage.qcow2 import Qcow2Container\n"
         "c = Qcow2Container(sys.argv[1], writable=True)\n"
         "c.write(0, b'before the crash')\n"
         "print(c._proc.pid, flush=True)\n"

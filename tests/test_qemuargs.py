@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from conftest import Golden
 
-from nvmgr import qemuargs
-from nvmgr.domainxml import parse_domain
+from nvmgr.domain import qemuargs
+from nvmgr.domain.domainxml import parse_domain
+from nvmgr.domain.plan import Plan, plan_domain
 from nvmgr.errors import InvalidInputError, UsageError
-from nvmgr.plan import Plan, plan_domain
 
 DATA = Path(__file__).resolve().parent / "data"
 ROOT = Path(__file__).resolve().parent.parent
@@ -290,8 +290,8 @@ def virsh(args: list[str], *, check: bool = True) -> str:
 @pytest.mark.skipif(not os.path.exists("/usr/share/OVMF/OVMF_VARS_4M.fd"), reason="needs OVMF")
 def test_ovmf_boots_with_vars_in_a_raw_slice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The rewritten domain starts under the real libvirtd; OVMF finds and writes its vars."""
-    from nvmgr.image import Image
-    from nvmgr.layout import SectionSpec
+    from nvmgr.format.layout import SectionSpec
+    from nvmgr.image.image import Image
 
     monkeypatch.undo()  # real firmware files
     name = f"nvmgr-test-{uuid.uuid4().hex[:8]}"

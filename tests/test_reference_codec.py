@@ -1,7 +1,7 @@
 """nvmgr's own DER reader/writer against pyasn1, the reference implementation.
 
-The fast path (nvmgr.reader, nvmgr.writer) must produce the same bytes and
-the same model as pyasn1 driven by nvmgr.asn1 on every directory, and both
+The fast path (nvmgr.format.reader, nvmgr.format.writer) must produce the same bytes and
+the same model as pyasn1 driven by nvmgr.format.asn1 on every directory, and both
 decoders must reject the same inputs.
 """
 
@@ -14,10 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nvmgr import codec
 from nvmgr.errors import DERError, ForeignImageError
-from nvmgr.layout import SectionSpec, layout
-from nvmgr.model import Binding, Directory, KeySlot, Member, SectionCrypto
+from nvmgr.format import codec
+from nvmgr.format.layout import SectionSpec, layout
+from nvmgr.format.model import Binding, Directory, KeySlot, Member, SectionCrypto
 
 NAME = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,20}", fullmatch=True).filter(
     lambda n: ".." not in n)
@@ -98,7 +98,7 @@ def test_the_command_line_does_not_load_pyasn1_or_cryptography_to_read() -> None
     import subprocess
     import sys
 
-    code = ("import sys, nvmgr.cli, nvmgr.image; "
+    code = ("import sys, nvmgr.cli, nvmgr.image.image; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'pyasn1', 'cryptography'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,0 +1,375 @@
+"""Commands on an image: create, info, list, put, get, remove, check, grow,
+resize, rekey, dump, snapshot, convert."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import mmap
+import os
+import stat
+import sys
+import uuid
+from typing import Any
+
+from nvmgr.cli.common import (
+    Result,
+    _add_image,
+    _add_key_args,
+    _open,
+    _progress,
+    _section_spec,
+    arguments,
+    command,
+    load_key,
+    resolve_image,
+)
+from nvmgr.errors import ExitCode, UsageError
+from nvmgr.units import format_size, parse_size
+
+
+def _sections_table(sections: list[dict[str, Any]]) -> str:
+    rows = [("NAME", "BINDING", "LENGTH", "CAPACITY", "CRC32", "FLAGS", "OFFSET")]
+    for s in sections:
+        flags = ",".join(f for f in ("encrypted", "live", "dirty") if s[f]) or "-"
+        rows.append((s["name"], s["binding"], str(s["length"]), str(s["capacity"]),
+                     s["crc32"], flags, str(s["offset"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+# ---------------------------------------------------------------- commands
+
+@arguments("create")
+def _create_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", metavar="IMAGE", help="the file to create (never overwritten)")
+    p.add_argument("--section", "-s", action="append", default=[], metavar="NAME:SIZE[:BINDING]",
+                   help="a section and its worst-case size (K/M/G suffixes); binding is one of "
+                        "opaque (default), pflash, tpm, block, fwcfg. Repeat for more sections.")
+    p.add_argument("--format", "-f", choices=("raw", "qcow2"), default="raw")
+    p.add_argument("--domain-uuid", metavar="UUID", help="record the owning domain's UUID")
+    _add_key_args(p)
+
+
+@command("create", "create an image with empty sections",
+         "nvmgr create vm1.nvram -f qcow2 -s efivars:528K:pflash -s tpm-permall:128K:tpm "
+         "--key-file /etc/nvmgr/vm1.key", render=lambda r: _render_info(r))
+def cmd_create(args: argparse.Namespace) -> Result:
+    from nvmgr.image.image import Image
+
+    kek = load_key(args)
+    specs = [_section_spec(s) for s in args.section]
+    dom = None
+    if args.domain_uuid:
+        try:
+            dom = uuid.UUID(args.domain_uuid)
+        except ValueError:
+            raise UsageError(f"--domain-uuid {args.domain_uuid!r} is not a UUID") from None
+    with Image.create(args.image, specs, fmt=args.format, kek=kek, domain_uuid=dom) as img:
+        info: Result = _info(img)
+        return info
+
+
+def _info(img: Any) -> Result:
+    d: Result = img.directory.to_json()
+    d["path"] = img.path
+    d["format"] = img.fmt
+    d["file_size"] = img.container.size()
+    return d
+
+
+def _render_info(r: Result) -> str:
+    lines = [
+        f"image: {r['path']}",
+        f"format: {r['format']}",
+        f"image uuid: {r['image_uuid']}",
+        f"domain uuid: {r['domain_uuid'] or '-'}",
+        f"generation: {r['generation']}",
+        f"size: {format_size(r['image_size'])} (header areas 2 x {format_size(r['header_area'])})",
+        f"encrypted: {'yes, ' + str(len(r['key_slots'])) + ' key slot(s)' if r['encrypted'] else 'no'}",
+        f"sections: {len(r['sections'])}",
+    ]
+    if r["sections"]:
+        lines += ["", _sections_table(r["sections"])]
+    return "\n".join(lines)
+
+
+@arguments("info")
+def _info_args(p: argparse.ArgumentParser) -> None:
+    _add_image(p)
+
+
+@command("info", "show the image's directory", "nvmgr info vm1.nvram --output json",
+         render=_render_info)
+def cmd_info(args: argparse.Namespace) -> Result:
+    with _open(args, with_key=False) as img:
+        return _info(img)
+
+
+@arguments("list")
+def _list_args(p: argparse.ArgumentParser) -> None:
+    _add_image(p)
+
+
+@command("list", "list the sections", "nvmgr list vm1.nvram",
+         render=lambda r: _sections_table(r["sections"]))
+def cmd_list(args: argparse.Namespace) -> Result:
+    with _open(args, with_key=False) as img:
+        return {"sections": [s.to_json() for s in img.directory.sections]}
+
+
+@arguments("put")
+def _put_args(p: argparse.ArgumentParser) -> None:
+    _add_image(p)
+    p.add_argument("name", metavar="NAME", help="the section")
+    p.add_argument("file", metavar="FILE", help="the bytes to store, or - for standard input")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for another nvmgr writer instead of failing at once")
+    p.add_argument("--progress", "-p", action="store_true", help="show progress on stderr")
+    _add_key_args(p)
+
+
+@command("put", "store a file's bytes in a section (crash-safe)",
+         "nvmgr put vm1.nvram nic0-eeprom eeprom.bin",
+         render=lambda r: (f"{r['section']['name']}: {r['section']['length']} bytes stored "
+                           f"(crc32 {r['section']['crc32']}"
+                           f"{', encrypted' if r['section']['encrypted'] else ''}), "
+                           f"generation {r['generation']}"))
+def cmd_put(args: argparse.Namespace) -> Result:
+    with contextlib.ExitStack() as stack:
+        data: bytes | mmap.mmap
+        if args.file == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            try:
+                f = stack.enter_context(open(args.file, "rb"))
+            except FileNotFoundError:
+                from nvmgr.errors import NotFoundError
+                raise NotFoundError(f"no such file: {args.file}") from None
+            except IsADirectoryError:
+                raise UsageError(f"{args.file} is a directory") from None
+            size = os.fstat(f.fileno()).st_size
+            if size and stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                # Map it: no 64 MiB copy into Python before the crc and the write.
+                data = stack.enter_context(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            else:
+                data = f.read()
+        img = stack.enter_context(_open(args, writable=True))
+        s = img.put(args.name, data, progress=_progress(args, f"put {args.name}"))
+        return {"image": img.path, "section": s.to_json(), "generation": img.directory.generation}
+
+
+@arguments("get")
+def _get_args(p: argparse.ArgumentParser) -> None:
+    _add_image(p)
+    p.add_argument("name", metavar="NAME", help="the section")
+    p.add_argument("-o", "--output-file", metavar="FILE",
+                   help="write here (created 0600) instead of standard output")
+    _add_key_args(p)
+
+
+@command("get", "write a section's bytes out, verified and decrypted",
+         "nvmgr get vm1.nvram efivars -o vars.fd")
+def cmd_get(args: argparse.Namespace) -> Result:
+    with _open(args) as img:
+        data = img.get(args.name)
+    if args.output_file:
+        fd = os.open(args.output_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return {"section": args.name, "length": len(data), "file": args.output_file}
+    if getattr(args, "output", "text") == "json":
+        raise UsageError("get with --output json needs -o FILE (the payload is binary)")
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+    return {"_silent": True}
+
+
+@arguments("remove")
+def _remove_args(p: argparse.ArgumentParser) -> None:
+    _add_image(p)
+    p.add_argument("name", metavar="NAME", help="the section")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS")
+
+
+@command("remove", "remove a section from the directory", "nvmgr remove vm1.nvram old-vpd")
+def cmd_remove(args: argparse.Namespace) -> Result:
+    with _open(args, writable=True, with_key=False) as img:
+        img.remove(args.name)
+        return {"image": img.path, "removed": args.name, "generation": img.directory.generation}
+
+
+def _render_check(r: Result) -> str:
+    lines = [f"{s['name']}: {s['status']} ({s['detail']})" for s in r["sections"]]
+    lines += [f"warning: {w}" for w in r["warnings"]]
+    lines += [f"error: {e}" for e in r["errors"]]
+    lines.append("No errors were found on the image." if r["ok"]
+                 else f"{len(r['errors'])} error(s) were found on the image.")
+    return "\n".join(lines)
+
+
+@arguments("check")
+def _check_args(p: argparse.ArgumentParser) -> None:
+    _add_image(p)
+    p.add_argument("--progress", "-p", action="store_true", help="show progress on stderr")
+    _add_key_args(p)
+
+
+@command("check", "verify both header copies and every section's crc32 (and MAC with a key); "
+         "exit 4 when anything is corrupted",
+         "nvmgr check vm1.nvram --key-file /etc/nvmgr/vm1.key --output json",
+         render=_render_check)
+def cmd_check(args: argparse.Namespace) -> Result:
+    with _open(args) as img:
+        report = img.check(progress=_progress(args, "check"))
+    r: Result = report.to_json()
+    if not report.ok:
+        r["_exit"] = ExitCode.CORRUPT
+    return r
+
+
+@arguments("grow")
+def _grow_args(p: argparse.ArgumentParser) -> None:
+    _add_image(p)
+    p.add_argument("--section", "-s", action="append", default=[], required=True,
+                   metavar="NAME:SIZE[:BINDING]", help="a section to add (repeatable)")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS")
+
+
+@command("grow", "add sections, growing the image; nothing existing moves",
+         "nvmgr grow vm1.nvram -s pci-vpd:32K:fwcfg", render=_render_info)
+def cmd_grow(args: argparse.Namespace) -> Result:
+    with _open(args, writable=True, with_key=False) as img:
+        img.add_sections([_section_spec(s) for s in args.section])
+        return _info(img)
+
+
+@arguments("resize")
+def _resize_args(p: argparse.ArgumentParser) -> None:
+    _add_image(p)
+    p.add_argument("name", metavar="NAME", help="the section")
+    p.add_argument("size", metavar="SIZE", help="its new worst-case size (K/M/G suffixes)")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS")
+
+
+@command("resize", "change a section's worst-case size (moves non-live sections if needed)",
+         "nvmgr resize vm1.nvram tpm-permall 256K", render=_render_info)
+def cmd_resize(args: argparse.Namespace) -> Result:
+    with _open(args, writable=True, with_key=False) as img:
+        img.resize_section(args.name, parse_size(args.size))
+        return _info(img)
+
+
+@arguments("rekey")
+def _rekey_args(p: argparse.ArgumentParser) -> None:
+    _add_image(p)
+    _add_key_args(p)
+    g = p.add_argument_group("the new key")
+    g.add_argument("--new-key-file", metavar="FILE", help="the new key-encryption key file")
+    g.add_argument("--new-key-secret", metavar="UUID", help="the new key as a libvirt secret")
+    p.add_argument("--keep-old", action="store_true",
+                   help="keep the current key's slot too (add a key instead of replacing it)")
+    p.add_argument("--remove-key-id", metavar="HEX", help="drop the key slot with this id instead")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS")
+
+
+@command("rekey", "replace (or add) a key-encryption key without rewriting section data",
+         "nvmgr rekey vm1.nvram --key-file old.key --new-key-file new.key")
+def cmd_rekey(args: argparse.Namespace) -> Result:
+    from nvmgr.crypto import keys
+    from nvmgr.virt import secrets
+
+    with _open(args, writable=True) as img:
+        if args.remove_key_id:
+            try:
+                key_id = bytes.fromhex(args.remove_key_id)
+            except ValueError:
+                raise UsageError(f"--remove-key-id {args.remove_key_id!r} is not hex") from None
+            img.remove_key(key_id)
+        else:
+            if bool(args.new_key_file) == bool(args.new_key_secret):
+                raise UsageError("give the new key with --new-key-file or --new-key-secret")
+            new = (keys.load_key_file(args.new_key_file) if args.new_key_file
+                   else secrets.load_libvirt_secret(args.new_key_secret, args.connect))
+            img.rekey(new, keep_old=args.keep_old)
+        return {"image": img.path, "generation": img.directory.generation,
+                "key_slots": img.directory.to_json()["key_slots"]}
+
+
+@arguments("dump")
+def _dump_args(p: argparse.ArgumentParser) -> None:
+    _add_image(p)
+    p.add_argument("--asn1", action="store_true",
+                   help="print the directory in ASN.1 value notation instead")
+    p.add_argument("--der", metavar="FILE",
+                   help="write the current header copy's DER to FILE (for openssl asn1parse)")
+
+
+@command("dump", "print the directory (JSON, ASN.1 value notation, or raw DER)",
+         "nvmgr dump vm1.nvram --asn1")
+def cmd_dump(args: argparse.Namespace) -> Result:
+    from nvmgr.format import codec
+
+    with _open(args, with_key=False) as img:
+        d = img.directory
+        blob = codec.encode_header(d)
+        if args.der:
+            with open(args.der, "wb") as f:
+                f.write(blob)
+        if args.asn1:
+            return {"_text": codec.value_notation(d)}
+        r: Result = d.to_json()
+        r["headers"] = [h.__dict__ for h in img.headers]
+        return r
+
+
+def _snapshot_render(r: Result) -> str:
+    if "snapshots" in r:
+        rows = [f"{s.get('id', '')}\t{s.get('name', '')}" for s in r["snapshots"]]
+        return "\n".join(["ID\tNAME", *rows]) if rows else "no snapshots"
+    return f"{r['action']} {r['name']}: done"
+
+
+@arguments("snapshot")
+def _snapshot_args(p: argparse.ArgumentParser) -> None:
+    _add_image(p)
+    p.add_argument("action", choices=("create", "list", "apply", "revert", "delete"))
+    p.add_argument("name", metavar="NAME", nargs="?", help="snapshot name")
+
+
+@command("snapshot", "qcow2 internal snapshots of a stopped VM's image",
+         "nvmgr snapshot vm1.nvram create before-upgrade", render=_snapshot_render)
+def cmd_snapshot(args: argparse.Namespace) -> Result:
+    from nvmgr.storage import qcow2
+    from nvmgr.storage.container import probe_format
+
+    path = resolve_image(args)
+    if probe_format(path) != "qcow2":
+        raise UsageError("internal snapshots need a qcow2 image (nvmgr convert IMAGE OUT -f qcow2)",
+                         image=path)
+    if args.action == "list":
+        return {"snapshots": qcow2.snapshot_list(path)}
+    if not args.name:
+        raise UsageError(f"snapshot {args.action} needs a NAME")
+    fn = {"create": qcow2.snapshot_create, "apply": qcow2.snapshot_apply,
+          "revert": qcow2.snapshot_apply, "delete": qcow2.snapshot_delete}[args.action]
+    fn(path, args.name)
+    return {"action": args.action, "name": args.name, "image": path}
+
+
+@arguments("convert")
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    _add_image(p)
+    p.add_argument("output", metavar="OUTPUT", help="the new image (never overwritten)")
+    p.add_argument("--format", "-f", choices=("raw", "qcow2"), required=True)
+
+
+@command("convert", "copy an image into another container format (qemu-img convert)",
+         "nvmgr convert vm1.nvram vm1.qcow2 -f qcow2")
+def cmd_convert(args: argparse.Namespace) -> Result:
+    from nvmgr.image.convert import convert
+
+    src = resolve_image(args)
+    convert(src, args.output, args.format)
+    return {"image": src, "output": args.output, "format": args.format}

@@ -1,0 +1,454 @@
+"""Section encryption and key wrapping: the only module that imports ``cryptography``.
+
+An encrypted image has one random 32-byte *data key*.  Each key-encryption key
+(:class:`Kek`) that may open the image wraps the data key with RFC 3394 AES key
+wrap into a key slot (``schemas/nvmgr.format.asn1``, ``KeySlot``); the slot is named
+by the KEK's *key id* so the right slot is found without trial decryption.
+
+Sections are encrypted with scheme ``aes256CbcHmacSha256``
+(:class:`SectionCipher`):
+
+* from the data key, HKDF-SHA256 (no salt) derives a 32-byte AES-256 key
+  (info ``"nvmgr-v1 section encryption"``) and a 32-byte HMAC key
+  (info ``"nvmgr-v1 section mac"``);
+* the payload is padded with PKCS#7 and encrypted with AES-256-CBC under a
+  fresh random 16-byte IV each time it is written, so the stored length is
+  ``(len(plaintext) // 16 + 1) * 16``;
+* encrypt-then-MAC: HMAC-SHA256 over
+  ``b"nvmgr-v1\\0" + name.encode() + b"\\0" + iv + ciphertext``.  Binding the
+  section name means a ciphertext moved to another section fails to verify.
+
+The MAC is always checked (in constant time) before any byte is decrypted by
+:meth:`SectionCipher.decrypt`.  For sections too large to hold in memory,
+:meth:`SectionCipher.verifier` checks the MAC in a streaming pass and
+:meth:`SectionCipher.decryptor` decrypts in a second pass.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, hmac, padding
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.keywrap import (
+    InvalidUnwrap,
+    aes_key_unwrap,
+    aes_key_wrap,
+)
+
+from nvmgr.errors import CorruptError, UsageError, WrongKeyError
+from nvmgr.format.model import KeySlot
+
+__all__ = [
+    "DATA_KEY_LEN",
+    "IV_LEN",
+    "KEK_LEN",
+    "KEY_ID_LEN",
+    "MAC_LEN",
+    "WRAPPED_KEY_LEN",
+    "Kek",
+    "SectionCipher",
+    "SectionDecryptor",
+    "SectionEncryptor",
+    "SectionVerifier",
+    "new_data_key",
+    "unlock",
+]
+
+#: Length of an image's data key (AES-256).
+DATA_KEY_LEN = 32
+#: Length of a key-encryption key (AES-256 key wrap).
+KEK_LEN = 32
+#: Length of a wrapped data key (RFC 3394 adds one 8-byte block).
+WRAPPED_KEY_LEN = DATA_KEY_LEN + 8
+#: Length of a key id.
+KEY_ID_LEN = 8
+#: AES-CBC IV length.
+IV_LEN = 16
+#: HMAC-SHA256 tag length.
+MAC_LEN = 32
+
+_BLOCK = 16
+_KEY_ID_INFO = b"nvmgr-kek-id-v1"
+_ENC_INFO = b"nvmgr-v1 section encryption"
+_MAC_INFO = b"nvmgr-v1 section mac"
+_MAC_PREFIX = b"nvmgr-v1\0"
+
+_CorruptFactory = Callable[[str], CorruptError]
+
+
+def new_data_key() -> bytes:
+    """Return a fresh random data key of :data:`DATA_KEY_LEN` bytes from ``os.urandom``."""
+    return os.urandom(DATA_KEY_LEN)
+
+
+def _hmac_sha256(key: bytes) -> hmac.HMAC:
+    return hmac.HMAC(key, hashes.SHA256())
+
+
+class Kek:
+    """A key-encryption key: wraps and unwraps an image's data key.
+
+    The key bytes are kept private; ``repr()`` and ``str()`` show only the key
+    id and the label, and no error message ever includes them.
+
+    :param key: exactly :data:`KEK_LEN` (32) bytes.
+    :param label: where the key came from (``"file"``,
+        ``"libvirt-secret:<uuid>"``), stored in the key slot for humans.
+    :raise UsageError: *key* is not 32 bytes.
+
+    :ivar key_id: the first 8 bytes of HMAC-SHA256(key, ``b"nvmgr-kek-id-v1"``);
+        names the key in key slots without revealing it.
+    :ivar label: the label given.
+    """
+
+    __slots__ = ("__key", "key_id", "label")
+
+    def __init__(self, key: bytes, label: str | None = None) -> None:
+        if not isinstance(key, bytes | bytearray):
+            raise UsageError(f"key must be exactly {KEK_LEN} bytes (got {type(key).__name__})")
+        if len(key) != KEK_LEN:
+            raise UsageError(f"key must be exactly {KEK_LEN} bytes (got {len(key)})")
+        self.__key = bytes(key)
+        h = _hmac_sha256(self.__key)
+        h.update(_KEY_ID_INFO)
+        self.key_id: bytes = h.finalize()[:KEY_ID_LEN]
+        self.label: str | None = label
+
+    def __repr__(self) -> str:
+        return f"Kek(key_id={self.key_id.hex()}, label={self.label!r})"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> NoReturn:
+        # Pickling would copy the key bytes out of this object; refuse.
+        raise TypeError("Kek objects cannot be pickled")
+
+    def wrap(self, data_key: bytes) -> bytes:
+        """Wrap *data_key* with RFC 3394 AES key wrap.
+
+        :param data_key: the image's data key, :data:`DATA_KEY_LEN` bytes.
+        :return: the wrapped key, :data:`WRAPPED_KEY_LEN` (40) bytes.
+        :raise UsageError: *data_key* is not 32 bytes.
+        """
+        if len(data_key) != DATA_KEY_LEN:
+            raise UsageError(f"data key must be exactly {DATA_KEY_LEN} bytes (got {len(data_key)})")
+        return aes_key_wrap(self.__key, bytes(data_key))
+
+    def unwrap(self, wrapped: bytes) -> bytes:
+        """Unwrap a data key wrapped by :meth:`wrap`.
+
+        :param wrapped: :data:`WRAPPED_KEY_LEN` (40) bytes.
+        :return: the data key, :data:`DATA_KEY_LEN` bytes.
+        :raise WrongKeyError: the integrity check failed: this KEK did not wrap
+            *wrapped* (or *wrapped* is damaged; :func:`unlock` tells the two apart
+            by key id).
+        :raise CorruptError: *wrapped* is not 40 bytes long.
+        """
+        if len(wrapped) != WRAPPED_KEY_LEN:
+            raise CorruptError(f"wrapped key must be {WRAPPED_KEY_LEN} bytes (got {len(wrapped)})")
+        try:
+            return aes_key_unwrap(self.__key, bytes(wrapped))
+        except InvalidUnwrap:
+            raise WrongKeyError(f"key {self.key_id.hex()} does not unwrap this data key") from None
+
+
+def unlock(slots: Sequence[KeySlot], kek: Kek, *, image: str | None = None) -> bytes:
+    """Return the data key from the key slot that *kek* opens.
+
+    The slot is chosen by key id, so a wrong key is told apart from a damaged
+    slot: a key id match that fails to unwrap means the slot bytes are damaged.
+
+    :param slots: the image directory's key slots.
+    :param kek: the key the user gave.
+    :param image: the image path, for error messages.
+    :return: the image's data key.
+    :raise WrongKeyError: no slot has *kek*'s key id.
+    :raise CorruptError: a slot has *kek*'s key id but does not unwrap.
+    """
+    matching = [s for s in slots if s.key_id == kek.key_id]
+    if not matching:
+        ids = ", ".join(s.key_id.hex() for s in slots) or "none"
+        raise WrongKeyError(
+            f"the key given is not one of this image's keys (key ids: {ids})", image=image
+        )
+    for slot in matching:
+        try:
+            return kek.unwrap(slot.wrapped_key)
+        except (WrongKeyError, CorruptError):
+            continue
+    raise CorruptError(f"key slot {kek.key_id.hex()} is corrupted", image=image)
+
+
+def _check_name(name: str) -> bytes:
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise UsageError(f"invalid section name {name!r} for encryption", section=str(name)[:80])
+    return name.encode("utf-8")
+
+
+class SectionCipher:
+    """Encrypts and decrypts section payloads under one image's data key.
+
+    :param data_key: the image's data key (:data:`DATA_KEY_LEN` bytes), e.g.
+        from :func:`unlock` or :func:`new_data_key`.
+    :param image: the image path, named in the errors this cipher raises.
+    :raise UsageError: *data_key* is not 32 bytes.
+    """
+
+    __slots__ = ("__enc_key", "__mac_key", "image")
+
+    def __init__(self, data_key: bytes, *, image: str | None = None) -> None:
+        if len(data_key) != DATA_KEY_LEN:
+            raise UsageError(f"data key must be exactly {DATA_KEY_LEN} bytes (got {len(data_key)})")
+        self.__enc_key = _hkdf(bytes(data_key), _ENC_INFO)
+        self.__mac_key = _hkdf(bytes(data_key), _MAC_INFO)
+        self.image = image
+
+    def __repr__(self) -> str:
+        return f"SectionCipher(image={self.image!r})"
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("SectionCipher objects cannot be pickled")
+
+    # -- internals ------------------------------------------------------
+
+    def _mac(self, name: bytes, iv: bytes) -> hmac.HMAC:
+        h = _hmac_sha256(self.__mac_key)
+        h.update(_MAC_PREFIX + name + b"\0" + iv)
+        return h
+
+    def _cipher(self, iv: bytes) -> Cipher[modes.CBC]:
+        return Cipher(algorithms.AES256(self.__enc_key), modes.CBC(iv))
+
+    def _corrupt(self, name: str, why: str) -> CorruptError:
+        return CorruptError(f"section {name} is corrupted ({why})", image=self.image, section=name)
+
+    def _check_iv(self, name: str, iv: bytes) -> bytes:
+        if len(iv) != IV_LEN:
+            raise self._corrupt(name, f"IV must be {IV_LEN} bytes, is {len(iv)}")
+        return bytes(iv)
+
+    # -- one-shot -------------------------------------------------------
+
+    def encrypt(self, name: str, plaintext: bytes) -> tuple[bytes, bytes, bytes]:
+        """Encrypt the payload of section *name* under a fresh random IV.
+
+        :param name: the section name, bound into the MAC.
+        :param plaintext: the payload.
+        :return: ``(ciphertext, iv, mac)``; the ciphertext is
+            ``(len(plaintext) // 16 + 1) * 16`` bytes, the IV 16, the MAC 32.
+        :raise UsageError: *name* is empty or contains NUL.
+        """
+        enc = self.encryptor(name)
+        body = enc.update(plaintext)
+        last, mac = enc.finalize()
+        return body + last, enc.iv, mac
+
+    def decrypt(self, name: str, ciphertext: bytes, iv: bytes, mac: bytes) -> bytes:
+        """Verify and decrypt the payload of section *name*.
+
+        The MAC is checked in constant time before anything is decrypted.
+
+        :param name: the section name the payload was encrypted under.
+        :param ciphertext: the stored bytes.
+        :param iv: the section's IV (16 bytes).
+        :param mac: the section's MAC (32 bytes).
+        :return: the payload.
+        :raise CorruptError: the MAC does not match (tampered or damaged
+            ciphertext, IV, MAC or name, or another image's key), or the MAC
+            matches but the length or padding is wrong.
+        :raise UsageError: *name* is empty or contains NUL.
+        """
+        ver = self.verifier(name, iv)
+        ver.update(ciphertext)
+        if not ver.verify(mac):
+            raise self._corrupt(name, "MAC mismatch")
+        if not ciphertext or len(ciphertext) % _BLOCK:
+            raise self._corrupt(name, "bad length")
+        dec = self._cipher(bytes(iv)).decryptor()
+        padded = dec.update(bytes(ciphertext)) + dec.finalize()
+        unpadder = padding.PKCS7(128).unpadder()
+        try:
+            return unpadder.update(padded) + unpadder.finalize()
+        except ValueError:
+            raise self._corrupt(name, "bad padding") from None
+
+    # -- streaming ------------------------------------------------------
+
+    def verifier(self, name: str, iv: bytes) -> SectionVerifier:
+        """Start a streaming MAC check of section *name*'s ciphertext.
+
+        Feed the whole ciphertext through :meth:`SectionVerifier.update` in
+        chunks of any size, then call :meth:`SectionVerifier.verify`.
+
+        :param name: the section name.
+        :param iv: the section's IV.
+        :raise CorruptError: *iv* is not 16 bytes.
+        :raise UsageError: *name* is empty or contains NUL.
+        """
+        return SectionVerifier(self._mac(_check_name(name), self._check_iv(name, iv)))
+
+    def encryptor(self, name: str) -> SectionEncryptor:
+        """Start a streaming encryption of section *name* under a fresh random IV.
+
+        :param name: the section name.
+        :return: an encryptor; its ``iv`` goes into the directory with the MAC
+            that :meth:`SectionEncryptor.finalize` returns.
+        :raise UsageError: *name* is empty or contains NUL.
+        """
+        bname = _check_name(name)
+        iv = os.urandom(IV_LEN)
+        return SectionEncryptor(iv, self._cipher(iv), self._mac(bname, iv))
+
+    def decryptor(self, name: str, iv: bytes, mac: bytes) -> SectionDecryptor:
+        """Start a streaming decryption of section *name*.
+
+        .. warning::
+           :meth:`SectionDecryptor.update` releases plaintext before the MAC
+           over the whole ciphertext has been seen.  Callers **must** first
+           check the whole ciphertext with :meth:`verifier` and only then
+           decrypt it with a decryptor.  :meth:`SectionDecryptor.finalize`
+           checks the MAC again (the bytes may have changed between the passes)
+           and raises if it fails; discard everything already produced then.
+
+        :param name: the section name.
+        :param iv: the section's IV.
+        :param mac: the section's MAC.
+        :raise CorruptError: *iv* is not 16 bytes.
+        :raise UsageError: *name* is empty or contains NUL.
+        """
+        ver = self.verifier(name, iv)
+        return SectionDecryptor(
+            self._cipher(bytes(iv)),
+            ver,
+            bytes(mac),
+            lambda why: self._corrupt(name, why),
+        )
+
+
+class SectionVerifier:
+    """Streaming MAC check; made by :meth:`SectionCipher.verifier`. Single use."""
+
+    __slots__ = ("_h", "length")
+
+    def __init__(self, h: hmac.HMAC) -> None:
+        self._h = h
+        #: Ciphertext bytes seen so far.
+        self.length = 0
+
+    def update(self, chunk: bytes) -> None:
+        """Feed the next chunk of ciphertext.
+
+        :param chunk: any number of bytes.
+        :raise cryptography.exceptions.AlreadyFinalized: after :meth:`verify`.
+        """
+        self._h.update(chunk)
+        self.length += len(chunk)
+
+    def verify(self, mac: bytes) -> bool:
+        """Compare, in constant time, the MAC of everything fed with *mac*.
+
+        :param mac: the stored MAC.
+        :return: True when it matches.
+        :raise cryptography.exceptions.AlreadyFinalized: when called twice.
+        """
+        try:
+            self._h.verify(bytes(mac))
+        except InvalidSignature:
+            return False
+        return True
+
+
+class SectionEncryptor:
+    """Streaming encryption; made by :meth:`SectionCipher.encryptor`. Single use.
+
+    :ivar iv: the random IV this encryption uses, to store in the directory.
+    """
+
+    __slots__ = ("_enc", "_mac", "_pad", "iv")
+
+    def __init__(self, iv: bytes, cipher: Cipher[modes.CBC], mac: hmac.HMAC) -> None:
+        self.iv = iv
+        self._pad = padding.PKCS7(128).padder()
+        self._enc = cipher.encryptor()
+        self._mac = mac
+
+    def update(self, chunk: bytes) -> bytes:
+        """Encrypt the next chunk of plaintext.
+
+        :param chunk: any number of bytes.
+        :return: ciphertext so far (whole blocks; may be empty).
+        :raise cryptography.exceptions.AlreadyFinalized: after :meth:`finalize`.
+        """
+        out = self._enc.update(self._pad.update(chunk))
+        self._mac.update(out)
+        return out
+
+    def finalize(self) -> tuple[bytes, bytes]:
+        """Pad and encrypt the last block.
+
+        :return: ``(last_ciphertext, mac)``: append the first to what
+            :meth:`update` returned; store the second with :attr:`iv`.
+        :raise cryptography.exceptions.AlreadyFinalized: when called twice.
+        """
+        out = self._enc.update(self._pad.finalize()) + self._enc.finalize()
+        self._mac.update(out)
+        return out, self._mac.finalize()
+
+
+class SectionDecryptor:
+    """Streaming decryption; made by :meth:`SectionCipher.decryptor`. Single use.
+
+    Verify the whole ciphertext with :meth:`SectionCipher.verifier` before
+    using any plaintext this returns.
+    """
+
+    __slots__ = ("_corrupt", "_dec", "_mac", "_unpad", "_ver")
+
+    def __init__(
+        self,
+        cipher: Cipher[modes.CBC],
+        ver: SectionVerifier,
+        mac: bytes,
+        corrupt: _CorruptFactory,
+    ) -> None:
+        self._dec = cipher.decryptor()
+        self._unpad = padding.PKCS7(128).unpadder()
+        self._ver = ver
+        self._mac = mac
+        self._corrupt = corrupt
+
+    def update(self, chunk: bytes) -> bytes:
+        """Decrypt the next chunk of ciphertext.
+
+        :param chunk: any number of bytes.
+        :return: plaintext so far (the last block is held back for unpadding).
+            Not yet authenticated.
+        :raise cryptography.exceptions.AlreadyFinalized: after :meth:`finalize`.
+        """
+        self._ver.update(chunk)
+        return self._unpad.update(self._dec.update(chunk))
+
+    def finalize(self) -> bytes:
+        """Check the MAC over everything fed, then return the last plaintext.
+
+        :return: the final plaintext bytes.
+        :raise CorruptError: the MAC does not match (discard all plaintext
+            returned so far), or the length or padding is wrong.
+        """
+        if not self._ver.verify(self._mac):
+            raise self._corrupt("MAC mismatch")
+        if not self._ver.length or self._ver.length % _BLOCK:
+            raise self._corrupt("bad length")
+        try:
+            return self._unpad.update(self._dec.finalize()) + self._unpad.finalize()
+        except ValueError:
+            raise self._corrupt("bad padding") from None
+
+
+def _hkdf(key: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(key)

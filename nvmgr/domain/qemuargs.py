@@ -1,0 +1,313 @@
+"""QEMU arguments for a plan, and the domain rewrite that carries them.
+
+A libvirt hook cannot change QEMU's arguments, so they go into the domain at
+define time as ``<qemu:commandline>`` (namespace
+``http://libvirt.org/schemas/domain/qemu/1.0``).  For a plan with live
+sections::
+
+    -blockdev {"driver":"file","filename":IMAGE,"node-name":"nvmgr-file",...}
+    -blockdev {"driver":"qcow2","file":"nvmgr-file","node-name":"nvmgr-image"}   (qcow2 only)
+    -blockdev {"driver":"raw","file":BASE,"offset":O,"size":S,"node-name":"nvmgr-uefi-vars"}
+    -machine pflash1=nvmgr-uefi-vars
+    -device {"driver":D,"drive":"nvmgr-NAME","id":...,"share-rw":true}    (block + driver)
+    -fw_cfg name=opt/...,file=/run/nvmgr/DOMAIN-UUID/NAME                 (fwcfg)
+    -object secret,id=nvmgr-key,format=raw,file=/run/nvmgr/DOMAIN-UUID/image.key  (qcow2+LUKS)
+
+The ``prepare`` hook stages fw_cfg files and the key under
+:func:`runtime_dir` before QEMU starts and hands the image to the QEMU user
+(libvirt does not chown files named only in ``qemu:commandline``).
+
+:func:`rewrite_domain` puts these arguments into a domain, turns its loader
+into ``<loader readonly='yes' type='pflash' stateless='yes'>`` with no
+``<nvram>`` (libvirt 9.0 accepts this and still knows the VM is UEFI), and
+records the image in the nvmgr metadata.  It is idempotent and keeps the
+user's own ``qemu:arg`` values; :func:`strip_nvmgr` undoes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import uuid
+import zlib
+from collections.abc import Callable, Mapping
+
+from nvmgr.domain import profiles
+from nvmgr.domain.domainxml import Domain, LibvirtNvram, NvmgrMetadata, parse_domain
+from nvmgr.domain.plan import Plan
+from nvmgr.errors import InvalidInputError, UsageError
+from nvmgr.format.model import Binding
+from nvmgr.provision import staging
+from nvmgr.provision.staging import RUNTIME_ROOT as RUNTIME_DIR  # one definition of /run/nvmgr
+
+FILE_NODE = "nvmgr-file"
+FORMAT_NODE = "nvmgr-image"
+KEY_SECRET_ID = "nvmgr-key"
+#: Every node, device and object id nvmgr adds starts with this.
+PREFIX = "nvmgr-"
+#: QEMU node names: a letter, then letters, digits, ``-._``; at most 31 characters.
+_NODE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
+
+#: QEMU block devices that have ``share-rw`` (several writers on one image file).
+SHARE_RW_DRIVERS = frozenset(
+    {"virtio-blk-pci", "virtio-blk-device", "virtio-blk-ccw", "scsi-hd", "ide-hd", "usb-storage"}
+)
+
+
+def runtime_dir(domain_uuid: uuid.UUID | str) -> str:
+    """``/run/nvmgr/<domain uuid>``: staged fw_cfg files and the image key."""
+    return str(staging.runtime_dir(str(uuid.UUID(str(domain_uuid)))))
+
+
+def staged_path(domain_uuid: uuid.UUID | str, section: str) -> str:
+    """Where the prepare hook stages a ``fwcfg`` section for QEMU to read."""
+    return os.path.join(runtime_dir(domain_uuid), section)
+
+
+def key_path(domain_uuid: uuid.UUID | str) -> str:
+    """Where the prepare hook writes the qcow2+LUKS key (0600, tmpfs)."""
+    return os.path.join(runtime_dir(domain_uuid), "image.key")
+
+
+def node_name(section: str) -> str:
+    """The QEMU node name of a section's raw slice: ``nvmgr-<name>``.
+
+    Names that QEMU would refuse (too long, starting with a digit after the
+    prefix is fine, ``+``) get a short crc32 suffix so they stay unique.
+    """
+    name = PREFIX + section
+    if _NODE_RE.fullmatch(name):
+        return name
+    tag = f"{zlib.crc32(section.encode()):08x}"
+    clean = re.sub(r"[^A-Za-z0-9_.-]", "_", section)[: 31 - len(PREFIX) - 9]
+    return f"{PREFIX}{clean}-{tag}"
+
+
+def _json(obj: Mapping[str, object]) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _keyval_path(path: str) -> str:
+    """A path in a QEMU ``key=value,...`` option: commas are doubled."""
+    return path.replace(",", ",,")
+
+
+def qemu_args(
+    plan: Plan,
+    image_path: str,
+    fmt: str,
+    *,
+    domain_uuid: uuid.UUID | str | None = None,
+    luks: bool = False,
+) -> list[str]:
+    """The extra QEMU arguments the plan's sections need (may be empty).
+
+    :param domain_uuid: names the runtime directory; needed when the plan has
+        ``fwcfg`` sections or *luks* (defaults to the plan's domain UUID).
+    :param luks: the qcow2 image is LUKS-encrypted; QEMU gets the key from
+        :func:`key_path`.
+    :raise UsageError: a relative image path, an unknown format, LUKS on raw,
+        or no domain UUID where one is needed.
+    """
+    if fmt not in ("raw", "qcow2"):
+        raise UsageError(f"image format {fmt!r} is not raw or qcow2", image=image_path)
+    if not os.path.isabs(image_path):
+        raise UsageError("the image path must be absolute for QEMU", image=image_path)
+    if luks and fmt != "qcow2":
+        raise UsageError("LUKS encryption needs a qcow2 image", image=image_path)
+    live = plan.live_sections
+    fwcfg = [s for s in plan.sections if s.binding is Binding.FWCFG]
+    if not live and not fwcfg:
+        return []  # QEMU does not open the image at all
+    dom_uuid = domain_uuid or plan.domain_uuid
+    if dom_uuid is None and (fwcfg or (live and luks)):
+        raise UsageError("the domain has no <uuid>; fw_cfg files and keys are staged per UUID")
+    args: list[str] = []
+    if live:
+        if luks:
+            assert dom_uuid is not None
+            key = _keyval_path(key_path(dom_uuid))
+            args += ["-object", f"secret,id={KEY_SECRET_ID},format=raw,file={key}"]
+        args += ["-blockdev", _json({"driver": "file", "filename": image_path,
+                                     "node-name": FILE_NODE, "discard": "unmap"})]
+        base = FILE_NODE
+        if fmt == "qcow2":
+            q: dict[str, object] = {"driver": "qcow2", "file": FILE_NODE, "node-name": FORMAT_NODE}
+            if luks:
+                q["encrypt"] = {"format": "luks", "key-secret": KEY_SECRET_ID}
+            args += ["-blockdev", _json(q)]
+            base = FORMAT_NODE
+    pflash = [s for s in live if s.binding is Binding.PFLASH]
+    if len(pflash) > 1:
+        raise InvalidInputError(
+            "only one pflash section (the UEFI vars) can be mapped: "
+            + ", ".join(s.name for s in pflash)
+        )
+    for s in live:
+        node = node_name(s.name)
+        args += ["-blockdev", _json({"driver": "raw", "file": base, "offset": s.offset,
+                                     "size": s.capacity, "node-name": node})]
+        if s.binding is Binding.PFLASH:
+            args += ["-machine", f"pflash1={node}"]
+        elif s.driver:
+            dev: dict[str, object] = {"driver": s.driver, "drive": node, "id": s.device or node}
+            if s.driver in SHARE_RW_DRIVERS:
+                dev["share-rw"] = True
+            args += ["-device", _json(dev)]
+    for s in fwcfg:
+        assert s.fwcfg_name is not None and dom_uuid is not None
+        args += ["-fw_cfg",
+                 f"name={s.fwcfg_name},file={_keyval_path(staged_path(dom_uuid, s.name))}"]
+    return args
+
+
+def _json_field(value: str, field: str) -> str:
+    try:
+        obj = json.loads(value)
+    except ValueError:
+        return ""
+    got = obj.get(field) if isinstance(obj, dict) else None
+    return got if isinstance(got, str) else ""
+
+
+#: How to recognise an (option, value) pair nvmgr added, per option.
+_OURS: dict[str, Callable[[str], bool]] = {
+    "-blockdev": lambda v: _json_field(v, "node-name").startswith(PREFIX),
+    "-device": lambda v: _json_field(v, "drive").startswith(PREFIX),
+    "-machine": lambda v: re.fullmatch(rf"pflash1={re.escape(PREFIX)}[A-Za-z0-9_.-]*", v) is not None,
+    "-fw_cfg": lambda v: f",file={RUNTIME_DIR}/" in v,
+    "-object": lambda v: v.startswith(f"secret,id={PREFIX}"),
+}
+
+
+def user_args(args: list[str]) -> list[str]:
+    """*args* without the pairs nvmgr added (see :data:`_OURS`)."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        test = _OURS.get(args[i])
+        if test is not None and i + 1 < len(args) and test(args[i + 1]):
+            i += 2
+            continue
+        out.append(args[i])
+        i += 1
+    return out
+
+
+def _make_stateless(dom: Domain, record: LibvirtNvram | None) -> LibvirtNvram:
+    """Point the loader at code only, drop ``<nvram>``; return what was replaced."""
+    os_ = dom.os
+    if os_ is None:
+        raise InvalidInputError("the plan has UEFI vars but the domain has no <os>")
+    if record is None:
+        nv = os_.nvram
+        record = LibvirtNvram(
+            path=nv.path.strip() if nv and nv.path else None,
+            template=nv.template if nv else None,
+            format=nv.format if nv else None,
+            firmware=os_.firmware,
+            features=tuple(os_.firmware_features().items()),
+        )
+    loader = os_.ensure_loader()
+    if not loader.path:
+        if os_.firmware != "efi":
+            raise InvalidInputError("the plan has UEFI vars but the domain has no <loader> path")
+        fw = profiles.select_firmware(
+            os_.arch or "x86_64", os_.machine or "pc", os_.firmware_features(), smm=dom.smm
+        )
+        loader.path = fw.loader
+        record = dataclasses.replace(record, firmware_template=fw.template)
+    # libvirt 9.0 refuses readonly= with firmware autoselection, and
+    # <firmware><feature> without it: the loader is now named explicitly.
+    os_.firmware = None
+    os_.set_firmware_features({})
+    loader.readonly, loader.type, loader.stateless = True, "pflash", True
+    os_.remove_nvram()
+    return record
+
+
+def rewrite_domain(
+    xml_text: str | bytes,
+    plan: Plan,
+    image_path: str,
+    fmt: str,
+    image_uuid: uuid.UUID | str,
+    *,
+    luks: bool | None = None,
+) -> str:
+    """The domain with nvmgr's QEMU arguments, stateless loader and metadata.
+
+    Running it again on its own output (with the same plan) gives the same
+    text.  The user's own ``<qemu:arg>`` values are kept, after nvmgr's.
+
+    :param luks: the qcow2 image is LUKS-encrypted (``None``: as the
+        domain's nvmgr metadata already says, else no).
+
+    :raise InvalidInputError: the XML is hostile or malformed, or does not
+        fit the plan (UEFI vars planned but no ``<os>``).
+    :raise UsageError: see :func:`qemu_args`.
+    """
+    dom = parse_domain(xml_text)
+    old = dom.nvmgr
+    image_uuid = uuid.UUID(str(image_uuid))
+    record = old.libvirt_nvram if old else None
+    if luks is None:
+        luks = bool(old and old.luks)
+    if plan.find(profiles.UEFI_SECTION) is not None:
+        record = _make_stateless(dom, record)
+    args = qemu_args(plan, image_path, fmt, domain_uuid=dom.uuid or plan.domain_uuid, luks=luks)
+    dom.qemu_args = args + user_args(dom.qemu_args)
+    dom.set_nvmgr(
+        NvmgrMetadata(
+            image=image_path,
+            format=fmt,
+            uuid=image_uuid,
+            key_file=old.key_file if old else None,
+            key_secret=old.key_secret if old else None,
+            luks=luks,
+            sections=old.sections if old else (),
+            libvirt_nvram=record,
+        )
+    )
+    return dom.to_xml()
+
+
+def strip_nvmgr(xml_text: str | bytes, *, keep_sections: bool = False) -> str:
+    """The domain as it was before :func:`rewrite_domain`.
+
+    Removes nvmgr's ``qemu:arg`` pairs and its metadata, and gives the
+    loader back its ``<nvram>`` (and firmware autoselection) from the
+    metadata's record, so libvirt manages UEFI vars again.  The user's own
+    arguments stay.
+
+    :param keep_sections: keep the declared ``<nvmgr:section>`` elements
+        (without image, uuid or key) so a later ``nvmgr define`` plans the
+        same sections.
+    """
+    dom = parse_domain(xml_text)
+    meta = dom.nvmgr
+    dom.qemu_args = user_args(dom.qemu_args)
+    rec = meta.libvirt_nvram if meta else None
+    os_ = dom.os
+    if rec is not None and os_ is not None:
+        loader = os_.loader
+        if rec.firmware is not None:
+            os_.firmware = rec.firmware
+            os_.set_firmware_features(dict(rec.features))
+        if loader is not None and rec.firmware_template is not None:
+            # nvmgr named the loader the autoselection picked: select again
+            loader.readonly = loader.type = loader.stateless = loader.path = None
+        elif loader is not None:
+            loader.stateless = None
+        if rec.path or rec.template or rec.format:
+            os_.add_nvram(rec.path, rec.template, rec.format)
+        if os_.loader is not None and os_.loader.is_empty:
+            os_.remove_loader()
+    if meta is not None and keep_sections and meta.sections:
+        dom.set_nvmgr(NvmgrMetadata(sections=meta.sections))
+    else:
+        dom.set_nvmgr(None)
+    return dom.to_xml()
+

@@ -1,0 +1,231 @@
+"""The directory model: plain data, no I/O, no codecs.
+
+A :class:`Directory` is what one header copy holds (``schemas/nvmgr.format.asn1``,
+type ``Directory``); a :class:`Section` is one named blob.  Edits that keep
+the layout valid are methods here; :mod:`nvmgr.format.codec` turns the model into
+DER and back, :mod:`nvmgr.image.image` does the I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+import uuid
+
+from nvmgr.errors import UsageError
+
+ALIGN = 4096
+MIN_HEADER_AREA = 64 * 1024
+MAX_HEADER_AREA = 16 * 1024 * 1024
+#: Header area sizes an image may use; B is probed at each when A is unreadable.
+HEADER_AREA_SIZES = tuple(1 << n for n in range(16, 25))
+MAX_SECTIONS = 4096
+MAX_NAME = 64
+#: Bytes of directory room planned per section when sizing the header areas.
+DIRECTORY_BYTES_PER_SECTION = 192
+#: AES block: an encrypted section's stored bytes are at most capacity + 16.
+CIPHER_OVERHEAD = 16
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+
+
+class Binding(enum.IntEnum):
+    """How a device consumes its section (see README "Bindings")."""
+
+    OPAQUE = 0
+    PFLASH = 1
+    TPM = 2
+    BLOCK = 3
+    FWCFG = 4
+
+    @property
+    def live(self) -> bool:
+        """QEMU reads and writes these sections in place through a raw slice."""
+        return self in (Binding.PFLASH, Binding.BLOCK)
+
+    @classmethod
+    def parse(cls, text: str) -> Binding:
+        try:
+            return cls[text.upper()]
+        except KeyError:
+            names = ", ".join(b.name.lower() for b in cls)
+            raise UsageError(f"unknown binding {text!r} (one of: {names})") from None
+
+
+def align_up(n: int, to: int = ALIGN) -> int:
+    return (n + to - 1) // to * to
+
+
+def check_name(name: str) -> str:
+    """Return *name* if it is a valid section name, else raise :class:`UsageError`."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
+        raise UsageError(
+            f"invalid section name {name!r}: 1-{MAX_NAME} characters from "
+            "A-Z a-z 0-9 . _ + -, starting with a letter or digit, no '..'",
+            section=str(name)[:80],
+        )
+    return name
+
+
+def header_area_for(sections: int) -> int:
+    """The smallest allowed header area that holds *sections* with room to spare."""
+    need = 1024 + DIRECTORY_BYTES_PER_SECTION * max(sections, 1) * 2
+    for size in HEADER_AREA_SIZES:
+        if size >= need:
+            return size
+    raise UsageError(f"{sections} sections exceed the directory limit of {MAX_SECTIONS}")
+
+
+@dataclasses.dataclass
+class SectionCrypto:
+    iv: bytes
+    mac: bytes
+
+
+@dataclasses.dataclass
+class Section:
+    """One named blob.  ``offset`` always points at the current bytes."""
+
+    name: str
+    binding: Binding
+    capacity: int
+    reserved: int
+    offset: int
+    length: int = 0
+    crc32: int = 0
+    encrypted: bool = False
+    dirty: bool = False
+    spare: int | None = None
+    home: int | None = None
+    device: str | None = None
+    crypto: SectionCrypto | None = None
+    member: int | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.binding.live
+
+    @property
+    def stored_length(self) -> int:
+        """Bytes on disk: the ciphertext length for encrypted sections."""
+        if self.encrypted and self.crypto is not None:
+            return (self.length // 16 + 1) * 16
+        return self.length
+
+    def extents(self) -> list[tuple[int, int]]:
+        """Every byte range this section owns in the image.
+
+        A live section whose bytes sit in scratch (``home`` set) owns its home
+        slot; the scratch area is the directory's, not the section's.
+        """
+        if self.home is not None:
+            return [(self.home, self.reserved)]
+        out = [(self.offset, self.reserved)]
+        if self.spare is not None:
+            out.append((self.spare, self.reserved))
+        return out
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "binding": self.binding.name.lower(),
+            "capacity": self.capacity,
+            "reserved": self.reserved,
+            "length": self.length,
+            "crc32": f"{self.crc32:08x}",
+            "offset": self.offset,
+            "spare": self.spare,
+            "home": self.home,
+            "encrypted": self.encrypted,
+            "live": self.live,
+            "dirty": self.dirty,
+            "device": self.device,
+            "member": self.member,
+        }
+
+
+@dataclasses.dataclass
+class KeySlot:
+    key_id: bytes
+    wrapped_key: bytes
+    label: str | None = None
+
+
+@dataclasses.dataclass
+class Member:
+    index: int
+    path: str
+    image_uuid: uuid.UUID
+
+
+@dataclasses.dataclass
+class Directory:
+    """One generation of the image directory."""
+
+    image_uuid: uuid.UUID
+    header_area: int
+    image_size: int
+    generation: int = 0
+    scratch_offset: int = 0
+    scratch_length: int = 0
+    sections: list[Section] = dataclasses.field(default_factory=list)
+    domain_uuid: uuid.UUID | None = None
+    key_slots: list[KeySlot] | None = None
+    members: list[Member] | None = None
+    version: int = 1
+
+    @property
+    def encrypted(self) -> bool:
+        return self.key_slots is not None
+
+    @property
+    def data_start(self) -> int:
+        return 2 * self.header_area
+
+    def find(self, name: str) -> Section | None:
+        for s in self.sections:
+            if s.name == name:
+                return s
+        return None
+
+    def end_of_data(self) -> int:
+        """First byte after every extent in use (sections and scratch)."""
+        end = self.data_start
+        if self.scratch_length:
+            end = max(end, self.scratch_offset + self.scratch_length)
+        for s in self.sections:
+            for off, n in s.extents():
+                end = max(end, off + n)
+        return end
+
+    def extents(self) -> list[tuple[int, int, str]]:
+        out = [(0, self.header_area, "header A"), (self.header_area, self.header_area, "header B")]
+        if self.scratch_length:
+            out.append((self.scratch_offset, self.scratch_length, "scratch"))
+        for s in self.sections:
+            if s.member is not None:
+                continue
+            for off, n in s.extents():
+                out.append((off, n, f"section {s.name}"))
+        return out
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "version": self.version,
+            "image_uuid": str(self.image_uuid),
+            "domain_uuid": str(self.domain_uuid) if self.domain_uuid else None,
+            "generation": self.generation,
+            "header_area": self.header_area,
+            "image_size": self.image_size,
+            "scratch": {"offset": self.scratch_offset, "length": self.scratch_length},
+            "encrypted": self.encrypted,
+            "key_slots": [
+                {"key_id": k.key_id.hex(), "label": k.label} for k in (self.key_slots or [])
+            ],
+            "members": [
+                {"index": m.index, "path": m.path, "image_uuid": str(m.image_uuid)}
+                for m in (self.members or [])
+            ],
+            "sections": [s.to_json() for s in self.sections],
+        }

@@ -1,0 +1,301 @@
+"""The libvirt qemu hook: ``hooks/qemu`` (installed as ``/etc/libvirt/hooks/qemu.d/nvmgr``).
+
+libvirtd runs it as ``nvmgr NAME OP SUBOP EXTRA`` with the domain XML on
+stdin.  Domains without nvmgr metadata are ignored.  It never calls back
+into libvirt (libvirtd waits for the hook while holding the domain: a call
+back deadlocks); everything it needs is in the XML, the image and files.
+
+==============  ============================================================
+prepare begin   create or grow the image to the XML's plan; verify every
+                crc32 and MAC, refusing the start (exit != 0, message on
+                stderr, which ``virsh start`` shows) on corruption, a missing
+                or a wrong key; stage tpm sections into swtpm's state
+                directory and fwcfg sections under /run/nvmgr; flag live
+                sections in use; hand the image to the QEMU user
+started begin   remove runtime key files
+release end     collect swtpm's state back into the image (encrypted where
+                configured) and wipe the staged files; reseal the crc32 of
+                live sections and clear in-use; remove /run/nvmgr/<uuid>
+reconnect begin flag live sections in use (libvirtd restarted, VM running)
+migrate begin   rewrite image paths through /etc/nvmgr/migrate.map and
+                print the XML (the only output on stdout)
+==============  ============================================================
+
+One log line per action goes to ``/var/log/nvmgr/hook.log``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from nvmgr.crypto import keys
+from nvmgr.crypto.cipher import Kek, unlock
+from nvmgr.domain.domainxml import Domain
+from nvmgr.domain.plan import Plan, plan_for
+from nvmgr.domain.qemuargs import node_name
+from nvmgr.errors import (
+    CorruptError,
+    KeyRequiredError,
+    NotFoundError,
+    NvmgrError,
+    WrongKeyError,
+)
+from nvmgr.format.model import Binding
+from nvmgr.image.image import Image
+from nvmgr.provision import staging
+from nvmgr.provision.prepare import initial_content, prepare_image, refuse_luks
+
+LOG_FILE = "/var/log/nvmgr/hook.log"
+MIGRATE_MAP = "/etc/nvmgr/migrate.map"
+
+log = logging.getLogger("nvmgr.hook.lifecycle")
+
+
+@dataclasses.dataclass
+class HookContext:
+    name: str
+    op: str
+    sub: str
+    xml: str
+    dom: Domain
+    users: staging.Users
+    swtpm_root: str = staging.SWTPM_STATE_ROOT
+    runtime_root: str = staging.RUNTIME_ROOT
+
+    @property
+    def uuid(self) -> str:
+        return str(self.dom.uuid)
+
+    @property
+    def meta(self) -> Any:
+        return self.dom.nvmgr
+
+    def kek(self) -> Kek | None:
+        """The image's key-encryption key from the metadata's key source.
+
+        :raise KeyRequiredError: the key file or secret the metadata names is
+            missing (the message says which, and that the key is missing).
+        :raise UsageError: the key file is not 0600 or holds no key.
+        """
+        meta = self.meta
+        try:
+            if meta.key_file:
+                return keys.load_key_file(meta.key_file)
+            if meta.key_secret:
+                # Read libvirt's own secret store: calling libvirt from a hook deadlocks.
+                return keys.load_libvirt_secret_file(str(meta.key_secret))
+        except NotFoundError as e:
+            source = (f"key file {meta.key_file}" if meta.key_file
+                      else f"libvirt secret {meta.key_secret}")
+            raise KeyRequiredError(
+                f"the image's key is missing: {source} named in the domain's nvmgr "
+                f"metadata cannot be read ({e.message})", image=meta.image) from None
+        return None
+
+    def plan(self, encrypted: bool) -> Plan:
+        return plan_for(self.dom, encrypted=encrypted)
+
+    def tpm_version(self) -> str:
+        from nvmgr.domain.profiles import tpm_version
+
+        tpms = getattr(self.dom, "tpms", None) or []
+        for t in tpms:
+            return str(tpm_version(t.model, t.version))
+        return "2.0"
+
+
+def _open(ctx: HookContext, kek: Kek | None) -> Image:
+    meta = ctx.meta
+    plan = ctx.plan(kek is not None)
+    img, _created, _added = prepare_image(plan, ctx.dom, kek=kek, fmt=meta.format or "raw",
+                                          path=meta.image)
+    return img
+
+
+def expected_offsets(args: list[str]) -> dict[str, int]:
+    """node-name -> offset of the raw slices in the domain's QEMU arguments."""
+    out = {}
+    for a in args:
+        if a.startswith("{") and '"offset"' in a:
+            try:
+                obj = json.loads(a)
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and "node-name" in obj and "offset" in obj:
+                out[str(obj["node-name"])] = int(obj["offset"])
+    return out
+
+
+def _verify_key(img: Image, kek: Kek | None, ctx: HookContext) -> None:
+    """Refuse an encrypted image without its key, or with another key.
+
+    Checked up front, not only through the sections that hold data: an image
+    whose TPM is not manufactured yet must not start with a key that could
+    never write the state back at release.
+    """
+    if not img.directory.encrypted:
+        return
+    if kek is None:
+        raise KeyRequiredError(
+            "the image is encrypted but the domain's nvmgr metadata names no key "
+            "(key-file or key-secret)", image=img.path)
+    try:
+        unlock(img.directory.key_slots or [], kek, image=img.path)
+    except WrongKeyError:
+        source = ctx.meta.key_file or f"libvirt secret {ctx.meta.key_secret}"
+        raise WrongKeyError(
+            f"wrong key: the key in {source} is not one of this image's keys; "
+            "refusing to start", image=img.path) from None
+
+
+def prepare(ctx: HookContext) -> str:
+    refuse_luks(ctx.meta)
+    kek = ctx.kek()
+    img = _open(ctx, kek)
+    with img:
+        _verify_key(img, kek, ctx)
+        expected = expected_offsets(ctx.dom.qemu_args)
+        for s in img.directory.sections:  # QEMU's arguments were written for these offsets
+            want = expected.get(node_name(s.name))
+            if s.live and want is not None and want != s.offset:
+                raise CorruptError(f"section {s.name} is at offset {s.offset}, the domain's "
+                                   f"QEMU arguments say {want}; run nvmgr define again",
+                                   image=img.path)
+        report = img.check()
+        if not report.ok:
+            raise CorruptError("refusing to start: " + "; ".join(report.errors),
+                               image=img.path)
+        plan = ctx.plan(kek is not None)
+        for ps in plan.sections:  # first start: templates, state made before nvmgr
+            if img.directory.find(ps.name) is not None and not img.section(ps.name).length:
+                got = initial_content(ctx.dom, plan, ps)
+                if got is not None:
+                    img.put(ps.name, got[0])
+        version = ctx.tpm_version()
+        state_dir = staging.tpm_state_dir(ctx.uuid, version, ctx.swtpm_root)
+        # release wipes the staged files once they are in the image, so files
+        # still there are the TPM's newest state (a host crash, a killed
+        # libvirtd, a release without its key): staging the image's older
+        # copy over them would lose its last changes.
+        recovered = _collect_tpm(img, staging.read_tpm(state_dir, _tpm_files(img, version)),
+                                 version)
+        blobs = {staging.tpm_file_name(s.name, version): img.get(s.name)
+                 for s in staging.tpm_sections(img.directory.sections) if s.length}
+        staged = staging.stage_tpm(state_dir, blobs, ctx.users) if blobs else []
+        fw = {s.name: img.get(s.name) for s in img.directory.sections
+              if s.binding is Binding.FWCFG}
+        if fw:
+            staging.stage_runtime(ctx.uuid, fw, ctx.users, ctx.runtime_root)
+        img.set_in_use([s.name for s in img.directory.sections if s.live], True)
+        staging.hand_to_qemu(img.path, ctx.users)
+        n = len(img.directory.sections)
+        return (f"verified {n} section(s) of {img.path}; "
+                + (f"recovered {recovered} left staged by an earlier run; " if recovered else "")
+                + f"staged tpm {staged or 'none'}, fw_cfg {sorted(fw) or 'none'}")
+
+
+def _tpm_files(img: Image, version: str) -> list[str]:
+    """swtpm's file names for the image's tpm sections."""
+    return [staging.tpm_file_name(s.name, version)
+            for s in staging.tpm_sections(img.directory.sections)]
+
+
+def _collect_tpm(img: Image, found: dict[str, bytes], version: str) -> list[str]:
+    """Store staged swtpm files (by file name) in their sections where they differ."""
+    collected = []
+    for s in staging.tpm_sections(img.directory.sections):
+        data = found.get(staging.tpm_file_name(s.name, version))
+        if data is not None and (not s.length or img.get(s.name) != data):
+            img.put(s.name, data)
+            collected.append(s.name)
+    return collected
+
+
+def started(ctx: HookContext) -> str:
+    key = Path(staging.runtime_dir(ctx.uuid, ctx.runtime_root)) / "image.key"
+    if key.exists():
+        key.unlink()
+        return "removed the runtime key file"
+    return "nothing to do"
+
+
+def release(ctx: HookContext) -> str:
+    """Collect what the VM left behind; touch nothing when it never ran.
+
+    libvirtd also runs ``release`` after a start that failed, prepare's own
+    refusal included: then nothing was staged and no live section is in use,
+    and the image (a corrupted one, say) must stay byte for byte as it was,
+    its crc never resealed over damage QEMU did not cause.
+    """
+    if not os.path.exists(ctx.meta.image):
+        staging.remove_runtime(ctx.uuid, ctx.runtime_root)
+        return f"no image at {ctx.meta.image}; nothing to collect"
+    version = ctx.tpm_version()
+    state_dir = staging.tpm_state_dir(ctx.uuid, version, ctx.swtpm_root)
+    with Image.open(ctx.meta.image, writable=True, wait=30) as img:
+        names = _tpm_files(img, version)
+        found = staging.read_tpm(state_dir, names)
+        in_use = [s.name for s in img.directory.sections if s.live and s.dirty]
+        changed = img.reseal(in_use) if in_use else []
+        if found:
+            # Only writing state back needs the key.  Without it the staged
+            # files stay where they are and the next prepare recovers them.
+            img.kek = ctx.kek()
+        collected = _collect_tpm(img, found, version)
+        staging.wipe_tpm(state_dir, names)
+    staging.remove_runtime(ctx.uuid, ctx.runtime_root)
+    return (f"collected {collected or 'nothing'}; resealed {in_use or 'nothing'}; "
+            f"live sections changed: {changed or 'none'}")
+
+
+def reconnect(ctx: HookContext) -> str:
+    """Flag live sections in use again; never fail (libvirtd would kill the running VM)."""
+    try:
+        with Image.open(ctx.meta.image, writable=True, wait=30) as img:
+            live = [s.name for s in img.directory.sections if s.live]
+            img.set_in_use(live, True)
+    except NvmgrError as e:
+        return f"could not mark live sections in use ({e}); the VM keeps running"
+    return f"live sections {live or 'none'} marked in use"
+
+
+def load_path_map(path: str = MIGRATE_MAP) -> list[tuple[str, str]]:
+    """``SOURCE-PREFIX DEST-PREFIX`` per line; ``#`` comments."""
+    pairs = []
+    try:
+        for line in Path(path).read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                src, _, dst = line.partition(" ")
+                pairs.append((src.strip(), dst.strip()))
+    except FileNotFoundError:
+        pass
+    return pairs
+
+
+def migrate(ctx: HookContext, out: TextIO) -> str:
+    pairs = load_path_map()
+    image = ctx.meta.image
+    for src, dst in pairs:
+        if image.startswith(src):
+            new = dst + image[len(src):]
+            xml = ctx.xml.replace(image, new)
+            out.write(xml)
+            return f"image path {image} -> {new}"
+    return "no path map entry; XML unchanged"
+
+
+ACTIONS: dict[tuple[str, str], Callable[[HookContext], str]] = {
+    ("prepare", "begin"): prepare,
+    ("started", "begin"): started,
+    ("release", "end"): release,
+    ("reconnect", "begin"): reconnect,
+}
+
+

@@ -1,0 +1,684 @@
+"""An nvmgr image: open, read, write, commit.
+
+:class:`Image` joins a :class:`~nvmgr.storage.container.Container` (bytes at
+offsets) and the current :class:`~nvmgr.format.model.Directory`.  Every change goes
+through :meth:`Image._commit`, which writes the *other* header copy with
+the next generation and flushes it.  The promise, checked by fault injection
+in ``tests/test_crash.py``: a crash or kill at any point leaves every section
+with its old or its new bytes, never a mix, and ``check`` passes.
+
+Write protocols (each I/O is followed by the flush shown):
+
+- ``put`` on an ordinary section: data into the spare slot, flush; commit.
+- ``put`` on a live section (QEMU's raw slice points at a fixed offset):
+  data into scratch, flush; commit (section now reads from scratch, ``home``
+  names its slot); copy into the slot, flush; commit (``home`` cleared).
+  A writer that opens an image with a pending copy finishes it first.
+- ``add_sections``: resize the container (flushed); commit.
+- ``rekey``: commit (the data key is re-wrapped; section data is untouched).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import mmap
+import uuid
+import zlib
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from nvmgr.errors import (
+    BusyError,
+    CorruptError,
+    DERError,
+    ForeignImageError,
+    KeyRequiredError,
+    NoSpaceError,
+    NotFoundError,
+    UsageError,
+)
+from nvmgr.format import codec
+from nvmgr.format.layout import SectionSpec, extend, layout
+from nvmgr.format.model import (
+    HEADER_AREA_SIZES,
+    MIN_HEADER_AREA,
+    Directory,
+    KeySlot,
+    Section,
+    SectionCrypto,
+)
+from nvmgr.storage.container import Container, create_container, open_container, qemu_holds_write
+
+if TYPE_CHECKING:  # cryptography is imported when an encrypted image needs it
+    from nvmgr.crypto.cipher import Kek, SectionCipher
+
+log = logging.getLogger(__name__)
+
+CHUNK = 4 << 20
+#: Bytes to store: bytes, or any buffer such as an mmap of the input file.
+Buffer = bytes | bytearray | memoryview | mmap.mmap
+#: Progress callback: (bytes done, bytes total).
+Progress = Callable[[int, int], None]
+
+
+@dataclasses.dataclass
+class HeaderState:
+    """What one header copy held when the image was opened."""
+
+    slot: int
+    offset: int
+    generation: int | None = None
+    length: int = 0
+    error: str | None = None
+    #: False for the older copy when only the newer one was decoded (``check``
+    #: decodes both).
+    verified: bool = True
+
+
+@dataclasses.dataclass
+class SectionCheck:
+    name: str
+    status: str  # ok | corrupt | unverified | empty
+    detail: str = ""
+
+
+@dataclasses.dataclass
+class CheckReport:
+    """Result of :meth:`Image.check`; ``ok`` is false on any corruption."""
+
+    image: str
+    headers: list[HeaderState]
+    sections: list[SectionCheck]
+    errors: list[str]
+    warnings: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "image": self.image,
+            "ok": self.ok,
+            "headers": [dataclasses.asdict(h) for h in self.headers],
+            "sections": [dataclasses.asdict(s) for s in self.sections],
+            "errors": self.errors,
+            "warnings": self.warnings,
+        }
+
+
+def _decode_copy(c: Container, slot: int, offset: int,
+                 area: int | None) -> tuple[Directory | None, HeaderState]:
+    """Fully decode and verify one header copy (DER, schema, digest, layout, padding)."""
+    state = HeaderState(slot=slot, offset=offset)
+    head = c.read(offset, MIN_HEADER_AREA)
+    try:
+        total = codec.header_length(head)
+        if area is not None and total > area:
+            raise DERError(f"header length {total} exceeds its area of {area} bytes")
+        if total > len(head):
+            if total > max(HEADER_AREA_SIZES):
+                raise DERError(f"header length {total} exceeds the largest header area")
+            head = c.read(offset, total)
+        d = codec.decode_header(head[:total], padded=False)
+        if area is not None and d.header_area != area:
+            raise DERError(f"header area size {d.header_area} disagrees with the other copy")
+        if offset != slot * d.header_area:
+            raise DERError(f"copy {'AB'[slot]} found at {offset}, but its area size is "
+                           f"{d.header_area}")
+        # Everything after the DER up to the end of the area must be zero.
+        pos = offset + total
+        end = offset + d.header_area
+        while pos < end:
+            n = min(CHUNK, end - pos)
+            if c.read(pos, n).strip(b"\x00"):
+                raise DERError("non-zero bytes after the directory in its header area")
+            pos += n
+        state.generation, state.length = d.generation, total
+        return d, state
+    except (DERError, ForeignImageError) as e:
+        state.error = e.message
+        return None, state
+
+
+def _peek(c: Container, offset: int) -> tuple[int, int] | None:
+    """(generation, header area) a header copy claims, read cheaply; None if none."""
+    try:
+        return codec.peek(c.read(offset, 256))
+    except (DERError, ForeignImageError):
+        return None
+
+
+def read_directory(c: Container, *, verify_both: bool = False) -> tuple[Directory, int, list[HeaderState]]:
+    """Find the current directory: the valid copy with the highest generation.
+
+    Copy B is looked for where copy A says it is.  Only when A is unreadable
+    are the allowed area sizes probed, smallest first, and the first offset
+    that holds a header is B: past the real B lies section data, which a
+    guest may write (a live pflash section), so nothing further out may
+    outvote a readable copy.
+
+    Copies are tried newest first and only the first that verifies is
+    decoded in full (decoding dominates opening an image with many
+    sections); *verify_both* decodes the other copy too, for ``check``.
+
+    :return: (directory, slot it came from (0 = A, 1 = B), both header states)
+    :raise ForeignImageError: neither copy is an nvmgr header.
+    :raise DERError: both copies are nvmgr headers and both are damaged.
+    """
+    size = c.size()
+    if size < 2 * MIN_HEADER_AREA:
+        raise ForeignImageError(
+            f"not an nvmgr image: {size} bytes is smaller than two header areas", image=c.path
+        )
+    peek_a = _peek(c, 0)
+    if peek_a is not None and peek_a[1] in HEADER_AREA_SIZES and 2 * peek_a[1] <= size:
+        b_offsets = [peek_a[1]]
+    else:
+        b_offsets = [n for n in HEADER_AREA_SIZES if 2 * n <= size]
+    peek_b, off_b = None, b_offsets[0]
+    for off in b_offsets:
+        peek_b = _peek(c, off)
+        if peek_b is not None:
+            off_b = off
+            break
+    gen_a = peek_a[0] if peek_a else None
+    gen_b = peek_b[0] if peek_b else None
+    order = sorted([(gen_a, 0, 0), (gen_b, 1, off_b)],
+                   key=lambda t: -1 if t[0] is None else t[0], reverse=True)
+    states: dict[int, HeaderState] = {}
+    found: tuple[Directory, int] | None = None
+    for gen, slot, off in order:
+        if found is not None and not verify_both:
+            states[slot] = HeaderState(slot=slot, offset=off, generation=gen,
+                                       length=-1, error=None, verified=False)
+            continue
+        area = found[0].header_area if found is not None else None
+        if found is not None:
+            off = slot * found[0].header_area
+        d, st = _decode_copy(c, slot, off, area)
+        states[slot] = st
+        if d is not None and found is None:
+            found = (d, slot)
+    result = [states[0], states[1]]
+    if found is None:
+        if all(s.error == "no nvmgr directory here" for s in result):
+            raise ForeignImageError(
+                "not an nvmgr image (no directory in either header copy)", image=c.path
+            )
+        raise DERError(
+            f"both header copies are damaged (A: {result[0].error}; B: {result[1].error})",
+            image=c.path,
+        )
+    d, slot = found
+    for st in result:
+        if st.length == -1:  # not decoded: whatever it holds is rewritten by the next commit
+            st.length = d.header_area
+    return d, slot, result
+
+
+class Image:
+    """An open nvmgr image.  Use :meth:`open` or :meth:`create`; close it (or use ``with``)."""
+
+    def __init__(
+        self,
+        container: Container,
+        directory: Directory,
+        slot: int,
+        headers: list[HeaderState],
+        kek: Kek | None = None,
+    ) -> None:
+        self.container = container
+        self.directory = directory
+        self.headers = headers
+        self._slot = slot
+        # Bytes of DER last written into each header area: a shorter commit
+        # must zero what a longer one left behind.
+        self._written = [h.length if h.error is None else directory.header_area for h in headers]
+        self.kek = kek
+        self._cipher: SectionCipher | None = None
+        self._data_key = b""
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def path(self) -> str:
+        return self.container.path
+
+    @property
+    def fmt(self) -> str:
+        return self.container.fmt
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        *,
+        writable: bool = False,
+        kek: Kek | None = None,
+        wait: float = 0.0,
+        fmt: str | None = None,
+    ) -> Image:
+        """Open an existing image.
+
+        :raise NotFoundError: no such file.
+        :raise ForeignImageError: the file is not an nvmgr image.
+        :raise CorruptError: both header copies damaged, or the file is truncated.
+        :raise BusyError: another nvmgr writer holds it.
+        """
+        c = open_container(path, writable=writable, wait=wait, fmt=fmt)
+        try:
+            d, slot, states = read_directory(c)
+            size = c.size()
+            if size < d.image_size:
+                raise CorruptError(
+                    f"image is truncated: {size} bytes, its directory needs {d.image_size}",
+                    image=path,
+                )
+            img = cls(c, d, slot, states, kek)
+            if writable:
+                img._finish_pending()
+            return img
+        except BaseException:
+            c.close()
+            raise
+
+    @classmethod
+    def create(
+        cls,
+        path: str,
+        specs: list[SectionSpec],
+        *,
+        fmt: str = "raw",
+        kek: Kek | None = None,
+        domain_uuid: uuid.UUID | None = None,
+        header_area: int | None = None,
+        image_uuid: uuid.UUID | None = None,
+    ) -> Image:
+        """Create a new image holding empty *specs* sections.
+
+        With *kek*, the image gets a random data key wrapped by it, and every
+        section QEMU does not read live is encrypted.
+        """
+        if kek is not None:
+            specs = [
+                dataclasses.replace(s, encrypted=True) if not s.binding.live else s for s in specs
+            ]
+        d = layout(specs, image_uuid=image_uuid, domain_uuid=domain_uuid,
+                   header_area=header_area)
+        data_key = None
+        if kek is not None:
+            from nvmgr.crypto.cipher import new_data_key
+
+            data_key = new_data_key()
+            d.key_slots = [KeySlot(kek.key_id, kek.wrap(data_key), kek.label)]
+        codec.encode_header(d)  # fails early (NoSpaceError) before any file exists
+        c = create_container(path, fmt, d.image_size)
+        states = [HeaderState(0, 0, error="new"), HeaderState(1, d.header_area, error="new")]
+        img = cls(c, d, 1, states, kek)
+        if data_key is not None:
+            from nvmgr.crypto.cipher import SectionCipher
+
+            img._data_key = data_key
+            img._cipher = SectionCipher(data_key, image=path)
+        try:
+            # Write both copies so either can stand in for the other.
+            img._commit(d)
+            img._commit(d)
+        except BaseException:
+            img.close()
+            raise
+        return img
+
+    def close(self) -> None:
+        self.container.close()
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ reading
+
+    def section(self, name: str) -> Section:
+        s = self.directory.find(name)
+        if s is None:
+            raise NotFoundError(f"no section named {name!r}", image=self.path, section=name)
+        return s
+
+    def _get_cipher(self) -> SectionCipher:
+        if self._cipher is None:
+            if self.directory.key_slots is None:
+                raise UsageError("the image is not encrypted", image=self.path)
+            if self.kek is None:
+                raise KeyRequiredError(
+                    "the image is encrypted: give the key with --key-file, --key-secret "
+                    "or --key-stdin",
+                    image=self.path,
+                )
+            from nvmgr.crypto.cipher import SectionCipher, unlock
+
+            self._data_key = unlock(self.directory.key_slots, self.kek, image=self.path)
+            self._cipher = SectionCipher(self._data_key, image=self.path)
+        return self._cipher
+
+    def _stored_crc(self, s: Section, progress: Progress | None = None) -> int:
+        crc = 0
+        done = 0
+        total = s.stored_length
+        while done < total:
+            n = min(CHUNK, total - done)
+            crc = zlib.crc32(self.container.read(s.offset + done, n), crc)
+            done += n
+            if progress:
+                progress(done, total)
+        return crc
+
+    def get(self, name: str) -> bytes:
+        """The section's payload, verified (crc32; MAC when encrypted) and decrypted.
+
+        :raise CorruptError: "section NAME is corrupted", with the reason.
+        :raise KeyRequiredError, WrongKeyError: an encrypted section without its key.
+        """
+        s = self.section(name)
+        raw = self.container.read(s.offset, s.stored_length)
+        if not (s.live and s.dirty):
+            crc = zlib.crc32(raw)
+            if crc != s.crc32:
+                raise CorruptError(
+                    f"section {name} is corrupted (crc32 {crc:08x}, directory says {s.crc32:08x})",
+                    image=self.path,
+                    section=name,
+                )
+        if s.crypto is None:
+            return raw
+        try:
+            return self._get_cipher().decrypt(name, raw, s.crypto.iv, s.crypto.mac)
+        except CorruptError as e:
+            e.image = self.path
+            raise
+
+    # ------------------------------------------------------------ writing
+
+    def _require_writable(self) -> None:
+        if not self.container.writable:
+            raise UsageError("image was opened read-only", image=self.path)
+
+    def _refuse_if_running(self, s: Section) -> None:
+        if s.live and self.fmt == "raw" and qemu_holds_write(self.path):
+            raise BusyError(
+                f"section {s.name} is live and a running QEMU holds the image; "
+                "stop the VM first",
+                image=self.path,
+                section=s.name,
+            )
+
+    def _commit(self, new: Directory) -> None:
+        """Write *new* as the next generation into the other header copy, flush."""
+        new = dataclasses.replace(new, generation=self.directory.generation + 1)
+        blob = codec.encode_header(new)
+        target = 1 - self._slot
+        pad = max(0, self._written[target] - len(blob))
+        self.container.write(target * new.header_area, blob + bytes(pad))
+        self.container.flush()
+        self._written[target] = len(blob)
+        self._slot = target
+        self.directory = new
+
+    def _copy_dir(self) -> Directory:
+        return dataclasses.replace(
+            self.directory, sections=[dataclasses.replace(s) for s in self.directory.sections]
+        )
+
+    def _write_flush(self, offset: int, data: Buffer, progress: Progress | None) -> None:
+        total = len(data)
+        view = memoryview(data)
+        for done in range(0, max(total, 1), CHUNK):
+            self.container.write(offset + done, view[done : done + CHUNK])
+            if progress:
+                progress(min(done + CHUNK, total), total)
+        self.container.flush()
+
+    def put(self, name: str, data: Buffer, *, progress: Progress | None = None) -> Section:
+        """Replace the section's payload, crash-safely (see the module docstring).
+
+        :raise NoSpaceError: *data* is larger than the section's capacity.
+        :raise BusyError: the section is live and a running QEMU holds the image.
+        """
+        self._require_writable()
+        s = self.section(name)
+        if len(data) > s.capacity:
+            raise NoSpaceError(
+                f"{len(data)} bytes do not fit section {name} (capacity {s.capacity})",
+                image=self.path,
+                section=name,
+            )
+        self._refuse_if_running(s)
+        crypto = None
+        stored: Buffer = data
+        if s.encrypted:
+            ct, iv, mac = self._get_cipher().encrypt(name, bytes(data))
+            stored, crypto = ct, SectionCrypto(iv=iv, mac=mac)
+        crc = zlib.crc32(stored)
+        new = self._copy_dir()
+        ns = new.find(name)
+        assert ns is not None
+        ns.length, ns.crc32, ns.crypto, ns.dirty = len(data), crc, crypto, False
+        if s.live:
+            home = s.offset
+            self._write_flush(new.scratch_offset, stored, progress)
+            ns.offset, ns.home = new.scratch_offset, home
+            self._commit(new)
+            self._finish_pending()
+        else:
+            assert s.spare is not None
+            self._write_flush(s.spare, stored, progress)
+            ns.offset, ns.spare = s.spare, s.offset
+            self._commit(new)
+        log.info("%s: put %d bytes into section %s", self.path, len(data), name)
+        return self.section(name)
+
+    def _finish_pending(self) -> None:
+        """Copy live sections staged in scratch to their slot; commit."""
+        pending = [s for s in self.directory.sections if s.home is not None]
+        if not pending:
+            return
+        new = self._copy_dir()
+        for s in pending:
+            assert s.home is not None
+            self._write_flush(s.home, self.container.read(s.offset, s.reserved), None)
+            ns = new.find(s.name)
+            assert ns is not None
+            ns.offset, ns.home = s.home, None
+        self._commit(new)
+
+    def add_sections(self, specs: Iterable[SectionSpec]) -> list[Section]:
+        """Add sections, growing the image; existing sections do not move."""
+        self._require_writable()
+        specs = list(specs)
+        if self.directory.encrypted:
+            specs = [
+                dataclasses.replace(s, encrypted=True) if not s.binding.live else s for s in specs
+            ]
+        new = extend(self._copy_dir(), specs)
+        codec.encode_header(dataclasses.replace(new, generation=new.generation + 1))
+        if new.image_size > self.container.size():
+            self.container.resize(new.image_size)
+        self._commit(new)
+        return [self.section(s.name) for s in specs]
+
+    def remove(self, name: str) -> None:
+        """Drop a section from the directory (its space is not reused)."""
+        self._require_writable()
+        s = self.section(name)
+        self._refuse_if_running(s)
+        new = self._copy_dir()
+        new.sections = [x for x in new.sections if x.name != name]
+        self._commit(new)
+
+    def resize_section(self, name: str, capacity: int) -> Section:
+        """Give a section a new capacity.  Non-live sections move to new slots
+        at the end of the image; live sections cannot move (QEMU's arguments
+        name their offset) and may only change within their reserved size.
+        """
+        self._require_writable()
+        s = self.section(name)
+        spec = SectionSpec(name, capacity, s.binding, s.encrypted, s.device)
+        if capacity < s.length:
+            raise NoSpaceError(
+                f"section {name} holds {s.length} bytes; cannot shrink it to {capacity}",
+                image=self.path,
+                section=name,
+            )
+        if spec.reserved <= s.reserved:
+            new = self._copy_dir()
+            ns = new.find(name)
+            assert ns is not None
+            ns.capacity = capacity
+            self._commit(new)
+            return self.section(name)
+        if s.live:
+            raise NoSpaceError(
+                f"live section {name} cannot grow past {s.reserved} bytes in place; "
+                "add a new section or redefine the domain",
+                image=self.path,
+                section=name,
+            )
+        self._refuse_if_running(s)
+        base = self._copy_dir()
+        base.sections = [x for x in base.sections if x.name != name]
+        grown = extend(base, [spec])
+        moved = grown.sections[-1]
+        moved.length, moved.crc32, moved.crypto = s.length, s.crc32, s.crypto
+        if grown.image_size > self.container.size():
+            self.container.resize(grown.image_size)
+        stored = self.container.read(s.offset, s.stored_length)
+        self._write_flush(moved.offset, stored, None)
+        # Keep the section's place in the directory order.
+        new = self._copy_dir()
+        new.sections = [moved if x.name == name else x for x in new.sections]
+        new.image_size = grown.image_size
+        new.scratch_offset, new.scratch_length = grown.scratch_offset, grown.scratch_length
+        self._commit(new)
+        return self.section(name)
+
+    def set_in_use(self, names: Iterable[str], in_use: bool) -> None:
+        """Flag live sections as in use by a running VM (their crc goes stale)."""
+        self._require_writable()
+        new = self._copy_dir()
+        changed = False
+        for name in names:
+            ns = new.find(name)
+            if ns is None:
+                raise NotFoundError(f"no section named {name!r}", image=self.path, section=name)
+            if ns.live and ns.dirty != in_use:
+                ns.dirty, changed = in_use, True
+        if changed:
+            self._commit(new)
+
+    def reseal(self, names: Iterable[str] | None = None) -> list[str]:
+        """Recompute the crc of live sections after QEMU wrote them; clear in-use.
+
+        :return: the names of the sections whose content changed.
+        """
+        self._require_writable()
+        new = self._copy_dir()
+        changed = []
+        for ns in new.sections:
+            if not ns.live or (names is not None and ns.name not in names):
+                continue
+            if not ns.length:
+                ns.length = ns.capacity
+            crc = self._stored_crc(ns)
+            if crc != ns.crc32:
+                changed.append(ns.name)
+            ns.crc32, ns.dirty = crc, False
+        self._commit(new)
+        return changed
+
+    def rekey(self, new_kek: Kek, *, keep_old: bool = False) -> None:
+        """Wrap the data key with *new_kek*; drop the current key's slot unless *keep_old*.
+
+        Section data is not rewritten.  At most 8 key slots.
+        """
+        self._require_writable()
+        self._get_cipher()
+        assert self.kek is not None and self.directory.key_slots is not None
+        slots = [k for k in self.directory.key_slots if k.key_id != new_kek.key_id]
+        if not keep_old:
+            slots = [k for k in slots if k.key_id != self.kek.key_id]
+        slots.append(KeySlot(new_kek.key_id, new_kek.wrap(self._data_key), new_kek.label))
+        if len(slots) > 8:
+            raise NoSpaceError("an image holds at most 8 key slots", image=self.path)
+        new = self._copy_dir()
+        new.key_slots = slots
+        self._commit(new)
+        self.kek = new_kek
+
+    def remove_key(self, key_id: bytes) -> None:
+        """Drop one key slot; the last slot cannot be removed."""
+        self._require_writable()
+        slots = self.directory.key_slots or []
+        left = [k for k in slots if k.key_id != key_id]
+        if len(left) == len(slots):
+            raise NotFoundError(f"no key slot with id {key_id.hex()}", image=self.path)
+        if not left:
+            raise UsageError("refusing to remove the last key slot", image=self.path)
+        new = self._copy_dir()
+        new.key_slots = left
+        self._commit(new)
+
+    # ------------------------------------------------------------ checking
+
+    def check(self, *, progress: Progress | None = None) -> CheckReport:
+        """Verify both header copies and every section's crc (and MAC with a key).
+
+        Streams: memory stays bounded by one chunk whatever the section sizes.
+        """
+        errors: list[str] = []
+        warnings: list[str] = []
+        _, _, self.headers = read_directory(self.container, verify_both=True)
+        for h in self.headers:
+            if h.error and h.error != "new":
+                warnings.append(f"header copy {'AB'[h.slot]} is unusable: {h.error}")
+        results: list[SectionCheck] = []
+        total = sum(s.stored_length for s in self.directory.sections)
+        base = 0
+
+        def sub(done: int, _n: int) -> None:
+            if progress:
+                progress(base + done, total)
+
+        for s in self.directory.sections:
+            if s.home is not None:
+                warnings.append(f"section {s.name}: a copy to its slot is pending")
+            if s.live and s.dirty:
+                results.append(SectionCheck(s.name, "unverified", "in use by a VM; crc is stale"))
+                warnings.append(f"section {s.name} is marked in use by a running VM")
+                continue
+            crc = self._stored_crc(s, sub)
+            base += s.stored_length
+            if crc != s.crc32:
+                msg = f"section {s.name} is corrupted (crc32 {crc:08x}, expected {s.crc32:08x})"
+                errors.append(msg)
+                results.append(SectionCheck(s.name, "corrupt", msg))
+                continue
+            if s.crypto is not None:
+                if self.kek is None:
+                    results.append(SectionCheck(s.name, "ok", "crc32 ok; MAC not checked (no key)"))
+                    continue
+                cipher = self._get_cipher()
+                v = cipher.verifier(s.name, s.crypto.iv)
+                for off in range(0, s.stored_length, CHUNK):
+                    v.update(self.container.read(s.offset + off, min(CHUNK, s.stored_length - off)))
+                if not v.verify(s.crypto.mac):
+                    msg = f"section {s.name} is corrupted (MAC mismatch)"
+                    errors.append(msg)
+                    results.append(SectionCheck(s.name, "corrupt", msg))
+                    continue
+                results.append(SectionCheck(s.name, "ok", "crc32 and MAC ok"))
+            else:
+                results.append(SectionCheck(s.name, "ok" if s.length else "empty", "crc32 ok"))
+        return CheckReport(self.path, self.headers, results, errors, warnings)

@@ -1,0 +1,163 @@
+"""A domain's image, provisioned from its plan: shared by define and the hook.
+
+Nothing here calls libvirt: the hook (:mod:`nvmgr.hook`) runs inside
+libvirtd's start of the domain and uses these as much as ``nvmgr define``
+(:mod:`nvmgr.virt.define`) does.
+
+- :func:`prepare_image` opens the image, creating it or growing it to hold
+  the plan, and refuses an image that belongs to another domain (a clone).
+- :func:`initial_content` says what an empty section starts with: the
+  domain's libvirt varstore, its swtpm state, or the firmware's template.
+- :func:`copy_for_clone` gives a clone its own image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nvmgr.domain.plan import Plan, PlannedSection
+from nvmgr.errors import BusyError, ExternalError, UsageError
+from nvmgr.format.layout import SectionSpec
+from nvmgr.format.model import Binding, Directory
+from nvmgr.image.convert import convert
+from nvmgr.image.image import Image
+from nvmgr.provision import staging
+from nvmgr.storage.container import probe_format
+
+if TYPE_CHECKING:
+    from nvmgr.crypto.cipher import Kek
+
+
+def refuse_luks(meta: Any) -> None:
+    """qcow2+LUKS containers are planned for, not built: say so instead of
+    defining a domain whose QEMU would wait for a key file nobody writes."""
+    if meta is not None and meta.luks:
+        raise UsageError("luks='yes': qcow2+LUKS images are not supported yet; nvmgr "
+                         "encrypts sections itself (--key-file / --key-secret)")
+
+
+def plan_with_offsets(plan: Plan, d: Directory) -> Plan:
+    """The plan with each section's offsets as the image really has them."""
+    placed = []
+    for ps in plan.sections:
+        s = d.find(ps.name)
+        if s is None:
+            raise UsageError(f"section {ps.name} is planned but not in the image")
+        placed.append(dataclasses.replace(ps, offset=s.home if s.home is not None else s.offset,
+                                          spare=s.spare, reserved=s.reserved))
+    return dataclasses.replace(plan, sections=tuple(placed), image_size=d.image_size,
+                               header_area=d.header_area, image_uuid=d.image_uuid,
+                               scratch_offset=d.scratch_offset, scratch_length=d.scratch_length,
+                               directory=d)
+
+
+def _read_firmware_file(path: str, fmt: str | None) -> bytes:
+    """A varstore file's bytes; qcow2 files are converted through qemu-img."""
+    if (fmt or probe_format(path)) != "qcow2":
+        return Path(path).read_bytes()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "vars.raw")
+        p = subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", path, out],
+                           capture_output=True, text=True, check=False)
+        if p.returncode:
+            raise ExternalError(f"cannot read {path}", detail=p.stderr)
+        return Path(out).read_bytes()
+
+
+def initial_content(dom: Any, plan: Plan, ps: PlannedSection) -> tuple[bytes, str] | None:
+    """What an empty section should start with, and where it came from."""
+    meta = dom.nvmgr
+    if ps.binding is Binding.PFLASH:
+        rec = meta.libvirt_nvram if meta else None
+        nv = dom.os.nvram if dom.os is not None else None
+        candidates = [(nv.path, nv.format) if nv is not None else (None, None),
+                      (rec.path, rec.format) if rec is not None else (None, None)]
+        for path, fmt in candidates:
+            if path and os.path.isfile(path):
+                return _read_firmware_file(path, fmt), f"imported {path}"
+        if ps.template and os.path.isfile(ps.template):
+            return _read_firmware_file(ps.template, None), f"template {ps.template}"
+        return None
+    if ps.binding is Binding.TPM and plan.domain_uuid is not None:
+        for version in ("2.0", "1.2"):
+            d = staging.tpm_state_dir(str(plan.domain_uuid), version)
+            name = staging.tpm_file_name(ps.name, version)
+            if (d / name).is_file():
+                return (d / name).read_bytes(), f"imported {d / name}"
+    return None
+
+
+def prepare_image(plan: Plan, dom: Any, *, kek: Kek | None, fmt: str,
+                  path: str) -> tuple[Image, bool, list[str]]:
+    """Open the domain's image, creating or growing it to hold the plan."""
+    specs = [SectionSpec(s.name, s.capacity, s.binding, s.encrypted, s.device)
+             for s in plan.sections]
+    meta = dom.nvmgr
+    if os.path.exists(path):
+        img = Image.open(path, writable=True, kek=kek)
+        try:
+            if meta and meta.uuid and img.directory.image_uuid != meta.uuid:
+                raise UsageError(
+                    f"{path} belongs to another image ({img.directory.image_uuid}), "
+                    f"the domain names {meta.uuid}", image=path)
+            owner = img.directory.domain_uuid
+            if owner is not None and plan.domain_uuid is not None and owner != plan.domain_uuid:
+                # A clone (virt-clone copies the XML, not the image) must never
+                # share its original's UEFI vars and TPM.
+                raise BusyError(
+                    f"the image belongs to domain {owner}, not {plan.domain_uuid} (a clone "
+                    "sharing its original's state?): run nvmgr define on this domain to "
+                    "give it its own copy", image=path, domain=plan.domain)
+            missing = [s for s in specs if img.directory.find(s.name) is None]
+            if missing:
+                img.add_sections(missing)
+            return img, False, [s.name for s in missing]
+        except BaseException:
+            img.close()
+            raise
+    os.makedirs(os.path.dirname(path) or ".", mode=0o711, exist_ok=True)
+    # Recreated for a domain that names its image (prepare found the file
+    # missing): keep the UUID the metadata records, or the next start would
+    # take its own image for a foreign one.
+    img = Image.create(path, specs, fmt=fmt, kek=kek, domain_uuid=plan.domain_uuid,
+                       image_uuid=meta.uuid if meta and meta.uuid else None)
+    return img, True, [s.name for s in specs]
+
+
+def owner_of(path: str) -> uuid.UUID | None:
+    """The domain UUID an existing image records (None: none, or no image)."""
+    if not os.path.exists(path):
+        return None
+    with Image.open(path) as img:
+        return img.directory.domain_uuid
+
+
+def copy_for_clone(src: str, dst: str, domain_uuid: uuid.UUID, kek: Kek | None) -> uuid.UUID:
+    """Copy *src* to *dst* as a new image owned by *domain_uuid*; return its image UUID.
+
+    Everything is copied except the TPM: like libvirt, whose swtpm state is
+    per domain UUID, a clone gets a fresh TPM (its own endorsement key) at
+    first start instead of a second copy of its original's identity.
+    """
+    convert(src, dst, probe_format(src))
+    new_uuid = uuid.uuid4()
+    try:
+        with Image.open(dst, writable=True, kek=kek) as img:
+            for s in img.directory.sections:
+                if s.binding is Binding.TPM and s.length:
+                    img.put(s.name, b"")
+            for _copy in "AB":  # both header copies name the new owner
+                img._commit(dataclasses.replace(img.directory, image_uuid=new_uuid,
+                                                domain_uuid=domain_uuid))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(dst)
+        raise
+    return new_uuid

@@ -1,0 +1,171 @@
+"""Staging: sections that QEMU or swtpm read as files, moved in and out of the image.
+
+- ``tpm`` sections become swtpm's state files in libvirt's state directory
+  (``/var/lib/libvirt/swtpm/<uuid>/tpm2/tpm2-00.permall`` ...), owned by the
+  swtpm user with modes 0700/0600, before libvirt starts swtpm; afterwards
+  they are collected back into the image and the staged files removed, so
+  the image is the one copy of the TPM.
+- ``fwcfg`` sections become read-only files under ``/run/nvmgr/<uuid>/``
+  (tmpfs) for QEMU's ``-fw_cfg name=...,file=...``.
+
+Writes are atomic (temporary file, fsync, rename), so swtpm never sees half
+a state file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import grp
+import os
+import pwd
+import re
+import shutil
+from pathlib import Path
+
+from nvmgr.format.model import Binding, Section
+
+SWTPM_STATE_ROOT = "/var/lib/libvirt/swtpm"
+RUNTIME_ROOT = "/run/nvmgr"
+QEMU_CONF = "/etc/libvirt/qemu.conf"
+
+
+@dataclasses.dataclass(frozen=True)
+class Users:
+    """Who QEMU and swtpm run as (``/etc/libvirt/qemu.conf``, Debian defaults)."""
+
+    qemu_user: str = "libvirt-qemu"
+    qemu_group: str = "libvirt-qemu"
+    swtpm_user: str = "tss"
+    swtpm_group: str = "tss"
+
+    @classmethod
+    def from_qemu_conf(cls, path: str = QEMU_CONF) -> Users:
+        values: dict[str, str] = {}
+        with contextlib.suppress(OSError):
+            for line in Path(path).read_text().splitlines():
+                m = re.match(r'\s*(user|group|swtpm_user|swtpm_group)\s*=\s*"([^"]*)"', line)
+                if m:
+                    values[m.group(1)] = m.group(2)
+        d = cls()
+        return cls(
+            qemu_user=values.get("user", d.qemu_user),
+            qemu_group=values.get("group", d.qemu_group),
+            swtpm_user=values.get("swtpm_user", d.swtpm_user),
+            swtpm_group=values.get("swtpm_group", d.swtpm_group),
+        )
+
+
+def _ids(user: str, group: str) -> tuple[int, int]:
+    """uid/gid for names or ``+N`` numbers; -1 (unchanged) when unknown."""
+    def one(name: str, lookup: object) -> int:
+        if name.startswith("+") and name[1:].isdigit():
+            return int(name[1:])
+        try:
+            return int(lookup(name)[2])  # type: ignore[operator]
+        except KeyError:
+            return -1
+    return one(user, pwd.getpwnam), one(group, grp.getgrnam)
+
+
+def write_atomic(path: Path, data: bytes, *, owner: tuple[int, int], mode: int = 0o600) -> None:
+    tmp = path.with_name(f".{path.name}.nvmgr-tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    try:
+        os.fchown(fd, *owner)
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _ensure_dir(path: Path, owner: tuple[int, int], mode: int) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink():
+        raise OSError(f"{path} is a symbolic link")
+    os.chown(path, *owner)
+    os.chmod(path, mode)
+
+
+# ---------------------------------------------------------------- tpm
+
+def tpm_state_dir(domain_uuid: str, version: str = "2.0",
+                  root: str = SWTPM_STATE_ROOT) -> Path:
+    return Path(root) / domain_uuid / ("tpm2" if version == "2.0" else "tpm1.2")
+
+
+def tpm_file_name(section: str, version: str = "2.0") -> str:
+    """``tpm-permall`` -> ``tpm2-00.permall`` (swtpm's file naming)."""
+    blob = section.rsplit("-", 1)[-1]
+    return f"{'tpm2' if version == '2.0' else 'tpm'}-00.{blob}"
+
+
+def tpm_sections(sections: list[Section]) -> list[Section]:
+    return [s for s in sections if s.binding is Binding.TPM]
+
+
+def stage_tpm(state_dir: Path, blobs: dict[str, bytes], users: Users) -> list[str]:
+    """Write swtpm state files; return the file names written."""
+    owner = _ids(users.swtpm_user, users.swtpm_group)
+    _ensure_dir(state_dir, owner, 0o700)
+    written = []
+    for name, data in blobs.items():
+        write_atomic(state_dir / name, data, owner=owner)
+        written.append(name)
+    return written
+
+
+def read_tpm(state_dir: Path, names: list[str]) -> dict[str, bytes]:
+    """The state files that exist, by file name."""
+    out = {}
+    for name in names:
+        p = state_dir / name
+        if p.is_file() and not p.is_symlink():
+            out[name] = p.read_bytes()
+    return out
+
+
+def wipe_tpm(state_dir: Path, names: list[str]) -> None:
+    """Remove staged state files (overwritten with zeros first)."""
+    for name in names:
+        p = state_dir / name
+        if p.is_file() and not p.is_symlink():
+            with contextlib.suppress(OSError):
+                size = p.stat().st_size
+                with open(p, "r+b") as f:
+                    f.write(bytes(size))
+                    f.flush()
+                    os.fsync(f.fileno())
+            p.unlink()
+
+
+# ---------------------------------------------------------------- fw_cfg / runtime
+
+def runtime_dir(domain_uuid: str, root: str = RUNTIME_ROOT) -> Path:
+    return Path(root) / domain_uuid
+
+
+def stage_runtime(domain_uuid: str, files: dict[str, bytes], users: Users,
+                  root: str = RUNTIME_ROOT) -> list[str]:
+    """Files QEMU reads at start (fw_cfg blobs), 0600, owned by the QEMU user."""
+    owner = _ids(users.qemu_user, users.qemu_group)
+    d = runtime_dir(domain_uuid, root)
+    _ensure_dir(Path(root), (0, 0), 0o755)
+    _ensure_dir(d, owner, 0o700)
+    for name, data in files.items():
+        write_atomic(d / name, data, owner=owner)
+    return sorted(files)
+
+
+def remove_runtime(domain_uuid: str, root: str = RUNTIME_ROOT) -> None:
+    shutil.rmtree(runtime_dir(domain_uuid, root), ignore_errors=True)
+
+
+def hand_to_qemu(image: str, users: Users) -> None:
+    """QEMU opens the image itself (libvirt does not chown qemu:commandline files)."""
+    os.chown(image, *_ids(users.qemu_user, users.qemu_group))
+    os.chmod(image, 0o600)

@@ -1,0 +1,233 @@
+"""``nvmgr define`` and ``nvmgr undefine``: a domain and its image, together.
+
+define: plan the domain's sections, create the image (or open and grow the
+one it already has), fill empty sections from what the domain already owns
+(its libvirt ``<nvram>`` file, its swtpm state, else the firmware's vars
+template), rewrite the XML so QEMU sees each section, and define it through
+libvirt.  Running it again on the same domain changes nothing: sections that
+hold data are never overwritten, offsets never move.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from nvmgr.crypto import keys
+from nvmgr.domain.domainxml import NVMGR_NS, NvmgrMetadata, parse_domain
+from nvmgr.domain.plan import default_image_path, plan_for
+from nvmgr.domain.qemuargs import rewrite_domain
+from nvmgr.errors import InvalidInputError, KeyRequiredError, NvmgrError, UsageError
+from nvmgr.provision.prepare import (
+    copy_for_clone,
+    initial_content,
+    owner_of,
+    plan_with_offsets,
+    prepare_image,
+    refuse_luks,
+)
+from nvmgr.storage.container import probe_format
+from nvmgr.virt import conn as virt
+from nvmgr.virt import secrets
+
+if TYPE_CHECKING:
+    from nvmgr.crypto.cipher import Kek
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class DefineResult:
+    domain: str
+    image: str
+    image_uuid: str
+    created: bool
+    added: list[str]
+    imported: dict[str, str]
+    xml: str
+
+    def to_json(self) -> dict[str, object]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "xml"}
+
+
+def define(xml_text: str, *, uri: str | None = None, fmt: str | None = None,
+           image: str | None = None, kek: Kek | None = None,
+           key_file: str | None = None, key_secret: str | None = None,
+           dry_run: bool = False) -> DefineResult:
+    """Plan, create or grow the image, rewrite and define the domain.
+
+    :raise InvalidInputError: hostile or malformed XML; libvirt refuses it.
+    :raise BusyError: the domain is running (its image would change under it).
+    """
+    dom = parse_domain(xml_text)
+    if not dom.name:
+        raise InvalidInputError("the domain XML has no <name>")
+    if dom.uuid is None:
+        # libvirt would invent one at define; nvmgr needs it before (swtpm, fw_cfg paths).
+        dom.uuid = uuid.uuid4()
+        xml_text = dom.to_xml()
+        dom = parse_domain(xml_text)
+    meta = dom.nvmgr
+    if key_file or key_secret:
+        xml_text = _with_key_source(dom, key_file, key_secret)
+        dom = parse_domain(xml_text)
+        meta = dom.nvmgr
+    refuse_luks(meta)
+    name = dom.name
+    if not name:
+        raise InvalidInputError("the domain XML has no <name>")
+    cloned_from = None
+    if meta and meta.image and dom.uuid is not None and image is None:
+        owner = owner_of(meta.image)
+        if owner is not None and owner != dom.uuid:
+            # The XML is a clone's (virt-clone, or copied by hand): give it its own image.
+            own = default_image_path(name)
+            if os.path.abspath(own) == os.path.abspath(meta.image):
+                raise UsageError(f"{meta.image} belongs to domain {owner}; give this domain "
+                                 "its own image with --image PATH", domain=name)
+            if not dry_run:
+                new_uuid = copy_for_clone(meta.image, own, dom.uuid, kek)
+                cloned_from = meta.image
+                dom.set_nvmgr(dataclasses.replace(meta, image=own, uuid=new_uuid))
+                xml_text = dom.to_xml()
+                dom = parse_domain(xml_text)
+                meta = dom.nvmgr
+    plan = plan_for(dom, encrypted=kek is not None)
+    path = os.path.abspath(image or (meta.image if meta and meta.image else plan.image))
+    fmt = fmt or (meta.format if meta and meta.format else None) or (
+        probe_format(path) if os.path.exists(path) else "raw")
+    if dry_run:
+        return DefineResult(name, path, "", not os.path.exists(path), [], {}, xml_text)
+    if virt.exists(name, uri):
+        virt.require_inactive(name, uri, what="redefining it with nvmgr")
+    img, created, added = prepare_image(plan, dom, kek=kek, fmt=fmt, path=path)
+    imported: dict[str, str] = {}
+    try:
+        if img.directory.encrypted and not (meta and meta.encrypted):
+            # Defining it without a key source would leave a domain that cannot start.
+            raise KeyRequiredError(
+                f"{path} is encrypted: define the domain with --key-file or --key-secret "
+                "(the domain's nvmgr metadata names no key)", image=path)
+        for ps in plan.sections:
+            if img.section(ps.name).length:
+                continue
+            got = initial_content(dom, plan, ps)
+            if got is not None:
+                img.put(ps.name, got[0])
+                imported[ps.name] = got[1]
+        placed = plan_with_offsets(plan, img.directory)
+        image_uuid = img.directory.image_uuid
+    finally:
+        img.close()
+    try:
+        new_xml = rewrite_domain(xml_text, placed, path, fmt, image_uuid)
+        name = virt.define(new_xml, uri)
+    except BaseException:
+        if created:  # nothing written when the domain is refused
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
+    log.info("defined %s with image %s (%s)", name, path, ", ".join(added) or "no new sections")
+    if cloned_from:
+        imported["*"] = f"copied from {cloned_from} (a clone: fresh TPM)"
+    return DefineResult(name, path, str(image_uuid), created or bool(cloned_from), added,
+                        imported, new_xml)
+
+
+def _with_key_source(dom: Any, key_file: str | None, key_secret: str | None) -> str:
+    meta = dom.nvmgr or NvmgrMetadata()
+    meta = dataclasses.replace(
+        meta,
+        key_file=os.path.abspath(key_file) if key_file else None,
+        key_secret=uuid.UUID(key_secret) if key_secret else None,
+    )
+    dom.set_nvmgr(meta)
+    xml: str = dom.to_xml()
+    return xml
+
+
+def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
+             remove_nvram: bool = False) -> dict[str, object]:
+    """Undefine a domain; keep or remove its nvmgr image, as virsh does for ``<nvram>``.
+
+    :raise UsageError: the domain has an image and neither flag was given.
+    :raise BusyError: removing the image of a running domain.
+    """
+    if keep_nvram and remove_nvram:
+        raise UsageError("--keep-nvram and --remove-nvram exclude each other")
+    xml = virt.domain_xml(name, uri)
+    dom = parse_domain(xml)
+    meta = dom.nvmgr
+    image = meta.image if meta else None
+    if image and os.path.exists(image) and not (keep_nvram or remove_nvram):
+        raise UsageError(
+            f"the domain's state is in {image}: undefine with --keep-nvram or --remove-nvram",
+            domain=name)
+    if remove_nvram and image:
+        virt.require_inactive(name, uri, what="removing its image")
+    # The image holds the TPM; libvirt's swtpm directory only stages it.  It
+    # goes with the image, and stays (as virsh's --keep-tpm) otherwise.
+    virt.undefine(name, uri, remove_tpm=remove_nvram)
+    removed = False
+    if remove_nvram and image and os.path.exists(image):
+        os.unlink(image)
+        removed = True
+    return {"domain": name, "image": image, "image_removed": removed}
+
+
+
+def _kek_from_metadata(meta: Any, uri: str | None) -> Kek | None:
+    """The key a domain's metadata names (outside a hook libvirt may be asked)."""
+    if meta is None:
+        return None
+    if meta.key_file:
+        return keys.load_key_file(meta.key_file)
+    if meta.key_secret:
+        return secrets.load_libvirt_secret(str(meta.key_secret), uri)
+    return None
+
+
+@dataclasses.dataclass
+class ReconcileResult:
+    domain: str
+    status: str  # reconciled | unchanged | running | not-nvmgr
+    added: list[str] = dataclasses.field(default_factory=list)
+
+    def to_json(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def reconcile(name: str, *, uri: str | None = None) -> ReconcileResult:
+    """Bring a domain changed elsewhere (``virsh edit``, virt-manager) back in line.
+
+    Re-runs :func:`define` on the domain's persistent XML: sections a new
+    device or metadata entry needs are added, QEMU arguments and the
+    stateless loader restored.  Running domains are left alone (their image
+    is in use); domains without nvmgr metadata are not touched.
+    """
+    before = virt.domain_xml(name, uri)
+    dom = parse_domain(before)
+    if dom.nvmgr is None or not dom.nvmgr.image:
+        return ReconcileResult(name, "not-nvmgr")
+    if virt.is_active(name, uri):
+        return ReconcileResult(name, "running")
+    res = define(before, uri=uri, kek=_kek_from_metadata(dom.nvmgr, uri))
+    after = virt.domain_xml(name, uri)
+    changed = res.added or after != before
+    return ReconcileResult(name, "reconciled" if changed else "unchanged", res.added)
+
+
+def nvmgr_domains(uri: str | None = None) -> list[str]:
+    """Names of the persistent domains that carry nvmgr metadata."""
+    out = []
+    for name in virt.defined_domains(uri):
+        try:
+            if NVMGR_NS in virt.domain_xml(name, uri):
+                out.append(name)
+        except NvmgrError:
+            continue
+    return out

@@ -1,0 +1,62 @@
+"""libvirt secrets as key-encryption keys, through the libvirt API.
+
+The only key source that calls libvirt; it lives beside the other libvirt
+calls so that nothing below this package (the hook above all) can reach
+libvirt by accident.  The hook reads libvirt's on-disk store instead
+(:func:`nvmgr.crypto.keys.load_libvirt_secret_file`).
+"""
+
+from __future__ import annotations
+
+from nvmgr.crypto.cipher import Kek
+from nvmgr.crypto.keys import _check_uuid, _parse_material
+from nvmgr.errors import ExternalError, NotFoundError
+
+
+def load_libvirt_secret(secret_uuid: str, uri: str | None = None) -> Kek:
+    """Load a key-encryption key from a libvirt secret through the libvirt API.
+
+    The secret's value must be 32 raw bytes or 64 hex digits.  Reading a
+    value needs a read-write connection (``virsh secret-get-value`` rules),
+    so this calls ``libvirt.open``; secrets defined ``private='yes'`` cannot
+    be read this way at all.
+
+    :param secret_uuid: the secret's UUID.
+    :param uri: the libvirt connection URI; None for libvirt's default.
+    :return: the key, labelled ``"libvirt-secret:<uuid>"``.
+    :raise UsageError: *secret_uuid* is not a UUID, or the value does not hold
+        a key in either form.
+    :raise NotFoundError: no such secret, or it has no value.
+    :raise ExternalError: libvirt-python is missing, the connection failed,
+        or libvirt refused (e.g. a private secret).
+    """
+    u = _check_uuid(secret_uuid)
+    what = f"libvirt secret {u}"
+    try:
+        import libvirt
+    except ImportError:
+        raise ExternalError(f"cannot read {what}: the libvirt Python module is missing") from None
+
+    where = f" at {uri}" if uri else ""
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as e:
+        raise ExternalError(f"cannot connect to libvirt{where}", detail=str(e)) from None
+    try:
+        try:
+            secret = conn.secretLookupByUUIDString(u)
+            value = secret.value()
+        except libvirt.libvirtError as e:
+            if e.get_error_code() == libvirt.VIR_ERR_NO_SECRET:
+                raise NotFoundError(
+                    f"{what} does not exist or has no value{where} ({e.get_error_message()})"
+                ) from None
+            raise ExternalError(f"cannot read {what}{where}", detail=str(e)) from None
+    finally:
+        try:
+            conn.close()
+        except libvirt.libvirtError:
+            pass
+    if not isinstance(value, bytes | bytearray):
+        raise ExternalError(f"cannot read {what}{where}: libvirt returned no bytes")
+    return Kek(_parse_material(bytes(value), what), label=f"libvirt-secret:{u}")
