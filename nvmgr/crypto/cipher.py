@@ -2,7 +2,7 @@
 
 An encrypted image has one random 32-byte *data key*.  Each key-encryption key
 (:class:`Kek`) that may open the image wraps the data key with RFC 3394 AES key
-wrap into a key slot (``schemas/nvmgr.format.asn1``, ``KeySlot``); the slot is named
+wrap into a key slot (``schemas/nvmgr.asn1``, ``KeySlot``); the slot is named
 by the KEK's *key id* so the right slot is found without trial decryption.
 
 Sections are encrypted with scheme ``aes256CbcHmacSha256``

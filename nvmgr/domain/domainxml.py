@@ -50,11 +50,11 @@ import dataclasses
 import re
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Generic, TypeVar, overload
 
 from lxml import etree
 
+from nvmgr import resources
 from nvmgr.errors import InvalidInputError, UsageError
 from nvmgr.format.layout import MAX_SECTION_SIZE
 from nvmgr.format.model import Binding, check_name
@@ -83,10 +83,6 @@ _DRIVER_RE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 
 _FORBIDDEN_MARKUP = re.compile(rb"<!\s*(DOCTYPE|ENTITY)", re.IGNORECASE)
 _XML_DECL_ENCODING = re.compile(rb"""^<\?xml[^>]*\bencoding\s*=\s*["']([^"']*)["']""")
-_SCHEMA_PATHS = (
-    Path(__file__).resolve().parents[2] / "schemas" / "nvmgr-metadata.rng",
-    Path(__file__).resolve().parent / "data" / "nvmgr-metadata.rng",
-)
 
 UUID = uuid.UUID
 T = TypeVar("T")
@@ -585,16 +581,8 @@ _RNG: etree.RelaxNG | None = None
 def _schema() -> etree.RelaxNG:
     global _RNG
     if _RNG is None:
-        for path in _SCHEMA_PATHS:
-            if path.exists():
-                _RNG = etree.RelaxNG(etree.parse(str(path), _parser()))
-                break
-        else:
-            raise UsageError(
-                "nvmgr-metadata.rng not found (looked in "
-                + ", ".join(str(p) for p in _SCHEMA_PATHS)
-                + ")"
-            )
+        path = resources.data_path(resources.METADATA_SCHEMA)
+        _RNG = etree.RelaxNG(etree.parse(str(path), _parser()))
     return _RNG
 
 

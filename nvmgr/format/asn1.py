@@ -1,6 +1,6 @@
 """pyasn1 types for the nvmgr directory.
 
-Mirrors ``schemas/nvmgr.format.asn1`` (module NVMGR-Directory-2026) name for name;
+Mirrors ``schemas/nvmgr.asn1`` (module NVMGR-Directory-2026) name for name;
 that file is the specification.  This module only declares types: encoding,
 strict decoding and the conversion to the plain model live in
 :mod:`nvmgr.format.codec`.  Together with :mod:`nvmgr.format.codec` it is the only place

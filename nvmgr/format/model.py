@@ -1,6 +1,6 @@
 """The directory model: plain data, no I/O, no codecs.
 
-A :class:`Directory` is what one header copy holds (``schemas/nvmgr.format.asn1``,
+A :class:`Directory` is what one header copy holds (``schemas/nvmgr.asn1``,
 type ``Directory``); a :class:`Section` is one named blob.  Edits that keep
 the layout valid are methods here; :mod:`nvmgr.format.codec` turns the model into
 DER and back, :mod:`nvmgr.image.image` does the I/O.

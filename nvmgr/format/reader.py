@@ -9,7 +9,7 @@ requires the same verdict and the same model (``tests/test_codec.py``).
 
 The caller runs :func:`nvmgr.format.der.walk` first (lengths, minimal integers,
 BOOLEAN, BIT STRING and primitive-form rules, depth, trailing bytes); this
-module enforces the schema of ``schemas/nvmgr.format.asn1``: every field's tag in
+module enforces the schema of ``schemas/nvmgr.asn1``: every field's tag in
 order, no extra or missing elements, sizes and ranges, UTF-8, the named-bit
 canonical form of the section flags, and version 1 (no extensions).
 """

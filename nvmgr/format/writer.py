@@ -78,7 +78,7 @@ def _section(s: Section) -> bytes:
 
 
 def encode_directory(d: Directory) -> bytes:
-    """The DER of ``Directory`` (schemas/nvmgr.format.asn1) for *d*."""
+    """The DER of ``Directory`` (schemas/nvmgr.asn1) for *d*."""
     parts = [
         tlv(OID, _FORMAT),
         integer(d.version),

@@ -246,7 +246,7 @@ def release(ctx: HookContext) -> str:
         if found:
             # Only writing state back needs the key.  Without it the staged
             # files stay where they are and the next prepare recovers them.
-            img.kek = ctx.kek()
+            img.use_key(ctx.kek())
         collected = _collect_tpm(img, found, version)
         staging.wipe_tpm(state_dir, names)
     staging.remove_runtime(ctx.uuid, ctx.runtime_root)

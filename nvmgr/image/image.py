@@ -598,6 +598,25 @@ class Image:
         self._commit(new)
         return changed
 
+    def use_key(self, kek: Kek | None) -> None:
+        """Read and write encrypted sections with *kek* from now on (checked at first use)."""
+        self.kek = kek
+        self._cipher = None
+        self._data_key = b""
+
+    def reassign(self, *, image_uuid: uuid.UUID, domain_uuid: uuid.UUID | None) -> None:
+        """Give the image a new identity and owner (a clone's copy), in both header copies.
+
+        Two commits, so that the older copy, which a torn later commit would
+        fall back to, names the new owner too.
+        """
+        self._require_writable()
+        for _copy in "AB":
+            new = self._copy_dir()
+            new.image_uuid = image_uuid
+            new.domain_uuid = domain_uuid
+            self._commit(new)
+
     def rekey(self, new_kek: Kek, *, keep_old: bool = False) -> None:
         """Wrap the data key with *new_kek*; drop the current key's slot unless *keep_old*.
 

@@ -153,9 +153,7 @@ def copy_for_clone(src: str, dst: str, domain_uuid: uuid.UUID, kek: Kek | None) 
             for s in img.directory.sections:
                 if s.binding is Binding.TPM and s.length:
                     img.put(s.name, b"")
-            for _copy in "AB":  # both header copies name the new owner
-                img._commit(dataclasses.replace(img.directory, image_uuid=new_uuid,
-                                                domain_uuid=domain_uuid))
+            img.reassign(image_uuid=new_uuid, domain_uuid=domain_uuid)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(dst)
