@@ -190,6 +190,38 @@ def test_rekey_replaces_the_key_without_rewriting_section_data(tmp_path: Path) -
         img.get("tpm-permall")
 
 
+def test_rekey_needs_an_encrypted_image_and_its_key(tmp_path: Path) -> None:
+    # Errors with context, not asserts (which python -O would strip).
+    plain, enc = str(tmp_path / "plain.nvram"), str(tmp_path / "enc.nvram")
+    Image.create(plain, specs()).close()
+    Image.create(enc, specs(), kek=kek()).close()
+    with Image.open(plain, writable=True) as img:
+        with pytest.raises(UsageError, match="not encrypted") as ei:
+            img.rekey(kek())
+        assert ei.value.image == plain
+    with Image.open(enc, writable=True) as img:
+        with pytest.raises(KeyRequiredError) as kei:
+            img.rekey(kek())
+        assert kei.value.image == enc
+
+
+def test_put_refuses_a_section_without_a_spare_slot(tmp_path: Path) -> None:
+    # A valid directory may list a non-live section without its second slot;
+    # put has nowhere crash-safe to write and says so.
+    path = str(tmp_path / "vm.nvram")
+    with Image.create(path, specs()) as img:
+        new = img._copy_dir()
+        ns = new.find("nic0-eeprom")
+        assert ns is not None
+        ns.spare = None
+        img._commit(new)
+    with Image.open(path, writable=True) as img:
+        with pytest.raises(CorruptError, match="section nic0-eeprom has no spare slot") as ei:
+            img.put("nic0-eeprom", b"x")
+        assert (ei.value.image, ei.value.section) == (path, "nic0-eeprom")
+        assert img.get("nic0-eeprom") == b""
+
+
 def test_two_key_slots_for_rotation(tmp_path: Path) -> None:
     path = str(tmp_path / "vm.nvram")
     a, b = kek(), kek()

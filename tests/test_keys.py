@@ -98,8 +98,10 @@ def test_key_file_missing(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError) as ei:
         keys.load_key_file(path)
     assert path in str(ei.value)
-    with pytest.raises(NotFoundError):
+    assert isinstance(ei.value.__cause__, FileNotFoundError)  # the cause is kept
+    with pytest.raises(NotFoundError) as ei:
         keys.load_key_file(str(tmp_path / "nope" / "deeper"))
+    assert isinstance(ei.value.__cause__, OSError)
 
 
 def test_key_file_not_regular(tmp_path: Path) -> None:
@@ -264,6 +266,10 @@ def test_secret_file_bad_base64(tmp_path: Path) -> None:
         keys.load_libvirt_secret_file(SECRET_UUID, str(tmp_path))
     assert_no_leak(ei.value, stored[:32])
     assert stored[:20].decode() not in str(ei.value)
+    # The cause is kept (a traceback shows it): it must not leak either.
+    assert ei.value.__cause__ is not None
+    assert_no_leak(ei.value.__cause__, stored[:32])
+    assert stored[:20].decode() not in str(ei.value.__cause__)
 
 
 BAD_UUIDS = [

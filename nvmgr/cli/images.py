@@ -318,7 +318,10 @@ def cmd_dump(args: argparse.Namespace) -> Result:
             with open(args.der, "wb") as f:
                 f.write(blob)
         if args.asn1:
-            return {"_text": codec.value_notation(d)}
+            # pyasn1 renders the value notation: the one command that loads it.
+            from nvmgr.format import asn1
+
+            return {"_text": asn1.value_notation(d)}
         r: Result = d.to_json()
         r["headers"] = [h.__dict__ for h in img.headers]
         return r

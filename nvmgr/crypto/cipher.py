@@ -19,15 +19,15 @@ Sections are encrypted with scheme ``aes256CbcHmacSha256``
   section name means a ciphertext moved to another section fails to verify.
 
 The MAC is always checked (in constant time) before any byte is decrypted by
-:meth:`SectionCipher.decrypt`.  For sections too large to hold in memory,
-:meth:`SectionCipher.verifier` checks the MAC in a streaming pass and
-:meth:`SectionCipher.decryptor` decrypts in a second pass.
+:meth:`SectionCipher.decrypt`, the only way to decrypt: no plaintext leaves
+this module unauthenticated.  :meth:`SectionCipher.verifier` checks a MAC in
+a streaming pass without decrypting (``nvmgr check`` on large sections).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import NoReturn
 
 from cryptography.exceptions import InvalidSignature
@@ -52,7 +52,6 @@ __all__ = [
     "WRAPPED_KEY_LEN",
     "Kek",
     "SectionCipher",
-    "SectionDecryptor",
     "SectionEncryptor",
     "SectionVerifier",
     "new_data_key",
@@ -77,8 +76,6 @@ _KEY_ID_INFO = b"nvmgr-kek-id-v1"
 _ENC_INFO = b"nvmgr-v1 section encryption"
 _MAC_INFO = b"nvmgr-v1 section mac"
 _MAC_PREFIX = b"nvmgr-v1\0"
-
-_CorruptFactory = Callable[[str], CorruptError]
 
 
 def new_data_key() -> bytes:
@@ -153,8 +150,8 @@ class Kek:
             raise CorruptError(f"wrapped key must be {WRAPPED_KEY_LEN} bytes (got {len(wrapped)})")
         try:
             return aes_key_unwrap(self.__key, bytes(wrapped))
-        except InvalidUnwrap:
-            raise WrongKeyError(f"key {self.key_id.hex()} does not unwrap this data key") from None
+        except InvalidUnwrap as e:
+            raise WrongKeyError(f"key {self.key_id.hex()} does not unwrap this data key") from e
 
 
 def unlock(slots: Sequence[KeySlot], kek: Kek, *, image: str | None = None) -> bytes:
@@ -274,8 +271,8 @@ class SectionCipher:
         unpadder = padding.PKCS7(128).unpadder()
         try:
             return unpadder.update(padded) + unpadder.finalize()
-        except ValueError:
-            raise self._corrupt(name, "bad padding") from None
+        except ValueError as e:
+            raise self._corrupt(name, "bad padding") from e
 
     # -- streaming ------------------------------------------------------
 
@@ -304,41 +301,14 @@ class SectionCipher:
         iv = os.urandom(IV_LEN)
         return SectionEncryptor(iv, self._cipher(iv), self._mac(bname, iv))
 
-    def decryptor(self, name: str, iv: bytes, mac: bytes) -> SectionDecryptor:
-        """Start a streaming decryption of section *name*.
-
-        .. warning::
-           :meth:`SectionDecryptor.update` releases plaintext before the MAC
-           over the whole ciphertext has been seen.  Callers **must** first
-           check the whole ciphertext with :meth:`verifier` and only then
-           decrypt it with a decryptor.  :meth:`SectionDecryptor.finalize`
-           checks the MAC again (the bytes may have changed between the passes)
-           and raises if it fails; discard everything already produced then.
-
-        :param name: the section name.
-        :param iv: the section's IV.
-        :param mac: the section's MAC.
-        :raise CorruptError: *iv* is not 16 bytes.
-        :raise UsageError: *name* is empty or contains NUL.
-        """
-        ver = self.verifier(name, iv)
-        return SectionDecryptor(
-            self._cipher(bytes(iv)),
-            ver,
-            bytes(mac),
-            lambda why: self._corrupt(name, why),
-        )
-
 
 class SectionVerifier:
     """Streaming MAC check; made by :meth:`SectionCipher.verifier`. Single use."""
 
-    __slots__ = ("_h", "length")
+    __slots__ = ("_h",)
 
     def __init__(self, h: hmac.HMAC) -> None:
         self._h = h
-        #: Ciphertext bytes seen so far.
-        self.length = 0
 
     def update(self, chunk: bytes) -> None:
         """Feed the next chunk of ciphertext.
@@ -347,7 +317,6 @@ class SectionVerifier:
         :raise cryptography.exceptions.AlreadyFinalized: after :meth:`verify`.
         """
         self._h.update(chunk)
-        self.length += len(chunk)
 
     def verify(self, mac: bytes) -> bool:
         """Compare, in constant time, the MAC of everything fed with *mac*.
@@ -398,56 +367,6 @@ class SectionEncryptor:
         out = self._enc.update(self._pad.finalize()) + self._enc.finalize()
         self._mac.update(out)
         return out, self._mac.finalize()
-
-
-class SectionDecryptor:
-    """Streaming decryption; made by :meth:`SectionCipher.decryptor`. Single use.
-
-    Verify the whole ciphertext with :meth:`SectionCipher.verifier` before
-    using any plaintext this returns.
-    """
-
-    __slots__ = ("_corrupt", "_dec", "_mac", "_unpad", "_ver")
-
-    def __init__(
-        self,
-        cipher: Cipher[modes.CBC],
-        ver: SectionVerifier,
-        mac: bytes,
-        corrupt: _CorruptFactory,
-    ) -> None:
-        self._dec = cipher.decryptor()
-        self._unpad = padding.PKCS7(128).unpadder()
-        self._ver = ver
-        self._mac = mac
-        self._corrupt = corrupt
-
-    def update(self, chunk: bytes) -> bytes:
-        """Decrypt the next chunk of ciphertext.
-
-        :param chunk: any number of bytes.
-        :return: plaintext so far (the last block is held back for unpadding).
-            Not yet authenticated.
-        :raise cryptography.exceptions.AlreadyFinalized: after :meth:`finalize`.
-        """
-        self._ver.update(chunk)
-        return self._unpad.update(self._dec.update(chunk))
-
-    def finalize(self) -> bytes:
-        """Check the MAC over everything fed, then return the last plaintext.
-
-        :return: the final plaintext bytes.
-        :raise CorruptError: the MAC does not match (discard all plaintext
-            returned so far), or the length or padding is wrong.
-        """
-        if not self._ver.verify(self._mac):
-            raise self._corrupt("MAC mismatch")
-        if not self._ver.length or self._ver.length % _BLOCK:
-            raise self._corrupt("bad length")
-        try:
-            return self._unpad.update(self._dec.finalize()) + self._unpad.finalize()
-        except ValueError:
-            raise self._corrupt("bad padding") from None
 
 
 def _hkdf(key: bytes, info: bytes) -> bytes:

@@ -79,17 +79,17 @@ def _open_regular(path: str, what: str) -> tuple[int, os.stat_result]:
     try:
         # O_NONBLOCK: a FIFO must not hang the open; no effect on regular files.
         fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise NotFoundError(f"{what} does not exist") from None
+    except FileNotFoundError as e:
+        raise NotFoundError(f"{what} does not exist") from e
     except OSError as e:
         if e.errno in (errno.ENOTDIR, errno.ELOOP):
-            raise NotFoundError(f"{what} does not exist") from None
-        raise NvmgrError(f"cannot open {what}: {e.strerror}") from None
+            raise NotFoundError(f"{what} does not exist") from e
+        raise NvmgrError(f"cannot open {what}: {e.strerror}") from e
     try:
         st = os.fstat(fd)
     except OSError as e:
         os.close(fd)
-        raise NvmgrError(f"cannot read {what}: {e.strerror}") from None
+        raise NvmgrError(f"cannot read {what}: {e.strerror}") from e
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         raise UsageError(f"{what} is not a regular file")
@@ -119,7 +119,7 @@ def load_key_file(path: str) -> Kek:
         try:
             data = _read_at_most(fd, _MAX_READ)
         except OSError as e:
-            raise NvmgrError(f"cannot read {what}: {e.strerror}") from None
+            raise NvmgrError(f"cannot read {what}: {e.strerror}") from e
     finally:
         os.close(fd)
     return Kek(_parse_material(data, what), label="file")
@@ -150,7 +150,7 @@ def load_key_stream(stream: BinaryIO, what: str = "standard input", label: str =
             chunks.append(bytes(chunk))
             got += len(chunk)
     except OSError as e:
-        raise NvmgrError(f"cannot read key from {what}: {e.strerror}") from None
+        raise NvmgrError(f"cannot read key from {what}: {e.strerror}") from e
     return Kek(_parse_material(b"".join(chunks), f"key from {what}"), label=label)
 
 
@@ -194,11 +194,11 @@ def load_libvirt_secret_file(secret_uuid: str, secrets_dir: str = DEFAULT_SECRET
         # base64 of 64 hex digits + newline is 88 bytes; allow whitespace.
         data = _read_at_most(fd, _MAX_READ)
     except OSError as e:
-        raise NvmgrError(f"cannot read {path}: {e.strerror}") from None
+        raise NvmgrError(f"cannot read {path}: {e.strerror}") from e
     finally:
         os.close(fd)
     try:
         raw = base64.b64decode(data.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise UsageError(f"value file {path} of {what} is not valid base64") from None
+    except (binascii.Error, ValueError) as e:
+        raise UsageError(f"value file {path} of {what} is not valid base64") from e
     return Kek(_parse_material(raw, what), label=f"libvirt-secret:{u}")

@@ -1,8 +1,7 @@
 """A strict X.690 DER reader, schema-free.
 
-pyasn1's decoder returns trailing bytes instead of rejecting them and accepts
-BER forms that DER forbids.  Before any pyasn1 decoding nvmgr walks the bytes
-here and rejects, with a message naming the offset:
+The first layer of decoding a header copy, before the schema: nvmgr walks
+the bytes here and rejects, with a message naming the offset:
 
 - indefinite lengths, non-minimal lengths, lengths past the buffer;
 - multi-byte tag numbers beyond a small bound, constructed forms of
@@ -14,8 +13,9 @@ here and rejects, with a message naming the offset:
 - trailing data after the outermost value (only zero padding may follow when
   the caller says so).
 
-Schema rules (which fields, which order, which sizes) are enforced after
-decoding by :mod:`nvmgr.format.codec`, which re-encodes and compares byte for byte.
+Schema rules (which fields, which order, which sizes, the INTEGER rule for
+context-tagged values, which this walker cannot recognise) are the job of
+:mod:`nvmgr.format.reader`; :func:`nvmgr.format.codec.decode_header` runs both.
 """
 
 from __future__ import annotations
@@ -80,17 +80,30 @@ def _read_tag(buf: bytes | memoryview, pos: int, end: int) -> tuple[int, bool, i
     return cls, constructed, number, pos
 
 
+def integer_defect(content: bytes | memoryview) -> str | None:
+    """What makes *content* an invalid DER INTEGER (or ENUMERATED), or None.
+
+    X.690 8.3: at least one octet, and the first nine bits not all equal.
+    The one place this rule is written; :mod:`nvmgr.format.reader` applies it
+    to the context-tagged INTEGERs, which this walker cannot recognise.
+    """
+    if len(content) == 0:
+        return "empty INTEGER"
+    if len(content) > 1 and (
+        (content[0] == 0x00 and not content[1] & 0x80)
+        or (content[0] == 0xFF and content[1] & 0x80)
+    ):
+        return "non-minimal INTEGER"
+    return None
+
+
 def _check_primitive(cls: int, number: int, content: bytes | memoryview, at: int) -> None:
     if cls != 0:
         return
     if number in (_INTEGER, _ENUMERATED):
-        if len(content) == 0:
-            raise DERError(f"DER: empty INTEGER at offset {at}")
-        if len(content) > 1 and (
-            (content[0] == 0x00 and not content[1] & 0x80)
-            or (content[0] == 0xFF and content[1] & 0x80)
-        ):
-            raise DERError(f"DER: non-minimal INTEGER at offset {at}")
+        defect = integer_defect(content)
+        if defect is not None:
+            raise DERError(f"DER: {defect} at offset {at}")
     elif number == _BOOLEAN:
         if len(content) != 1 or content[0] not in (0x00, 0xFF):
             raise DERError(f"DER: BOOLEAN must be one octet 00 or FF at offset {at}")

@@ -3,7 +3,8 @@
 A :class:`Directory` is what one header copy holds (``schemas/nvmgr.asn1``,
 type ``Directory``); a :class:`Section` is one named blob.  Edits that keep
 the layout valid are methods here; :mod:`nvmgr.format.codec` turns the model into
-DER and back, :mod:`nvmgr.image.image` does the I/O.
+DER and back (through :mod:`nvmgr.format.writer` and :mod:`nvmgr.format.reader`),
+:mod:`nvmgr.image.image` does the I/O.
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ class Binding(enum.IntEnum):
     def parse(cls, text: str) -> Binding:
         try:
             return cls[text.upper()]
-        except KeyError:
+        except KeyError as e:
             names = ", ".join(b.name.lower() for b in cls)
-            raise UsageError(f"unknown binding {text!r} (one of: {names})") from None
+            raise UsageError(f"unknown binding {text!r} (one of: {names})") from e
 
 
 def align_up(n: int, to: int = ALIGN) -> int:

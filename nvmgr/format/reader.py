@@ -1,24 +1,35 @@
 """A schema-directed DER reader for the directory: bytes straight to the model.
 
+The product's only DER decoder (with :mod:`nvmgr.format.der` and
+:mod:`nvmgr.format.writer`; nothing in the product path imports pyasn1).
 Why not pyasn1 here: decoding a 1,024-section directory with pyasn1 and
 re-encoding it to prove canonical form took about 0.35 s on this machine
 kind, most of ``nvmgr info``'s budget of 0.5 s; this reader takes about
-0.02 s.  pyasn1 stays the reference: it encodes every directory nvmgr writes,
-and the test suite decodes every accepted and rejected input with both and
-requires the same verdict and the same model (``tests/test_codec.py``).
+0.02 s.  pyasn1 stays the schema's reference (:mod:`nvmgr.format.asn1`): the
+tests decode every accepted and rejected input with both and require the
+same verdict and the same model (``tests/test_reference_codec.py``,
+``tests/test_codec.py``).
 
 The caller runs :func:`nvmgr.format.der.walk` first (lengths, minimal integers,
 BOOLEAN, BIT STRING and primitive-form rules, depth, trailing bytes); this
 module enforces the schema of ``schemas/nvmgr.asn1``: every field's tag in
-order, no extra or missing elements, sizes and ranges, UTF-8, the named-bit
-canonical form of the section flags, and version 1 (no extensions).
+order, no extra or missing elements, sizes and ranges, UTF-8, and the
+version-1 rules below.
+
+The version-1 rules that are not ASN.1 (the named-bit canonical form of the
+section flags and their meaning, version 1, no extensions, nvmgr's format
+identifier) are written once, as the functions under "Version-1 rules", and
+the pyasn1 reference applies the same functions.  Rules on the decoded model
+(names, layout, encryption parameters) are :func:`nvmgr.format.codec.validate`'s.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable, Sequence
 
 from nvmgr.errors import DERError, ForeignImageError
+from nvmgr.format.der import integer_defect
 from nvmgr.format.model import Binding, Directory, KeySlot, Member, Section, SectionCrypto
 
 # Tags (universal, and the context tags of the IMPLICIT TAGS module).
@@ -48,7 +59,73 @@ def oid_content(dotted: str) -> bytes:
     return bytes(out)
 
 
-_FORMAT = oid_content(FORMAT_OID)
+#: Content octets of nvmgr's format identifier (the OBJECT IDENTIFIER's value).
+FORMAT = oid_content(FORMAT_OID)
+
+
+def oid_text(content: bytes) -> str:
+    """Dotted text of OBJECT IDENTIFIER content octets (hex if malformed), for messages."""
+    arcs: list[int] = []
+    n = 0
+    for b in content:
+        n = n << 7 | b & 0x7F
+        if not b & 0x80:
+            arcs.append(n)
+            n = 0
+    if not arcs or content[-1] & 0x80:
+        return content.hex()
+    first = min(arcs[0] // 40, 2)
+    return ".".join(str(a) for a in (first, arcs[0] - 40 * first, *arcs[1:]))
+
+
+# --------------------------------------------------------------- version-1 rules
+# Shared with the pyasn1 reference (nvmgr.format.asn1): each is written here only.
+# *fail* makes the error; the reader's names the field's place in the bytes.
+
+Fail = Callable[[str], DERError]
+
+
+def check_format(content: bytes) -> None:
+    """The format identifier must be nvmgr's.
+
+    :raise ForeignImageError: it is another format's.
+    """
+    if content != FORMAT:
+        raise ForeignImageError(f"format identifier {oid_text(content)} is not nvmgr's")
+
+
+def check_version(version: int) -> None:
+    """:raise DERError: the directory is not version 1."""
+    if version != 1:
+        raise DERError(f"directory version {version} is not supported (this is 1)")
+
+
+def no_extensions(present: bool, what: str, fail: Fail = DERError) -> None:
+    """:raise DERError: *what* carries extensions, which version 1 does not define."""
+    if present:
+        raise fail(f"{what} extensions are not defined in version 1")
+
+
+def section_flags(bits: Sequence[bool], name: str, binding: Binding,
+                  fail: Fail = DERError) -> tuple[bool, bool]:
+    """(encrypted, dirty) from section *name*'s flag bits, checked.
+
+    DER's named-bit form drops trailing zero bits (X.690 11.2.2); version 1
+    defines three bits; the live bit must agree with the binding.
+
+    :raise DERError: any of the three is broken.
+    """
+    if bits and not bits[-1]:
+        raise fail(f"section {name}: flags are not in canonical form (trailing zero bit)")
+    if len(bits) > _FLAG_COUNT:
+        raise fail(f"section {name}: flags carry {len(bits)} bits, version 1 defines 3")
+    encrypted, live, dirty = (*bits, *[False] * (_FLAG_COUNT - len(bits)))
+    if live != binding.live:
+        raise DERError(f"section {name}: the live flag disagrees with binding {binding.name}")
+    return encrypted, dirty
+
+
+# --------------------------------------------------------------- the reader
 
 
 class _Reader:
@@ -93,10 +170,8 @@ class _Reader:
     def integer(self, field: str, lo: int = 0, hi: int | None = None,
                 tag: int = INTEGER) -> int:
         start, end = self.take(tag, field)
-        c = self.buf[start:end]
         # der.walk checks universal INTEGERs; context-tagged ones are checked here.
-        if not c or (len(c) > 1 and ((c[0] == 0 and not c[1] & 0x80)
-                                     or (c[0] == 0xFF and c[1] & 0x80))):
+        if tag & 0xC0 and integer_defect(self.buf[start:end]) is not None:
             raise self._fail(f"{field} is not a minimal INTEGER")
         if end - start > 9 and hi is not None and hi <= INT64_MAX:
             raise self._fail(f"{field} is out of range")
@@ -115,8 +190,8 @@ class _Reader:
         raw = self.octets(field, tag=tag)
         try:
             text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise self._fail(f"{field} is not valid UTF-8") from None
+        except UnicodeDecodeError as e:
+            raise self._fail(f"{field} is not valid UTF-8") from e
         if not lo <= len(text) <= hi:
             raise self._fail(f"{field} must be {lo}..{hi} characters, not {len(text)}")
         return text
@@ -127,33 +202,24 @@ class _Reader:
                              "after the last field")
 
     def none_left(self, field: str) -> None:
-        if self.peek() == ctx(15, True):
-            raise self._fail(f"{field} extensions are not defined in version 1")
+        no_extensions(self.peek() == ctx(15, True), field, self._fail)
 
 
-def _flags(r: _Reader, name: str) -> tuple[bool, bool, bool]:
+def _bits(r: _Reader) -> list[bool]:
+    """The bits of the next BIT STRING (der.walk has checked the unused-bit count)."""
     start, end = r.take(BIT_STRING, "flags")
     unused = r.buf[start]
     bits = []
     for byte in r.buf[start + 1 : end]:
         bits += [bool(byte >> (7 - i) & 1) for i in range(8)]
-    if unused:
-        bits = bits[:-unused]
-    if bits and not bits[-1]:
-        raise r._fail(f"section {name}: flags are not in canonical form (trailing zero bit)")
-    if len(bits) > _FLAG_COUNT:
-        raise r._fail(f"section {name}: flags carry {len(bits)} bits, version 1 defines 3")
-    bits += [False] * (_FLAG_COUNT - len(bits))
-    return bits[0], bits[1], bits[2]
+    return bits[: len(bits) - unused]
 
 
 def _section(r: _Reader) -> Section:
     name = r.utf8("name", 1, 64)
     b = r.integer("binding", 0, 4, tag=ENUMERATED)
     binding = Binding(b)
-    encrypted, live, dirty = _flags(r, name)
-    if live != binding.live:
-        raise DERError(f"section {name}: the live flag disagrees with binding {binding.name}")
+    encrypted, dirty = section_flags(_bits(r), name, binding, r._fail)
     capacity = r.integer("capacity")
     reserved = r.integer("reserved")
     length = r.integer("length")
@@ -171,10 +237,6 @@ def _section(r: _Reader) -> Section:
     member = r.integer("member", 1, 64, tag=ctx(4)) if r.peek() == ctx(4) else None
     r.none_left(f"section {name}")
     r.done()
-    if crypto is not None and not encrypted:
-        raise DERError(f"section {name}: crypto parameters on a section not flagged encrypted")
-    if encrypted and crypto is None and (length or crc32):
-        raise DERError(f"section {name}: encrypted data without crypto parameters")
     return Section(name=name, binding=binding, capacity=capacity, reserved=reserved,
                    offset=offset, length=length, crc32=crc32, encrypted=encrypted, dirty=dirty,
                    spare=spare, home=home, device=device, crypto=crypto, member=member)
@@ -195,11 +257,8 @@ def read_header(body: bytes) -> tuple[Directory, bytes, bytes]:
     directory_der = body[d_start : top.pos]
     digest = top.octets("digest", 32)
     top.done()
-    if r.octets("format", tag=OID) != _FORMAT:
-        raise ForeignImageError("the format identifier is not nvmgr's")
-    version = r.integer("version")
-    if version != 1:
-        raise DERError(f"directory version {version} is not supported (this is 1)")
+    check_format(r.octets("format", tag=OID))
+    check_version(r.integer("version"))
     image_uuid = uuid.UUID(bytes=r.octets("imageUUID", 16))
     generation = r.integer("generation", 0, INT64_MAX)
     header_area = r.integer("headerAreaSize", 65536, 16777216)
@@ -209,9 +268,7 @@ def read_header(body: bytes) -> tuple[Directory, bytes, bytes]:
     ext.done()
     secs = r.sub(SEQUENCE, "sections")
     sections: list[Section] = []
-    while secs.peek() is not None:
-        if len(sections) == 4096:
-            raise secs._fail("more than 4096 sections")
+    while secs.peek() is not None:  # how many: validate() (der.walk bounds the work)
         sections.append(_section(secs.sub(SEQUENCE, "section")))
     domain_uuid = None
     if r.peek() == ctx(0):

@@ -1,19 +1,20 @@
 """DER for the directory, written straight from the model.
 
-The counterpart of :mod:`nvmgr.format.reader`.  pyasn1 (through
-:func:`nvmgr.format.codec.encode_directory_pyasn1`) is the reference encoder; the
-tests require both to produce the same bytes for every directory.  This one
-exists because encoding 1,024 sections with pyasn1 took about 0.1 s per
-commit and importing pyasn1 a fifth of the command line's start-up.
+The counterpart of :mod:`nvmgr.format.reader` and the product's only DER
+encoder.  pyasn1 (:func:`nvmgr.format.asn1.encode_directory`) is the
+reference encoder; the tests require both to produce the same bytes for every
+directory.  This one exists because encoding 1,024 sections with pyasn1 took
+about 0.1 s per commit and importing pyasn1 a fifth of the command line's
+start-up.
 """
 
 from __future__ import annotations
 
 from nvmgr.format.model import Directory, Section
 from nvmgr.format.reader import (
-    _FORMAT,
     BIT_STRING,
     ENUMERATED,
+    FORMAT,
     INTEGER,
     OCTET_STRING,
     OID,
@@ -80,7 +81,7 @@ def _section(s: Section) -> bytes:
 def encode_directory(d: Directory) -> bytes:
     """The DER of ``Directory`` (schemas/nvmgr.asn1) for *d*."""
     parts = [
-        tlv(OID, _FORMAT),
+        tlv(OID, FORMAT),
         integer(d.version),
         tlv(OCTET_STRING, d.image_uuid.bytes),
         integer(d.generation),

@@ -343,24 +343,30 @@ class Image:
     # ------------------------------------------------------------ reading
 
     def section(self, name: str) -> Section:
-        s = self.directory.find(name)
-        if s is None:
-            raise NotFoundError(f"no section named {name!r}", image=self.path, section=name)
-        return s
+        return self._find(self.directory, name)
+
+    def _keys(self) -> tuple[Kek, list[KeySlot]]:
+        """The key given and the image's key slots.
+
+        :raise UsageError: the image is not encrypted.
+        :raise KeyRequiredError: no key was given.
+        """
+        if self.directory.key_slots is None:
+            raise UsageError("the image is not encrypted", image=self.path)
+        if self.kek is None:
+            raise KeyRequiredError(
+                "the image is encrypted: give the key with --key-file, --key-secret "
+                "or --key-stdin",
+                image=self.path,
+            )
+        return self.kek, self.directory.key_slots
 
     def _get_cipher(self) -> SectionCipher:
         if self._cipher is None:
-            if self.directory.key_slots is None:
-                raise UsageError("the image is not encrypted", image=self.path)
-            if self.kek is None:
-                raise KeyRequiredError(
-                    "the image is encrypted: give the key with --key-file, --key-secret "
-                    "or --key-stdin",
-                    image=self.path,
-                )
+            kek, slots = self._keys()
             from nvmgr.crypto.cipher import SectionCipher, unlock
 
-            self._data_key = unlock(self.directory.key_slots, self.kek, image=self.path)
+            self._data_key = unlock(slots, kek, image=self.path)
             self._cipher = SectionCipher(self._data_key, image=self.path)
         return self._cipher
 
@@ -432,6 +438,13 @@ class Image:
             self.directory, sections=[dataclasses.replace(s) for s in self.directory.sections]
         )
 
+    def _find(self, d: Directory, name: str) -> Section:
+        """Section *name* of *d* (the current directory or a copy of it)."""
+        s = d.find(name)
+        if s is None:
+            raise NotFoundError(f"no section named {name!r}", image=self.path, section=name)
+        return s
+
     def _write_flush(self, offset: int, data: Buffer, progress: Progress | None) -> None:
         total = len(data)
         view = memoryview(data)
@@ -463,8 +476,7 @@ class Image:
             stored, crypto = ct, SectionCrypto(iv=iv, mac=mac)
         crc = zlib.crc32(stored)
         new = self._copy_dir()
-        ns = new.find(name)
-        assert ns is not None
+        ns = self._find(new, name)
         ns.length, ns.crc32, ns.crypto, ns.dirty = len(data), crc, crypto, False
         if s.live:
             home = s.offset
@@ -473,7 +485,9 @@ class Image:
             self._commit(new)
             self._finish_pending()
         else:
-            assert s.spare is not None
+            if s.spare is None:  # the directory decodes, but offers nowhere to write
+                raise CorruptError(f"section {name} has no spare slot to write into",
+                                   image=self.path, section=name)
             self._write_flush(s.spare, stored, progress)
             ns.offset, ns.spare = s.spare, s.offset
             self._commit(new)
@@ -482,16 +496,14 @@ class Image:
 
     def _finish_pending(self) -> None:
         """Copy live sections staged in scratch to their slot; commit."""
-        pending = [s for s in self.directory.sections if s.home is not None]
+        pending = [(s, s.home) for s in self.directory.sections if s.home is not None]
         if not pending:
             return
         new = self._copy_dir()
-        for s in pending:
-            assert s.home is not None
-            self._write_flush(s.home, self.container.read(s.offset, s.reserved), None)
-            ns = new.find(s.name)
-            assert ns is not None
-            ns.offset, ns.home = s.home, None
+        for s, home in pending:
+            self._write_flush(home, self.container.read(s.offset, s.reserved), None)
+            ns = self._find(new, s.name)
+            ns.offset, ns.home = home, None
         self._commit(new)
 
     def add_sections(self, specs: Iterable[SectionSpec]) -> list[Section]:
@@ -534,9 +546,7 @@ class Image:
             )
         if spec.reserved <= s.reserved:
             new = self._copy_dir()
-            ns = new.find(name)
-            assert ns is not None
-            ns.capacity = capacity
+            self._find(new, name).capacity = capacity
             self._commit(new)
             return self.section(name)
         if s.live:
@@ -623,11 +633,11 @@ class Image:
         Section data is not rewritten.  At most 8 key slots.
         """
         self._require_writable()
-        self._get_cipher()
-        assert self.kek is not None and self.directory.key_slots is not None
-        slots = [k for k in self.directory.key_slots if k.key_id != new_kek.key_id]
+        kek, slots = self._keys()
+        self._get_cipher()  # proves the key before anything changes
+        slots = [k for k in slots if k.key_id != new_kek.key_id]
         if not keep_old:
-            slots = [k for k in slots if k.key_id != self.kek.key_id]
+            slots = [k for k in slots if k.key_id != kek.key_id]
         slots.append(KeySlot(new_kek.key_id, new_kek.wrap(self._data_key), new_kek.label))
         if len(slots) > 8:
             raise NoSpaceError("an image holds at most 8 key slots", image=self.path)
