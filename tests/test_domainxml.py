@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from pathlib import Path
 
 import pytest
 
-from nvmgr.domain import domainxml
-from nvmgr.domain.domainxml import (
-    LibvirtNvram,
-    NvmgrMetadata,
-    SectionDecl,
-    parse_domain,
-)
+from nvmgr.domain import metadata, xmlparse
+from nvmgr.domain.elements import parse_domain
+from nvmgr.domain.metadata import LibvirtNvram, NvmgrMetadata, SectionDecl
+from nvmgr.domain.namespaces import NVMGR_NS
 from nvmgr.errors import InvalidInputError
 from nvmgr.format.model import Binding
 
@@ -26,7 +24,7 @@ MINIMAL = "<domain type='qemu'><name>t</name></domain>"
 def meta_domain(nvram_attrs: str = "", sections: str = "") -> str:
     return (
         "<domain type='qemu'><name>t</name><metadata>"
-        f"<nvmgr:nvram xmlns:nvmgr='{domainxml.NVMGR_NS}' {nvram_attrs}>{sections}"
+        f"<nvmgr:nvram xmlns:nvmgr='{NVMGR_NS}' {nvram_attrs}>{sections}"
         "</nvmgr:nvram></metadata></domain>"
     )
 
@@ -99,19 +97,19 @@ def test_50_mb_input_is_refused_by_size() -> None:
 
 
 def test_input_just_under_the_cap_parses() -> None:
-    pad = domainxml.MAX_INPUT_BYTES - 200
+    pad = xmlparse.MAX_INPUT_BYTES - 200
     dom = parse_domain(f"<domain><name>t</name><description>{'x' * pad}</description></domain>")
     assert dom.name == "t"
 
 
-@pytest.mark.parametrize("depth", [domainxml.MAX_DEPTH + 1, 300, 100_000])
+@pytest.mark.parametrize("depth", [xmlparse.MAX_DEPTH + 1, 300, 100_000])
 def test_deep_nesting_is_refused(depth: int) -> None:
     xml = "<domain>" + "<a>" * depth + "</a>" * depth + "</domain>"
-    refused(xml, f"nest deeper than {domainxml.MAX_DEPTH} levels")
+    refused(xml, f"nest deeper than {xmlparse.MAX_DEPTH} levels")
 
 
 def test_nesting_at_the_cap_parses() -> None:
-    n = domainxml.MAX_DEPTH - 1
+    n = xmlparse.MAX_DEPTH - 1
     assert parse_domain("<domain>" + "<a>" * n + "</a>" * n + "</domain>").name is None
 
 
@@ -253,13 +251,13 @@ def test_duplicate_sections_are_refused() -> None:
 
 def test_too_many_sections_are_refused() -> None:
     secs = "".join(
-        f"<nvmgr:section name='s{i}' size='1'/>" for i in range(domainxml.MAX_DECLARED_SECTIONS + 1)
+        f"<nvmgr:section name='s{i}' size='1'/>" for i in range(metadata.MAX_DECLARED_SECTIONS + 1)
     )
     refused(meta_domain(sections=secs), "at most 256")
 
 
 def test_two_metadata_elements_are_refused() -> None:
-    el = f"<nvmgr:nvram xmlns:nvmgr='{domainxml.NVMGR_NS}'/>"
+    el = f"<nvmgr:nvram xmlns:nvmgr='{NVMGR_NS}'/>"
     refused(f"<domain><name>t</name><metadata>{el}{el}</metadata></domain>", "more than one")
 
 
@@ -407,3 +405,54 @@ def test_serialization_is_stable_and_keeps_comments() -> None:
 def test_comments_around_the_root_are_kept() -> None:
     text = parse_domain("<!-- before --><domain><name>t</name></domain><!-- after -->").to_xml()
     assert text == "<!-- before -->\n<domain>\n  <name>t</name>\n</domain>\n<!-- after -->\n"
+
+
+# -- one parse, one check -------------------------------------------------------
+
+
+def test_metadata_is_checked_once_per_domain(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[object] = []
+    real = metadata.from_element
+
+    def counting(node: object) -> NvmgrMetadata:
+        calls.append(node)
+        return real(node)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(metadata, "from_element", counting)
+    dom = parse_domain((DATA / "sections-in.xml").read_text())
+    for _ in range(5):
+        assert dom.nvmgr is not None
+    assert len(calls) == 1
+
+
+def test_set_nvmgr_checks_what_it_writes_and_keeps_the_domain_on_refusal() -> None:
+    dom = parse_domain((DATA / "sections-in.xml").read_text())
+    before, meta = dom.to_xml(), dom.nvmgr
+    assert meta is not None
+    with pytest.raises(InvalidInputError, match="not both"):
+        dom.set_nvmgr(NvmgrMetadata(key_file="/k", key_secret=uuid.UUID(int=1)))
+    with pytest.raises(InvalidInputError, match="without '..'"):
+        dom.set_nvmgr(NvmgrMetadata(image="/var/lib/../x"))
+    assert dom.to_xml() == before and dom.nvmgr == meta
+
+
+def test_set_nvmgr_keeps_how_the_user_wrote_unchanged_sections() -> None:
+    dom = parse_domain(meta_domain(sections="<nvmgr:section name='a' size='1M'/>"
+                                            "<nvmgr:section name='b' size='4K'/>"))
+    meta = dom.nvmgr
+    assert meta is not None
+    b = dataclasses.replace(meta.sections[1], size=8192)
+    dom.set_nvmgr(dataclasses.replace(meta, image="/i.nvram", sections=(meta.sections[0], b)))
+    text = dom.to_xml()
+    assert 'size="1M"' in text and 'size="8192"' in text
+    assert parse_domain(text).nvmgr == dom.nvmgr
+
+
+def test_schema_refusals_name_the_line_and_the_element() -> None:
+    xml = ("<domain><name>t</name><metadata>\n"
+           f"<n:nvram xmlns:n='{NVMGR_NS}'>\n<n:section name='a' size='1K'/>\n"
+           "<n:section name='b' size='1K' device='9'/>\n"
+           "<n:libvirt-nvram><n:feature name='x' enabled='maybe'/></n:libvirt-nvram>"
+           "</n:nvram></metadata></domain>")
+    refused(xml, "line 4", "section b: device='9' is not a device alias")
+    refused(xml.replace(" device='9'", ""), "line 5", "<n:feature name='x' enabled='maybe'>")

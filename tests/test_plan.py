@@ -205,6 +205,13 @@ def test_unknown_firmware_asks_for_a_size() -> None:
     assert p.sections[0].capacity == 256 * KiB
 
 
+@pytest.mark.parametrize("meta", ["", "<nvmgr:section name='uefi-vars' size='256K'/>"])
+def test_a_pflash_loader_without_a_path_is_refused_not_asserted(meta: str) -> None:
+    # This used to trip an assert: gone under python -O, a traceback otherwise.
+    with pytest.raises(InvalidInputError, match="names no firmware file"):
+        plan_domain(dom("", "<loader readonly='yes' type='pflash'/>", meta))
+
+
 def test_uefi_vars_size_from_the_template_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.undo()  # read real files here
     raw = tmp_path / "MY_VARS.fd"

@@ -16,7 +16,7 @@ import pytest
 from conftest import Golden
 
 from nvmgr.domain import qemuargs
-from nvmgr.domain.domainxml import parse_domain
+from nvmgr.domain.elements import parse_domain
 from nvmgr.domain.plan import Plan, plan_domain
 from nvmgr.errors import InvalidInputError, UsageError
 
@@ -201,6 +201,61 @@ def test_rewrite_keeps_key_and_sections_from_existing_metadata() -> None:
     assert "other:keep" in out
 
 
+def test_slice_offsets_reads_back_what_qemu_args_wrote() -> None:
+    p = plan_domain((DATA / "sections-in.xml").read_text())
+    args = qemuargs.qemu_args(p, "/srv/img.qcow2", "qcow2")
+    user = ["-blockdev", '{"driver":"raw","file":"x","offset":7,"node-name":"mine"}', "-S"]
+    assert qemuargs.slice_offsets(user + args) == {
+        qemuargs.node_name(s.name): s.offset for s in p.live_sections}
+
+
+def test_apply_plan_edits_the_parsed_domain_in_place() -> None:
+    xml = (DATA / "uefi-tpm2-in.xml").read_text()
+    p = plan_domain(xml)
+    dom = parse_domain(xml)
+    qemuargs.apply_plan(dom, p, p.image, p.format, IMAGE_UUID)
+    assert dom.to_xml() == qemuargs.rewrite_domain(xml, p, p.image, p.format, IMAGE_UUID)
+    qemuargs.strip(dom)
+    assert dom.to_xml() == parse_domain(xml).to_xml()
+
+
+def test_the_prepare_hook_checks_the_offsets_the_arguments_carry(tmp_path: Path) -> None:
+    """prepare reads the slices' offsets through slice_offsets and refuses a mismatch."""
+    from nvmgr.domain.plan import plan_for
+    from nvmgr.errors import CorruptError
+    from nvmgr.hook import lifecycle
+    from nvmgr.provision import staging
+    from nvmgr.provision.prepare import plan_with_offsets, prepare_image
+
+    image = tmp_path / "vm.nvram"
+    xml = (DATA / "sections-in.xml").read_text().replace(
+        "key-secret='9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a'", f"image='{image}'")
+    dom = parse_domain(xml)
+    plan = plan_for(dom)
+    img, _, _ = prepare_image(plan, kek=None, fmt="raw", path=str(image))
+    with img:
+        placed = plan_with_offsets(plan, img.directory)
+        image_uuid = img.directory.image_uuid
+    qemuargs.apply_plan(dom, placed, str(image), "raw", image_uuid)
+    out = dom.to_xml()
+    me = f"+{os.getuid()}", f"+{os.getgid()}"
+    users = staging.Users(*me, *me)
+
+    def prepare(text: str) -> str:
+        ctx = lifecycle.HookContext.of("t", "prepare", "begin", text, parse_domain(text), users)
+        assert ctx is not None
+        ctx.swtpm_root, ctx.runtime_root = str(tmp_path / "swtpm"), str(tmp_path / "run")
+        return lifecycle.prepare(ctx)
+
+    assert "verified" in prepare(out)
+    blk0 = placed.find("blk0")
+    assert blk0 is not None
+    moved = out.replace(f"&quot;offset&quot;:{blk0.offset},", f"&quot;offset&quot;:{blk0.offset + 4096},")
+    assert moved != out
+    with pytest.raises(CorruptError, match=f"section blk0 is at offset {blk0.offset}"):
+        prepare(moved)
+
+
 def test_rewrite_refuses_hostile_xml() -> None:
     p = plan_domain((DATA / "uefi-tpm2-in.xml").read_text())
     with pytest.raises(InvalidInputError, match="DOCTYPE"):
@@ -342,3 +397,28 @@ def test_ovmf_boots_with_vars_in_a_raw_slice(tmp_path: Path, monkeypatch: pytest
         r = subprocess.run(["virt-fw-vars", "-i", str(vars_file), "--print"],
                            capture_output=True, text=True, check=False)
         assert "BootOrder" in r.stdout, r.stderr
+
+
+def test_define_parses_the_domain_xml_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No UUID, declared sections: define edits one tree and writes it out once."""
+    from nvmgr.domain import elements
+    from nvmgr.virt.define import define
+
+    parses: list[object] = []
+    real = elements.parse_tree
+
+    def counting(data: str | bytes, **kw: str) -> object:
+        parses.append(data)
+        return real(data, **kw)
+
+    monkeypatch.setattr(elements, "parse_tree", counting)
+    image = tmp_path / "vm.nvram"
+    xml = (DATA / "sections-in.xml").read_text().replace(
+        "<uuid>5c0f8a1e-2b7d-4c39-9e14-6a8b3d2f7c03</uuid>", "").replace(
+        "key-secret='9f8e7d6c-5b4a-4392-8170-6f5e4d3c2b1a'", f"image='{image}'")
+    res = define(xml, uri="test:///default")
+    assert len(parses) == 1
+    assert res.created and image.exists()
+    out = parse_domain(res.xml)
+    assert out.uuid is not None and out.nvmgr is not None and out.nvmgr.image == str(image)
+    assert qemuargs.slice_offsets(out.qemu_args)

@@ -28,13 +28,8 @@ import os
 import uuid
 
 from nvmgr.domain import profiles
-from nvmgr.domain.domainxml import (
-    Domain,
-    NvmgrMetadata,
-    SectionDecl,
-    check_domain_name,
-    parse_domain,
-)
+from nvmgr.domain.elements import Domain, check_domain_name, parse_domain
+from nvmgr.domain.metadata import NvmgrMetadata, SectionDecl
 from nvmgr.errors import InvalidInputError, UsageError
 from nvmgr.format.layout import SectionSpec, layout
 from nvmgr.format.model import Binding, Directory
@@ -154,7 +149,11 @@ def _uefi_want(dom: Domain, meta: NvmgrMetadata | None) -> _Want | None:
         loader_path, template = fw.loader, template or fw.template
     elif loader is None or loader.type != "pflash":
         return None  # BIOS, or a ROM loader: nothing persistent
-    assert loader_path is not None
+    if loader_path is None:
+        raise InvalidInputError(
+            "<os><loader type='pflash'> names no firmware file: give its path, or "
+            "<os firmware='efi'> for libvirt to pick one"
+        )
     override = next(
         (d.size for d in (meta.sections if meta else ()) if d.name == profiles.UEFI_SECTION),
         None,
@@ -258,7 +257,7 @@ def plan_for(dom: Domain, *, encrypted: bool = False) -> Plan:
             for w in wants.values()
         ]
     except UsageError as e:
-        raise InvalidInputError(e.message, section=e.section) from None
+        raise InvalidInputError(e.message, section=e.section) from e
     image_uuid = meta.uuid if meta else None
     d = layout(specs, image_uuid=image_uuid, domain_uuid=dom.uuid)
     sections = []

@@ -125,9 +125,9 @@ def device_profile(kind: str) -> DeviceProfile:
     """
     try:
         return PROFILES[kind]
-    except KeyError:
+    except KeyError as e:
         known = ", ".join(sorted(PROFILES))
-        raise InvalidInputError(f"unknown device kind {kind!r} (known: {known})") from None
+        raise InvalidInputError(f"unknown device kind {kind!r} (known: {known})") from e
 
 
 #: The TPM version libvirt 9.0 fills in for ``<backend type='emulator'>``
@@ -255,8 +255,7 @@ def uefi_vars_size(template: str | None, loader: str | None) -> VarsSize:
             return VarsSize(table[os.path.basename(path)], f"{what} {os.path.basename(path)}")
     if loader:
         size = _image_size(loader)
-        if size in VARS_BY_LOADER_SIZE:
-            assert size is not None
+        if size is not None and size in VARS_BY_LOADER_SIZE:
             return VarsSize(VARS_BY_LOADER_SIZE[size], f"loader size {size:,}")
     raise InvalidInputError(
         f"cannot tell the UEFI vars size for loader {loader!r}, template {template!r}: "

@@ -17,11 +17,16 @@ The ``prepare`` hook stages fw_cfg files and the key under
 :func:`runtime_dir` before QEMU starts and hands the image to the QEMU user
 (libvirt does not chown files named only in ``qemu:commandline``).
 
-:func:`rewrite_domain` puts these arguments into a domain, turns its loader
-into ``<loader readonly='yes' type='pflash' stateless='yes'>`` with no
+:func:`apply_plan` puts these arguments into a parsed domain, turns its
+loader into ``<loader readonly='yes' type='pflash' stateless='yes'>`` with no
 ``<nvram>`` (libvirt 9.0 accepts this and still knows the VM is UEFI), and
 records the image in the nvmgr metadata.  It is idempotent and keeps the
-user's own ``qemu:arg`` values; :func:`strip_nvmgr` undoes it.
+user's own ``qemu:arg`` values; :func:`strip` undoes it.
+:func:`rewrite_domain` and :func:`strip_nvmgr` do the same on XML text.
+
+This module owns the arguments' format: :func:`user_args` tells nvmgr's
+pairs from the user's, and :func:`slice_offsets` reads back the offsets
+:func:`qemu_args` wrote, so nothing else parses them.
 """
 
 from __future__ import annotations
@@ -35,12 +40,16 @@ import zlib
 from collections.abc import Callable, Mapping
 
 from nvmgr.domain import profiles
-from nvmgr.domain.domainxml import Domain, LibvirtNvram, NvmgrMetadata, parse_domain
-from nvmgr.domain.plan import Plan
+from nvmgr.domain.elements import Domain, parse_domain
+from nvmgr.domain.metadata import LibvirtNvram, NvmgrMetadata
+from nvmgr.domain.plan import Plan, PlannedSection
 from nvmgr.errors import InvalidInputError, UsageError
 from nvmgr.format.model import Binding
-from nvmgr.provision import staging
-from nvmgr.provision.staging import RUNTIME_ROOT as RUNTIME_DIR  # one definition of /run/nvmgr
+
+#: Where the prepare hook stages what QEMU reads as files (tmpfs), one
+#: directory per domain UUID.  The one definition: the arguments below name
+#: these files, and :mod:`nvmgr.provision.staging` writes them.
+RUNTIME_ROOT = "/run/nvmgr"
 
 FILE_NODE = "nvmgr-file"
 FORMAT_NODE = "nvmgr-image"
@@ -58,7 +67,7 @@ SHARE_RW_DRIVERS = frozenset(
 
 def runtime_dir(domain_uuid: uuid.UUID | str) -> str:
     """``/run/nvmgr/<domain uuid>``: staged fw_cfg files and the image key."""
-    return str(staging.runtime_dir(str(uuid.UUID(str(domain_uuid)))))
+    return os.path.join(RUNTIME_ROOT, str(uuid.UUID(str(domain_uuid))))
 
 
 def staged_path(domain_uuid: uuid.UUID | str, section: str) -> str:
@@ -122,13 +131,12 @@ def qemu_args(
     if not live and not fwcfg:
         return []  # QEMU does not open the image at all
     dom_uuid = domain_uuid or plan.domain_uuid
-    if dom_uuid is None and (fwcfg or (live and luks)):
-        raise UsageError("the domain has no <uuid>; fw_cfg files and keys are staged per UUID")
+    if fwcfg or (live and luks):
+        _staging_uuid(dom_uuid)  # refused before any argument is made
     args: list[str] = []
     if live:
         if luks:
-            assert dom_uuid is not None
-            key = _keyval_path(key_path(dom_uuid))
+            key = _keyval_path(key_path(_staging_uuid(dom_uuid)))
             args += ["-object", f"secret,id={KEY_SECRET_ID},format=raw,file={key}"]
         args += ["-blockdev", _json({"driver": "file", "filename": image_path,
                                      "node-name": FILE_NODE, "discard": "unmap"})]
@@ -157,10 +165,46 @@ def qemu_args(
                 dev["share-rw"] = True
             args += ["-device", _json(dev)]
     for s in fwcfg:
-        assert s.fwcfg_name is not None and dom_uuid is not None
-        args += ["-fw_cfg",
-                 f"name={s.fwcfg_name},file={_keyval_path(staged_path(dom_uuid, s.name))}"]
+        args += ["-fw_cfg", f"name={_fwcfg_name(s)},"
+                 f"file={_keyval_path(staged_path(_staging_uuid(dom_uuid), s.name))}"]
     return args
+
+
+def _staging_uuid(domain_uuid: uuid.UUID | str | None) -> uuid.UUID | str:
+    """The UUID the runtime directory is named after; fw_cfg files and keys need one."""
+    if domain_uuid is None:
+        raise UsageError("the domain has no <uuid>; fw_cfg files and keys are staged per UUID")
+    return domain_uuid
+
+
+def _fwcfg_name(s: PlannedSection) -> str:
+    if s.fwcfg_name is None:  # the planner refuses this; a hand-made plan may not
+        raise InvalidInputError(f"section {s.name}: binding fwcfg needs a fwcfg-name")
+    return s.fwcfg_name
+
+
+def slice_offsets(args: list[str]) -> dict[str, int]:
+    """Read back the arguments :func:`qemu_args` wrote: node name -> offset of each raw slice.
+
+    Only nvmgr's own ``-blockdev`` pairs count (node names with
+    :data:`PREFIX`, driver ``raw``); the prepare hook compares these offsets
+    with the image's sections before QEMU opens it.
+    """
+    out: dict[str, int] = {}
+    for opt, value in zip(args, args[1:], strict=False):
+        if opt != "-blockdev" or not value.startswith("{"):
+            continue
+        try:
+            obj = json.loads(value)
+        except ValueError:
+            continue
+        if not isinstance(obj, dict) or obj.get("driver") != "raw":
+            continue
+        node, offset = obj.get("node-name"), obj.get("offset")
+        if (isinstance(node, str) and node.startswith(PREFIX)
+                and isinstance(offset, int) and not isinstance(offset, bool)):
+            out[node] = offset
+    return out
 
 
 def _json_field(value: str, field: str) -> str:
@@ -177,7 +221,7 @@ _OURS: dict[str, Callable[[str], bool]] = {
     "-blockdev": lambda v: _json_field(v, "node-name").startswith(PREFIX),
     "-device": lambda v: _json_field(v, "drive").startswith(PREFIX),
     "-machine": lambda v: re.fullmatch(rf"pflash1={re.escape(PREFIX)}[A-Za-z0-9_.-]*", v) is not None,
-    "-fw_cfg": lambda v: f",file={RUNTIME_DIR}/" in v,
+    "-fw_cfg": lambda v: f",file={RUNTIME_ROOT}/" in v,
     "-object": lambda v: v.startswith(f"secret,id={PREFIX}"),
 }
 
@@ -228,28 +272,26 @@ def _make_stateless(dom: Domain, record: LibvirtNvram | None) -> LibvirtNvram:
     return record
 
 
-def rewrite_domain(
-    xml_text: str | bytes,
+def apply_plan(
+    dom: Domain,
     plan: Plan,
     image_path: str,
     fmt: str,
     image_uuid: uuid.UUID | str,
     *,
     luks: bool | None = None,
-) -> str:
-    """The domain with nvmgr's QEMU arguments, stateless loader and metadata.
+) -> None:
+    """Give *dom* nvmgr's QEMU arguments, stateless loader and metadata (in place).
 
-    Running it again on its own output (with the same plan) gives the same
-    text.  The user's own ``<qemu:arg>`` values are kept, after nvmgr's.
+    Applying it again (with the same plan) changes nothing.  The user's own
+    ``<qemu:arg>`` values are kept, after nvmgr's.
 
     :param luks: the qcow2 image is LUKS-encrypted (``None``: as the
         domain's nvmgr metadata already says, else no).
-
-    :raise InvalidInputError: the XML is hostile or malformed, or does not
-        fit the plan (UEFI vars planned but no ``<os>``).
+    :raise InvalidInputError: the domain does not fit the plan (UEFI vars
+        planned but no ``<os>``).
     :raise UsageError: see :func:`qemu_args`.
     """
-    dom = parse_domain(xml_text)
     old = dom.nvmgr
     image_uuid = uuid.UUID(str(image_uuid))
     record = old.libvirt_nvram if old else None
@@ -271,11 +313,32 @@ def rewrite_domain(
             libvirt_nvram=record,
         )
     )
+
+
+def rewrite_domain(
+    xml_text: str | bytes,
+    plan: Plan,
+    image_path: str,
+    fmt: str,
+    image_uuid: uuid.UUID | str,
+    *,
+    luks: bool | None = None,
+) -> str:
+    """:func:`apply_plan` on a domain given as text; the result as text.
+
+    Running it again on its own output (with the same plan) gives the same text.
+
+    :raise InvalidInputError: the XML is hostile or malformed, or does not
+        fit the plan.
+    :raise UsageError: see :func:`qemu_args`.
+    """
+    dom = parse_domain(xml_text)
+    apply_plan(dom, plan, image_path, fmt, image_uuid, luks=luks)
     return dom.to_xml()
 
 
-def strip_nvmgr(xml_text: str | bytes, *, keep_sections: bool = False) -> str:
-    """The domain as it was before :func:`rewrite_domain`.
+def strip(dom: Domain, *, keep_sections: bool = False) -> None:
+    """Undo :func:`apply_plan` on *dom* (in place).
 
     Removes nvmgr's ``qemu:arg`` pairs and its metadata, and gives the
     loader back its ``<nvram>`` (and firmware autoselection) from the
@@ -286,7 +349,6 @@ def strip_nvmgr(xml_text: str | bytes, *, keep_sections: bool = False) -> str:
         (without image, uuid or key) so a later ``nvmgr define`` plans the
         same sections.
     """
-    dom = parse_domain(xml_text)
     meta = dom.nvmgr
     dom.qemu_args = user_args(dom.qemu_args)
     rec = meta.libvirt_nvram if meta else None
@@ -309,5 +371,10 @@ def strip_nvmgr(xml_text: str | bytes, *, keep_sections: bool = False) -> str:
         dom.set_nvmgr(NvmgrMetadata(sections=meta.sections))
     else:
         dom.set_nvmgr(None)
-    return dom.to_xml()
 
+
+def strip_nvmgr(xml_text: str | bytes, *, keep_sections: bool = False) -> str:
+    """The domain as it was before :func:`rewrite_domain` (see :func:`strip`)."""
+    dom = parse_domain(xml_text)
+    strip(dom, keep_sections=keep_sections)
+    return dom.to_xml()

@@ -17,7 +17,8 @@ import re
 import sys
 from typing import BinaryIO, TextIO
 
-from nvmgr.domain.domainxml import NVMGR_NS, parse_domain
+from nvmgr.domain.elements import parse_domain
+from nvmgr.domain.namespaces import NVMGR_NS
 from nvmgr.errors import ExitCode, NvmgrError
 from nvmgr.hook.lifecycle import ACTIONS, HookContext, migrate
 from nvmgr.provision import staging
@@ -65,11 +66,11 @@ def main(argv: list[str], stdin: BinaryIO, stdout: TextIO, stderr: TextIO,
         # metadata, say) is libvirt's business, never a reason to refuse it.
         return 0
     try:
-        dom = parse_domain(raw)
-        if dom.nvmgr is None or not dom.nvmgr.image:
+        dom = parse_domain(raw)  # the one parse; lifecycle works on this Domain
+        ctx = HookContext.of(name, op, sub, raw.decode("utf-8", "replace"), dom,
+                             staging.Users.from_qemu_conf())
+        if ctx is None:
             return 0
-        ctx = HookContext(name, op, sub, raw.decode("utf-8", "replace"), dom,
-                          staging.Users.from_qemu_conf())
         what = migrate(ctx, stdout) if action is None else action(ctx)
         log.info("%s %s %s %s: %s", stamp, name, op, sub, what)
         return 0

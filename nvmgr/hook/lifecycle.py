@@ -27,18 +27,19 @@ One log line per action goes to ``/var/log/nvmgr/hook.log``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from nvmgr.crypto import keys
 from nvmgr.crypto.cipher import Kek, unlock
-from nvmgr.domain.domainxml import Domain
+from nvmgr.domain.elements import Domain
+from nvmgr.domain.metadata import NvmgrMetadata
 from nvmgr.domain.plan import Plan, plan_for
-from nvmgr.domain.qemuargs import node_name
+from nvmgr.domain.profiles import tpm_version
+from nvmgr.domain.qemuargs import RUNTIME_ROOT, node_name, slice_offsets
 from nvmgr.errors import (
     CorruptError,
     KeyRequiredError,
@@ -59,22 +60,35 @@ log = logging.getLogger("nvmgr.hook.lifecycle")
 
 @dataclasses.dataclass
 class HookContext:
+    """One hook call on an nvmgr domain: the call, the domain parsed once, its metadata.
+
+    :param xml: the domain XML as libvirtd gave it (``migrate`` edits the text).
+    :param image: the image the metadata names (a hook runs only for those).
+    """
+
     name: str
     op: str
     sub: str
     xml: str
     dom: Domain
+    meta: NvmgrMetadata
+    image: str
     users: staging.Users
     swtpm_root: str = staging.SWTPM_STATE_ROOT
-    runtime_root: str = staging.RUNTIME_ROOT
+    runtime_root: str = RUNTIME_ROOT
+
+    @classmethod
+    def of(cls, name: str, op: str, sub: str, xml: str, dom: Domain,
+           users: staging.Users) -> HookContext | None:
+        """The context for *dom*, or ``None`` when nvmgr has no image for it."""
+        meta = dom.nvmgr
+        if meta is None or not meta.image:
+            return None
+        return cls(name, op, sub, xml, dom, meta, meta.image, users)
 
     @property
     def uuid(self) -> str:
         return str(self.dom.uuid)
-
-    @property
-    def meta(self) -> Any:
-        return self.dom.nvmgr
 
     def kek(self) -> Kek | None:
         """The image's key-encryption key from the metadata's key source.
@@ -95,41 +109,17 @@ class HookContext:
                       else f"libvirt secret {meta.key_secret}")
             raise KeyRequiredError(
                 f"the image's key is missing: {source} named in the domain's nvmgr "
-                f"metadata cannot be read ({e.message})", image=meta.image) from None
+                f"metadata cannot be read ({e.message})", image=self.image) from e
         return None
 
     def plan(self, encrypted: bool) -> Plan:
         return plan_for(self.dom, encrypted=encrypted)
 
     def tpm_version(self) -> str:
-        from nvmgr.domain.profiles import tpm_version
-
-        tpms = getattr(self.dom, "tpms", None) or []
-        for t in tpms:
+        """The version of the domain's first TPM ("2.0" when it has none)."""
+        for t in self.dom.tpms:
             return str(tpm_version(t.model, t.version))
         return "2.0"
-
-
-def _open(ctx: HookContext, kek: Kek | None) -> Image:
-    meta = ctx.meta
-    plan = ctx.plan(kek is not None)
-    img, _created, _added = prepare_image(plan, ctx.dom, kek=kek, fmt=meta.format or "raw",
-                                          path=meta.image)
-    return img
-
-
-def expected_offsets(args: list[str]) -> dict[str, int]:
-    """node-name -> offset of the raw slices in the domain's QEMU arguments."""
-    out = {}
-    for a in args:
-        if a.startswith("{") and '"offset"' in a:
-            try:
-                obj = json.loads(a)
-            except ValueError:
-                continue
-            if isinstance(obj, dict) and "node-name" in obj and "offset" in obj:
-                out[str(obj["node-name"])] = int(obj["offset"])
-    return out
 
 
 def _verify_key(img: Image, kek: Kek | None, ctx: HookContext) -> None:
@@ -147,20 +137,22 @@ def _verify_key(img: Image, kek: Kek | None, ctx: HookContext) -> None:
             "(key-file or key-secret)", image=img.path)
     try:
         unlock(img.directory.key_slots or [], kek, image=img.path)
-    except WrongKeyError:
+    except WrongKeyError as e:
         source = ctx.meta.key_file or f"libvirt secret {ctx.meta.key_secret}"
         raise WrongKeyError(
             f"wrong key: the key in {source} is not one of this image's keys; "
-            "refusing to start", image=img.path) from None
+            "refusing to start", image=img.path) from e
 
 
 def prepare(ctx: HookContext) -> str:
     refuse_luks(ctx.meta)
     kek = ctx.kek()
-    img = _open(ctx, kek)
+    plan = ctx.plan(kek is not None)
+    img, _created, _added = prepare_image(plan, kek=kek, fmt=ctx.meta.format or "raw",
+                                          path=ctx.image)
     with img:
         _verify_key(img, kek, ctx)
-        expected = expected_offsets(ctx.dom.qemu_args)
+        expected = slice_offsets(ctx.dom.qemu_args)
         for s in img.directory.sections:  # QEMU's arguments were written for these offsets
             want = expected.get(node_name(s.name))
             if s.live and want is not None and want != s.offset:
@@ -171,7 +163,6 @@ def prepare(ctx: HookContext) -> str:
         if not report.ok:
             raise CorruptError("refusing to start: " + "; ".join(report.errors),
                                image=img.path)
-        plan = ctx.plan(kek is not None)
         for ps in plan.sections:  # first start: templates, state made before nvmgr
             if img.directory.find(ps.name) is not None and not img.section(ps.name).length:
                 got = initial_content(ctx.dom, plan, ps)
@@ -233,12 +224,12 @@ def release(ctx: HookContext) -> str:
     and the image (a corrupted one, say) must stay byte for byte as it was,
     its crc never resealed over damage QEMU did not cause.
     """
-    if not os.path.exists(ctx.meta.image):
+    if not os.path.exists(ctx.image):
         staging.remove_runtime(ctx.uuid, ctx.runtime_root)
-        return f"no image at {ctx.meta.image}; nothing to collect"
+        return f"no image at {ctx.image}; nothing to collect"
     version = ctx.tpm_version()
     state_dir = staging.tpm_state_dir(ctx.uuid, version, ctx.swtpm_root)
-    with Image.open(ctx.meta.image, writable=True, wait=30) as img:
+    with Image.open(ctx.image, writable=True, wait=30) as img:
         names = _tpm_files(img, version)
         found = staging.read_tpm(state_dir, names)
         in_use = [s.name for s in img.directory.sections if s.live and s.dirty]
@@ -257,7 +248,7 @@ def release(ctx: HookContext) -> str:
 def reconnect(ctx: HookContext) -> str:
     """Flag live sections in use again; never fail (libvirtd would kill the running VM)."""
     try:
-        with Image.open(ctx.meta.image, writable=True, wait=30) as img:
+        with Image.open(ctx.image, writable=True, wait=30) as img:
             live = [s.name for s in img.directory.sections if s.live]
             img.set_in_use(live, True)
     except NvmgrError as e:
@@ -281,7 +272,7 @@ def load_path_map(path: str = MIGRATE_MAP) -> list[tuple[str, str]]:
 
 def migrate(ctx: HookContext, out: TextIO) -> str:
     pairs = load_path_map()
-    image = ctx.meta.image
+    image = ctx.image
     for src, dst in pairs:
         if image.startswith(src):
             new = dst + image[len(src):]

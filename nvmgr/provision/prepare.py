@@ -20,8 +20,10 @@ import subprocess
 import tempfile
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from nvmgr.domain.elements import Domain
+from nvmgr.domain.metadata import NvmgrMetadata
 from nvmgr.domain.plan import Plan, PlannedSection
 from nvmgr.errors import BusyError, ExternalError, UsageError
 from nvmgr.format.layout import SectionSpec
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
     from nvmgr.crypto.cipher import Kek
 
 
-def refuse_luks(meta: Any) -> None:
+def refuse_luks(meta: NvmgrMetadata | None) -> None:
     """qcow2+LUKS containers are planned for, not built: say so instead of
     defining a domain whose QEMU would wait for a key file nobody writes."""
     if meta is not None and meta.luks:
@@ -71,12 +73,13 @@ def _read_firmware_file(path: str, fmt: str | None) -> bytes:
         return Path(out).read_bytes()
 
 
-def initial_content(dom: Any, plan: Plan, ps: PlannedSection) -> tuple[bytes, str] | None:
+def initial_content(dom: Domain, plan: Plan, ps: PlannedSection) -> tuple[bytes, str] | None:
     """What an empty section should start with, and where it came from."""
     meta = dom.nvmgr
     if ps.binding is Binding.PFLASH:
         rec = meta.libvirt_nvram if meta else None
-        nv = dom.os.nvram if dom.os is not None else None
+        os_ = dom.os
+        nv = os_.nvram if os_ is not None else None
         candidates = [(nv.path, nv.format) if nv is not None else (None, None),
                       (rec.path, rec.format) if rec is not None else (None, None)]
         for path, fmt in candidates:
@@ -94,19 +97,22 @@ def initial_content(dom: Any, plan: Plan, ps: PlannedSection) -> tuple[bytes, st
     return None
 
 
-def prepare_image(plan: Plan, dom: Any, *, kek: Kek | None, fmt: str,
+def prepare_image(plan: Plan, *, kek: Kek | None, fmt: str,
                   path: str) -> tuple[Image, bool, list[str]]:
-    """Open the domain's image, creating or growing it to hold the plan."""
+    """Open the domain's image, creating or growing it to hold the plan.
+
+    ``plan.image_uuid`` is the image UUID the domain's metadata records (if
+    any): an existing image must have it, a recreated one gets it.
+    """
     specs = [SectionSpec(s.name, s.capacity, s.binding, s.encrypted, s.device)
              for s in plan.sections]
-    meta = dom.nvmgr
     if os.path.exists(path):
         img = Image.open(path, writable=True, kek=kek)
         try:
-            if meta and meta.uuid and img.directory.image_uuid != meta.uuid:
+            if plan.image_uuid and img.directory.image_uuid != plan.image_uuid:
                 raise UsageError(
                     f"{path} belongs to another image ({img.directory.image_uuid}), "
-                    f"the domain names {meta.uuid}", image=path)
+                    f"the domain names {plan.image_uuid}", image=path)
             owner = img.directory.domain_uuid
             if owner is not None and plan.domain_uuid is not None and owner != plan.domain_uuid:
                 # A clone (virt-clone copies the XML, not the image) must never
@@ -127,7 +133,7 @@ def prepare_image(plan: Plan, dom: Any, *, kek: Kek | None, fmt: str,
     # missing): keep the UUID the metadata records, or the next start would
     # take its own image for a foreign one.
     img = Image.create(path, specs, fmt=fmt, kek=kek, domain_uuid=plan.domain_uuid,
-                       image_uuid=meta.uuid if meta and meta.uuid else None)
+                       image_uuid=plan.image_uuid)
     return img, True, [s.name for s in specs]
 
 

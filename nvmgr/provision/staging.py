@@ -6,7 +6,8 @@
   they are collected back into the image and the staged files removed, so
   the image is the one copy of the TPM.
 - ``fwcfg`` sections become read-only files under ``/run/nvmgr/<uuid>/``
-  (tmpfs) for QEMU's ``-fw_cfg name=...,file=...``.
+  (tmpfs) for QEMU's ``-fw_cfg name=...,file=...``
+  (:data:`~nvmgr.domain.qemuargs.RUNTIME_ROOT`, named by the QEMU arguments).
 
 Writes are atomic (temporary file, fsync, rename), so swtpm never sees half
 a state file.
@@ -21,12 +22,13 @@ import os
 import pwd
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+from nvmgr.domain.qemuargs import RUNTIME_ROOT
 from nvmgr.format.model import Binding, Section
 
 SWTPM_STATE_ROOT = "/var/lib/libvirt/swtpm"
-RUNTIME_ROOT = "/run/nvmgr"
 QEMU_CONF = "/etc/libvirt/qemu.conf"
 
 
@@ -58,14 +60,15 @@ class Users:
 
 def _ids(user: str, group: str) -> tuple[int, int]:
     """uid/gid for names or ``+N`` numbers; -1 (unchanged) when unknown."""
-    def one(name: str, lookup: object) -> int:
+    def one(name: str, lookup: Callable[[str], int]) -> int:
         if name.startswith("+") and name[1:].isdigit():
             return int(name[1:])
         try:
-            return int(lookup(name)[2])  # type: ignore[operator]
+            return lookup(name)
         except KeyError:
             return -1
-    return one(user, pwd.getpwnam), one(group, grp.getgrnam)
+    return (one(user, lambda n: pwd.getpwnam(n).pw_uid),
+            one(group, lambda n: grp.getgrnam(n).gr_gid))
 
 
 def write_atomic(path: Path, data: bytes, *, owner: tuple[int, int], mode: int = 0o600) -> None:

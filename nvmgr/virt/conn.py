@@ -19,7 +19,7 @@ def _libvirt() -> Any:
     try:
         import libvirt
     except ImportError as e:  # pragma: no cover - a dependency
-        raise ExternalError("libvirt-python is not installed", detail=str(e)) from None
+        raise ExternalError("libvirt-python is not installed", detail=str(e)) from e
     # libvirt-python prints every error to stderr by default; nvmgr reports them itself.
     libvirt.registerErrorHandler(lambda *_: None, None)
     return libvirt
@@ -36,7 +36,7 @@ def connect(uri: str | None = None, *, readonly: bool = False) -> Iterator[Any]:
         conn = lv.openReadOnly(uri or DEFAULT_URI) if readonly else lv.open(uri or DEFAULT_URI)
     except lv.libvirtError as e:
         raise ExternalError(f"cannot connect to libvirt at {uri or DEFAULT_URI}",
-                            detail=str(e)) from None
+                            detail=str(e)) from e
     try:
         yield conn
     finally:
@@ -92,7 +92,7 @@ def define(xml: str, uri: str | None = None) -> str:
         try:
             dom = conn.defineXML(xml)
         except lv.libvirtError as e:
-            raise InvalidInputError(f"libvirt refused the domain XML: {e}") from None
+            raise InvalidInputError(f"libvirt refused the domain XML: {e}") from e
         name: str = dom.name()
         return name
 
@@ -117,7 +117,7 @@ def undefine(name: str, uri: str | None = None, *, remove_tpm: bool = False) -> 
             dom.undefineFlags(flags)
         except lv.libvirtError as e:
             raise ExternalError(f"libvirt could not undefine {name}", detail=str(e),
-                                domain=name) from None
+                                domain=name) from e
 
 
 def require_inactive(name: str, uri: str | None = None, *, what: str = "this") -> None:
@@ -131,7 +131,7 @@ def image_of_domain(name: str, uri: str | None = None) -> str:
 
     :raise NotFoundError: the domain does not exist or has no nvmgr metadata.
     """
-    from nvmgr.domain.domainxml import parse_domain
+    from nvmgr.domain.elements import parse_domain
 
     dom = parse_domain(domain_xml(name, uri))
     meta = dom.nvmgr

@@ -15,12 +15,14 @@ import dataclasses
 import logging
 import os
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from nvmgr.crypto import keys
-from nvmgr.domain.domainxml import NVMGR_NS, NvmgrMetadata, parse_domain
+from nvmgr.domain.elements import Domain, parse_domain
+from nvmgr.domain.metadata import NvmgrMetadata
+from nvmgr.domain.namespaces import NVMGR_NS
 from nvmgr.domain.plan import default_image_path, plan_for
-from nvmgr.domain.qemuargs import rewrite_domain
+from nvmgr.domain.qemuargs import apply_plan
 from nvmgr.errors import InvalidInputError, KeyRequiredError, NvmgrError, UsageError
 from nvmgr.provision.prepare import (
     copy_for_clone,
@@ -60,51 +62,59 @@ def define(xml_text: str, *, uri: str | None = None, fmt: str | None = None,
            dry_run: bool = False) -> DefineResult:
     """Plan, create or grow the image, rewrite and define the domain.
 
+    The XML is parsed once; every change (a UUID, the key source, a clone's
+    own image, nvmgr's QEMU arguments) is made to that one tree, written out
+    once for libvirt.
+
     :raise InvalidInputError: hostile or malformed XML; libvirt refuses it.
     :raise BusyError: the domain is running (its image would change under it).
     """
-    dom = parse_domain(xml_text)
-    if not dom.name:
-        raise InvalidInputError("the domain XML has no <name>")
-    if dom.uuid is None:
-        # libvirt would invent one at define; nvmgr needs it before (swtpm, fw_cfg paths).
-        dom.uuid = uuid.uuid4()
-        xml_text = dom.to_xml()
-        dom = parse_domain(xml_text)
-    meta = dom.nvmgr
-    if key_file or key_secret:
-        xml_text = _with_key_source(dom, key_file, key_secret)
-        dom = parse_domain(xml_text)
-        meta = dom.nvmgr
-    refuse_luks(meta)
+    return _define(parse_domain(xml_text), xml_text, uri=uri, fmt=fmt, image=image, kek=kek,
+                   key_file=key_file, key_secret=key_secret, dry_run=dry_run)
+
+
+def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = None,
+            image: str | None = None, kek: Kek | None, key_file: str | None = None,
+            key_secret: str | None = None, dry_run: bool = False) -> DefineResult:
+    """:func:`define` on the parsed *dom* (*xml_text* is its source, for ``dry_run``)."""
     name = dom.name
     if not name:
         raise InvalidInputError("the domain XML has no <name>")
+    edited = False
+    dom_uuid = dom.uuid
+    if dom_uuid is None:
+        # libvirt would invent one at define; nvmgr needs it before (swtpm, fw_cfg paths).
+        dom_uuid = dom.uuid = uuid.uuid4()
+        edited = True
+    if key_file or key_secret:
+        _set_key_source(dom, key_file, key_secret)
+        edited = True
+    meta = dom.nvmgr
+    refuse_luks(meta)
     cloned_from = None
-    if meta and meta.image and dom.uuid is not None and image is None:
+    if meta and meta.image and image is None:
         owner = owner_of(meta.image)
-        if owner is not None and owner != dom.uuid:
+        if owner is not None and owner != dom_uuid:
             # The XML is a clone's (virt-clone, or copied by hand): give it its own image.
             own = default_image_path(name)
             if os.path.abspath(own) == os.path.abspath(meta.image):
                 raise UsageError(f"{meta.image} belongs to domain {owner}; give this domain "
                                  "its own image with --image PATH", domain=name)
             if not dry_run:
-                new_uuid = copy_for_clone(meta.image, own, dom.uuid, kek)
+                new_uuid = copy_for_clone(meta.image, own, dom_uuid, kek)
                 cloned_from = meta.image
                 dom.set_nvmgr(dataclasses.replace(meta, image=own, uuid=new_uuid))
-                xml_text = dom.to_xml()
-                dom = parse_domain(xml_text)
                 meta = dom.nvmgr
     plan = plan_for(dom, encrypted=kek is not None)
     path = os.path.abspath(image or (meta.image if meta and meta.image else plan.image))
     fmt = fmt or (meta.format if meta and meta.format else None) or (
         probe_format(path) if os.path.exists(path) else "raw")
     if dry_run:
-        return DefineResult(name, path, "", not os.path.exists(path), [], {}, xml_text)
+        return DefineResult(name, path, "", not os.path.exists(path), [], {},
+                            dom.to_xml() if edited else xml_text)
     if virt.exists(name, uri):
         virt.require_inactive(name, uri, what="redefining it with nvmgr")
-    img, created, added = prepare_image(plan, dom, kek=kek, fmt=fmt, path=path)
+    img, created, added = prepare_image(plan, kek=kek, fmt=fmt, path=path)
     imported: dict[str, str] = {}
     try:
         if img.directory.encrypted and not (meta and meta.encrypted):
@@ -124,7 +134,8 @@ def define(xml_text: str, *, uri: str | None = None, fmt: str | None = None,
     finally:
         img.close()
     try:
-        new_xml = rewrite_domain(xml_text, placed, path, fmt, image_uuid)
+        apply_plan(dom, placed, path, fmt, image_uuid)
+        new_xml = dom.to_xml()
         name = virt.define(new_xml, uri)
     except BaseException:
         if created:  # nothing written when the domain is refused
@@ -138,16 +149,22 @@ def define(xml_text: str, *, uri: str | None = None, fmt: str | None = None,
                         imported, new_xml)
 
 
-def _with_key_source(dom: Any, key_file: str | None, key_secret: str | None) -> str:
+def _set_key_source(dom: Domain, key_file: str | None, key_secret: str | None) -> None:
+    """Record the key source in the domain's metadata (checked like read metadata).
+
+    :raise UsageError: *key_secret* is not a UUID.
+    :raise InvalidInputError: the metadata this gives is not valid (both sources, say).
+    """
+    try:
+        secret = uuid.UUID(key_secret) if key_secret else None
+    except ValueError as e:
+        raise UsageError(f"--key-secret {key_secret!r} is not a UUID") from e
     meta = dom.nvmgr or NvmgrMetadata()
-    meta = dataclasses.replace(
+    dom.set_nvmgr(dataclasses.replace(
         meta,
         key_file=os.path.abspath(key_file) if key_file else None,
-        key_secret=uuid.UUID(key_secret) if key_secret else None,
-    )
-    dom.set_nvmgr(meta)
-    xml: str = dom.to_xml()
-    return xml
+        key_secret=secret,
+    ))
 
 
 def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
@@ -179,8 +196,7 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
     return {"domain": name, "image": image, "image_removed": removed}
 
 
-
-def _kek_from_metadata(meta: Any, uri: str | None) -> Kek | None:
+def _kek_from_metadata(meta: NvmgrMetadata | None, uri: str | None) -> Kek | None:
     """The key a domain's metadata names (outside a hook libvirt may be asked)."""
     if meta is None:
         return None
@@ -211,11 +227,12 @@ def reconcile(name: str, *, uri: str | None = None) -> ReconcileResult:
     """
     before = virt.domain_xml(name, uri)
     dom = parse_domain(before)
-    if dom.nvmgr is None or not dom.nvmgr.image:
+    meta = dom.nvmgr
+    if meta is None or not meta.image:
         return ReconcileResult(name, "not-nvmgr")
     if virt.is_active(name, uri):
         return ReconcileResult(name, "running")
-    res = define(before, uri=uri, kek=_kek_from_metadata(dom.nvmgr, uri))
+    res = _define(dom, before, uri=uri, kek=_kek_from_metadata(meta, uri))
     after = virt.domain_xml(name, uri)
     changed = res.added or after != before
     return ReconcileResult(name, "reconciled" if changed else "unchanged", res.added)

@@ -34,14 +34,14 @@ def load_libvirt_secret(secret_uuid: str, uri: str | None = None) -> Kek:
     what = f"libvirt secret {u}"
     try:
         import libvirt
-    except ImportError:
-        raise ExternalError(f"cannot read {what}: the libvirt Python module is missing") from None
+    except ImportError as e:
+        raise ExternalError(f"cannot read {what}: the libvirt Python module is missing") from e
 
     where = f" at {uri}" if uri else ""
     try:
         conn = libvirt.open(uri)
     except libvirt.libvirtError as e:
-        raise ExternalError(f"cannot connect to libvirt{where}", detail=str(e)) from None
+        raise ExternalError(f"cannot connect to libvirt{where}", detail=str(e)) from e
     try:
         try:
             secret = conn.secretLookupByUUIDString(u)
@@ -50,8 +50,8 @@ def load_libvirt_secret(secret_uuid: str, uri: str | None = None) -> Kek:
             if e.get_error_code() == libvirt.VIR_ERR_NO_SECRET:
                 raise NotFoundError(
                     f"{what} does not exist or has no value{where} ({e.get_error_message()})"
-                ) from None
-            raise ExternalError(f"cannot read {what}{where}", detail=str(e)) from None
+                ) from e
+            raise ExternalError(f"cannot read {what}{where}", detail=str(e)) from e
     finally:
         try:
             conn.close()

@@ -1,0 +1,469 @@
+"""nvmgr's domain metadata: plain data, and its one reading from and writing to XML.
+
+The metadata (namespace :data:`~nvmgr.domain.namespaces.NVMGR_NS`, schema
+``schemas/nvmgr-metadata.rng``, shipped as ``nvmgr/data/nvmgr-metadata.rng``)::
+
+    <metadata>
+      <nvmgr:nvram xmlns:nvmgr="https://nvmgr.dev/schemas/metadata/1"
+                   image="/var/lib/libvirt/nvmgr/NAME.nvram" format="raw"
+                   uuid="..." key-file="..."|key-secret="UUID" luks="no">
+        <nvmgr:section name="nic0-eeprom" size="256" binding="opaque"
+                       device="net0"/>
+        <nvmgr:section name="vpd0" kind="pci-vpd" binding="fwcfg"
+                       fwcfg-name="opt/org.example/vpd"/>
+        <nvmgr:libvirt-nvram path="..." template="..." format="raw"/>
+      </nvmgr:nvram>
+    </metadata>
+
+``libvirt-nvram`` records the ``<nvram>`` element nvmgr replaced (and the
+firmware autoselection it turned off), so planning a rewritten domain gives
+the same sections and :func:`nvmgr.domain.qemuargs.strip_nvmgr` can put it back.
+
+The rest of nvmgr sees :class:`NvmgrMetadata`, :class:`SectionDecl` and
+:class:`LibvirtNvram`: frozen dataclasses without lxml types.
+:func:`from_element` checks an element once -- the RelaxNG schema says what
+may appear (elements, attributes, value patterns, enumerations, key-file XOR
+key-secret); :func:`_decode` then applies only the rules a schema cannot
+say (sizes and their total, counts, duplicates, no ``..`` in names and paths,
+which attributes go together).  A schema refusal is explained from
+:data:`_RULES`, naming the attribute and its value.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from collections.abc import Mapping
+from uuid import UUID
+
+from lxml import etree
+
+from nvmgr import resources
+from nvmgr.domain.namespaces import NVMGR_NS, clark
+from nvmgr.domain.xmlparse import parse_tree
+from nvmgr.errors import InstallationError, InvalidInputError, UsageError
+from nvmgr.format.layout import MAX_SECTION_SIZE
+from nvmgr.format.model import MAX_NAME, Binding
+from nvmgr.units import parse_size
+
+#: Sum of all sizes declared in nvmgr metadata, a bound against absurd input.
+MAX_METADATA_TOTAL = 64 << 30
+#: Most ``<nvmgr:section>`` elements one domain may declare.
+MAX_DECLARED_SECTIONS = 256
+#: Image containers the metadata may name.
+FORMATS = ("raw", "qcow2")
+#: QEMU's fw_cfg file names hold at most 55 characters (FW_CFG_MAX_FILE_PATH - 1).
+MAX_FWCFG_NAME = 55
+
+#: ``<nvmgr:nvram>``, the metadata's root element.
+NVRAM_TAG = clark("nvmgr:nvram")
+SECTION_TAG = clark("nvmgr:section")
+LIBVIRT_NVRAM_TAG = clark("nvmgr:libvirt-nvram")
+FEATURE_TAG = clark("nvmgr:feature")
+
+
+# --------------------------------------------------------------------------
+# The data
+
+
+@dataclasses.dataclass(frozen=True)
+class SectionDecl:
+    """One ``<nvmgr:section>``: a section the domain asks for, or an override.
+
+    ``size`` or ``kind`` (a profile in :mod:`nvmgr.domain.profiles`) gives the
+    worst-case size; naming a section the profiles derive (``uefi-vars``,
+    ``tpm-permall``...) overrides its size.
+    """
+
+    name: str
+    size: int | None = None
+    binding: Binding | None = None
+    kind: str | None = None
+    device: str | None = None
+    driver: str | None = None
+    fwcfg_name: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LibvirtNvram:
+    """The ``<nvram>`` (and firmware autoselection) nvmgr replaced in a domain.
+
+    ``path``, ``template`` and ``format`` are the ``<nvram>`` element as it
+    was (all ``None`` when there was none); ``firmware`` and ``features`` the
+    autoselection; ``firmware_template`` the varstore template of the
+    firmware autoselection picked, which fills the ``uefi-vars`` section.
+    """
+
+    path: str | None = None
+    template: str | None = None
+    format: str | None = None
+    firmware: str | None = None
+    features: tuple[tuple[str, bool], ...] = ()
+    firmware_template: str | None = None
+
+    @property
+    def vars_template(self) -> str | None:
+        """The template the UEFI vars section starts from."""
+        return self.template or self.firmware_template
+
+
+@dataclasses.dataclass(frozen=True)
+class NvmgrMetadata:
+    """``<metadata><nvmgr:nvram>``: where the VM's image is, and extra sections."""
+
+    image: str | None = None
+    format: str | None = None
+    uuid: UUID | None = None
+    key_file: str | None = None
+    key_secret: UUID | None = None
+    luks: bool = False
+    sections: tuple[SectionDecl, ...] = ()
+    libvirt_nvram: LibvirtNvram | None = None
+
+    @property
+    def encrypted(self) -> bool:
+        """A key was named: nvmgr encrypts the image's non-live sections."""
+        return self.key_file is not None or self.key_secret is not None
+
+
+# --------------------------------------------------------------------------
+# Reading: the schema, then what it cannot say
+
+
+_RNG: etree.RelaxNG | None = None
+
+
+def _schema() -> etree.RelaxNG:
+    """The compiled RelaxNG schema (read once per process).
+
+    :raise InstallationError: the shipped schema is missing or broken.
+    """
+    global _RNG
+    if _RNG is None:
+        what = f"the shipped {resources.METADATA_SCHEMA}"
+        text = resources.read_text(resources.METADATA_SCHEMA)
+        try:
+            _RNG = etree.RelaxNG(parse_tree(text, what=what))
+        except (InvalidInputError, etree.RelaxNGParseError) as e:
+            raise InstallationError(f"{what} cannot be used ({e}); reinstall nvmgr") from e
+    return _RNG
+
+
+def meta_error(node: etree._Element, msg: str) -> InvalidInputError:
+    """An :class:`InvalidInputError` about the metadata element *node* (with its line)."""
+    line = f" (line {node.sourceline})" if node.sourceline else ""
+    return InvalidInputError(f"nvmgr metadata{line}: {msg}")
+
+
+_ABSOLUTE = "{attr}={v} must be an absolute path without '..'"
+_UUID = "{attr}={v} is not a UUID"
+_YESNO = "{attr}={v} is not 'yes' or 'no'"
+_FWCFG = ("{attr}={v} must start with 'opt/', use A-Z a-z 0-9 . _ - and '/', hold no '..' "
+          f"and be at most {MAX_FWCFG_NAME} characters")
+_SECTION_NAME = (f"invalid section name {{v}}: 1-{MAX_NAME} characters from A-Z a-z 0-9 . _ + -, "
+                 "starting with a letter or digit, no '..'")
+
+#: What each value the schema checks must look like, for messages:
+#: (element, attribute) -> template with ``{attr}`` and ``{v}`` (the value's repr).
+_RULES: Mapping[tuple[str, str], str] = {
+    ("nvram", "image"): _ABSOLUTE,
+    ("nvram", "format"): f"{{attr}}={{v}} is not one of {', '.join(FORMATS)}",
+    ("nvram", "uuid"): _UUID,
+    ("nvram", "key-file"): _ABSOLUTE,
+    ("nvram", "key-secret"): _UUID,
+    ("nvram", "luks"): _YESNO,
+    ("section", "name"): _SECTION_NAME,
+    ("section", "size"): "invalid size {v}: use a byte count with an optional K, M, G or T suffix",
+    ("section", "kind"): "{attr}={v} is not a device kind (see nvmgr plan's profiles)",
+    ("section", "binding"): "unknown binding {v} (one of: "
+                            + ", ".join(b.name.lower() for b in Binding) + ")",
+    ("section", "device"): "{attr}={v} is not a device alias",
+    ("section", "driver"): "{attr}={v} is not a QEMU device name",
+    ("section", "fwcfg-name"): _FWCFG,
+    ("libvirt-nvram", "path"): _ABSOLUTE,
+    ("libvirt-nvram", "template"): _ABSOLUTE,
+    ("libvirt-nvram", "firmware-template"): _ABSOLUTE,
+    ("libvirt-nvram", "format"): f"{{attr}}={{v}} is not one of {', '.join(FORMATS)}",
+    ("libvirt-nvram", "firmware"): "{attr}={v} is not 'efi' or 'bios'",
+    ("feature", "name"): "feature {attr}={v} is not a firmware feature name",
+    ("feature", "enabled"): "feature {attr}={v} must be 'yes' or 'no'",
+}
+#: The attributes the schema requires, per element.
+_REQUIRED: Mapping[str, tuple[str, ...]] = {"section": ("name",), "feature": ("name", "enabled")}
+
+_INVALID_ATTR = re.compile(r"Invalid attribute (\S+) for element (\S+)")
+_ATTRS_FAILED = re.compile(r"Element (\S+) failed to validate attributes")
+
+
+def _explain(el: etree._Element, attr: str, value: str) -> str | None:
+    """Say what is wrong with *attr* of *el* from :data:`_RULES` (``None``: no rule)."""
+    local = etree.QName(el).localname
+    rule = _RULES.get((local, attr))
+    if rule is None:
+        return None
+    if (local == "nvram" and attr in ("key-file", "key-secret")
+            and el.get("key-file") is not None and el.get("key-secret") is not None):
+        return "give key-file or key-secret, not both"  # the schema's <choice>
+    text = rule.format(attr=attr, v=repr(value))
+    name = el.get("name")
+    if local == "section" and attr != "name" and name is not None:
+        text = f"section {name}: {text}"
+    return text
+
+
+def _schema_error(node: etree._Element, log: etree._ListErrorLog) -> InvalidInputError:
+    """The schema's refusal of *node*, naming the attribute and value where it can."""
+    errors = list(log)
+    tree = etree.ElementTree(node)
+    prefixes = {k: v for k, v in node.nsmap.items() if k}
+
+    def element_at(path: str | None) -> etree._Element | None:
+        if not path:
+            return None
+        try:
+            found = tree.xpath(path, namespaces=prefixes)
+        except etree.XPathError:
+            return None
+        if isinstance(found, list) and found and isinstance(found[0], etree._Element):
+            return found[0]
+        return None
+
+    for err in errors:
+        m = _INVALID_ATTR.fullmatch(err.message)
+        el = element_at(err.path) if m else None
+        value = el.get(m.group(1)) if m and el is not None else None
+        if m and el is not None and value is not None:  # else: a namespaced or unknown one
+            why = _explain(el, m.group(1), value)
+            if why is not None:
+                return meta_error(el, why)
+    for i, err in enumerate(errors):
+        m = _ATTRS_FAILED.fullmatch(err.message)
+        if not m:
+            continue
+        # libxml2 gives this one no path; the error after it names the element.
+        candidates = [element_at(e.path) for e in errors[i:]]
+        el = next((c for c in candidates
+                   if c is not None and etree.QName(c).localname == m.group(1)), None)
+        for attr in _REQUIRED.get(m.group(1), ()):
+            if el is not None and el.get(attr) is None:
+                why = _explain(el, attr, "")
+                if why is not None:
+                    return meta_error(el, why)
+    first = errors[0] if errors else None
+    line = (first.line if first is not None and first.line else None) or node.sourceline
+    where = f"line {line}" if line else "metadata"
+    detail = first.message if first is not None else "does not validate"
+    el = next((e for e in map(element_at, (err.path for err in errors)) if e is not None), None)
+    if el is not None:
+        detail += f" ({_start_tag(el)})"
+    return InvalidInputError(
+        f"nvmgr metadata ({where}) does not match schemas/nvmgr-metadata.rng: {detail}"
+    )
+
+
+def _start_tag(el: etree._Element) -> str:
+    """``<nvmgr:feature name='x' enabled='maybe'>``, for messages (values cut at 80)."""
+    q = etree.QName(el)
+    tag = f"{el.prefix}:{q.localname}" if el.prefix else q.localname
+    prefixes = {uri: p for p, uri in el.nsmap.items() if p}
+
+    def name(key: str | bytes) -> str:
+        k = etree.QName(key)
+        p = prefixes.get(k.namespace or "")
+        return f"{p}:{k.localname}" if p else k.localname
+
+    attrs = "".join(f" {name(k)}={v[:80]!r}" for k, v in el.items())
+    return f"<{tag}{attrs}>"
+
+
+def from_element(node: etree._Element) -> NvmgrMetadata:
+    """Check one ``<nvmgr:nvram>`` element (in place) and return it as data.
+
+    :raise InvalidInputError: the schema refuses it, or a rule it cannot
+        express does; the message names the element's line, the section, the
+        attribute and its value.
+    :raise InstallationError: the shipped schema is missing.
+    """
+    rng = _schema()
+    # Validated where it stands (lxml gives the subtree a temporary root):
+    # error lines are the domain document's own.
+    if not rng.validate(etree.ElementTree(node)):
+        raise _schema_error(node, rng.error_log)
+    return _decode(node)
+
+
+def _path(node: etree._Element, attr: str) -> str | None:
+    """An absolute path attribute (the schema checked the leading '/'): no '..' step."""
+    value = node.get(attr)
+    if value is not None and "/../" in value + "/":
+        raise meta_error(node, _ABSOLUTE.format(attr=attr, v=repr(value)))
+    return value
+
+
+def _uuid(node: etree._Element, attr: str) -> UUID | None:
+    text = node.get(attr)
+    if text is None:
+        return None
+    try:
+        return UUID(text)
+    except ValueError as e:  # the schema's pattern admits only what UUID() reads
+        raise meta_error(node, _UUID.format(attr=attr, v=repr(text))) from e
+
+
+def _size(node: etree._Element, name: str) -> int | None:
+    text = node.get("size")
+    if text is None:
+        return None
+    try:
+        size = parse_size(text, what=f"size of section {name}")  # e.g. a fraction of a byte
+    except UsageError as e:
+        raise meta_error(node, e.message) from e
+    if size <= 0:
+        raise meta_error(node, f"section {name}: size {text!r} must be at least 1 byte")
+    if size > MAX_SECTION_SIZE:
+        raise meta_error(
+            node,
+            f"section {name}: size {text!r} ({size:,} bytes) is larger than the 1 TiB "
+            "limit for one section",
+        )
+    return size
+
+
+def _section(node: etree._Element) -> SectionDecl:
+    name = node.get("name", "")
+    if ".." in name:
+        raise meta_error(node, _SECTION_NAME.format(v=repr(name)))
+    binding_text = node.get("binding")
+    try:
+        binding = Binding.parse(binding_text) if binding_text is not None else None
+    except UsageError as e:  # the schema lists exactly Binding's names
+        raise meta_error(node, f"section {name}: {e.message}") from e
+    driver, fwcfg = node.get("driver"), node.get("fwcfg-name")
+    if fwcfg is not None and ".." in fwcfg:
+        raise meta_error(node, f"section {name}: "
+                          + _FWCFG.format(attr="fwcfg-name", v=repr(fwcfg)))
+    if binding is Binding.FWCFG and fwcfg is None:
+        raise meta_error(node, f"section {name}: binding fwcfg needs a fwcfg-name")
+    if fwcfg is not None and binding is not Binding.FWCFG:
+        raise meta_error(node, f"section {name}: fwcfg-name needs binding='fwcfg'")
+    if driver is not None and binding is not Binding.BLOCK:
+        raise meta_error(node, f"section {name}: driver needs binding='block'")
+    return SectionDecl(
+        name=name,
+        size=_size(node, name),
+        binding=binding,
+        kind=node.get("kind"),
+        device=node.get("device"),
+        driver=driver,
+        fwcfg_name=fwcfg,
+    )
+
+
+def _libvirt_nvram(node: etree._Element) -> LibvirtNvram:
+    return LibvirtNvram(
+        path=_path(node, "path"),
+        template=_path(node, "template"),
+        format=node.get("format"),
+        firmware=node.get("firmware"),
+        features=tuple((f.get("name", ""), f.get("enabled") == "yes")
+                       for f in node.findall(FEATURE_TAG)),
+        firmware_template=_path(node, "firmware-template"),
+    )
+
+
+def _decode(node: etree._Element) -> NvmgrMetadata:
+    """A schema-valid element as data, with the rules the schema cannot say."""
+    section_nodes = node.findall(SECTION_TAG)
+    if len(section_nodes) > MAX_DECLARED_SECTIONS:
+        raise meta_error(
+            node, f"{len(section_nodes)} sections declared; at most {MAX_DECLARED_SECTIONS}"
+        )
+    sections = tuple(_section(s) for s in section_nodes)
+    seen: set[str] = set()
+    for s in sections:
+        if s.name in seen:
+            raise meta_error(node, f"section {s.name} is declared twice")
+        seen.add(s.name)
+    total = sum(s.size or 0 for s in sections)
+    if total > MAX_METADATA_TOTAL:
+        raise meta_error(
+            node,
+            f"declared sections total {total:,} bytes, more than the "
+            f"{MAX_METADATA_TOTAL >> 30} GiB limit for one image",
+        )
+    lv = node.find(LIBVIRT_NVRAM_TAG)
+    return NvmgrMetadata(
+        image=_path(node, "image"),
+        format=node.get("format"),
+        uuid=_uuid(node, "uuid"),
+        key_file=_path(node, "key-file"),
+        key_secret=_uuid(node, "key-secret"),
+        luks=node.get("luks") == "yes",
+        sections=sections,
+        libvirt_nvram=_libvirt_nvram(lv) if lv is not None else None,
+    )
+
+
+# --------------------------------------------------------------------------
+# Writing
+
+
+def written_sections(node: etree._Element, meta: NvmgrMetadata) -> dict[SectionDecl, etree._Element]:
+    """*node*'s ``<nvmgr:section>`` elements by what they say (*meta*, read from *node*)."""
+    return dict(zip(meta.sections, node.findall(SECTION_TAG), strict=True))
+
+
+def to_element(meta: NvmgrMetadata,
+               keep: Mapping[SectionDecl, etree._Element] | None = None) -> etree._Element:
+    """*meta* as a new ``<nvmgr:nvram>`` element.
+
+    :param keep: elements already written for some sections; a section that
+        says the same is copied from there, so a user's ``size='1M'`` stays
+        ``1M`` when nvmgr rewrites the metadata.
+    """
+    el = etree.Element(NVRAM_TAG, nsmap={"nvmgr": NVMGR_NS})
+    for attr, value in (
+        ("image", meta.image),
+        ("format", meta.format),
+        ("uuid", str(meta.uuid) if meta.uuid else None),
+        ("key-file", meta.key_file),
+        ("key-secret", str(meta.key_secret) if meta.key_secret else None),
+        ("luks", "yes" if meta.luks else None),
+    ):
+        if value is not None:
+            el.set(attr, value)
+    for s in meta.sections:
+        same = keep.get(s) if keep else None
+        if same is not None:
+            kept = copy.deepcopy(same)
+            kept.tail = None
+            el.append(kept)
+            continue
+        se = etree.SubElement(el, SECTION_TAG)
+        for attr, value in (
+            ("name", s.name),
+            ("size", str(s.size) if s.size is not None else None),
+            ("kind", s.kind),
+            ("binding", s.binding.name.lower() if s.binding is not None else None),
+            ("device", s.device),
+            ("driver", s.driver),
+            ("fwcfg-name", s.fwcfg_name),
+        ):
+            if value is not None:
+                se.set(attr, value)
+    rec = meta.libvirt_nvram
+    if rec is not None:
+        lv = etree.SubElement(el, LIBVIRT_NVRAM_TAG)
+        for attr, value in (
+            ("path", rec.path),
+            ("template", rec.template),
+            ("format", rec.format),
+            ("firmware", rec.firmware),
+            ("firmware-template", rec.firmware_template),
+        ):
+            if value is not None:
+                lv.set(attr, value)
+        for name, enabled in rec.features:
+            etree.SubElement(lv, FEATURE_TAG, name=name, enabled="yes" if enabled else "no")
+    return el
