@@ -425,7 +425,7 @@ def test_libvirt_secret_no_such_secret(fake_libvirt: Callable[..., Any]) -> None
     with pytest.raises(NotFoundError) as ei:
         secrets.load_libvirt_secret(SECRET_UUID)
     assert SECRET_UUID in str(ei.value)
-    assert ei.value.__cause__ is None
+    assert isinstance(ei.value.__cause__, FakeLibvirtError)  # the cause is kept
     assert state.conns[0].closed
 
 

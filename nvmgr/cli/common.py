@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nvmgr.errors import UsageError
 from nvmgr.units import format_size, parse_size
@@ -29,6 +29,11 @@ EXIT_CODES_TEXT = """exit codes:
      foreign image)
   5  wrong key
 """
+
+if TYPE_CHECKING:
+    from nvmgr.crypto.cipher import Kek
+    from nvmgr.format.layout import SectionSpec
+    from nvmgr.image.image import Image
 
 Result = dict[str, Any]
 Handler = Callable[[argparse.Namespace], Result]
@@ -81,7 +86,7 @@ def _progress(args: argparse.Namespace, what: str) -> Callable[[int, int], None]
     return report
 
 
-def load_key(args: argparse.Namespace) -> Any:
+def load_key(args: argparse.Namespace) -> Kek | None:
     """The key-encryption key from --key-file, --key-secret or --key-stdin, or None."""
     from nvmgr.crypto import keys
     from nvmgr.virt import secrets
@@ -132,7 +137,7 @@ def resolve_image(args: argparse.Namespace) -> str:
     return str(args.image)
 
 
-def _open(args: argparse.Namespace, *, writable: bool = False, with_key: bool = True) -> Any:
+def _open(args: argparse.Namespace, *, writable: bool = False, with_key: bool = True) -> Image:
     from nvmgr.image.image import Image
 
     return Image.open(resolve_image(args), writable=writable,
@@ -140,7 +145,7 @@ def _open(args: argparse.Namespace, *, writable: bool = False, with_key: bool = 
                       wait=getattr(args, "wait", 0.0) or 0.0)
 
 
-def _section_spec(text: str, encrypted: bool = False) -> Any:
+def _section_spec(text: str, encrypted: bool = False) -> SectionSpec:
     from nvmgr.format.layout import SectionSpec
     from nvmgr.format.model import Binding
 
