@@ -21,6 +21,7 @@ import stat
 import uuid
 from typing import BinaryIO
 
+from nvmgr import paths
 from nvmgr.crypto.cipher import KEK_LEN, Kek
 from nvmgr.errors import NotFoundError, NvmgrError, UsageError
 
@@ -32,7 +33,7 @@ __all__ = [
 ]
 
 #: Where the system libvirtd (9.0) keeps persistent secrets.
-DEFAULT_SECRETS_DIR = "/etc/libvirt/secrets"
+DEFAULT_SECRETS_DIR = paths.SECRETS_DIR
 
 #: Upper bound on bytes read from any key source.
 _MAX_READ = 200

@@ -27,6 +27,7 @@ import dataclasses
 import os
 import uuid
 
+from nvmgr import paths
 from nvmgr.domain import profiles
 from nvmgr.domain.elements import Domain, check_domain_name, parse_domain
 from nvmgr.domain.metadata import NvmgrMetadata, SectionDecl
@@ -36,7 +37,7 @@ from nvmgr.format.model import Binding, Directory
 from nvmgr.units import format_size
 
 #: Where ``nvmgr define`` puts a domain's image unless the metadata says otherwise.
-DEFAULT_IMAGE_DIR = "/var/lib/libvirt/nvmgr"
+DEFAULT_IMAGE_DIR = paths.IMAGE_DIR
 
 
 @dataclasses.dataclass(frozen=True)

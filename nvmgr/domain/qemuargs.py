@@ -45,11 +45,11 @@ from nvmgr.domain.metadata import LibvirtNvram, NvmgrMetadata
 from nvmgr.domain.plan import Plan, PlannedSection
 from nvmgr.errors import InvalidInputError, UsageError
 from nvmgr.format.model import Binding
+from nvmgr.paths import RUNTIME_ROOT
 
 #: Where the prepare hook stages what QEMU reads as files (tmpfs), one
 #: directory per domain UUID.  The one definition: the arguments below name
 #: these files, and :mod:`nvmgr.provision.staging` writes them.
-RUNTIME_ROOT = "/run/nvmgr"
 
 FILE_NODE = "nvmgr-file"
 FORMAT_NODE = "nvmgr-image"

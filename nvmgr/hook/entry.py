@@ -17,13 +17,14 @@ import re
 import sys
 from typing import BinaryIO, TextIO
 
+from nvmgr import paths
 from nvmgr.domain.elements import parse_domain
 from nvmgr.domain.namespaces import NVMGR_NS
 from nvmgr.errors import ExitCode, NvmgrError
 from nvmgr.hook.lifecycle import ACTIONS, HookContext, migrate
 from nvmgr.provision import staging
 
-LOG_FILE = "/var/log/nvmgr/hook.log"
+LOG_FILE = paths.HOOK_LOG
 
 log = logging.getLogger("nvmgr.hook")
 

@@ -33,13 +33,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
+from nvmgr import paths
 from nvmgr.crypto import keys
 from nvmgr.crypto.cipher import Kek, unlock
 from nvmgr.domain.elements import Domain
 from nvmgr.domain.metadata import NvmgrMetadata
 from nvmgr.domain.plan import Plan, plan_for
 from nvmgr.domain.profiles import tpm_version
-from nvmgr.domain.qemuargs import RUNTIME_ROOT, node_name, slice_offsets
+from nvmgr.domain.qemuargs import node_name, slice_offsets
 from nvmgr.errors import (
     CorruptError,
     KeyRequiredError,
@@ -49,11 +50,11 @@ from nvmgr.errors import (
 )
 from nvmgr.format.model import Binding
 from nvmgr.image.image import Image
+from nvmgr.paths import RUNTIME_ROOT
 from nvmgr.provision import staging
 from nvmgr.provision.prepare import initial_content, prepare_image, refuse_luks
 
-LOG_FILE = "/var/log/nvmgr/hook.log"
-MIGRATE_MAP = "/etc/nvmgr/migrate.map"
+MIGRATE_MAP = paths.MIGRATE_MAP
 
 log = logging.getLogger("nvmgr.hook.lifecycle")
 
@@ -74,7 +75,7 @@ class HookContext:
     meta: NvmgrMetadata
     image: str
     users: staging.Users
-    swtpm_root: str = staging.SWTPM_STATE_ROOT
+    swtpm_root: str = paths.SWTPM_STATE_ROOT
     runtime_root: str = RUNTIME_ROOT
 
     @classmethod

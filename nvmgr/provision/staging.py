@@ -7,7 +7,7 @@
   the image is the one copy of the TPM.
 - ``fwcfg`` sections become read-only files under ``/run/nvmgr/<uuid>/``
   (tmpfs) for QEMU's ``-fw_cfg name=...,file=...``
-  (:data:`~nvmgr.domain.qemuargs.RUNTIME_ROOT`, named by the QEMU arguments).
+  (:data:`~nvmgr.paths.RUNTIME_ROOT`, named by the QEMU arguments).
 
 Writes are atomic (temporary file, fsync, rename), so swtpm never sees half
 a state file.
@@ -25,11 +25,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from nvmgr.domain.qemuargs import RUNTIME_ROOT
 from nvmgr.format.model import Binding, Section
-
-SWTPM_STATE_ROOT = "/var/lib/libvirt/swtpm"
-QEMU_CONF = "/etc/libvirt/qemu.conf"
+from nvmgr.paths import QEMU_CONF, RUNTIME_ROOT, SWTPM_STATE_ROOT
 
 
 @dataclasses.dataclass(frozen=True)
