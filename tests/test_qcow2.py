@@ -1,12 +1,15 @@
-"""Qcow2Container, the NBD client and the qemu-img snapshot helpers, against real QEMU tools."""
+"""Qcow2Container (a qemu-storage-daemon FUSE export read and written like a raw
+file), its daemon's lifetime, stale mounts, and the qemu-img snapshot helpers,
+against real QEMU tools."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import signal
-import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -24,8 +27,8 @@ from nvmgr.errors import (
     NotFoundError,
     UsageError,
 )
-from nvmgr.storage import nbd
-from nvmgr.storage.container import RawContainer, create_container, open_container, qemu_holds_write
+from nvmgr.storage import create_container, fuse, open_container
+from nvmgr.storage.base import qemu_holds_write
 from nvmgr.storage.qcow2 import (
     Qcow2Container,
     qemu_img_info,
@@ -34,6 +37,7 @@ from nvmgr.storage.qcow2 import (
     snapshot_delete,
     snapshot_list,
 )
+from nvmgr.storage.raw import RawContainer
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("qemu-storage-daemon") and shutil.which("qemu-img")),
@@ -61,11 +65,29 @@ def qsd_pids(marker: str) -> list[int]:
 
 @pytest.fixture
 def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private $XDG_RUNTIME_DIR, so tests can see what the daemons leave behind."""
+    """A private $XDG_RUNTIME_DIR; yields nvmgr's mountpoint directory in it, so
+    tests can see what the daemons leave behind."""
     run = tmp_path / "run"
     run.mkdir(mode=0o700)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(run))
-    return run
+    return run / f"nvmgr-fuse-{os.geteuid()}"
+
+
+def leftovers(runtime: Path) -> list[str]:
+    """What is left in the mountpoint directory (nothing, or no directory yet)."""
+    return sorted(p.name for p in runtime.iterdir()) if runtime.exists() else []
+
+
+def fuse_mounts_under(d: Path) -> list[str]:
+    """FUSE mount points under *d*, from /proc/self/mountinfo (dead ones too)."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split(" ")
+            fstype = fields[fields.index("-") + 1]
+            if fstype.startswith("fuse") and fields[4].startswith(str(d)):
+                out.append(fields[4])
+    return out
 
 
 @pytest.fixture
@@ -74,7 +96,8 @@ def image(tmp_path: Path, runtime: Path) -> Iterator[str]:
     Qcow2Container.create(path, 64 * MiB).close()
     yield path
     assert qsd_pids(str(tmp_path)) == []
-    assert list(runtime.iterdir()) == []
+    assert leftovers(runtime) == []
+    assert fuse_mounts_under(tmp_path) == []
 
 
 # -- create / open ----------------------------------------------------------------
@@ -87,7 +110,14 @@ def test_create_makes_private_qcow2(tmp_path: Path, runtime: Path) -> None:
         assert c.size() == 8 * MiB
         assert c.read(0, 4096) == bytes(4096)
         assert c.start_latency < 5
-        assert list(runtime.iterdir()) == []  # the socket path is gone once connected
+        # one export: its mountpoint (a FUSE mount now) and its lock
+        assert c._export is not None
+        mp = c._export.mountpoint
+        assert leftovers(runtime) == sorted([os.path.basename(mp), os.path.basename(mp) + ".lock"])
+        assert fuse.is_fuse_mount(mp) and os.stat(mp).st_size == 8 * MiB
+        assert stat.S_IMODE(runtime.stat().st_mode) == 0o700
+    assert leftovers(runtime) == []
+    assert not fuse.is_fuse_mount(mp)
     assert os.stat(path).st_mode & 0o777 == 0o600
     info = qemu_img_info(path)
     assert info["format"] == "qcow2" and info["virtual-size"] == 8 * MiB
@@ -129,7 +159,7 @@ def test_open_missing_and_foreign(tmp_path: Path, runtime: Path) -> None:
     raw.write_bytes(bytes(4096))
     with pytest.raises(UsageError, match="not a qcow2 image"):
         Qcow2Container(str(raw))
-    assert list(runtime.iterdir()) == []
+    assert leftovers(runtime) == []
 
 
 def test_daemon_failure_cleans_up(tmp_path: Path, runtime: Path) -> None:
@@ -139,7 +169,8 @@ def test_daemon_failure_cleans_up(tmp_path: Path, runtime: Path) -> None:
     with pytest.raises(CorruptError, match="the qcow2 container is damaged or not qcow2"):
         Qcow2Container(str(bad), writable=True)
     assert qsd_pids(str(tmp_path)) == []
-    assert list(runtime.iterdir()) == []
+    assert leftovers(runtime) == []
+    assert fuse_mounts_under(tmp_path) == []
     # and the flock was released
     with RawContainer(str(bad), writable=True):
         pass
@@ -157,7 +188,7 @@ def test_daemon_failure_cleans_up(tmp_path: Path, runtime: Path) -> None:
         (4097, 4095),
         (3, MiB + 3),
         (5 * MiB - 7, MiB + 3),
-        (777, 40 * MiB),  # more than one 32 MiB NBD request
+        (777, 40 * MiB),  # many FUSE requests
     ],
 )
 def test_round_trip(image: str, offset: int, length: int) -> None:
@@ -173,25 +204,6 @@ def test_round_trip(image: str, offset: int, length: int) -> None:
     with Qcow2Container(image) as c:
         assert c.read(offset, length) == data
     assert qemu_img_info(image)["virtual-size"] == 64 * MiB
-
-
-def test_round_trip_32mib_requests(image: str) -> None:
-    """40 MiB in QEMU's largest requests: one of 32 MiB and one of 8 MiB."""
-    data = os.urandom(40 * MiB)
-    with Qcow2Container(image, writable=True) as c:
-        assert c._nbd is not None
-        c._nbd.max_request = nbd.MAX_REQUEST
-        c.write(3, data)
-        c.flush()
-        assert c.read(3, len(data)) == data
-        assert c._nbd.read(0, 4) == b"\0\0\0" + data[:1]
-
-
-def test_nbd_fua_write(image: str) -> None:
-    with Qcow2Container(image, writable=True) as c:
-        assert c._nbd is not None and c._nbd.flags & nbd.FLAG_SEND_FUA
-        c._nbd.write(512, b"fua", fua=True)
-        assert c.read(512, 3) == b"fua"
 
 
 def test_memoryview_write_and_empty_io(image: str) -> None:
@@ -224,34 +236,65 @@ def test_read_only_container_refuses_changes(image: str) -> None:
         c.flush()  # harmless
 
 
-def test_flush_survives_daemon_kill(image: str) -> None:
-    """After flush the data is on disk even if the daemon then dies by SIGKILL."""
+def _sigkill_daemon(c: Qcow2Container) -> None:
+    pid = c.daemon_pid
+    assert pid is not None and c._export is not None and c._export._proc is not None
+    os.kill(pid, signal.SIGKILL)
+    c._export._proc.wait()
+
+
+def test_flush_survives_daemon_kill(image: str, runtime: Path, tmp_path: Path) -> None:
+    """After flush the data is on disk even if the daemon then dies by SIGKILL;
+    the dead daemon's mount is detached by close, nothing is left behind."""
     c = Qcow2Container(image, writable=True)
     try:
         c.write(MiB, b"durable")
         c.flush()
-        assert c._proc is not None
-        os.kill(c._proc.pid, signal.SIGKILL)
-        c._proc.wait()
+        _sigkill_daemon(c)
+        assert fuse_mounts_under(tmp_path)  # dead, still mounted
         with pytest.raises(ExternalError, match="exited with status -9") as err:
             c.read(0, 1)
         assert err.value.image == image
+        assert isinstance(err.value.__cause__, OSError)  # the cause is kept
     finally:
         c.close()
     c.close()  # idempotent
+    assert fuse_mounts_under(tmp_path) == [] and leftovers(runtime) == []
     with Qcow2Container(image) as c2:
         assert c2.read(MiB, 7) == b"durable"
 
 
-def test_private_dir_is_0700(runtime: Path) -> None:
-    from nvmgr.storage.qcow2 import _private_dir
+def test_fsync_reaches_the_qcow2_file(tmp_path: Path, runtime: Path) -> None:
+    """fsync on the exported file is QEMU's flush: a write into a new cluster
+    survives a SIGKILLed daemon after flush(), and is lost without it (QEMU
+    keeps the new L2 entry in its metadata cache until the flush)."""
+    for flushed in (True, False):
+        path = str(tmp_path / f"f{flushed}.qcow2")
+        Qcow2Container.create(path, 8 * MiB).close()
+        c = Qcow2Container(path, writable=True)
+        try:
+            c.write(3 * MiB, b"cluster")
+            if flushed:
+                c.flush()
+            _sigkill_daemon(c)
+        finally:
+            c.close()
+        with Qcow2Container(path) as c2:
+            got = c2.read(3 * MiB, 7)
+        assert got == (b"cluster" if flushed else bytes(7)), f"flushed={flushed}: {got!r}"
+    assert leftovers(runtime) == []
 
-    d = _private_dir()
+
+def test_runtime_dir_must_be_private(runtime: Path, image: str) -> None:
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    runtime.chmod(0o755)
     try:
-        assert os.path.dirname(d) == str(runtime)
-        assert os.stat(d).st_mode & 0o777 == 0o700
+        with pytest.raises(ExternalError, match="mode 0700"):
+            Qcow2Container(image)
     finally:
-        os.rmdir(d)
+        runtime.chmod(0o700)
+    with Qcow2Container(image) as c:
+        assert c.read(0, 1) == b"\0"
 
 
 def test_killed_nvmgr_takes_its_daemon_along(image: str, tmp_path: Path) -> None:
@@ -263,7 +306,7 @@ def test_killed_nvmgr_takes_its_daemon_along(image: str, tmp_path: Path) -> None
         "from nvmgr.storage.qcow2 import Qcow2Container\n"
         "c = Qcow2Container(sys.argv[1], writable=True)\n"
         "c.write(0, b'before the crash')\n"
-        "print(c._proc.pid, flush=True)\n"
+        "print(c.daemon_pid, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
     root = Path(__file__).resolve().parent.parent
@@ -284,6 +327,75 @@ def test_killed_nvmgr_takes_its_daemon_along(image: str, tmp_path: Path) -> None
         assert c.read(0, 16) == b"before the crash"
 
 
+def _run_script(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=str(root))
+    return subprocess.run(
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True
+    )
+
+
+def test_dead_mount_of_a_killed_nvmgr_is_swept(image: str, runtime: Path, tmp_path: Path) -> None:
+    """nvmgr and its daemon both SIGKILLed: the dead FUSE mount stays (any stat of
+    it fails) until the next export's sweep detaches and removes it."""
+    script = (
+        "import os, signal, sys\n"
+        "from nvmgr.storage.qcow2 import Qcow2Container\n"
+        "c = Qcow2Container(sys.argv[1], writable=True)\n"
+        "c.write(0, b'flushed')\n"
+        "c.flush()\n"
+        "print(c._export.mountpoint, flush=True)\n"
+        "os.kill(c.daemon_pid, signal.SIGKILL)\n"
+        "c._export._proc.wait()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    res = _run_script(script, image)
+    assert res.returncode == -signal.SIGKILL, res.stderr
+    mp = res.stdout.strip()
+    assert fuse_mounts_under(tmp_path) == [mp]
+    with pytest.raises(OSError) as err:
+        os.stat(mp)
+    assert err.value.errno == errno.ENOTCONN  # what would break a careless next run
+    assert qsd_pids(str(tmp_path)) == []
+
+    with Qcow2Container(image, writable=True) as c:  # sweeps first
+        assert fuse_mounts_under(tmp_path) == [c._export.mountpoint if c._export else ""]
+        assert not os.path.lexists(mp) and not os.path.lexists(mp + ".lock")
+        assert c.read(0, 7) == b"flushed"
+    assert leftovers(runtime) == [] and fuse_mounts_under(tmp_path) == []
+
+
+def test_sweep_leaves_live_exports_alone(image: str, runtime: Path) -> None:
+    with Qcow2Container(image) as a:
+        assert a._export is not None
+        assert fuse.sweep(str(runtime)) == []
+        with Qcow2Container(image) as b:  # its start sweeps too
+            assert b.read(0, 4) == a.read(0, 4)
+        assert fuse.is_fuse_mount(a._export.mountpoint)
+        assert a.read(0, 4) == bytes(4)
+
+
+def test_sweep_removes_orphans(runtime: Path) -> None:
+    """Leftovers of a clean daemon exit under a killed nvmgr: a plain file and
+    an unlocked lock; a mountpoint whose lock is gone."""
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    (runtime / "aaaa").write_bytes(b"")
+    (runtime / "aaaa.lock").write_bytes(b"")
+    (runtime / "bbbb").write_bytes(b"")
+    held = runtime / "cccc.lock"
+    held.write_bytes(b"")
+    (runtime / "cccc").write_bytes(b"")
+    import fcntl
+
+    with open(held, "rb") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        removed = fuse.sweep(str(runtime))
+        assert sorted(os.path.basename(p) for p in removed) == ["aaaa", "bbbb"]
+        assert leftovers(runtime) == ["cccc", "cccc.lock"]
+    for n in ("cccc", "cccc.lock"):
+        (runtime / n).unlink()
+
+
 def test_closed_container(image: str) -> None:
     c = Qcow2Container(image, writable=True)
     c.close()
@@ -300,9 +412,9 @@ def test_resize_grows_keeps_data(image: str) -> None:
     with Qcow2Container(image, writable=True) as c:
         c.write(62 * MiB, data[: 2 * MiB])
         c.write(7, data)
-        pid = c._proc.pid if c._proc else None
+        pid = c.daemon_pid
         c.resize(96 * MiB)
-        assert c._proc is not None and c._proc.pid != pid  # restarted
+        assert c.daemon_pid == pid  # in place: ftruncate through the export
         assert c.size() == 96 * MiB
         assert c.read(7, len(data)) == data
         assert c.read(62 * MiB, 2 * MiB) == data[: 2 * MiB]
@@ -334,6 +446,7 @@ def test_second_writer_is_busy(image: str) -> None:
 
 def test_readers_share(image: str) -> None:
     with Qcow2Container(image) as a, Qcow2Container(image) as b:
+        assert a.daemon_pid != b.daemon_pid  # one daemon and mountpoint each
         assert a.read(0, 10) == b.read(0, 10)
         with pytest.raises(BusyError):
             Qcow2Container(image, writable=True)
@@ -503,90 +616,3 @@ def test_snapshot_missing_or_raw_image(tmp_path: Path) -> None:
     raw.write_bytes(bytes(4096))
     with pytest.raises(UsageError):
         snapshot_create(str(raw), "s")
-
-
-# -- the NBD client on its own ----------------------------------------------------
-
-
-@pytest.fixture
-def qemu_nbd(tmp_path: Path) -> Iterator[str]:
-    """A persistent, read-only qemu-nbd export "exp" of a raw file; yields its socket."""
-    if not shutil.which("qemu-nbd"):
-        pytest.skip("needs qemu-nbd")
-    disk = tmp_path / "disk.raw"
-    disk.write_bytes(b"0123456789" * 1024)
-    sock = str(tmp_path / "nbd.sock")
-    proc = subprocess.Popen(
-        ["qemu-nbd", "-f", "raw", "-r", "-t", "-x", "exp", "-k", sock, str(disk)],
-        stdin=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,  # it complains about the readiness probe
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(sock)
-                    s.recv(1)
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
-        yield sock
-    finally:
-        proc.terminate()
-        proc.wait()
-
-
-def test_nbd_unknown_export_is_refused(qemu_nbd: str) -> None:
-    with pytest.raises(ExternalError, match="NBD_REP_ERR_UNKNOWN"):
-        nbd.NBDClient(qemu_nbd, "wrong")
-
-
-def test_nbd_client_reads_and_reports_errors(qemu_nbd: str) -> None:
-    with nbd.NBDClient(qemu_nbd, "exp") as client:
-        assert client.size == 10240
-        assert client.read_only
-        assert client.read(5, 10) == b"5678901234"
-        with pytest.raises(ExternalError, match="read-only"):
-            client.write(0, b"x")
-        with pytest.raises(ExternalError, match="outside"):
-            client.read(10239, 2)
-        # A request the server rejects: the reply's error names the errno.
-        handle = client._request(nbd.CMD_WRITE, 0, 1, payload=memoryview(b"x"))
-        with pytest.raises(ExternalError, match=r"failed: E(PERM|INVAL) \("):
-            client._reply(handle, "write", 0, 1)
-        assert client.read(0, 3) == b"012"  # still in sync
-    assert client.closed
-
-
-def test_nbd_not_a_server(tmp_path: Path) -> None:
-    path = str(tmp_path / "junk.sock")
-    srv = socket.socket(socket.AF_UNIX)
-    srv.bind(path)
-    srv.listen(1)
-
-    def serve() -> None:
-        conn, _ = srv.accept()
-        conn.sendall(b"HTTP/1.0 200 OK\r\n\r\n")
-        conn.close()
-
-    t = threading.Thread(target=serve)
-    t.start()
-    try:
-        with pytest.raises(ExternalError, match="not an NBD server"):
-            nbd.NBDClient(path, "x")
-    finally:
-        t.join()
-        srv.close()
-
-
-def test_nbd_max_request_bounds(tmp_path: Path) -> None:
-    with pytest.raises(ValueError):
-        nbd.NBDClient(str(tmp_path / "none.sock"), "x", max_request=nbd.MAX_REQUEST + 1)
-
-
-def test_errno_names() -> None:
-    assert nbd.errno_name(28) == "ENOSPC"
-    assert nbd.errno_name(108) == "ESHUTDOWN"
-    assert nbd.errno_name(99999) == "error 99999"

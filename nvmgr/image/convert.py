@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
 
-from nvmgr.errors import ExternalError, UsageError
+from nvmgr.errors import UsageError
 from nvmgr.image.image import Image
-from nvmgr.storage.container import probe_format
+from nvmgr.storage import FORMATS, probe_format, qemu
 
 
 def convert(src: str, dst: str, fmt: str) -> None:
@@ -15,24 +14,17 @@ def convert(src: str, dst: str, fmt: str) -> None:
 
     The source is opened read-only first, which checks it is an nvmgr image
     and holds nvmgr's shared lock so no nvmgr writer changes it meanwhile.
+    The copy is then opened and checked (every crc32, both header copies).
 
     :raise UsageError: *dst* exists or *fmt* is unknown.
-    :raise ExternalError: qemu-img failed.
+    :raise BusyError: a running QEMU holds *src* with a conflicting lock.
+    :raise ExternalError: qemu-img is missing or failed (its words in the message).
     """
-    if fmt not in ("raw", "qcow2"):
-        raise UsageError(f"unknown format {fmt!r} (raw or qcow2)")
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r} (one of: {', '.join(FORMATS)})")
     if os.path.lexists(dst):
         raise UsageError(f"{dst} already exists (nvmgr never overwrites an image)")
     with Image.open(src):
-        cmd = ["qemu-img", "convert", "-f", probe_format(src), "-O", fmt, src, dst]
-        old = os.umask(0o077)
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        finally:
-            os.umask(old)
-        if p.returncode:
-            if os.path.exists(dst):
-                os.unlink(dst)
-            raise ExternalError("qemu-img convert failed", detail=p.stderr, image=src)
+        qemu.img_convert(src, probe_format(src), dst, fmt)
     with Image.open(dst) as out:
         out.check()

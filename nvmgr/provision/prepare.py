@@ -16,8 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import subprocess
-import tempfile
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,12 +23,13 @@ from typing import TYPE_CHECKING
 from nvmgr.domain.elements import Domain
 from nvmgr.domain.metadata import NvmgrMetadata
 from nvmgr.domain.plan import Plan, PlannedSection
-from nvmgr.errors import BusyError, ExternalError, UsageError
+from nvmgr.errors import BusyError, UsageError
 from nvmgr.format.layout import SectionSpec
 from nvmgr.format.model import Binding, Directory
 from nvmgr.image.convert import convert
 from nvmgr.image.image import Image
 from nvmgr.provision import staging
+from nvmgr.storage import qemu
 from nvmgr.storage.container import probe_format
 
 if TYPE_CHECKING:
@@ -64,13 +63,7 @@ def _read_firmware_file(path: str, fmt: str | None) -> bytes:
     """A varstore file's bytes; qcow2 files are converted through qemu-img."""
     if (fmt or probe_format(path)) != "qcow2":
         return Path(path).read_bytes()
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "vars.raw")
-        p = subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", path, out],
-                           capture_output=True, text=True, check=False)
-        if p.returncode:
-            raise ExternalError(f"cannot read {path}", detail=p.stderr)
-        return Path(out).read_bytes()
+    return qemu.read_image(path, "qcow2")
 
 
 def initial_content(dom: Domain, plan: Plan, ps: PlannedSection) -> tuple[bytes, str] | None:

@@ -1,1 +1,26 @@
-"""nvmgr.storage."""
+"""Bytes at offsets: the containers an nvmgr image lives in.
+
+One module, one job::
+
+    base      the Container API, the fault hook, open + flock of an image
+              file, QEMU's image-lock probe
+    raw       the one I/O path (pread/pwrite/fsync/ftruncate) and raw images
+    qcow2     qcow2 images through a FUSE export of QEMU's own qcow2 code;
+              internal snapshots
+    fuse      a private qemu-storage-daemon FUSE export of an image, its
+              mountpoint and the clean-up of those a killed nvmgr left
+    qemu      the one seam that runs QEMU's tools, under one error policy
+    formats   the registry of formats: probe, open, create
+
+The registry's entry points are re-exported here.
+"""
+
+from nvmgr.storage.formats import (
+    FORMATS,
+    create_container,
+    format_named,
+    open_container,
+    probe_format,
+)
+
+__all__ = ["FORMATS", "create_container", "format_named", "open_container", "probe_format"]

@@ -1,0 +1,75 @@
+"""The container formats nvmgr knows, listed once.
+
+Each format is a :class:`~nvmgr.storage.base.Container` class with a
+``fmt`` name, a ``probe(head)`` that recognises the first bytes of a file of
+that format, ``create(path, size)`` and an opening constructor.  Probing asks
+each format in :data:`REGISTRY` order; ``raw`` comes last and takes anything.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from nvmgr.errors import UsageError
+from nvmgr.storage.base import Container, read_head
+from nvmgr.storage.qcow2 import Qcow2Container
+from nvmgr.storage.raw import RawContainer
+
+
+class Format(Protocol):
+    """What the registry needs of a container class."""
+
+    fmt: str
+
+    @staticmethod
+    def probe(head: bytes) -> bool: ...
+
+    def __call__(self, path: str, *, writable: bool = ..., wait: float = ...) -> Container: ...
+
+    def create(self, path: str, size: int, *, wait: float = ...) -> Container: ...
+
+
+#: Probe order: the most specific first, raw (anything) last.
+REGISTRY: tuple[Format, ...] = (Qcow2Container, RawContainer)
+
+#: The format names, for argument parsers and messages: ("raw", "qcow2").
+FORMATS: tuple[str, ...] = tuple(sorted((f.fmt for f in REGISTRY), key=lambda n: n != "raw"))
+
+#: Bytes of a file's head the probes look at.
+PROBE_BYTES = 512
+
+
+def format_named(fmt: str) -> Format:
+    """The format called *fmt*.
+
+    :raise UsageError: no such format.
+    """
+    for f in REGISTRY:
+        if f.fmt == fmt:
+            return f
+    raise UsageError(f"unknown image format {fmt!r} (one of: {', '.join(FORMATS)})")
+
+
+def probe_format(path: str) -> str:
+    """The format of the existing file *path*, from its first bytes (never by QEMU).
+
+    :raise NotFoundError: *path* does not exist.
+    :raise UsageError: *path* is a directory or cannot be read.
+    """
+    head = read_head(path, PROBE_BYTES)
+    for f in REGISTRY:
+        if f.probe(head):
+            return f.fmt
+    return "raw"
+
+
+def open_container(
+    path: str, *, writable: bool = False, wait: float = 0, fmt: str | None = None
+) -> Container:
+    """Open an existing image in its own format (probed when *fmt* is None)."""
+    return format_named(fmt or probe_format(path))(path, writable=writable, wait=wait)
+
+
+def create_container(path: str, fmt: str, size: int, *, wait: float = 0) -> Container:
+    """Create a new, zero-filled image of *size* bytes and open it for writing."""
+    return format_named(fmt).create(path, size, wait=wait)

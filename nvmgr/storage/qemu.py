@@ -1,0 +1,368 @@
+"""The one seam to QEMU's tools: every run of ``qemu-img`` and
+``qemu-storage-daemon`` (and of ``fusermount3``, which unmounts their FUSE
+exports for non-root users) goes through this module, under one error policy.
+
+The policy, for every tool:
+
+- a tool that is not installed: :class:`ExternalError` naming the tool and
+  the package that ships it; a tool that cannot be started: the OS's reason;
+- QEMU reports an image-lock conflict (another process, a running VM, holds
+  the image): :class:`BusyError`;
+- QEMU's format driver refuses the file named as the image's format node:
+  :class:`CorruptError` (the container is damaged or not of that format);
+- any other failure: :class:`ExternalError` carrying the tool's exit status
+  and its own words (stderr).
+
+The lock and format cases are recognised in QEMU's stderr, the only place it
+says them (QEMU does not translate its messages); each check is written once,
+here.
+
+API::
+
+    run(tool, args)                 -> Result      (raises only if the tool cannot run)
+    check(result, what, image=...)  -> Result      (the policy above)
+    qemu_img(args, what, image=...) -> str         (stdout; run + check)
+    img_info / img_create / img_convert / read_image    qemu-img conveniences
+    start_storage_daemon(args, ...) -> Popen       (dies with nvmgr: parent-death signal)
+    daemon_error(stderr, status, ...) -> NvmgrError (the policy for a failed daemon)
+    fusermount_unmount(path)                       (lazy unmount of a FUSE export)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import IO, Any
+
+from nvmgr.errors import BusyError, CorruptError, ExternalError, NvmgrError
+
+QEMU_IMG = "qemu-img"
+QEMU_STORAGE_DAEMON = "qemu-storage-daemon"
+FUSERMOUNT = "fusermount3"
+
+#: Where each tool comes from (Debian 12 and 13 package names).
+PACKAGES = {
+    QEMU_IMG: "qemu-utils",
+    QEMU_STORAGE_DAEMON: "qemu-system-common",
+    FUSERMOUNT: "fuse3",
+}
+
+#: What QEMU prints when another process holds a conflicting image lock:
+#: ``Failed to get "write" lock`` / ``Failed to get shared "write" lock``.
+_LOCK_FAILURE = ("Failed to get ", " lock")
+
+#: What libfuse/QEMU print when the FUSE export cannot be mounted.
+_FUSE_MOUNT_FAILURE = ("Failed to mount FUSE session", "fusermount", "fuse: ")
+
+#: Seconds a SIGTERMed daemon gets to close its image (flushing qcow2
+#: metadata) and unmount its export before SIGKILL.
+STOP_TIMEOUT = 30.0
+
+#: PR_SET_PDEATHSIG from <linux/prctl.h>.
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """A finished tool run."""
+
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def missing_tool(tool: str) -> ExternalError:
+    """The error for a tool that is not installed."""
+    pkg = PACKAGES.get(tool)
+    hint = f" (Debian: apt-get install {pkg})" if pkg else ""
+    return ExternalError(f"{tool} is not installed: nvmgr needs it for qcow2 images{hint}")
+
+
+def run(tool: str, args: Sequence[str], *, image: str | None = None) -> Result:
+    """Run *tool* with *args* to completion; its result whatever its exit status.
+
+    stdin is empty; stdout and stderr are captured as text.
+
+    :raise ExternalError: the tool is not installed or cannot be started.
+    """
+    argv = [tool, *args]
+    try:
+        p = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            check=False,
+        )
+    except FileNotFoundError as e:
+        raise missing_tool(tool) from e
+    except OSError as e:
+        raise ExternalError(f"cannot run {tool}: {e.strerror or e}", image=image) from e
+    return Result(argv, p.returncode, p.stdout, p.stderr)
+
+
+def lock_failure(stderr: str) -> str | None:
+    """The line of QEMU's *stderr* that reports an image-lock conflict, if any."""
+    start, end = _LOCK_FAILURE
+    for line in stderr.splitlines():
+        at = line.find(start)
+        if at >= 0 and end in line[at:]:
+            return line[at:].strip()
+    return None
+
+
+def format_rejection(stderr: str, format_arg: str) -> str | None:
+    """QEMU's words when it refused the ``--blockdev`` argument *format_arg*.
+
+    qemu-storage-daemon reports a failed option as ``PROG: --blockdev ARG: MSG``.
+    """
+    marker = f"--blockdev {format_arg}: "
+    for line in stderr.splitlines():
+        at = line.find(marker)
+        if at >= 0:
+            return line[at + len(marker) :].strip()
+    return None
+
+
+def check(res: Result, what: str, *, image: str | None = None) -> Result:
+    """Apply the error policy to a finished run; return *res* if it succeeded.
+
+    :raise BusyError: QEMU reported an image-lock conflict.
+    :raise ExternalError: any other failure (the tool's stderr in the message).
+    """
+    if res.returncode == 0:
+        return res
+    lock = lock_failure(res.stderr)
+    if lock is not None:
+        raise BusyError(f"image is in use by a running QEMU: {lock}", image=image)
+    raise ExternalError(f"{what} failed (exit {res.returncode})", detail=res.stderr, image=image)
+
+
+def qemu_img(args: Sequence[str], what: str, *, image: str | None = None) -> str:
+    """Run ``qemu-img ARGS`` under the policy; its stdout."""
+    return check(run(QEMU_IMG, args, image=image), what, image=image).stdout
+
+
+def img_info(path: str, fmt: str) -> dict[str, Any]:
+    """``qemu-img info --output=json -U -f FMT`` of *path* (works while a VM runs).
+
+    :raise ExternalError: ``qemu-img`` failed or printed no JSON object.
+    """
+    out = qemu_img(
+        ["info", "--output=json", "-U", "-f", fmt, os.path.abspath(path)],
+        "qemu-img info",
+        image=path,
+    )
+    try:
+        info = json.loads(out)
+    except ValueError as e:
+        raise ExternalError("qemu-img info printed bad JSON", detail=str(e), image=path) from e
+    if not isinstance(info, dict):
+        raise ExternalError("qemu-img info printed no JSON object", image=path)
+    return info
+
+
+def img_create(path: str, fmt: str, size: int, *, options: Sequence[str] = ()) -> None:
+    """``qemu-img create -f FMT [-o OPT]... PATH SIZE``; formats an existing (empty) file."""
+    args = ["create", "-q", "-f", fmt]
+    for opt in options:
+        args += ["-o", opt]
+    qemu_img([*args, os.path.abspath(path), str(size)], "qemu-img create", image=path)
+
+
+def img_convert(src: str, src_fmt: str, dst: str, dst_fmt: str) -> None:
+    """``qemu-img convert`` *src* into a new file *dst* (mode 0600).
+
+    A partial *dst* is removed when the conversion fails.
+    """
+    old = os.umask(0o077)
+    try:
+        res = run(
+            QEMU_IMG,
+            ["convert", "-q", "-f", src_fmt, "-O", dst_fmt,
+             os.path.abspath(src), os.path.abspath(dst)],
+            image=src,
+        )
+    finally:
+        os.umask(old)
+    if res.returncode != 0:
+        try:
+            os.unlink(dst)
+        except FileNotFoundError:
+            pass
+    check(res, "qemu-img convert", image=src)
+
+
+def read_image(path: str, fmt: str) -> bytes:
+    """The guest-visible bytes of the image *path* in format *fmt* (through qemu-img)."""
+    with tempfile.TemporaryDirectory(prefix="nvmgr-") as tmp:
+        out = os.path.join(tmp, "image.raw")
+        img_convert(path, fmt, out, "raw")
+        with open(out, "rb") as f:
+            return f.read()
+
+
+# -- qemu-storage-daemon -------------------------------------------------------
+
+
+def _pdeathsig_preexec() -> Callable[[], None]:
+    """A preexec_fn that sets SIGTERM as the child's parent-death signal (prctl)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: go now
+            os._exit(1)
+
+    return preexec
+
+
+def start_storage_daemon(
+    args: Sequence[str], *, pass_fds: Sequence[int], log: IO[bytes], image: str | None = None
+) -> subprocess.Popen[bytes]:
+    """Start ``qemu-storage-daemon ARGS`` as nvmgr's child that dies with nvmgr.
+
+    The daemon gets SIGTERM (a clean shutdown: it flushes and closes its
+    images and unmounts its exports) as its parent-death signal: through
+    util-linux ``setpriv --pdeathsig TERM`` when installed (it always is on
+    Debian), else through ``prctl(PR_SET_PDEATHSIG)`` in the child before
+    exec.  Linux sends that signal when the *thread* that started the child
+    exits, so start daemons from a thread that outlives their use.  The
+    daemon stays in nvmgr's process group: a terminal's ^C or hangup reaches
+    it too.  stdout and stderr go to *log*.
+
+    :param pass_fds: descriptors the daemon inherits (an image's flock'd fd...).
+    :raise ExternalError: the daemon is not installed or cannot be started.
+    """
+    exe = shutil.which(QEMU_STORAGE_DAEMON)
+    if exe is None:
+        raise missing_tool(QEMU_STORAGE_DAEMON)
+    argv = [exe, *args]
+    preexec: Callable[[], None] | None = None
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
+    else:
+        preexec = _pdeathsig_preexec()
+    try:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            pass_fds=tuple(pass_fds),
+            close_fds=True,
+            preexec_fn=preexec,
+        )
+    except OSError as e:
+        raise ExternalError(
+            f"cannot start {QEMU_STORAGE_DAEMON}: {e.strerror or e}", image=image
+        ) from e
+
+
+def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Wait up to *timeout* s for *proc* to exit and reap it; True if it did.
+
+    Sleeps in ``poll`` on a pidfd (Python's own ``wait(timeout)`` naps in
+    growing steps, which adds up to milliseconds to every stop).
+    """
+    if proc.poll() is not None:
+        return True
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # Linux < 5.3
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+    try:
+        ready, _, _ = select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)
+    if not ready:
+        return False
+    proc.wait()
+    return True
+
+
+def stop_daemon(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> int:
+    """SIGTERM *proc* (a clean shutdown), SIGKILL it after *timeout* s; reap it.
+
+    :return: its exit status (negative: the signal that ended it).
+    """
+    if proc.poll() is None:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        if not wait_exit(proc, timeout):
+            try:
+                proc.kill()
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    return proc.returncode
+
+
+def daemon_error(
+    stderr: str,
+    status: int | None,
+    *,
+    image: str,
+    format_arg: str,
+    fmt: str,
+) -> NvmgrError:
+    """The policy for a daemon that failed to serve *image*.
+
+    :param stderr: what the daemon printed.
+    :param status: its exit status, None if it still runs (did not get ready).
+    :param format_arg: the ``--blockdev`` argument of the image's format node.
+    :param fmt: that format's name, for the message.
+    """
+    lock = lock_failure(stderr)
+    if lock is not None:
+        return BusyError(f"image is in use by a running QEMU: {lock}", image=image)
+    said = format_rejection(stderr, format_arg)
+    if said is not None:
+        return CorruptError(
+            f"the {fmt} container is damaged or not {fmt} at all: {said}", image=image
+        )
+    if any(m in stderr for m in _FUSE_MOUNT_FAILURE):
+        who = "" if os.geteuid() == 0 else (
+            f"; as a user other than root, {FUSERMOUNT} must be installed "
+            f"(Debian: apt-get install {PACKAGES[FUSERMOUNT]})"
+        )
+        return ExternalError(
+            f"{QEMU_STORAGE_DAEMON} cannot mount its FUSE export of the image "
+            f"(needs /dev/fuse{who})",
+            detail=stderr,
+            image=image,
+        )
+    if status is None:
+        return ExternalError(
+            f"{QEMU_STORAGE_DAEMON} did not export the image in time", detail=stderr, image=image
+        )
+    return ExternalError(
+        f"{QEMU_STORAGE_DAEMON} failed (exit {status})", detail=stderr, image=image
+    )
+
+
+def fusermount_unmount(path: str) -> None:
+    """``fusermount3 -u -z PATH``: lazily unmount a FUSE mount of this user.
+
+    :raise ExternalError: fusermount3 is missing or failed.
+    """
+    check(run(FUSERMOUNT, ["-u", "-z", path]), f"{FUSERMOUNT} -u -z")

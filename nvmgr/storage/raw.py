@@ -1,0 +1,158 @@
+"""Raw containers, and the one I/O path every container format uses.
+
+:class:`PosixFile` reads with ``pread``, writes with ``pwrite`` and makes
+writes durable with ``fsync`` on one open file.  :class:`RawContainer` uses
+it on the image file itself; :class:`nvmgr.storage.qcow2.Qcow2Container` uses
+it on the file that QEMU's FUSE export of the image shows.
+"""
+
+from __future__ import annotations
+
+import os
+
+from nvmgr.errors import NoSpaceError, UsageError
+from nvmgr.storage.base import Container, create_exclusive, open_locked
+
+
+class PosixFile:
+    """pread / pwrite / fsync / ftruncate on one file descriptor, which it owns.
+
+    Reads past the end read as zeros (as in QEMU).  OSError propagates.
+    """
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd = fd
+        self.path = path
+
+    def read(self, offset: int, length: int) -> bytes:
+        first = os.pread(self.fd, length, offset)
+        if len(first) == length:  # the usual case for a regular file: no copies
+            return first
+        out = bytearray(first)
+        while len(out) < length:
+            chunk = os.pread(self.fd, length - len(out), offset + len(out))
+            if not chunk:
+                break
+            out += chunk
+        if len(out) < length:
+            out += bytes(length - len(out))  # past EOF reads as zeros, as in QEMU
+        return bytes(out)
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        """Write all of *data* at *offset*.
+
+        :raise NoSpaceError: the file took no more bytes (a fixed-size export's end).
+        """
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            n = os.pwrite(self.fd, view[done:], offset + done)
+            if n == 0:
+                raise NoSpaceError(
+                    f"write of {len(view)} bytes at {offset} stopped after {done} bytes",
+                    image=self.path,
+                )
+            done += n
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def check_io(c: Container, offset: int, length: int, *, write: bool) -> None:
+    """Refuse negative offsets and lengths, and writes to a read-only container.
+
+    :raise UsageError: the request is not acceptable.
+    """
+    if offset < 0 or length < 0:
+        raise UsageError(
+            f"bad {'write' if write else 'read'} of {length} bytes at {offset}", image=c.path
+        )
+    if write and not c.writable:
+        raise UsageError(f"{c.path} is open read-only", image=c.path)
+
+
+class RawContainer(Container):
+    """A raw file read and written with pread/pwrite, made durable with fsync.
+
+    :param path: the image file.
+    :param writable: open for writing (exclusive flock; shared otherwise).
+    :param wait: seconds to wait for another nvmgr process to release the image.
+    :raise NotFoundError: *path* does not exist.
+    :raise UsageError: *path* cannot be opened.
+    :raise BusyError: another nvmgr holds the image past *wait*.
+    """
+
+    fmt = "raw"
+
+    @staticmethod
+    def probe(head: bytes) -> bool:
+        """Any file is a raw image (the registry asks the other formats first)."""
+        del head
+        return True
+
+    def __init__(self, path: str, *, writable: bool = False, wait: float = 0) -> None:
+        self.path = path
+        self.writable = writable
+        self._file = PosixFile(open_locked(path, writable=writable, wait=wait), path)
+
+    @classmethod
+    def create(cls, path: str, size: int, *, wait: float = 0) -> RawContainer:
+        """Create a sparse raw file of *size* bytes (mode 0600) and open it writable.
+
+        :raise UsageError: *path* exists or cannot be created.
+        """
+        del wait  # nobody else can hold a file this call just created
+        fd = create_exclusive(path)
+        try:
+            os.ftruncate(fd, size)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        self = cls.__new__(cls)
+        self.path = path
+        self.writable = True
+        self._file = PosixFile(fd, path)
+        return self
+
+    @property
+    def fd(self) -> int:
+        """The image file's descriptor (-1 once closed)."""
+        return self._file.fd
+
+    def read(self, offset: int, length: int) -> bytes:
+        check_io(self, offset, length, write=False)
+        return self._file.read(offset, length)
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        n = memoryview(data).nbytes
+        self._fault("write", offset, n)
+        check_io(self, offset, n, write=True)
+        self._file.write(offset, data)
+
+    def flush(self) -> None:
+        self._fault("flush", 0, 0)
+        self._file.sync()
+
+    def size(self) -> int:
+        return self._file.size()
+
+    def resize(self, size: int) -> None:
+        self._fault("write", size, 0)
+        check_io(self, size, 0, write=True)
+        self._file.truncate(size)
+        self._file.sync()
+
+    def close(self) -> None:
+        self._file.close()  # releases the flock
