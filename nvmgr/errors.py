@@ -19,6 +19,7 @@ messages and exit codes; library code raises and never exits.
      +-- InvalidInputError          exit 9   hostile or malformed domain XML, metadata
      +-- ExternalError              exit 10  qemu-img, qemu-storage-daemon, libvirt failed
      +-- InstallationError          exit 11  nvmgr itself is installed incompletely
+     +-- NotWiredError              exit 12  the domain asks for nvmgr but is not wired for it
 
 Each error carries the context it was raised in (``image``, ``section``,
 ``domain``) and names it in its message.
@@ -45,6 +46,7 @@ class ExitCode(enum.IntEnum):
     INVALID_INPUT = 9
     EXTERNAL = 10
     INSTALLATION = 11
+    NOT_WIRED = 12
 
 
 class NvmgrError(Exception):
@@ -153,6 +155,15 @@ class InstallationError(NvmgrError):
     installation, not a mistake of the user's."""
 
     exit_code = ExitCode.INSTALLATION
+
+
+class NotWiredError(NvmgrError):
+    """The domain's metadata asks for nvmgr, but its XML lacks nvmgr's QEMU
+    arguments or stateless loader (``virsh define``, ``virsh edit``): starting
+    it would leave its state to libvirt's own nvram.  ``nvmgr reconcile``
+    wires it."""
+
+    exit_code = ExitCode.NOT_WIRED
 
 
 #: How the operating system's errors read as nvmgr errors (errno -> class).

@@ -17,6 +17,7 @@ from conftest import Golden
 
 from nvmgr.domain import qemuargs
 from nvmgr.domain.elements import parse_domain
+from nvmgr.domain.metadata import NvmgrMetadata
 from nvmgr.domain.plan import Plan, plan_domain
 from nvmgr.errors import InvalidInputError, UsageError
 
@@ -422,3 +423,66 @@ def test_define_parses_the_domain_xml_once(tmp_path: Path, monkeypatch: pytest.M
     out = parse_domain(res.xml)
     assert out.uuid is not None and out.nvmgr is not None and out.nvmgr.image == str(image)
     assert qemuargs.slice_offsets(out.qemu_args)
+
+
+# -- wiring: a domain that asks for nvmgr and does not have its arguments ------
+
+
+def _ours(case: str) -> tuple[str, Plan]:
+    out, _ = rewrite((DATA / f"{case}-in.xml").read_text())
+    return out, plan_domain(out)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_rewritten_domain_is_wired(case: str) -> None:
+    out, p = _ours(case)
+    assert qemuargs.wiring_problems(parse_domain(out), p) == []
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_domain_that_only_asks_for_nvmgr_is_not_wired(case: str) -> None:
+    """``virsh define`` of XML with ``<nvmgr:nvram/>`` and nothing else of nvmgr's."""
+    out, _ = _ours(case)
+    dom = parse_domain(qemuargs.strip_nvmgr(out))
+    assert dom.nvmgr is None
+    assert qemuargs.wiring_problems(dom, plan_domain(out)) == [
+        "it has no <nvmgr:nvram> metadata"]
+    dom.set_nvmgr(NvmgrMetadata())
+    assert qemuargs.wiring_problems(dom, plan_domain(out)) == [
+        "its <nvmgr:nvram> metadata names no image yet"]
+
+
+def test_dropped_commandline_is_named() -> None:
+    out, p = _ours("uefi-tpm2")
+    dom = parse_domain(out)
+    dom.qemu_args = []
+    problems = qemuargs.wiring_problems(dom, p)
+    assert len(problems) == 1 and problems[0].startswith("<qemu:commandline> lacks")
+    assert "pflash1=nvmgr-uefi-vars" in problems[0]
+
+
+def test_a_stateful_loader_again_is_named() -> None:
+    out, p = _ours("uefi-tpm2")
+    dom = parse_domain(out)
+    assert dom.os is not None and dom.os.loader is not None
+    dom.os.loader.stateless = None
+    dom.os.add_nvram("/var/lib/libvirt/qemu/nvram/x_VARS.fd", None, None)
+    problems = qemuargs.wiring_problems(dom, p)
+    assert problems == ["its UEFI <loader> is not stateless='yes'",
+                        "it has an <nvram> element (libvirt's own vars file)"]
+
+
+def test_arguments_for_another_image_are_named() -> None:
+    out, p = _ours("uefi-tpm2")
+    moved = out.replace(p.image, "/elsewhere/other.nvram", 1)  # the -blockdev's filename only
+    assert moved != out
+    problems = qemuargs.wiring_problems(parse_domain(moved), p)
+    assert any("other.nvram" in x for x in problems)
+
+
+def test_slice_offsets_are_left_to_the_image_check() -> None:
+    out, p = _ours("uefi-tpm2")
+    shifted = re.sub(r"&quot;offset&quot;:(\d+)",
+                     lambda m: f"&quot;offset&quot;:{int(m.group(1)) + 4096}", out)
+    assert shifted != out
+    assert qemuargs.wiring_problems(parse_domain(shifted), p) == []

@@ -26,8 +26,8 @@ EXIT_CODES_TEXT = """exit codes:
   3  not found               9  invalid input: hostile or malformed domain XML
   4  corrupted (check found 10  an external tool failed (qemu-img, libvirt)
      errors, bad DER,       11  nvmgr is installed incompletely
-     foreign image)
-  5  wrong key
+     foreign image)         12  the domain asks for nvmgr but is not
+  5  wrong key                   wired for it: run nvmgr reconcile NAME
 """
 
 if TYPE_CHECKING:

@@ -240,6 +240,71 @@ def user_args(args: list[str]) -> list[str]:
     return out
 
 
+def nvmgr_args(args: list[str]) -> list[tuple[str, str]]:
+    """The (option, value) pairs of *args* that nvmgr added (see :data:`_OURS`)."""
+    out: list[tuple[str, str]] = []
+    for opt, value in zip(args, args[1:], strict=False):
+        test = _OURS.get(opt)
+        if test is not None and test(value):
+            out.append((opt, value))
+    return out
+
+
+def _without_offset(pair: tuple[str, str]) -> tuple[str, str]:
+    """A raw slice's ``-blockdev`` with its offset left out (checked against the image)."""
+    opt, value = pair
+    if opt == "-blockdev" and value.startswith("{"):
+        try:
+            obj = json.loads(value)
+        except ValueError:
+            return pair
+        if isinstance(obj, dict) and obj.get("driver") == "raw":
+            obj.pop("offset", None)
+            return opt, _json(obj)
+    return pair
+
+
+def wiring_problems(dom: Domain, plan: Plan) -> list[str]:
+    """What keeps *dom* from running its devices on nvmgr's image as *plan* says.
+
+    Empty when the domain is wired: its nvmgr metadata names the image, its
+    ``<qemu:commandline>`` holds exactly the arguments :func:`qemu_args`
+    makes for the plan (slice offsets aside: the prepare hook compares those
+    with the image itself), and a UEFI domain has a stateless loader and no
+    ``<nvram>``.  Anything else (``virsh define`` of XML written by hand,
+    ``virsh edit`` that dropped the arguments or made the loader stateful
+    again) would start the VM on libvirt's own nvram.
+    """
+    meta = dom.nvmgr
+    if meta is None:
+        return ["it has no <nvmgr:nvram> metadata"]
+    if not meta.image:
+        return ["its <nvmgr:nvram> metadata names no image yet"]
+    problems: list[str] = []
+    try:
+        made = qemu_args(plan, meta.image, meta.format or "raw",
+                         domain_uuid=dom.uuid or plan.domain_uuid, luks=meta.luks)
+    except (UsageError, InvalidInputError) as e:
+        return [f"its QEMU arguments cannot be made: {e.message}"]
+    # qemu_args makes (option, value) pairs, each option one of _OURS
+    want = [_without_offset(p) for p in zip(made[::2], made[1::2], strict=True)]
+    have = [_without_offset(p) for p in nvmgr_args(dom.qemu_args)]
+    missing = [f"{o} {v}" for o, v in want if (o, v) not in have]
+    extra = [f"{o} {v}" for o, v in have if (o, v) not in want]
+    if missing:
+        problems.append("<qemu:commandline> lacks " + "; ".join(missing))
+    if extra:
+        problems.append("<qemu:commandline> has arguments for another plan: " + "; ".join(extra))
+    if plan.find(profiles.UEFI_SECTION) is not None:
+        os_ = dom.os
+        loader = os_.loader if os_ is not None else None
+        if loader is None or not loader.stateless:
+            problems.append("its UEFI <loader> is not stateless='yes'")
+        if os_ is not None and os_.nvram is not None:
+            problems.append("it has an <nvram> element (libvirt's own vars file)")
+    return problems
+
+
 def _make_stateless(dom: Domain, record: LibvirtNvram | None) -> LibvirtNvram:
     """Point the loader at code only, drop ``<nvram>``; return what was replaced."""
     os_ = dom.os

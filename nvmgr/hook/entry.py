@@ -21,7 +21,7 @@ from nvmgr import paths
 from nvmgr.domain.elements import parse_domain
 from nvmgr.domain.namespaces import NVMGR_NS
 from nvmgr.errors import ExitCode, NvmgrError
-from nvmgr.hook.lifecycle import ACTIONS, HookContext, migrate
+from nvmgr.hook.lifecycle import ACTIONS, HookContext, migrate, not_wired
 from nvmgr.provision import staging
 
 LOG_FILE = paths.HOOK_LOG
@@ -71,6 +71,8 @@ def main(argv: list[str], stdin: BinaryIO, stdout: TextIO, stderr: TextIO,
         ctx = HookContext.of(name, op, sub, raw.decode("utf-8", "replace"), dom,
                              staging.Users.from_qemu_conf())
         if ctx is None:
+            if op == "prepare" and dom.nvmgr is not None:  # <nvmgr:nvram/> and nothing else
+                raise not_wired(name, ["its <nvmgr:nvram> metadata names no image yet"])
             return 0
         what = migrate(ctx, stdout) if action is None else action(ctx)
         log.info("%s %s %s %s: %s", stamp, name, op, sub, what)

@@ -40,11 +40,12 @@ from nvmgr.domain.elements import Domain
 from nvmgr.domain.metadata import NvmgrMetadata
 from nvmgr.domain.plan import Plan, plan_for
 from nvmgr.domain.profiles import tpm_version
-from nvmgr.domain.qemuargs import node_name, slice_offsets
+from nvmgr.domain.qemuargs import node_name, slice_offsets, wiring_problems
 from nvmgr.errors import (
     CorruptError,
     KeyRequiredError,
     NotFoundError,
+    NotWiredError,
     NvmgrError,
     WrongKeyError,
 )
@@ -145,10 +146,21 @@ def _verify_key(img: Image, kek: Kek | None, ctx: HookContext) -> None:
             "refusing to start", image=img.path) from e
 
 
+def not_wired(name: str, problems: list[str]) -> NotWiredError:
+    """The refusal of a start that would leave the domain's state to libvirt's nvram."""
+    return NotWiredError(
+        f"refusing to start: the domain asks for nvmgr (<nvmgr:nvram> in its metadata) "
+        f"but is not wired for it: {'; '.join(problems)}. Run 'nvmgr reconcile {name}' "
+        "(or keep 'nvmgr reconcile --all --watch' running) to wire it", domain=name)
+
+
 def prepare(ctx: HookContext) -> str:
     refuse_luks(ctx.meta)
     kek = ctx.kek()
     plan = ctx.plan(kek is not None)
+    problems = wiring_problems(ctx.dom, plan)
+    if problems:  # checked before anything is created, grown or staged
+        raise not_wired(ctx.name, problems)
     img, _created, _added = prepare_image(plan, kek=kek, fmt=ctx.meta.format or "raw",
                                           path=ctx.image)
     with img:

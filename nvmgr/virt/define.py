@@ -228,7 +228,7 @@ def reconcile(name: str, *, uri: str | None = None) -> ReconcileResult:
     before = virt.domain_xml(name, uri)
     dom = parse_domain(before)
     meta = dom.nvmgr
-    if meta is None or not meta.image:
+    if meta is None:  # <nvmgr:nvram/> alone asks for nvmgr: define wires it
         return ReconcileResult(name, "not-nvmgr")
     if virt.is_active(name, uri):
         return ReconcileResult(name, "running")
