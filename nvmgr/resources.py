@@ -1,10 +1,12 @@
 """The files nvmgr ships inside its package, found with :mod:`importlib.resources`.
 
 ``nvmgr/data/`` holds the directory's ASN.1 module, the metadata's RelaxNG
-schema and the libvirt hook's sh front end (in a checkout they link to
-``schemas/`` and ``hooks/``; a wheel carries copies).  A missing one is a
-broken installation, reported as :class:`~nvmgr.errors.InstallationError`
-(exit 11), never as a mistake of the user's.
+schema and the libvirt hook's sh front end (in a checkout they are symlinks
+to ``schemas/`` and ``hooks/``, whose content the build copies into the
+wheel), and the man page and bash completion that :mod:`nvmgr.cli.manpage`
+generates.  A missing one is a broken installation, reported as
+:class:`~nvmgr.errors.InstallationError` (exit 11), never as a mistake of
+the user's.
 """
 
 from __future__ import annotations
@@ -20,8 +22,12 @@ ASN1_MODULE = "nvmgr.asn1"
 METADATA_SCHEMA = "nvmgr-metadata.rng"
 #: The libvirt qemu hook's sh front end, installed by ``nvmgr install-hook``.
 HOOK_FRONTEND = "hook-qemu"
-#: The manual page, generated from the argument parser at build time.
+#: The manual page nvmgr(1), generated from the argument parser (committed;
+#: also installed as share/man/man1/nvmgr.1).
 MAN_PAGE = "nvmgr.1"
+#: The bash completion, generated from the argument parser (committed; also
+#: installed as share/bash-completion/completions/nvmgr.bash).
+BASH_COMPLETION = "nvmgr.bash"
 
 
 def data_path(name: str) -> Path:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -146,3 +149,172 @@ def test_busy_when_another_writer_holds_the_image(nvmgr, tmp_path: Path) -> None
     with Image.open(str(img), writable=True):
         r = nvmgr("put", img, "eeprom", "-", input=b"x")
         assert r.returncode == ExitCode.BUSY and b"--wait" in r.stderr
+
+
+# ---------------------------------------------------------------- install-hook
+
+
+def test_install_hook_installs_the_shipped_front_end_for_this_python(
+        nvmgr, tmp_path: Path) -> None:
+    from nvmgr import resources
+
+    hook_dir = tmp_path / "qemu.d"
+    r = nvmgr("install-hook", "--hook-dir", hook_dir, "--output", "json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    hook = hook_dir / "nvmgr"
+    assert result["hook"] == str(hook) and "restart" in result["note"]
+    assert result["nvmgr"] == str(ROOT / "nvmgr" / "__init__.py")
+    assert os.stat(hook).st_mode & 0o777 == 0o755
+    shipped = resources.read_text(resources.HOOK_FRONTEND).splitlines()
+    installed = hook.read_text().splitlines()
+    # The shipped front end, line for line, but for the three settings.
+    settings = {"PYTHON", "PYTHON_FLAGS", "NVMGR_PATH"}
+    assert len(installed) == len(shipped)
+    assert [a for a, b in zip(installed, shipped, strict=True) if a != b] == [
+        ln for ln in installed if ln.split("=", 1)[0] in settings]
+    values = dict(ln.split("=", 1) for ln in installed if ln.split("=", 1)[0] in settings)
+    assert values["PYTHON_FLAGS"] == "'-I -S'"
+    assert values["NVMGR_PATH"].split(":")[0] == str(ROOT)  # this checkout's nvmgr first
+    assert not (hook_dir / ".nvmgr.tmp").exists()
+    # (install-hook has run the hook's Python as the hook will, -I -S, and
+    # seen it import this nvmgr; tests/test_wheel.py runs installed hooks.)
+    r = subprocess.run([hook, "other", "prepare", "begin", "-"], capture_output=True,
+                       input=b"<domain><name>other</name></domain>", check=False)
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")  # the sh alone answers
+
+    r = nvmgr("install-hook", "--hook-dir", hook_dir, "--uninstall", "-O", "json")
+    assert r.returncode == 0 and json.loads(r.stdout)["removed"] is True
+    assert not hook.exists()
+    r = nvmgr("install-hook", "--hook-dir", hook_dir, "--uninstall", "-O", "json")
+    assert r.returncode == 0 and json.loads(r.stdout)["removed"] is False
+
+
+def test_hook_values_name_this_nvmgr_and_every_site_directory() -> None:
+    import site
+
+    from nvmgr.cli.domains import hook_values
+
+    values = hook_values()
+    assert values["PYTHON"] == sys.executable
+    paths = values["NVMGR_PATH"].split(":")
+    assert paths[0] == str(ROOT)
+    assert set(site.getsitepackages()) & set(paths)  # this venv's site-packages
+
+
+def test_hook_script_without_a_setting_line_is_an_installation_error() -> None:
+    from nvmgr.cli.domains import hook_script
+    from nvmgr.errors import InstallationError
+
+    values = {"PYTHON": "/usr/bin/python3", "PYTHON_FLAGS": "-I -S", "NVMGR_PATH": "/x"}
+    with pytest.raises(InstallationError, match="NVMGR_PATH"):
+        hook_script("#!/bin/sh\nPYTHON=python3\nPYTHON_FLAGS=\n", values)
+    script = hook_script("#!/bin/sh\nPYTHON=\nPYTHON_FLAGS=\nNVMGR_PATH=\n", values)
+    assert script == "#!/bin/sh\nPYTHON=/usr/bin/python3\nPYTHON_FLAGS='-I -S'\nNVMGR_PATH=/x\n"
+
+
+#: Runs the CLI with nvmgr's data directory replaced by an empty one.
+_WITHOUT_DATA = """
+import sys
+from importlib import resources
+from pathlib import Path
+resources.files = lambda package: Path(sys.argv[1])
+from nvmgr.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize(("missing", "args"), [
+    ("nvmgr-metadata.rng", ["plan", str(ROOT / "tests" / "data" / "sections-in.xml")]),
+    ("hook-qemu", ["install-hook", "--hook-dir", "{hooks}"]),
+])
+def test_a_missing_data_file_is_exit_11_with_its_name(
+        tmp_path: Path, missing: str, args: list[str]) -> None:
+    empty = tmp_path / "data"
+    empty.mkdir()
+    hooks = tmp_path / "hooks"
+    r = subprocess.run([sys.executable, "-c", _WITHOUT_DATA, str(empty),
+                        *[a.format(hooks=hooks) for a in args]],
+                       capture_output=True, text=True, cwd=tmp_path, check=False,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == ExitCode.INSTALLATION, r.stderr
+    assert f"nvmgr is installed without {missing} (looked for {empty / missing})" in r.stderr
+    assert "reinstall nvmgr" in r.stderr and "Traceback" not in r.stderr
+    assert not hooks.exists()
+
+
+# ---------------------------------------------------------------- man page, completion
+
+
+@pytest.mark.parametrize("name", ["nvmgr.1", "nvmgr.bash"])
+def test_man_page_and_completion_are_up_to_date(name: str) -> None:
+    from nvmgr.cli import manpage
+
+    committed = (ROOT / "nvmgr" / "data" / name).read_text()
+    assert committed == manpage.OUTPUTS[name](), (
+        f"nvmgr/data/{name} is stale: run python -m nvmgr.cli.manpage --write")
+
+
+def test_man_page_documents_every_command_option_and_exit_code() -> None:
+    from nvmgr.cli import manpage
+
+    page = manpage.render_manpage()
+    parser = cli.build_parser()
+    for name, sub in manpage._subparsers(parser).items():
+        assert f'.SS "{name.replace("-", chr(92) + "-")}"' in page
+        assert manpage._roff_literal(COMMANDS[name].example) in page
+        for action in sub._actions:
+            for opt in action.option_strings:
+                assert f"\\fB{opt.replace('-', chr(92) + '-')}\\fR" in page, (name, opt)
+    status = page.split(".SH EXIT STATUS", 1)[1].split(".SH", 1)[0]
+    for code in ExitCode:
+        assert f".TP\n\\fB{int(code)}\\fR\n" in status, code
+    for section in ("NAME", "SYNOPSIS", "DESCRIPTION", "COMMANDS", "EXIT STATUS", "FILES",
+                    "SEE ALSO"):
+        assert f"\n.SH {section}\n" in page
+
+
+def test_man_page_renders_without_warnings(tmp_path: Path) -> None:
+    groff = shutil.which("groff")
+    if groff is None:
+        pytest.skip("groff is not installed (Debian: groff-base)")
+    page = ROOT / "nvmgr" / "data" / "nvmgr.1"
+    r = subprocess.run([groff, "-man", "-Tutf8", "-ww", "-z", page],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    if shutil.which("man"):
+        r = subprocess.run(["man", "--warnings", "-l", page], capture_output=True, text=True,
+                           env={**os.environ, "MANWIDTH": "80", "MANPAGER": "cat",
+                                "PAGER": "cat"}, check=False)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        assert "nvmgr install-hook" in r.stdout
+    if shutil.which("lexgrog"):  # what mandb and whatis read from the NAME section
+        r = subprocess.run(["lexgrog", page], capture_output=True, text=True, check=False)
+        assert r.returncode == 0 and '"nvmgr - one file' in r.stdout, r.stdout + r.stderr
+
+
+_COMPLETE = """
+source "$1"
+shift
+COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); COMPREPLY=()
+_nvmgr
+printf '%s\\n' "${COMPREPLY[@]}"
+"""
+
+
+@pytest.mark.parametrize(("words", "expected"), [
+    (["nvmgr", "ins"], ["install-hook"]),
+    (["nvmgr", "install-hook", "--u"], ["--uninstall"]),
+    (["nvmgr", "create", "x", "--format", "q"], ["qcow2"]),
+    (["nvmgr", "snapshot", "vm1.nvram", "re"], ["revert"]),
+    (["nvmgr", "get", "--output", "j"], ["json"]),
+])
+def test_bash_completion(tmp_path: Path, words: list[str], expected: list[str]) -> None:
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    script = ROOT / "nvmgr" / "data" / "nvmgr.bash"
+    r = subprocess.run([bash, "-c", _COMPLETE, "complete", script, *words], cwd=tmp_path,
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == expected
