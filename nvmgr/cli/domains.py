@@ -22,10 +22,10 @@ def _read_xml(path: str) -> str:
         return sys.stdin.read()
     try:
         return Path(path).read_text(encoding="utf-8", errors="strict")
-    except FileNotFoundError:
-        raise NotFoundError(f"no such file: {path}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{path} is not UTF-8 text") from None
+    except FileNotFoundError as e:
+        raise NotFoundError(f"no such file: {path}") from e
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not UTF-8 text") from e
 
 
 @arguments("plan")

@@ -10,7 +10,7 @@ import os
 import stat
 import sys
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nvmgr.cli.common import (
     Result,
@@ -26,6 +26,9 @@ from nvmgr.cli.common import (
 )
 from nvmgr.errors import ExitCode, UsageError
 from nvmgr.units import format_size, parse_size
+
+if TYPE_CHECKING:
+    from nvmgr.image.image import Image
 
 
 def _sections_table(sections: list[dict[str, Any]]) -> str:
@@ -71,7 +74,7 @@ def cmd_create(args: argparse.Namespace) -> Result:
         return info
 
 
-def _info(img: Any) -> Result:
+def _info(img: Image) -> Result:
     d: Result = img.directory.to_json()
     d["path"] = img.path
     d["format"] = img.fmt

@@ -30,8 +30,13 @@ log = logging.getLogger("nvmgr.hook")
 
 
 def _setup_log(path: str) -> None:
-    if log.handlers:
+    """Send the hook's log lines to *path* (once per path: main may run many times)."""
+    if getattr(log, "nvmgr_path", None) == path:
         return
+    for old in list(log.handlers):
+        log.removeHandler(old)
+        old.close()
+    log.nvmgr_path = path  # type: ignore[attr-defined]
     try:
         os.makedirs(os.path.dirname(path), mode=0o750, exist_ok=True)
         handler: logging.Handler = logging.FileHandler(path)
