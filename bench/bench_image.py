@@ -10,6 +10,14 @@
    goes (interpreter start, imports, in-process work, cProfile).
 3. Peak RSS (``/usr/bin/time -v``) and throughput of ``nvmgr check`` on an
    image with one 1 GiB section, against ``nvmgr get`` of a 64 MiB section.
+4. ``--baseline-tree PATH`` (``--only ab``): this tree against another checkout
+   of nvmgr (before a change), side by side in one run: ``put``/``get`` of 4 KiB,
+   512 KiB and 64 MiB sections and ``info``, on qcow2 and raw, as whole
+   processes (each tree's own ``python -m nvmgr``) and in process
+   (``Image.open`` + op + ``close`` in a child of each tree's interpreter).
+   Every round runs each before/after pair back to back in a random order,
+   the pairs shuffled; the report gives medians and the median of the paired
+   after/before ratios.
 
 The machine is shared and noisy: every benchmark runs its variants in a
 shuffled order within each round, repeats the rounds, and reports medians
@@ -213,6 +221,7 @@ def machine_info(work: str) -> dict[str, Any]:
     dirty = sh(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"])
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "uname -a": sh(["uname", "-a"]),
         "nproc": sh(["nproc"]),
         "cpu": cpu,
         "memory": mem,
@@ -657,6 +666,212 @@ def profile_check(path: str) -> dict[str, Any]:
             "total_s": total, "by_tottime": sorted(rows, key=lambda r: -r["tottime_s"])[:6]}
 
 
+# ---------------------------------------------------------------- 4: before/after (A/B)
+
+
+@dataclass
+class Tree:
+    """A checkout of nvmgr to run: its root, interpreter, environment and commit."""
+
+    label: str
+    root: str
+    python: str
+    env: dict[str, str]
+    rev: str
+
+    @classmethod
+    def at(cls, label: str, root: str) -> Tree:
+        root = os.path.abspath(root)
+        venv_py = os.path.join(root, ".venv", "bin", "python")
+        python = venv_py if os.access(venv_py, os.X_OK) else sys.executable
+        env = dict(os.environ, PYTHONPATH=root)
+        rev = sh(["git", "-C", root, "rev-parse", "--short", "HEAD"]) or "(not a git checkout)"
+        if sh(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"]):
+            rev += " + uncommitted changes"
+        return cls(label, root, python, env, rev)
+
+    @property
+    def cli(self) -> list[str]:
+        return [self.python, "-m", "nvmgr"]
+
+    def run(self, args: list[str]) -> float:
+        """Run ``nvmgr ARGS`` of this tree (cwd: its root); wall seconds."""
+        argv = [*self.cli, *args]
+        t0 = time.perf_counter()
+        p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           env=self.env, cwd=self.root)
+        dt = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise RuntimeError(f"[{self.label}] {shlex.join(argv)} failed ({p.returncode}): "
+                               f"{p.stderr.decode()[-2000:]}")
+        return dt
+
+
+#: In-process driver, run by each tree's interpreter: prints the seconds of
+#: each of K timed ``Image.open`` + op + ``close`` (after one untimed one).
+AB_DRIVER = """
+import json, sys, time
+from nvmgr import Image
+op, path, name, data_file, k = sys.argv[1:6]
+data = open(data_file, "rb").read()
+out = []
+for i in range(int(k) + 1):
+    got = data
+    t0 = time.perf_counter()
+    if op == "put":
+        with Image.open(path, writable=True) as img:
+            img.put(name, data)
+    elif op == "get":
+        with Image.open(path) as img:
+            got = img.get(name)
+    else:
+        with Image.open(path) as img:
+            img.directory
+    out.append(time.perf_counter() - t0)
+    if got != data:
+        sys.exit("get returned other bytes than were put")
+print(json.dumps(out[1:]))
+"""
+
+
+def ab_lib(tree: Tree, op: str, path: str, name: str, data_file: str, k: int) -> float:
+    """Median in-process seconds of *k* ``Image.open`` + *op* + ``close`` in *tree*."""
+    p = subprocess.run([tree.python, "-c", AB_DRIVER, op, path, name, data_file, str(k)],
+                       capture_output=True, text=True, env=tree.env, cwd=tree.root)
+    if p.returncode != 0:
+        raise RuntimeError(f"[{tree.label}] in-process {op} failed: {p.stderr[-2000:]}")
+    return float(statistics.median(json.loads(p.stdout)))
+
+
+def bench_ab(work: str, baseline: str, rng: random.Random, quick: bool) -> dict[str, Any]:
+    trees = {"before": Tree.at("before", baseline), "after": Tree.at("after", ROOT)}
+    if os.path.realpath(trees["before"].root) == os.path.realpath(ROOT):
+        log("warning: --baseline-tree is this tree: both sides run the same code")
+    reps = 5 if quick else 15
+    lib_k = 3 if quick else 5
+    data_file: dict[str, str] = {}
+    for label, n in SIZES.items():
+        data_file[label] = os.path.join(work, f"ab-data-{label.replace(' ', '')}.bin")
+        write_file(data_file[label], os.urandom(n))
+    fmts = ("qcow2", "raw")
+    images: dict[tuple[str, str], str] = {}
+    for side, tree in trees.items():
+        for fmt in fmts:
+            # Each tree creates and fills its own image (both slots written:
+            # steady state, no first allocation).
+            path = os.path.join(work, f"ab-{side}.{fmt}")
+            specs = [a for label, n in SIZES.items() for a in ("-s", f"{sec(label)}:{n}")]
+            tree.run(["create", path, *specs, "-f", fmt])
+            for _ in range(2):
+                for label in SIZES:
+                    tree.run(["put", path, sec(label), data_file[label]])
+            images[side, fmt] = path
+    log("ab: images ready (" + ", ".join(f"{k}: {t.rev} {t.python}" for k, t in trees.items())
+        + ")")
+
+    pairs: list[tuple[Variant, Variant]] = []
+
+    def pair(key: str, meta: dict[str, Any], make: Callable[[str], Callable[[], float]],
+             n: int) -> None:
+        a = Variant(f"{key} before", make("before"), {**meta, "side": "before"}, n)
+        b = Variant(f"{key} after", make("after"), {**meta, "side": "after"}, n)
+        pairs.append((a, b))
+
+    for fmt in fmts:
+        for label in SIZES:
+            for op in ("put", "get"):
+                n = reps if SIZES[label] < 64 * MiB else max(3, reps * 2 // 3)
+                meta = {"fmt": fmt, "size": label, "op": op}
+
+                def cli_run(side: str, op: str = op, fmt: str = fmt,
+                            label: str = label) -> Callable[[], float]:
+                    img = images[side, fmt]
+                    args = ([op, img, sec(label), data_file[label]] if op == "put"
+                            else [op, img, sec(label), "-o", "/dev/null"])
+                    return lambda: trees[side].run(args)
+
+                def lib_run(side: str, op: str = op, fmt: str = fmt,
+                            label: str = label) -> Callable[[], float]:
+                    return lambda: ab_lib(trees[side], op, images[side, fmt], sec(label),
+                                          data_file[label], lib_k)
+
+                pair(f"cli {op} {fmt} {label}", {**meta, "via": "cli"}, cli_run, n)
+                pair(f"lib {op} {fmt} {label}", {**meta, "via": "lib"}, lib_run, n)
+        meta = {"fmt": fmt, "size": "", "op": "info"}
+
+        def info_cli(side: str, fmt: str = fmt) -> Callable[[], float]:
+            return lambda: trees[side].run(["info", images[side, fmt]])
+
+        def info_lib(side: str, fmt: str = fmt) -> Callable[[], float]:
+            return lambda: ab_lib(trees[side], "info", images[side, fmt], "-",
+                                  data_file["4 KiB"], lib_k)
+
+        pair(f"cli info {fmt}", {**meta, "via": "cli"}, info_cli, reps)
+        pair(f"lib open+close {fmt}", {**meta, "op": "open+close", "via": "lib"}, info_lib, reps)
+
+    for a, b in pairs:  # warm-up: page cache, .pyc files
+        a.run()
+        b.run()
+    rounds = max(a.reps for a, _ in pairs)
+    for r in range(rounds):
+        todo = [p for p in pairs if r < p[0].reps]
+        rng.shuffle(todo)
+        t0 = time.perf_counter()
+        for a, b in todo:
+            for v in ((a, b) if rng.random() < 0.5 else (b, a)):
+                v.samples.append(v.run())
+        log(f"ab: round {r + 1}/{rounds} ({2 * len(todo)} runs, "
+            f"{time.perf_counter() - t0:.1f} s)")
+    for p in images.values():
+        os.unlink(p)
+    return {
+        "trees": {k: {"root": t.root, "python": t.python, "rev": t.rev,
+                      "cli": shlex.join(t.cli)} for k, t in trees.items()},
+        "lib_iterations": lib_k,
+        "pairs": [{"before": a.to_json(), "after": b.to_json(),
+                   "ratios": [y / x for x, y in zip(a.samples, b.samples, strict=True)]}
+                  for a, b in pairs],
+    }
+
+
+def report_ab(res: dict[str, Any]) -> tuple[str, list[str]]:
+    t = res["trees"]
+    out = [
+        "### 4. Before / after (A/B in one run)",
+        "",
+        f"before: `{t['before']['root']}` at {t['before']['rev']}, run as "
+        f"`{t['before']['cli']}` (cwd: that tree); after: `{t['after']['root']}` at "
+        f"{t['after']['rev']}, run as `{t['after']['cli']}`. `cli` = the whole process; "
+        f"`lib` = in process, the median of {res['lib_iterations']} `Image.open` + op + "
+        "`close` in a child of each tree's interpreter (interpreter start and imports not "
+        "timed). Each round ran every before/after pair back to back in a random order, the "
+        "pairs shuffled; ratio = after / before, the median of the per-round ratios (and of "
+        "the medians). Each tree created and filled its own images (both slots written).",
+        "",
+    ]
+    rows = []
+    worst: tuple[float, str] = (0.0, "")
+    for p in res["pairs"]:
+        a, b = p["before"], p["after"]
+        paired = statistics.median(p["ratios"])
+        of_medians = b["median_s"] / a["median_s"]
+        what = f"{b['via']} {b['op']} {b['fmt']} {b['size']}".strip()
+        rows.append([what, str(len(p["ratios"])), fmt_t(a["median_s"]), fmt_t(b["median_s"]),
+                     fmt_r(paired), fmt_r(of_medians),
+                     f"{fmt_r(min(p['ratios']))}..{fmt_r(max(p['ratios']))}"])
+        worst = max(worst, (paired, what))
+    out += [md_table(["benchmark", "n", "before (median)", "after (median)",
+                      "after/before (paired median)", "ratio of medians", "paired range"],
+                     rows), ""]
+    slower = [r[0] for r in rows if float(r[4].rstrip("x")) > 1.10]
+    line = (f"**Target: nothing slower than before by more than 10%: "
+            f"{'MET' if not slower else 'NOT MET'}** - worst paired ratio "
+            f"{worst[0]:.2f}x ({worst[1]})"
+            + (f"; over 1.10x: {', '.join(slower)}" if slower else "") + ".")
+    out += [line, ""]
+    return "\n".join(out), [line]
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -891,17 +1106,28 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="fewer repeats and a 256 MiB check image instead of 1 GiB")
-    ap.add_argument("--only", default="put,dir,mem",
-                    help="comma-separated subset of: put, dir, mem (default: all)")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated subset of: put, dir, mem, ab (default: put, dir, "
+                    "mem, and ab when --baseline-tree is given)")
+    ap.add_argument("--baseline-tree", metavar="PATH", default=None,
+                    help="another checkout of nvmgr (e.g. before a change) to compare with, "
+                    "run through PATH/.venv/bin/python when it exists (benchmark ab)")
     ap.add_argument("--no-results", action="store_true",
                     help="do not append to bench/RESULTS.md (JSON is still written)")
     ap.add_argument("--base", default="/var/tmp", help="where the temporary work directory goes")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--seed", type=int, default=None, help="seed of the shuffling")
     args = ap.parse_args(argv)
-    only = {x.strip() for x in args.only.split(",") if x.strip()}
-    if only - {"put", "dir", "mem"}:
-        ap.error(f"unknown benchmark(s): {', '.join(sorted(only - {'put', 'dir', 'mem'}))}")
+    known = {"put", "dir", "mem", "ab"}
+    default = "put,dir,mem" + (",ab" if args.baseline_tree else "")
+    only = {x.strip() for x in (args.only or default).split(",") if x.strip()}
+    if only - known:
+        ap.error(f"unknown benchmark(s): {', '.join(sorted(only - known))}")
+    if "ab" in only and not args.baseline_tree:
+        ap.error("benchmark ab needs --baseline-tree PATH")
+    if args.baseline_tree and not os.path.isfile(
+            os.path.join(args.baseline_tree, "nvmgr", "__init__.py")):
+        ap.error(f"--baseline-tree {args.baseline_tree}: no nvmgr package there")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
     rng = random.Random(seed)
     cmdline = "bench/run" + ("" if not sys.argv[1:] else " " + shlex.join(sys.argv[1:]))
@@ -922,6 +1148,8 @@ def main(argv: list[str] | None = None) -> int:
             results["directory"] = bench_directory(work, rng, args.quick)
         if "mem" in only:
             results["memory"] = bench_memory(work, key_file, rng, args.quick)
+        if "ab" in only:
+            results["ab"] = bench_ab(work, str(args.baseline_tree), rng, args.quick)
     elapsed = time.perf_counter() - t_start
     info["loadavg_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     meta = {"command": cmdline, "quick": args.quick, "seed": seed, "machine": info,
@@ -935,7 +1163,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = []
     notes: list[str] = []
     for name, fn in (("put_get", report_put_get), ("directory", report_directory),
-                     ("memory", report_memory)):
+                     ("memory", report_memory), ("ab", report_ab)):
         if name in results:
             text, n = fn(results[name])
             sections.append(text)

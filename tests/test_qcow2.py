@@ -285,6 +285,15 @@ def test_fsync_reaches_the_qcow2_file(tmp_path: Path, runtime: Path) -> None:
     assert leftovers(runtime) == []
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root sets the export's read-ahead")
+def test_export_reads_ahead_in_large_requests(image: str) -> None:
+    with Qcow2Container(image) as c:
+        assert c._file is not None
+        dev = os.fstat(c._file.fd).st_dev
+        with open(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb") as f:
+            assert int(f.read()) == fuse.READ_AHEAD_KB
+
+
 def test_runtime_dir_must_be_private(runtime: Path, image: str) -> None:
     runtime.mkdir(mode=0o700, exist_ok=True)
     runtime.chmod(0o755)

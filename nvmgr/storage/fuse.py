@@ -57,6 +57,11 @@ log = logging.getLogger(__name__)
 #: Seconds for the daemon to open the image and mount its export.
 READY_TIMEOUT = 30.0
 
+#: Read-ahead (KiB) of an export's own backing device, set when root: FUSE
+#: then asks QEMU for 1 MiB (libfuse's largest request) at a time instead of
+#: the kernel's default 128 KiB, which reads a 64 MiB section ~20% faster.
+READ_AHEAD_KB = 1024
+
 #: umount2() flags from <sys/mount.h>.
 _MNT_DETACH = 2
 _UMOUNT_NOFOLLOW = 8
@@ -117,6 +122,26 @@ def is_fuse_mount(path: str) -> bool:
                 if fstype == b"fuse" or fstype.startswith(b"fuse."):
                     return True
     return False
+
+
+def set_readahead(st_dev: int, kib: int = READ_AHEAD_KB) -> bool:
+    """Set the read-ahead of the FUSE mount whose ``st_dev`` is *st_dev*; best effort.
+
+    Only root may write ``/sys/class/bdi/MAJOR:MINOR/read_ahead_kb``; the
+    device is the export's own (anonymous, gone with the mount).
+
+    :return: whether it was set.
+    """
+    if os.geteuid() != 0:
+        return False
+    bdi = f"/sys/class/bdi/{os.major(st_dev)}:{os.minor(st_dev)}/read_ahead_kb"
+    try:
+        with open(bdi, "w") as f:
+            f.write(str(kib))
+    except OSError as e:
+        log.debug("cannot set %s: %s", bdi, e)
+        return False
+    return True
 
 
 def detach(path: str) -> None:

@@ -40,7 +40,7 @@ from typing import Any
 from nvmgr.errors import ExternalError, NoSpaceError, NotFoundError, UsageError
 from nvmgr.storage import qemu
 from nvmgr.storage.base import Container, create_exclusive, open_locked, read_head
-from nvmgr.storage.fuse import FuseExport
+from nvmgr.storage.fuse import FuseExport, set_readahead
 from nvmgr.storage.raw import PosixFile, check_io
 
 MAGIC = b"QFI\xfb"
@@ -128,7 +128,9 @@ class Qcow2Container(Container):
         flags = (os.O_RDWR if self.writable else os.O_RDONLY) | os.O_CLOEXEC
         with self._io("open"):
             self._file = PosixFile(os.open(self._export.mountpoint, flags), self.path)
-            self._size = self._file.size()
+            st = os.fstat(self._file.fd)
+        self._size = st.st_size
+        set_readahead(st.st_dev)
 
     @classmethod
     def create(cls, path: str, size: int, *, wait: float = 0) -> Qcow2Container:

@@ -30,7 +30,6 @@ API::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import select
@@ -69,14 +68,16 @@ STOP_TIMEOUT = 30.0
 _PR_SET_PDEATHSIG = 1
 
 
-@dataclasses.dataclass(frozen=True)
 class Result:
     """A finished tool run."""
 
-    argv: list[str]
-    returncode: int
-    stdout: str
-    stderr: str
+    __slots__ = ("argv", "returncode", "stdout", "stderr")
+
+    def __init__(self, argv: list[str], returncode: int, stdout: str, stderr: str) -> None:
+        self.argv = argv
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
 
 
 def missing_tool(tool: str) -> ExternalError:

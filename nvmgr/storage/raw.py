@@ -156,3 +156,6 @@ class RawContainer(Container):
 
     def close(self) -> None:
         self._file.close()  # releases the flock
+
+    def __enter__(self) -> RawContainer:
+        return self
