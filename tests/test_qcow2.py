@@ -306,34 +306,48 @@ def test_runtime_dir_must_be_private(runtime: Path, image: str) -> None:
         assert c.read(0, 1) == b"\0"
 
 
-def test_killed_nvmgr_takes_its_daemon_along(image: str, tmp_path: Path) -> None:
-    """SIGKILL of the process that opened the container: no daemon survives it."""
-    if not shutil.which("setpriv"):
-        pytest.skip("needs util-linux setpriv for the parent-death signal")
+@pytest.mark.parametrize("how", ["setpriv", "prctl"])
+def test_killed_nvmgr_takes_its_daemon_along(
+    image: str, tmp_path: Path, runtime: Path, how: str
+) -> None:
+    """SIGKILL of the process that opened the container: no daemon survives it,
+    whether the parent-death signal comes from setpriv or from prctl in the
+    child (no setpriv on PATH); the clean shutdown unmounted the export."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    if how == "setpriv":
+        if not shutil.which("setpriv"):
+            pytest.skip("needs util-linux setpriv")
+    else:  # a PATH with qemu-storage-daemon but without setpriv
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        qsd = shutil.which("qemu-storage-daemon")
+        assert qsd is not None
+        (bin_dir / "qemu-storage-daemon").symlink_to(qsd)
+        env["PATH"] = str(bin_dir)
     script = (
         "import os, signal, sys\n"
         "from nvmgr.storage.qcow2 import Qcow2Container\n"
         "c = Qcow2Container(sys.argv[1], writable=True)\n"
         "c.write(0, b'before the crash')\n"
-        "print(c.daemon_pid, flush=True)\n"
+        "print(c.daemon_pid, c._export.mountpoint, flush=True)\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
-    root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH=str(root))
     res = subprocess.run(
         [sys.executable, "-c", script, image], env=env, capture_output=True, text=True
     )
     assert res.returncode == -signal.SIGKILL, res.stderr
-    daemon = int(res.stdout)
+    pid, mp = res.stdout.split()
     deadline = time.monotonic() + 10
     while qsd_pids(str(tmp_path)):
         assert time.monotonic() < deadline, "daemon outlived nvmgr"
         time.sleep(0.01)
-    assert daemon not in qsd_pids(str(tmp_path))
+    assert int(pid) not in qsd_pids(str(tmp_path))
+    assert fuse_mounts_under(tmp_path) == [] and os.path.exists(mp)  # unmounted, not swept
     # The daemon shut down cleanly: the acknowledged (unflushed) write survived,
-    # and the image is free for the next writer.
+    # and the image is free for the next writer, whose start sweeps the leftovers.
     with Qcow2Container(image, writable=True, wait=10) as c:
         assert c.read(0, 16) == b"before the crash"
+        assert not os.path.exists(mp)
 
 
 def _run_script(script: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -130,7 +130,10 @@ class Qcow2Container(Container):
             self._file = PosixFile(os.open(self._export.mountpoint, flags), self.path)
             st = os.fstat(self._file.fd)
         self._size = st.st_size
-        set_readahead(st.st_dev)
+        if set_readahead(st.st_dev):
+            # An open file keeps the read-ahead its device had at open():
+            # POSIX_FADV_NORMAL takes the device's new one.
+            os.posix_fadvise(self._file.fd, 0, 0, os.POSIX_FADV_NORMAL)
 
     @classmethod
     def create(cls, path: str, size: int, *, wait: float = 0) -> Qcow2Container:
