@@ -302,7 +302,15 @@ def test_fuse_export_as_another_user() -> None:
         )
         os.mkdir(run, 0o700)
         shutil.chown(run, "nobody")
-        env = {"PATH": os.defpath, "PYTHONPATH": str(ROOT), "XDG_RUNTIME_DIR": run,
+        # nobody may not reach the checkout (a clone under /root is 0700): a copy can.
+        pkg = os.path.join(d, "pkg")
+        shutil.copytree(ROOT / "nvmgr", os.path.join(pkg, "nvmgr"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for dirpath, dirnames, filenames in os.walk(pkg):
+            for n in dirnames + filenames:
+                os.chmod(os.path.join(dirpath, n), 0o755)
+        os.chmod(pkg, 0o755)
+        env = {"PATH": os.defpath, "PYTHONPATH": pkg, "XDG_RUNTIME_DIR": run,
                "HOME": d}
         # The test's own interpreter may live where nobody cannot reach (/root):
         # the system's python3 runs nvmgr.storage (standard library only) as well.
