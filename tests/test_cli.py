@@ -193,7 +193,7 @@ def test_install_hook_installs_the_shipped_front_end_for_this_python(
 def test_hook_values_name_this_nvmgr_and_every_site_directory() -> None:
     import site
 
-    from nvmgr.cli.domains import hook_values
+    from nvmgr.cli.hookinstall import hook_values
 
     values = hook_values()
     assert values["PYTHON"] == sys.executable
@@ -203,7 +203,7 @@ def test_hook_values_name_this_nvmgr_and_every_site_directory() -> None:
 
 
 def test_hook_script_without_a_setting_line_is_an_installation_error() -> None:
-    from nvmgr.cli.domains import hook_script
+    from nvmgr.cli.hookinstall import hook_script
     from nvmgr.errors import InstallationError
 
     values = {"PYTHON": "/usr/bin/python3", "PYTHON_FLAGS": "-I -S", "NVMGR_PATH": "/x"}

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
-import subprocess
 import sys
 from pathlib import Path
 
-import nvmgr
-from nvmgr import resources
 from nvmgr.cli.common import Result, arguments, command, load_key
-from nvmgr.errors import InstallationError, NotFoundError, UsageError
+from nvmgr.errors import NotFoundError, UsageError
 from nvmgr.paths import HOOK_DIR, HOOK_NAME
 
 
@@ -120,9 +115,12 @@ def cmd_install_hook(args: argparse.Namespace) -> Result:
         target.unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)
         return {"hook": str(target), "removed": existed}
+    from nvmgr import resources
+    from nvmgr.cli.hookinstall import check_hook_python, hook_script, hook_values
+
     values = hook_values()
     body = hook_script(resources.read_text(resources.HOOK_FRONTEND), values)
-    nvmgr_file = _check_hook_python(values)
+    nvmgr_file = check_hook_python(values)
     was_empty = not (target.parent.is_dir() and any(target.parent.iterdir()))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(body, encoding="utf-8")
@@ -133,92 +131,6 @@ def cmd_install_hook(args: argparse.Namespace) -> Result:
         r["note"] = ("libvirtd looks for hooks when it starts: restart it once "
                      f"({target.parent} was empty)")
     return r
-
-
-#: Prints the directories that site would add to sys.path (site-packages and
-#: what their .pth files name), from an interpreter started without them.
-_SITE_DIRS = ("import json, site, sys; before = list(sys.path); site.main(); "
-              "print(json.dumps([p for p in sys.path if p not in before]))")
-
-#: What the installed hook's Python must manage: import the hook's entry
-#: (and with it lxml and cryptography) and say where nvmgr came from.
-_HOOK_IMPORTS = ("import sys; sys.path[:0] = sys.argv[1].split(':'); "
-                 "import nvmgr, nvmgr.hook.entry; print(nvmgr.__file__)")
-
-
-def hook_values() -> dict[str, str]:
-    """The front end's PYTHON, PYTHON_FLAGS and NVMGR_PATH for this installation.
-
-    Starting Python isolated and without site initialisation (``-I -S``)
-    saves most of its start-up time, which libvirtd waits for at every start
-    and stop; the paths site would have added are given to it instead: the
-    directory holding this nvmgr (a checkout, or the site-packages of the
-    venv or system it was installed into), then every directory site adds
-    for this interpreter -- its site-packages and whatever their ``.pth``
-    files name (an editable install, a venv's access to another one's
-    packages) -- as this interpreter itself reports them.
-
-    :raise InstallationError: this interpreter cannot be run to ask.
-    """
-    python = sys.executable
-    if not python:
-        raise InstallationError("cannot tell which Python runs nvmgr (sys.executable is empty)")
-    pkg_parent = str(Path(nvmgr.__file__).resolve().parent.parent)
-    try:
-        out = subprocess.run([python, "-I", "-S", "-c", _SITE_DIRS], capture_output=True,
-                             text=True, check=True, cwd="/", timeout=60).stdout
-        site_dirs = json.loads(out)
-    except (OSError, subprocess.SubprocessError, ValueError) as e:
-        raise InstallationError(f"cannot ask {python} for its site directories: {e}") from e
-    paths = [pkg_parent] + [str(p) for p in site_dirs if p and str(p) != pkg_parent]
-    bad = [p for p in paths if ":" in p]
-    if bad:
-        raise InstallationError(f"the hook cannot use paths containing ':': {', '.join(bad)}")
-    return {"PYTHON": python, "PYTHON_FLAGS": "-I -S", "NVMGR_PATH": ":".join(paths)}
-
-
-def _check_hook_python(values: dict[str, str]) -> str:
-    """Run the hook's Python as the hook will; return where its nvmgr lives.
-
-    :raise InstallationError: it cannot import the hook, or finds another nvmgr.
-    """
-    cmd = [values["PYTHON"], *values["PYTHON_FLAGS"].split(), "-c", _HOOK_IMPORTS,
-           values["NVMGR_PATH"]]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd="/", timeout=60)
-    except (OSError, subprocess.SubprocessError) as e:
-        raise InstallationError(f"cannot run the hook's Python {values['PYTHON']}: {e}") from e
-    if r.returncode != 0:
-        last = (r.stderr.strip().splitlines() or ["no message"])[-1]
-        raise InstallationError(
-            f"the hook's Python cannot import nvmgr's hook ({last}); "
-            f"looked in {values['NVMGR_PATH']}")
-    found = r.stdout.strip()
-    ours = str(Path(nvmgr.__file__).resolve())
-    if str(Path(found).resolve()) != ours:
-        raise InstallationError(f"the hook's Python would import {found}, not {ours}")
-    return ours
-
-
-def hook_script(template: str, values: dict[str, str] | None = None) -> str:
-    """The hook front end *template* (``nvmgr/data/hook-qemu``) with its
-    ``PYTHON=``, ``PYTHON_FLAGS=`` and ``NVMGR_PATH=`` lines set to *values*
-    (default: :func:`hook_values`).
-
-    :raise InstallationError: the template lacks one of those lines.
-    """
-    todo = dict(values if values is not None else hook_values())
-    out = []
-    for line in template.splitlines(keepends=True):
-        name = line.split("=", 1)[0]
-        if name in todo and "=" in line:
-            line = f"{name}={shlex.quote(todo.pop(name))}\n"
-        out.append(line)
-    if todo:
-        raise InstallationError(
-            f"the hook front end {resources.HOOK_FRONTEND} shipped with nvmgr has no "
-            f"{', '.join(todo)} line to set; reinstall nvmgr")
-    return "".join(out)
 
 
 @arguments("reconcile")
