@@ -43,14 +43,15 @@ import logging
 import os
 import select
 import stat
-import subprocess
-import tempfile
 import time
 from collections.abc import Sequence
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from nvmgr.errors import ExternalError, NvmgrError
 from nvmgr.storage import qemu
+
+if TYPE_CHECKING:  # imported where a process starts: raw images' commands never pay for it
+    import subprocess
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ def _base_dir() -> str:
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg and os.path.isdir(xdg) and os.access(xdg, os.W_OK | os.X_OK):
         return xdg
+    import tempfile
+
     return tempfile.gettempdir()
 
 
@@ -380,6 +383,8 @@ class FuseExport:
         return args, fmt_arg
 
     def _start(self, image_path: str, writable: bool, pass_fds: tuple[int, ...]) -> None:
+        import tempfile
+
         args, fmt_arg = self._args(image_path, writable)
         watch = _MountWatch()
         try:

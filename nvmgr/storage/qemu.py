@@ -33,14 +33,14 @@ from __future__ import annotations
 import json
 import os
 import select
-import shutil
 import signal
-import subprocess
-import tempfile
 from collections.abc import Callable, Sequence
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from nvmgr.errors import BusyError, CorruptError, ExternalError, NvmgrError
+
+if TYPE_CHECKING:  # imported where a process starts: raw images' commands never pay for it
+    import subprocess
 
 QEMU_IMG = "qemu-img"
 QEMU_STORAGE_DAEMON = "qemu-storage-daemon"
@@ -94,6 +94,8 @@ def run(tool: str, args: Sequence[str], *, image: str | None = None) -> Result:
 
     :raise ExternalError: the tool is not installed or cannot be started.
     """
+    import subprocess
+
     argv = [tool, *args]
     try:
         p = subprocess.run(
@@ -205,6 +207,8 @@ def img_convert(src: str, src_fmt: str, dst: str, dst_fmt: str) -> None:
 
 def read_image(path: str, fmt: str) -> bytes:
     """The guest-visible bytes of the image *path* in format *fmt* (through qemu-img)."""
+    import tempfile
+
     with tempfile.TemporaryDirectory(prefix="nvmgr-") as tmp:
         out = os.path.join(tmp, "image.raw")
         img_convert(path, fmt, out, "raw")
@@ -247,6 +251,9 @@ def start_storage_daemon(
     :param pass_fds: descriptors the daemon inherits (an image's flock'd fd...).
     :raise ExternalError: the daemon is not installed or cannot be started.
     """
+    import shutil
+    import subprocess
+
     exe = shutil.which(QEMU_STORAGE_DAEMON)
     if exe is None:
         raise missing_tool(QEMU_STORAGE_DAEMON)
@@ -284,6 +291,8 @@ def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
     try:
         pidfd = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):  # Linux < 5.3
+        import subprocess
+
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
