@@ -113,11 +113,22 @@ def _add_key_args(p: argparse.ArgumentParser, *, prefix: str = "key") -> None:
                    help="read the key-encryption key from standard input")
 
 
+#: False while the CLI builds its second parser, the one for ``--domain``
+#: command lines: there IMAGE is no positional at all (see :func:`_add_image`).
+IMAGE_POSITIONAL = [True]
+
+
 def _add_image(p: argparse.ArgumentParser) -> None:
-    # Optional so that "--domain NAME SECTION" works: argparse gives IMAGE
-    # nothing when only the later positionals are present.
-    p.add_argument("image", metavar="IMAGE", nargs="?",
-                   help="the nvmgr image file (or give --domain)")
+    # IMAGE is optional so that "--domain NAME SECTION" works.  An optional
+    # positional alone is not enough: argparse hands it the first word
+    # ("snapshot --domain VM create NAME" would take "create" for IMAGE), so
+    # with --domain the command line is parsed by a parser without IMAGE
+    # (nvmgr.cli.main.parse_args).
+    if IMAGE_POSITIONAL[0]:
+        p.add_argument("image", metavar="IMAGE", nargs="?",
+                       help="the nvmgr image file (or give --domain)")
+    else:
+        p.set_defaults(image=None)
     p.add_argument("--domain", metavar="NAME",
                    help="use the image recorded in this libvirt domain's nvmgr metadata")
     p.add_argument("--connect", "-c", metavar="URI", help="libvirt connection URI")

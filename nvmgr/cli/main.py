@@ -13,10 +13,11 @@ import json
 import logging
 import signal
 import sys
+from typing import NoReturn
 
 from nvmgr import __version__
 from nvmgr.cli import domains, images
-from nvmgr.cli.common import COMMANDS, EXIT_CODES_TEXT, SETUP, Result
+from nvmgr.cli.common import COMMANDS, EXIT_CODES_TEXT, IMAGE_POSITIONAL, SETUP, Result
 from nvmgr.errors import ExitCode, NvmgrError, from_os_error
 
 log = logging.getLogger("nvmgr")
@@ -25,8 +26,24 @@ log = logging.getLogger("nvmgr")
 COMMAND_MODULES = (images, domains)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class _NotThisWay(Exception):
+    """The ``--domain`` parser could not make sense of the command line."""
+
+
+class _QuietParser(argparse.ArgumentParser):
+    """Raises instead of printing and exiting: for trying one reading of a line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _NotThisWay(message)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        raise _NotThisWay(message or "")
+
+
+def build_parser(*, domain_mode: bool = False, quiet: bool = False) -> argparse.ArgumentParser:
+    """The ``nvmgr`` parser; *domain_mode*: the one without IMAGE positionals,
+    tried first on ``--domain`` lines; *quiet*: raise instead of exiting."""
+    parser = (_QuietParser if quiet else argparse.ArgumentParser)(
         prog="nvmgr",
         description="One file of persistent device state (UEFI vars, vTPM, EEPROM, VPD, FRU) "
                     "per libvirt/QEMU virtual machine.",
@@ -43,8 +60,44 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=cmd.summary, description=cmd.summary,
                            epilog=f"example:\n  {cmd.example}\n\n{EXIT_CODES_TEXT}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        SETUP[name](p)
+        IMAGE_POSITIONAL[0] = not domain_mode
+        try:
+            SETUP[name](p)
+        finally:
+            IMAGE_POSITIONAL[0] = True
     return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse *argv*; with ``--domain``, as if the command had no IMAGE positional.
+
+    IMAGE is an optional first positional, and argparse fills positionals
+    from the left: ``snapshot --domain VM create NAME`` would give IMAGE
+    "create".  So a command line is first parsed without IMAGE; when that
+    succeeds and names a domain, that is the reading.  Otherwise (no
+    --domain, or both an IMAGE and --domain, which resolve_image checks
+    agree) the ordinary parser reads it, with its own messages.
+    """
+    words = sys.argv[1:] if argv is None else argv
+    # Only lines that may name --domain (or an abbreviation) pay for a second parser.
+    if (not any(w.startswith("--d") for w in words)
+            or any(w in ("-h", "--help", "--version") for w in words)):
+        return parser.parse_args(words)
+    try:
+        args = build_parser(domain_mode=True, quiet=True).parse_args(words)
+        why = None
+    except _NotThisWay as e:
+        args, why = None, e
+    if args is not None and getattr(args, "domain", None):
+        return args
+    if why is not None:
+        # Neither reading works: the --domain reading's complaint is the one
+        # about what was typed ("invalid choice: 'NAME'" would not be).
+        try:
+            return build_parser(quiet=True).parse_args(words)
+        except _NotThisWay:
+            parser.error(str(why))
+    return parser.parse_args(words)
 
 
 def _render_plain(result: Result) -> str:
@@ -83,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(ExitCode.USAGE)
 
     parser.error = usage_error  # type: ignore[method-assign,assignment]
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if not args.command:
         parser.print_help()
         return int(ExitCode.USAGE)
