@@ -182,16 +182,19 @@ def img_create(path: str, fmt: str, size: int, *, options: Sequence[str] = ()) -
     qemu_img([*args, os.path.abspath(path), str(size)], "qemu-img create", image=path)
 
 
-def img_convert(src: str, src_fmt: str, dst: str, dst_fmt: str) -> None:
+def img_convert(src: str, src_fmt: str, dst: str, dst_fmt: str, *,
+                force_share: bool = False) -> None:
     """``qemu-img convert`` *src* into a new file *dst* (mode 0600).
 
+    *force_share* (``-U``) reads an image a running QEMU holds; live slices
+    in the copy may then be torn, which the caller must account for.
     A partial *dst* is removed when the conversion fails.
     """
     old = os.umask(0o077)
     try:
         res = run(
             QEMU_IMG,
-            ["convert", "-q", "-f", src_fmt, "-O", dst_fmt,
+            ["convert", "-q", *(["-U"] if force_share else []), "-f", src_fmt, "-O", dst_fmt,
              os.path.abspath(src), os.path.abspath(dst)],
             image=src,
         )

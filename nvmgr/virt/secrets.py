@@ -9,7 +9,8 @@ libvirt by accident.  The hook reads libvirt's on-disk store instead
 from __future__ import annotations
 
 from nvmgr.crypto.cipher import Kek
-from nvmgr.crypto.keys import _check_uuid, _parse_material
+from nvmgr.crypto.keys import _check_uuid, _parse_material, load_key_file
+from nvmgr.domain.metadata import NvmgrMetadata
 from nvmgr.errors import ExternalError, NotFoundError
 
 
@@ -60,3 +61,15 @@ def load_libvirt_secret(secret_uuid: str, uri: str | None = None) -> Kek:
     if not isinstance(value, bytes | bytearray):
         raise ExternalError(f"cannot read {what}{where}: libvirt returned no bytes")
     return Kek(_parse_material(bytes(value), what), label=f"libvirt-secret:{u}")
+
+
+def domain_kek(meta: NvmgrMetadata | None, uri: str | None = None) -> Kek | None:
+    """The key a domain's nvmgr metadata names (a key file, or a libvirt secret
+    read through libvirt: outside a hook, libvirt may be asked); None without one."""
+    if meta is None:
+        return None
+    if meta.key_file:
+        return load_key_file(meta.key_file)
+    if meta.key_secret:
+        return load_libvirt_secret(str(meta.key_secret), uri)
+    return None
