@@ -702,7 +702,8 @@ def test_crash_while_finishing_a_pending_live_copy(workdir: Path) -> None:
 
 OPS: dict[str, Callable[[Image, random.Random], object]] = {
     "put-vtpm": lambda i, r: i.put("vtpm", r.randbytes(r.randrange(0, 16385))),
-    "put-efivars": lambda i, r: i.put("efivars", r.randbytes(r.choice([0, 512, 4000, 8192]))),
+    "put-efivars": lambda i, r: i.put("efivars", r.randbytes(r.choice([0, 512, 4000, 8192])),
+                                      force=True),  # "in-use" may have marked it
     "put-eeprom": lambda i, r: i.put("eeprom", r.randbytes(r.randrange(1, 257)))
     if i.directory.find("eeprom") else i.put("vtpm", b"x"),
     "remove-eeprom": lambda i, r: i.remove("eeprom") if i.directory.find("eeprom")

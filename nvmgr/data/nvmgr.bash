@@ -14,7 +14,7 @@ _nvmgr_files()
 _nvmgr()
 {
     local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]}
-    local commands="backup restore plan define undefine install-hook reconcile create info list put get remove check grow resize rekey dump snapshot convert"
+    local commands="plan define undefine install-hook reconcile create info list put get remove check grow resize rekey dump snapshot convert"
     local cmd="" i=1
     # The command: the first word that is not an option.
     while [[ $i -lt $COMP_CWORD ]]; do
@@ -30,23 +30,6 @@ _nvmgr()
     fi
     local opts="" valued=" " positional=()
     case $cmd in
-        backup)
-            opts="-h --help --output -O --verbose -v --domain --connect -c --format -f --key-file --key-secret --key-stdin"
-            valued=" --output -O --domain --connect -c --format -f --key-file --key-secret "
-            case $prev in
-                --output|-O) _nvmgr_words "text json"; return ;;
-                --format|-f) _nvmgr_words "raw qcow2"; return ;;
-            esac
-            positional=("")
-            ;;
-        restore)
-            opts="-h --help --output -O --verbose -v --domain --section -s --connect -c --key-file --key-secret --key-stdin"
-            valued=" --output -O --domain --section -s --connect -c --key-file --key-secret "
-            case $prev in
-                --output|-O) _nvmgr_words "text json"; return ;;
-            esac
-            positional=("")
-            ;;
         plan)
             opts="-h --help --output -O --verbose -v --encrypted"
             valued=" --output -O "
@@ -114,7 +97,7 @@ _nvmgr()
             positional=("")
             ;;
         put)
-            opts="-h --help --output -O --verbose -v --domain --connect -c --wait --progress -p --key-file --key-secret --key-stdin"
+            opts="-h --help --output -O --verbose -v --domain --connect -c --wait --progress -p --force --key-file --key-secret --key-stdin"
             valued=" --output -O --domain --connect -c --wait --key-file --key-secret "
             case $prev in
                 --output|-O) _nvmgr_words "text json"; return ;;
@@ -122,15 +105,15 @@ _nvmgr()
             positional=("" "" "")
             ;;
         get)
-            opts="-h --help --output -O --verbose -v --domain --connect -c -o --output-file --key-file --key-secret --key-stdin"
-            valued=" --output -O --domain --connect -c -o --output-file --key-file --key-secret "
+            opts="-h --help --output -O --verbose -v --domain --connect -c -o --output-file --wait --key-file --key-secret --key-stdin"
+            valued=" --output -O --domain --connect -c -o --output-file --wait --key-file --key-secret "
             case $prev in
                 --output|-O) _nvmgr_words "text json"; return ;;
             esac
             positional=("" "")
             ;;
         remove)
-            opts="-h --help --output -O --verbose -v --domain --connect -c --wait"
+            opts="-h --help --output -O --verbose -v --domain --connect -c --wait --force"
             valued=" --output -O --domain --connect -c --wait "
             case $prev in
                 --output|-O) _nvmgr_words "text json"; return ;;
@@ -138,8 +121,8 @@ _nvmgr()
             positional=("" "")
             ;;
         check)
-            opts="-h --help --output -O --verbose -v --domain --connect -c --progress -p --key-file --key-secret --key-stdin"
-            valued=" --output -O --domain --connect -c --key-file --key-secret "
+            opts="-h --help --output -O --verbose -v --domain --connect -c --progress -p --wait --repair --yes --key-file --key-secret --key-stdin"
+            valued=" --output -O --domain --connect -c --wait --key-file --key-secret "
             case $prev in
                 --output|-O) _nvmgr_words "text json"; return ;;
             esac
@@ -154,7 +137,7 @@ _nvmgr()
             positional=("")
             ;;
         resize)
-            opts="-h --help --output -O --verbose -v --domain --connect -c --wait"
+            opts="-h --help --output -O --verbose -v --domain --connect -c --wait --force"
             valued=" --output -O --domain --connect -c --wait "
             case $prev in
                 --output|-O) _nvmgr_words "text json"; return ;;

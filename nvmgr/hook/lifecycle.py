@@ -56,6 +56,8 @@ from nvmgr.provision import staging
 from nvmgr.provision.prepare import initial_content, prepare_image, refuse_luks
 
 MIGRATE_MAP = paths.MIGRATE_MAP
+#: Seconds a hook call waits for an nvmgr command holding the image.
+LOCK_WAIT = 30.0
 
 log = logging.getLogger("nvmgr.hook.lifecycle")
 
@@ -161,8 +163,9 @@ def prepare(ctx: HookContext) -> str:
     problems = wiring_problems(ctx.dom, plan)
     if problems:  # checked before anything is created, grown or staged
         raise not_wired(ctx.name, problems)
+    # A CLI writer holding the image for a moment must not fail the start.
     img, _created, _added = prepare_image(plan, kek=kek, fmt=ctx.meta.format or "raw",
-                                          path=ctx.image)
+                                          path=ctx.image, wait=LOCK_WAIT)
     with img:
         _verify_key(img, kek, ctx)
         expected = slice_offsets(ctx.dom.qemu_args)
@@ -174,13 +177,17 @@ def prepare(ctx: HookContext) -> str:
                                    image=img.path)
         report = img.check()
         if not report.ok:
-            raise CorruptError("refusing to start: " + "; ".join(report.errors),
-                               image=img.path)
+            hint = report.repair_hint()
+            raise CorruptError("refusing to start: " + "; ".join(report.errors)
+                               + (f". {hint[0].upper()}{hint[1:]}" if hint else ""),
+                               image=img.path,
+                               section=report.repairable[0] if report.repairable else None)
         for ps in plan.sections:  # first start: templates, state made before nvmgr
             if img.directory.find(ps.name) is not None and not img.section(ps.name).length:
                 got = initial_content(ctx.dom, plan, ps)
                 if got is not None:
-                    img.put(ps.name, got[0])
+                    # The VM is starting, not running: a mark left by a crash is stale.
+                    img.put(ps.name, got[0], force=True)
         version = ctx.tpm_version()
         state_dir = staging.tpm_state_dir(ctx.uuid, version, ctx.swtpm_root)
         # release wipes the staged files once they are in the image, so files
@@ -242,7 +249,7 @@ def release(ctx: HookContext) -> str:
         return f"no image at {ctx.image}; nothing to collect"
     version = ctx.tpm_version()
     state_dir = staging.tpm_state_dir(ctx.uuid, version, ctx.swtpm_root)
-    with Image.open(ctx.image, writable=True, wait=30) as img:
+    with Image.open(ctx.image, writable=True, wait=LOCK_WAIT) as img:
         names = _tpm_files(img, version)
         found = staging.read_tpm(state_dir, names)
         in_use = [s.name for s in img.directory.sections if s.live and s.dirty]
@@ -261,7 +268,7 @@ def release(ctx: HookContext) -> str:
 def reconnect(ctx: HookContext) -> str:
     """Flag live sections in use again; never fail (libvirtd would kill the running VM)."""
     try:
-        with Image.open(ctx.image, writable=True, wait=30) as img:
+        with Image.open(ctx.image, writable=True, wait=LOCK_WAIT) as img:
             live = [s.name for s in img.directory.sections if s.live]
             img.set_in_use(live, True)
     except NvmgrError as e:

@@ -92,10 +92,22 @@ class CheckReport:
     sections: list[SectionCheck]
     errors: list[str]
     warnings: list[str]
+    #: Live sections whose crc no longer matches: their bytes are the guest's
+    #: own, so :meth:`Image.repair` may take them as their content.
+    repairable: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.errors
+
+    def repair_hint(self) -> str:
+        """The recovery for :attr:`repairable` sections, naming the command ('' if none)."""
+        if not self.repairable:
+            return ""
+        return (f"live section(s) {', '.join(self.repairable)} hold the guest's own bytes "
+                "(a power loss while the VM wrote them?); if the VM is stopped, "
+                f"'nvmgr check {self.image} --repair --yes' reseals them with the bytes "
+                "they hold")
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -105,6 +117,7 @@ class CheckReport:
             "sections": [dataclasses.asdict(s) for s in self.sections],
             "errors": self.errors,
             "warnings": self.warnings,
+            "repairable": self.repairable,
         }
 
 
@@ -412,11 +425,29 @@ class Image:
         if not self.container.writable:
             raise UsageError("image was opened read-only", image=self.path)
 
-    def _refuse_if_running(self, s: Section) -> None:
-        if s.live and self.fmt == "raw" and qemu_holds_write(self.path):
+    def _refuse_if_running(self, s: Section, force: bool = False) -> None:
+        """Refuse to write live section *s* while a VM may be running on it.
+
+        Two signs count: QEMU's own image lock (a running QEMU that locks its
+        images: never overridden) and the in-use mark the prepare hook sets
+        (seen even where QEMU takes no lock: ``locking=off``, a private /dev
+        without /dev/null); only *force* overrides the mark.
+        """
+        if not s.live:
+            return
+        if self.fmt == "raw" and qemu_holds_write(self.path):
             raise BusyError(
                 f"section {s.name} is live and a running QEMU holds the image; "
                 "stop the VM first",
+                image=self.path,
+                section=s.name,
+            )
+        if s.dirty and not force:
+            raise BusyError(
+                f"section {s.name} is live and marked in use by a running VM (set when it "
+                "started); stop the VM first. If no VM runs on this image (a host crash "
+                "left the mark), give --force, or clear the marks with "
+                f"'nvmgr check {self.path} --repair --yes'",
                 image=self.path,
                 section=s.name,
             )
@@ -454,11 +485,14 @@ class Image:
                 progress(min(done + CHUNK, total), total)
         self.container.flush()
 
-    def put(self, name: str, data: Buffer, *, progress: Progress | None = None) -> Section:
+    def put(self, name: str, data: Buffer, *, progress: Progress | None = None,
+            force: bool = False) -> Section:
         """Replace the section's payload, crash-safely (see the module docstring).
 
+        :param force: write a live section even though it is marked in use.
         :raise NoSpaceError: *data* is larger than the section's capacity.
-        :raise BusyError: the section is live and a running QEMU holds the image.
+        :raise BusyError: the section is live and a running QEMU holds the image,
+            or it is marked in use (without *force*).
         """
         self._require_writable()
         s = self.section(name)
@@ -468,7 +502,7 @@ class Image:
                 image=self.path,
                 section=name,
             )
-        self._refuse_if_running(s)
+        self._refuse_if_running(s, force)
         crypto = None
         stored: Buffer = data
         if s.encrypted:
@@ -477,7 +511,8 @@ class Image:
         crc = zlib.crc32(stored)
         new = self._copy_dir()
         ns = self._find(new, name)
-        ns.length, ns.crc32, ns.crypto, ns.dirty = len(data), crc, crypto, False
+        # A forced write keeps the in-use mark: only release or repair clears it.
+        ns.length, ns.crc32, ns.crypto = len(data), crc, crypto
         if s.live:
             home = s.offset
             self._write_flush(new.scratch_offset, stored, progress)
@@ -521,22 +556,24 @@ class Image:
         self._commit(new)
         return [self.section(s.name) for s in specs]
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str, *, force: bool = False) -> None:
         """Drop a section from the directory (its space is not reused)."""
         self._require_writable()
         s = self.section(name)
-        self._refuse_if_running(s)
+        self._refuse_if_running(s, force)
         new = self._copy_dir()
         new.sections = [x for x in new.sections if x.name != name]
         self._commit(new)
 
-    def resize_section(self, name: str, capacity: int) -> Section:
+    def resize_section(self, name: str, capacity: int, *, force: bool = False) -> Section:
         """Give a section a new capacity.  Non-live sections move to new slots
         at the end of the image; live sections cannot move (QEMU's arguments
-        name their offset) and may only change within their reserved size.
+        name their offset) and may only change within their reserved size,
+        and not while a VM runs on them.
         """
         self._require_writable()
         s = self.section(name)
+        self._refuse_if_running(s, force)
         spec = SectionSpec(name, capacity, s.binding, s.encrypted, s.device)
         if capacity < s.length:
             raise NoSpaceError(
@@ -556,7 +593,6 @@ class Image:
                 image=self.path,
                 section=name,
             )
-        self._refuse_if_running(s)
         base = self._copy_dir()
         base.sections = [x for x in base.sections if x.name != name]
         grown = extend(base, [spec])
@@ -594,6 +630,10 @@ class Image:
         :return: the names of the sections whose content changed.
         """
         self._require_writable()
+        # QEMU's writes into the slices may still sit in the page cache (or
+        # QEMU's): made durable first, so that a power loss can never keep
+        # the crc computed over them while losing the bytes themselves.
+        self.container.flush()
         new = self._copy_dir()
         changed = []
         for ns in new.sections:
@@ -668,6 +708,7 @@ class Image:
         """
         errors: list[str] = []
         warnings: list[str] = []
+        repairable: list[str] = []
         _, _, self.headers = read_directory(self.container, verify_both=True)
         for h in self.headers:
             if h.error and h.error != "new":
@@ -693,6 +734,8 @@ class Image:
                 msg = f"section {s.name} is corrupted (crc32 {crc:08x}, expected {s.crc32:08x})"
                 errors.append(msg)
                 results.append(SectionCheck(s.name, "corrupt", msg))
+                if s.live:
+                    repairable.append(s.name)
                 continue
             if s.crypto is not None:
                 if self.kek is None:
@@ -710,4 +753,30 @@ class Image:
                 results.append(SectionCheck(s.name, "ok", "crc32 and MAC ok"))
             else:
                 results.append(SectionCheck(s.name, "ok" if s.length else "empty", "crc32 ok"))
-        return CheckReport(self.path, self.headers, results, errors, warnings)
+        return CheckReport(self.path, self.headers, results, errors, warnings, repairable)
+
+    def repair(self) -> list[str]:
+        """Reseal live sections with the bytes they hold; clear their in-use marks.
+
+        The administrator's recovery for a stopped VM whose live section no
+        longer matches its crc (a power loss between QEMU's writes and the
+        reseal at release, a write the in-use mark did not cover) or whose
+        in-use mark a host crash left behind.  A live section's bytes are the
+        guest's own (the UEFI variables OVMF wrote), not nvmgr's, so taking
+        them as they are is what the next release would have done.  Sections
+        nvmgr writes itself are never touched: their damage stays an error.
+
+        :return: the names of the sections resealed.
+        :raise BusyError: a running QEMU holds the image.
+        """
+        self._require_writable()
+        if self.fmt == "raw" and qemu_holds_write(self.path):
+            raise BusyError("a running QEMU holds the image; stop the VM before repairing it",
+                            image=self.path)
+        todo = [s.name for s in self.directory.sections
+                if s.live and (s.dirty or self._stored_crc(s) != s.crc32)]
+        if todo:
+            changed = self.reseal(todo)
+            log.warning("%s: resealed live sections %s (content changed: %s)", self.path,
+                        todo, changed or "none")
+        return todo

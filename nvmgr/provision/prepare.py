@@ -91,16 +91,18 @@ def initial_content(dom: Domain, plan: Plan, ps: PlannedSection) -> tuple[bytes,
 
 
 def prepare_image(plan: Plan, *, kek: Kek | None, fmt: str,
-                  path: str) -> tuple[Image, bool, list[str]]:
+                  path: str, wait: float = 0.0) -> tuple[Image, bool, list[str]]:
     """Open the domain's image, creating or growing it to hold the plan.
 
     ``plan.image_uuid`` is the image UUID the domain's metadata records (if
     any): an existing image must have it, a recreated one gets it.
+
+    :param wait: seconds to wait for another nvmgr writer holding the image.
     """
     specs = [SectionSpec(s.name, s.capacity, s.binding, s.encrypted, s.device)
              for s in plan.sections]
     if os.path.exists(path):
-        img = Image.open(path, writable=True, kek=kek)
+        img = Image.open(path, writable=True, kek=kek, wait=wait)
         try:
             if plan.image_uuid and img.directory.image_uuid != plan.image_uuid:
                 raise UsageError(

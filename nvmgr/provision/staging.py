@@ -10,7 +10,12 @@
   (:data:`~nvmgr.paths.RUNTIME_ROOT`, named by the QEMU arguments).
 
 Writes are atomic (temporary file, fsync, rename), so swtpm never sees half
-a state file.
+a state file; a wipe unlinks a file before overwriting its bytes, so a staged
+name never holds anything but the TPM's real state.
+
+Every file write, fsync, rename and unlink here calls :data:`fault` first
+when it is set (``tests/faultrun.py`` kills the hook at each of them, as it
+does at every image I/O through ``Container._fault``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,15 @@ from pathlib import Path
 
 from nvmgr.format.model import Binding, Section
 from nvmgr.paths import QEMU_CONF, RUNTIME_ROOT, SWTPM_STATE_ROOT
+
+#: Fault injection for tests: called as ``fault(kind, path)`` before every
+#: write, fsync, rename and unlink of a staged file.  None in normal operation.
+fault: Callable[[str, str], None] | None = None
+
+
+def _fault(kind: str, path: Path | str) -> None:
+    if fault is not None:
+        fault(kind, str(path))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +84,7 @@ def _ids(user: str, group: str) -> tuple[int, int]:
 
 def write_atomic(path: Path, data: bytes, *, owner: tuple[int, int], mode: int = 0o600) -> None:
     tmp = path.with_name(f".{path.name}.nvmgr-tmp")
+    _fault("write", tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
     try:
         os.fchown(fd, *owner)
@@ -77,9 +92,11 @@ def write_atomic(path: Path, data: bytes, *, owner: tuple[int, int], mode: int =
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+        _fault("fsync", tmp)
         os.fsync(fd)
     finally:
         os.close(fd)
+    _fault("rename", path)
     os.replace(tmp, path)
 
 
@@ -130,17 +147,32 @@ def read_tpm(state_dir: Path, names: list[str]) -> dict[str, bytes]:
 
 
 def wipe_tpm(state_dir: Path, names: list[str]) -> None:
-    """Remove staged state files (overwritten with zeros first)."""
+    """Remove staged state files, then overwrite their bytes with zeros.
+
+    Unlinked first, through a descriptor kept open: a wipe cut short leaves
+    the file whole or gone, never a name holding zeros that the next prepare
+    would take for the TPM's newest state.
+    """
     for name in names:
         p = state_dir / name
         if p.is_file() and not p.is_symlink():
-            with contextlib.suppress(OSError):
-                size = p.stat().st_size
-                with open(p, "r+b") as f:
-                    f.write(bytes(size))
-                    f.flush()
-                    os.fsync(f.fileno())
-            p.unlink()
+            try:
+                fd = os.open(p, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:
+                fd = -1
+            try:
+                _fault("unlink", p)
+                p.unlink()
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        size = os.fstat(fd).st_size
+                        _fault("write", p)
+                        os.pwrite(fd, bytes(size), 0)
+                        _fault("fsync", p)
+                        os.fsync(fd)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
 
 
 # ---------------------------------------------------------------- fw_cfg / runtime
@@ -162,10 +194,12 @@ def stage_runtime(domain_uuid: str, files: dict[str, bytes], users: Users,
 
 
 def remove_runtime(domain_uuid: str, root: str = RUNTIME_ROOT) -> None:
+    _fault("unlink", runtime_dir(domain_uuid, root))
     shutil.rmtree(runtime_dir(domain_uuid, root), ignore_errors=True)
 
 
 def hand_to_qemu(image: str, users: Users) -> None:
     """QEMU opens the image itself (libvirt does not chown qemu:commandline files)."""
+    _fault("chown", image)
     os.chown(image, *_ids(users.qemu_user, users.qemu_group))
     os.chmod(image, 0o600)

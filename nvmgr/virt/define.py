@@ -127,7 +127,8 @@ def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = No
                 continue
             got = initial_content(dom, plan, ps)
             if got is not None:
-                img.put(ps.name, got[0])
+                # libvirt says the domain is not running: an in-use mark is stale.
+                img.put(ps.name, got[0], force=True)
                 imported[ps.name] = got[1]
         placed = plan_with_offsets(plan, img.directory)
         image_uuid = img.directory.image_uuid
