@@ -14,7 +14,7 @@ _nvmgr_files()
 _nvmgr()
 {
     local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]}
-    local commands="plan define undefine install-hook reconcile create info list put get remove check grow resize rekey dump snapshot convert"
+    local commands="backup restore plan define undefine install-hook reconcile create info list put get remove check grow resize rekey dump snapshot convert"
     local cmd="" i=1
     # The command: the first word that is not an option.
     while [[ $i -lt $COMP_CWORD ]]; do
@@ -30,6 +30,23 @@ _nvmgr()
     fi
     local opts="" valued=" " positional=()
     case $cmd in
+        backup)
+            opts="-h --help --output -O --verbose -v --domain --connect -c --format -f --key-file --key-secret --key-stdin"
+            valued=" --output -O --domain --connect -c --format -f --key-file --key-secret "
+            case $prev in
+                --output|-O) _nvmgr_words "text json"; return ;;
+                --format|-f) _nvmgr_words "raw qcow2"; return ;;
+            esac
+            positional=("")
+            ;;
+        restore)
+            opts="-h --help --output -O --verbose -v --domain --section -s --connect -c --key-file --key-secret --key-stdin"
+            valued=" --output -O --domain --section -s --connect -c --key-file --key-secret "
+            case $prev in
+                --output|-O) _nvmgr_words "text json"; return ;;
+            esac
+            positional=("")
+            ;;
         plan)
             opts="-h --help --output -O --verbose -v --encrypted"
             valued=" --output -O "
