@@ -50,7 +50,7 @@ def test_domain_line_fills_every_positional_but_image(name: str, where: str) -> 
     argv = ([name, "--domain", "vm1", *words] if where == "first"
             else [name, *words, "--domain", "vm1"])
     args = parse_args(build_parser(), argv)
-    assert args.domain == "vm1" and args.image is None
+    assert args.domain == "vm1" and getattr(args, "image", None) is None
     for dest, v in values.items():
         assert getattr(args, dest) == v, (dest, args)
 
