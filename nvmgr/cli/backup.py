@@ -3,28 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
 
-from nvmgr.cli.common import Result, _add_key_args, arguments, command, load_key
-
-if TYPE_CHECKING:
-    from nvmgr.crypto.cipher import Kek
-
-
-def _domain_key(args: argparse.Namespace, name: str) -> Kek | None:
-    """--key-* if given, else the key the domain's metadata names."""
-    kek = load_key(args)
-    if kek is not None:
-        return kek
-    from nvmgr.domain.elements import parse_domain
-    from nvmgr.virt import conn as virt
-    from nvmgr.virt.secrets import domain_kek
-
-    return domain_kek(parse_domain(virt.domain_xml(name, args.connect)).nvmgr, args.connect)
+from nvmgr.cli.common import Result, _add_key_args, arguments, command, domain_key
 
 
 @arguments("backup")
 def _backup_args(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(image=None)  # a domain's command: never an IMAGE
     p.add_argument("--domain", metavar="NAME", required=True, help="the libvirt domain")
     p.add_argument("out", metavar="OUT", help="the backup image to create (never overwritten)")
     p.add_argument("--connect", "-c", metavar="URI", help="libvirt URI (qemu:///system)")
@@ -47,13 +32,14 @@ def _render_backup(r: Result) -> str:
 def cmd_backup(args: argparse.Namespace) -> Result:
     from nvmgr.virt.backup import backup
 
-    kek = _domain_key(args, args.domain)
+    kek = domain_key(args, args.domain)
     return backup(args.domain, args.out, uri=args.connect, kek=kek,
                   fmt=args.format).to_json()
 
 
 @arguments("restore")
 def _restore_args(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(image=None)  # a domain's command: never an IMAGE
     p.add_argument("--domain", metavar="NAME", required=True, help="the libvirt domain (stopped)")
     p.add_argument("backup", metavar="BACKUP", help="an image made by nvmgr backup")
     p.add_argument("--section", "-s", action="append", metavar="NAME",
@@ -70,6 +56,6 @@ def _restore_args(p: argparse.ArgumentParser) -> None:
 def cmd_restore(args: argparse.Namespace) -> Result:
     from nvmgr.virt.backup import restore
 
-    kek = _domain_key(args, args.domain)
+    kek = domain_key(args, args.domain)
     return restore(args.domain, args.backup, uri=args.connect, kek=kek,
                    sections=args.section).to_json()

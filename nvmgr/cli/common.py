@@ -103,6 +103,19 @@ def load_key(args: argparse.Namespace) -> Kek | None:
     return None
 
 
+def domain_key(args: argparse.Namespace, domain: str) -> Kek | None:
+    """--key-file/--key-secret/--key-stdin if given, else the key *domain*'s metadata names."""
+    kek = load_key(args)
+    if kek is not None:
+        return kek
+    from nvmgr.domain.elements import parse_domain
+    from nvmgr.virt import conn as virt
+    from nvmgr.virt.secrets import domain_kek
+
+    uri = getattr(args, "connect", None)
+    return domain_kek(parse_domain(virt.domain_xml(domain, uri)).nvmgr, uri)
+
+
 def _add_key_args(p: argparse.ArgumentParser, *, prefix: str = "key") -> None:
     g = p.add_argument_group("keys (never on the command line itself)")
     g.add_argument(f"--{prefix}-file", metavar="FILE",

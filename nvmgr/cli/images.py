@@ -21,6 +21,7 @@ from nvmgr.cli.common import (
     _section_spec,
     arguments,
     command,
+    domain_key,
     load_key,
     resolve_image,
 )
@@ -130,9 +131,6 @@ def _put_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long for another nvmgr writer instead of failing at once")
     p.add_argument("--progress", "-p", action="store_true", help="show progress on stderr")
-    p.add_argument("--force", action="store_true",
-                   help="write a live section even though the prepare hook marked it in use "
-                        "(only when no VM runs on the image: a host crash left the mark)")
     _add_key_args(p)
 
 
@@ -162,8 +160,7 @@ def cmd_put(args: argparse.Namespace) -> Result:
             else:
                 data = f.read()
         img = stack.enter_context(_open(args, writable=True))
-        s = img.put(args.name, data, progress=_progress(args, f"put {args.name}"),
-                    force=args.force)
+        s = img.put(args.name, data, progress=_progress(args, f"put {args.name}"))
         return {"image": img.path, "section": s.to_json(), "generation": img.directory.generation}
 
 
@@ -173,8 +170,6 @@ def _get_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME", help="the section")
     p.add_argument("-o", "--output-file", metavar="FILE",
                    help="write here (created 0600) instead of standard output")
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                   help="wait this long for an nvmgr writer instead of failing at once")
     _add_key_args(p)
 
 
@@ -200,27 +195,19 @@ def _remove_args(p: argparse.ArgumentParser) -> None:
     _add_image(p)
     p.add_argument("name", metavar="NAME", help="the section")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS")
-    p.add_argument("--force", action="store_true",
-                   help="write a live section even though the prepare hook marked it in use "
-                        "(only when no VM runs on the image: a host crash left the mark)")
 
 
 @command("remove", "remove a section from the directory", "nvmgr remove vm1.nvram old-vpd")
 def cmd_remove(args: argparse.Namespace) -> Result:
     with _open(args, writable=True, with_key=False) as img:
-        img.remove(args.name, force=args.force)
+        img.remove(args.name)
         return {"image": img.path, "removed": args.name, "generation": img.directory.generation}
 
 
 def _render_check(r: Result) -> str:
     lines = [f"{s['name']}: {s['status']} ({s['detail']})" for s in r["sections"]]
-    if r.get("repaired"):
-        lines.append(f"repaired: resealed live section(s) {', '.join(r['repaired'])} with the "
-                     "bytes they hold")
     lines += [f"warning: {w}" for w in r["warnings"]]
     lines += [f"error: {e}" for e in r["errors"]]
-    if r.get("hint"):
-        lines.append(f"hint: {r['hint']}")
     lines.append("No errors were found on the image." if r["ok"]
                  else f"{len(r['errors'])} error(s) were found on the image.")
     return "\n".join(lines)
@@ -230,40 +217,17 @@ def _render_check(r: Result) -> str:
 def _check_args(p: argparse.ArgumentParser) -> None:
     _add_image(p)
     p.add_argument("--progress", "-p", action="store_true", help="show progress on stderr")
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                   help="wait this long for an nvmgr writer instead of failing at once")
-    p.add_argument("--repair", action="store_true",
-                   help="the VM is stopped: reseal live sections (UEFI vars, block) whose crc "
-                        "no longer matches, or that a crash left marked in use, with the bytes "
-                        "they hold (the guest's own); needs --yes")
-    p.add_argument("--yes", action="store_true",
-                   help="confirm --repair: the administrator's say-so that no VM runs on the image")
     _add_key_args(p)
 
 
 @command("check", "verify both header copies and every section's crc32 (and MAC with a key); "
-         "exit 4 when anything is corrupted; --repair --yes reseals live sections",
-         "nvmgr check vm1.nvram --key-file /etc/nvmgr/vm1.key --output json\n"
-         "  nvmgr check vm1.nvram --repair --yes   # after a power loss, the VM stopped",
+         "exit 4 when anything is corrupted",
+         "nvmgr check vm1.nvram --key-file /etc/nvmgr/vm1.key --output json",
          render=_render_check)
 def cmd_check(args: argparse.Namespace) -> Result:
-    if args.yes and not args.repair:
-        raise UsageError("--yes confirms --repair: give --repair --yes")
-    if args.repair and not args.yes:
-        raise UsageError("--repair takes the bytes in live sections as their content (the "
-                         "guest's own UEFI variables); confirm that no VM runs on the image "
-                         "with --repair --yes")
-    repaired: list[str] = []
-    with _open(args, writable=args.repair) as img:
-        if args.repair:
-            repaired = img.repair()
+    with _open(args) as img:
         report = img.check(progress=_progress(args, "check"))
     r: Result = report.to_json()
-    if args.repair:
-        r["repaired"] = repaired
-    hint = report.repair_hint()
-    if hint:
-        r["hint"] = hint
     if not report.ok:
         r["_exit"] = ExitCode.CORRUPT
     return r
@@ -291,16 +255,13 @@ def _resize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME", help="the section")
     p.add_argument("size", metavar="SIZE", help="its new worst-case size (K/M/G suffixes)")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS")
-    p.add_argument("--force", action="store_true",
-                   help="write a live section even though the prepare hook marked it in use "
-                        "(only when no VM runs on the image: a host crash left the mark)")
 
 
 @command("resize", "change a section's worst-case size (moves non-live sections if needed)",
          "nvmgr resize vm1.nvram tpm-permall 256K", render=_render_info)
 def cmd_resize(args: argparse.Namespace) -> Result:
     with _open(args, writable=True, with_key=False) as img:
-        img.resize_section(args.name, parse_size(args.size), force=args.force)
+        img.resize_section(args.name, parse_size(args.size))
         return _info(img)
 
 
@@ -372,9 +333,12 @@ def cmd_dump(args: argparse.Namespace) -> Result:
 
 def _snapshot_render(r: Result) -> str:
     if "snapshots" in r:
-        rows = [f"{s.get('id', '')}\t{s.get('name', '')}" for s in r["snapshots"]]
-        return "\n".join(["ID\tNAME", *rows]) if rows else "no snapshots"
-    return f"{r['action']} {r['name']}: done"
+        rows = [f"{s.get('id', '-')}\t{s.get('kind', 'internal')}\t{s.get('date', '')}\t"
+                f"{s.get('name', '')}" for s in r["snapshots"]]
+        return "\n".join(["ID\tKIND\tDATE\tNAME", *rows]) if rows else "no snapshots"
+    paused = (f" (guest paused {r['paused_ms']:.1f} ms)" if r.get("paused_ms") is not None
+              else "")
+    return f"{r['action']} {r['name']}: done{paused}"
 
 
 @arguments("snapshot")
@@ -382,14 +346,19 @@ def _snapshot_args(p: argparse.ArgumentParser) -> None:
     _add_image(p)
     p.add_argument("action", choices=("create", "list", "apply", "revert", "delete"))
     p.add_argument("name", metavar="NAME", nargs="?", help="snapshot name")
+    _add_key_args(p)
 
 
-@command("snapshot", "qcow2 internal snapshots of a stopped VM's image",
-         "nvmgr snapshot vm1.nvram create before-upgrade", render=_snapshot_render)
+@command("snapshot", "snapshots of every section: with --domain, of a running or stopped VM "
+         "(stored beside the image, like backups; a qcow2 image's internal ones too); "
+         "of an IMAGE, qcow2 internal snapshots (VM stopped)",
+         "nvmgr snapshot --domain vm1 create before-upgrade", render=_snapshot_render)
 def cmd_snapshot(args: argparse.Namespace) -> Result:
     from nvmgr.storage import qcow2
     from nvmgr.storage.container import probe_format
 
+    if args.domain:
+        return _domain_snapshot(args)
     path = resolve_image(args)
     if probe_format(path) != "qcow2":
         raise UsageError("internal snapshots need a qcow2 image (nvmgr convert IMAGE OUT -f qcow2)",
@@ -402,6 +371,22 @@ def cmd_snapshot(args: argparse.Namespace) -> Result:
           "revert": qcow2.snapshot_apply, "delete": qcow2.snapshot_delete}[args.action]
     fn(path, args.name)
     return {"action": args.action, "name": args.name, "image": path}
+
+
+def _domain_snapshot(args: argparse.Namespace) -> Result:
+    from nvmgr.virt import backup as snap
+
+    if args.action == "list":
+        return {"snapshots": snap.snapshot_list(args.domain, uri=args.connect)}
+    if not args.name:
+        raise UsageError(f"snapshot {args.action} needs a NAME")
+    if args.action == "create":
+        return snap.snapshot_create(args.domain, args.name, uri=args.connect,
+                                    kek=domain_key(args, args.domain))
+    if args.action in ("apply", "revert"):
+        return snap.snapshot_revert(args.domain, args.name, uri=args.connect,
+                                    kek=domain_key(args, args.domain))
+    return snap.snapshot_delete(args.domain, args.name, uri=args.connect)
 
 
 @arguments("convert")

@@ -47,7 +47,7 @@ from nvmgr.domain.profiles import tpm_version
 from nvmgr.errors import CorruptError, NoSpaceError, NotFoundError, UsageError
 from nvmgr.image.image import Image
 from nvmgr.provision import staging
-from nvmgr.storage import FORMATS, probe_format, qemu
+from nvmgr.storage import FORMATS, probe_format, qcow2, qemu
 from nvmgr.virt import conn as virt
 
 if TYPE_CHECKING:
@@ -227,3 +227,111 @@ def restore(name: str, src: str, *, uri: str | None = None, kek: Kek | None = No
         for p in wiped:
             staging.wipe_tpm(Path(p).parent, [Path(p).name])
     return RestoreResult(name, path, os.path.abspath(src), sorted(data), skipped, wiped)
+
+
+# ---------------------------------------------------------------- snapshots of a domain
+
+#: Where a domain's stored snapshots live: a directory beside its image.
+SNAPSHOT_SUFFIX = ".snapshots"
+
+
+def snapshot_dir(image: str) -> str:
+    return image + SNAPSHOT_SUFFIX
+
+
+def _snapshot_file(image: str, name: str) -> str:
+    """The stored snapshot *name* of *image* (the name checked: it becomes a file name).
+
+    :raise UsageError: a name QEMU would refuse, or one that is no plain file name.
+    """
+    qcow2.check_snapshot_name(name)
+    if "/" in name or name.startswith(".") or "\0" in name:
+        raise UsageError(f"bad snapshot name {name!r}: no '/' and no leading '.'")
+    return os.path.join(snapshot_dir(image), name + ".nvram")
+
+
+def snapshot_create(domain: str, name: str, *, uri: str | None = None,
+                    kek: Kek | None = None) -> dict[str, object]:
+    """Snapshot every section of *domain*, running or stopped, into its snapshot directory.
+
+    The snapshot is a backup (see :func:`backup`): the guest is paused only
+    while its live state is read.
+
+    :raise UsageError: a snapshot of that name exists, or a bad name.
+    """
+    _dom, image = _domain(domain, uri, live=False)
+    path = _snapshot_file(image, name)
+    if os.path.lexists(path):
+        raise UsageError(f"domain {domain} has a snapshot named {name!r} already", domain=domain)
+    os.makedirs(snapshot_dir(image), mode=0o700, exist_ok=True)
+    r = backup(domain, path, uri=uri, kek=kek)
+    return {"action": "create", "name": name, "domain": domain, "image": image,
+            "snapshot": path, "running": r.running, "paused_ms": r.paused_ms}
+
+
+def snapshot_list(domain: str, *, uri: str | None = None) -> list[dict[str, object]]:
+    """The domain's snapshots: stored ones (any format, taken running or not) and,
+    for a qcow2 image of a stopped VM, the image's internal ones."""
+    _dom, image = _domain(domain, uri, live=False)
+    out: list[dict[str, object]] = []
+    d = snapshot_dir(image)
+    if os.path.isdir(d):
+        for f in sorted(os.listdir(d)):
+            if f.endswith(".nvram") and not f.startswith("."):
+                st = os.stat(os.path.join(d, f))
+                out.append({"name": f[: -len(".nvram")], "kind": "stored",
+                            "path": os.path.join(d, f), "size": st.st_size,
+                            "date": time.strftime("%Y-%m-%d %H:%M:%S",
+                                                  time.localtime(st.st_mtime))})
+    if probe_format(image) == "qcow2" and not virt.is_active(domain, uri):
+        for s in qcow2.snapshot_list(image):
+            out.append({"name": s.get("name"), "kind": "internal", "id": s.get("id"),
+                        "date": time.strftime("%Y-%m-%d %H:%M:%S",
+                                              time.localtime(int(s.get("date-sec", 0))))})
+    return out
+
+
+def _stored(domain: str, name: str, uri: str | None) -> tuple[str, str | None]:
+    """(image, the stored snapshot's file or None when there is none of that name)."""
+    _dom, image = _domain(domain, uri, live=False)
+    path = _snapshot_file(image, name)
+    return image, path if os.path.isfile(path) else None
+
+
+def snapshot_revert(domain: str, name: str, *, uri: str | None = None,
+                    kek: Kek | None = None) -> dict[str, object]:
+    """Put the snapshot *name* back (the VM stopped): a stored one is restored
+    section by section, crash-safely; a qcow2 internal one is applied by QEMU.
+
+    :raise BusyError: the domain is running.
+    :raise NotFoundError: no snapshot of that name.
+    """
+    virt.require_inactive(domain, uri, what="reverting it to a snapshot")
+    image, path = _stored(domain, name, uri)
+    if path is not None:
+        r = restore(domain, path, uri=uri, kek=kek)
+        return {"action": "revert", "name": name, "domain": domain, "image": image,
+                "kind": "stored", "restored": r.restored}
+    if probe_format(image) == "qcow2":
+        qcow2.snapshot_apply(image, name)
+        return {"action": "revert", "name": name, "domain": domain, "image": image,
+                "kind": "internal"}
+    raise NotFoundError(f"domain {domain} has no snapshot named {name!r}", domain=domain)
+
+
+def snapshot_delete(domain: str, name: str, *, uri: str | None = None) -> dict[str, object]:
+    """Delete the snapshot *name* (a stored one at any time; an internal one, VM stopped).
+
+    :raise NotFoundError: no snapshot of that name.
+    """
+    image, path = _stored(domain, name, uri)
+    if path is not None:
+        os.unlink(path)
+        return {"action": "delete", "name": name, "domain": domain, "image": image,
+                "kind": "stored"}
+    if probe_format(image) == "qcow2":
+        virt.require_inactive(domain, uri, what="deleting an internal snapshot")
+        qcow2.snapshot_delete(image, name)
+        return {"action": "delete", "name": name, "domain": domain, "image": image,
+                "kind": "internal"}
+    raise NotFoundError(f"domain {domain} has no snapshot named {name!r}", domain=domain)

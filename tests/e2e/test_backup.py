@@ -139,3 +139,46 @@ def test_backup_refuses_to_overwrite_and_restore_refuses_a_corrupt_backup(
     p = vmlib.nvmgr("restore", "--domain", v.name, out, check=False)
     assert p.returncode == 4 and re.search(r"uefi-vars.*corrupt", p.stderr), p
     assert vmlib.sha256(v.image) == image_before
+
+
+def test_snapshot_of_a_running_vm_and_revert_with_vars_and_tpm(vm: MakeVM, tmp_path: Path) -> None:
+    v = vm("snap", serial_socket=True)
+    v.define()
+    v.start()
+    assert v.socket is not None
+    with vmlib.Shell(v.socket) as sh:
+        sh.wait_prompt(vmlib.serial_log(v.name), 90)
+        assert "rror" not in sh.command(f'setvar {VAR} -guid {GUID} -nv -bs ="before"')
+        r = json.loads(vmlib.nvmgr("snapshot", "--domain", v.name, "create", "s1",
+                                   "--output", "json").stdout)
+        assert r["running"] is True and r["paused_ms"] is not None, r
+        assert "rror" not in sh.command(f'setvar {VAR} -guid {GUID} -nv -bs ="after"')
+    p = vmlib.nvmgr("snapshot", "--domain", v.name, "revert", "s1", check=False)
+    assert p.returncode == 7, p  # not while it runs
+    v.destroy()
+    now = tmp_path / "now.vars"
+    now.write_bytes(v.get("uefi-vars"))
+    assert _var_value(now, tmp_path) == "after"
+    listed = json.loads(vmlib.nvmgr("snapshot", "--domain", v.name, "list",
+                                    "--output", "json").stdout)["snapshots"]
+    assert [(s["name"], s["kind"]) for s in listed] == [("s1", "stored")], listed
+    snap_file = Path(str(listed[0]["path"]))
+    vmlib.nvmgr("check", snap_file)
+    tpm_in_snapshot = _section_bytes(snap_file, "tpm-permall", tmp_path)
+    assert len(tpm_in_snapshot) > 1000
+    vmlib.nvmgr("put", "--domain", v.name, "tpm-permall", "/dev/null")  # the TPM state lost
+
+    vmlib.nvmgr("snapshot", "--domain", v.name, "revert", "s1")
+    back = tmp_path / "back.vars"
+    back.write_bytes(v.get("uefi-vars"))
+    assert _var_value(back, tmp_path) == "before"
+    assert v.get("tpm-permall") == tpm_in_snapshot
+    vmlib.nvmgr("check", v.image)
+    p = vmlib.nvmgr("snapshot", "--domain", v.name, "create", "s1", check=False)
+    assert p.returncode == 2 and "already" in p.stderr, p
+    p = vmlib.nvmgr("snapshot", "--domain", v.name, "create", "../escape", check=False)
+    assert p.returncode == 2, p
+    vmlib.nvmgr("snapshot", "--domain", v.name, "delete", "s1")
+    assert json.loads(vmlib.nvmgr("snapshot", "--domain", v.name, "list",
+                                  "--output", "json").stdout)["snapshots"] == []
+    v.extra_files.append(snap_file)
