@@ -131,6 +131,9 @@ def _put_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long for another nvmgr writer instead of failing at once")
     p.add_argument("--progress", "-p", action="store_true", help="show progress on stderr")
+    p.add_argument("--force", action="store_true",
+                   help="write a live section even though the prepare hook marked it in use "
+                        "(only when no VM runs on the image: a host crash left the mark)")
     _add_key_args(p)
 
 
@@ -160,7 +163,8 @@ def cmd_put(args: argparse.Namespace) -> Result:
             else:
                 data = f.read()
         img = stack.enter_context(_open(args, writable=True))
-        s = img.put(args.name, data, progress=_progress(args, f"put {args.name}"))
+        s = img.put(args.name, data, progress=_progress(args, f"put {args.name}"),
+                    force=args.force)
         return {"image": img.path, "section": s.to_json(), "generation": img.directory.generation}
 
 
@@ -170,6 +174,8 @@ def _get_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME", help="the section")
     p.add_argument("-o", "--output-file", metavar="FILE",
                    help="write here (created 0600) instead of standard output")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for an nvmgr writer instead of failing at once")
     _add_key_args(p)
 
 
@@ -195,19 +201,27 @@ def _remove_args(p: argparse.ArgumentParser) -> None:
     _add_image(p)
     p.add_argument("name", metavar="NAME", help="the section")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS")
+    p.add_argument("--force", action="store_true",
+                   help="write a live section even though the prepare hook marked it in use "
+                        "(only when no VM runs on the image: a host crash left the mark)")
 
 
 @command("remove", "remove a section from the directory", "nvmgr remove vm1.nvram old-vpd")
 def cmd_remove(args: argparse.Namespace) -> Result:
     with _open(args, writable=True, with_key=False) as img:
-        img.remove(args.name)
+        img.remove(args.name, force=args.force)
         return {"image": img.path, "removed": args.name, "generation": img.directory.generation}
 
 
 def _render_check(r: Result) -> str:
     lines = [f"{s['name']}: {s['status']} ({s['detail']})" for s in r["sections"]]
+    if r.get("repaired"):
+        lines.append(f"repaired: resealed live section(s) {', '.join(r['repaired'])} with the "
+                     "bytes they hold")
     lines += [f"warning: {w}" for w in r["warnings"]]
     lines += [f"error: {e}" for e in r["errors"]]
+    if r.get("hint"):
+        lines.append(f"hint: {r['hint']}")
     lines.append("No errors were found on the image." if r["ok"]
                  else f"{len(r['errors'])} error(s) were found on the image.")
     return "\n".join(lines)
@@ -217,17 +231,40 @@ def _render_check(r: Result) -> str:
 def _check_args(p: argparse.ArgumentParser) -> None:
     _add_image(p)
     p.add_argument("--progress", "-p", action="store_true", help="show progress on stderr")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for an nvmgr writer instead of failing at once")
+    p.add_argument("--repair", action="store_true",
+                   help="the VM is stopped: reseal live sections (UEFI vars, block) whose crc "
+                        "no longer matches, or that a crash left marked in use, with the bytes "
+                        "they hold (the guest's own); needs --yes")
+    p.add_argument("--yes", action="store_true",
+                   help="confirm --repair: the administrator's say-so that no VM runs on the image")
     _add_key_args(p)
 
 
 @command("check", "verify both header copies and every section's crc32 (and MAC with a key); "
-         "exit 4 when anything is corrupted",
-         "nvmgr check vm1.nvram --key-file /etc/nvmgr/vm1.key --output json",
+         "exit 4 when anything is corrupted; --repair --yes reseals live sections",
+         "nvmgr check vm1.nvram --key-file /etc/nvmgr/vm1.key --output json\n"
+         "  nvmgr check vm1.nvram --repair --yes   # after a power loss, the VM stopped",
          render=_render_check)
 def cmd_check(args: argparse.Namespace) -> Result:
-    with _open(args) as img:
+    if args.yes and not args.repair:
+        raise UsageError("--yes confirms --repair: give --repair --yes")
+    if args.repair and not args.yes:
+        raise UsageError("--repair takes the bytes in live sections as their content (the "
+                         "guest's own UEFI variables); confirm that no VM runs on the image "
+                         "with --repair --yes")
+    repaired: list[str] = []
+    with _open(args, writable=args.repair) as img:
+        if args.repair:
+            repaired = img.repair()
         report = img.check(progress=_progress(args, "check"))
     r: Result = report.to_json()
+    if args.repair:
+        r["repaired"] = repaired
+    hint = report.repair_hint()
+    if hint:
+        r["hint"] = hint
     if not report.ok:
         r["_exit"] = ExitCode.CORRUPT
     return r
@@ -255,13 +292,16 @@ def _resize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", metavar="NAME", help="the section")
     p.add_argument("size", metavar="SIZE", help="its new worst-case size (K/M/G suffixes)")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS")
+    p.add_argument("--force", action="store_true",
+                   help="write a live section even though the prepare hook marked it in use "
+                        "(only when no VM runs on the image: a host crash left the mark)")
 
 
 @command("resize", "change a section's worst-case size (moves non-live sections if needed)",
          "nvmgr resize vm1.nvram tpm-permall 256K", render=_render_info)
 def cmd_resize(args: argparse.Namespace) -> Result:
     with _open(args, writable=True, with_key=False) as img:
-        img.resize_section(args.name, parse_size(args.size))
+        img.resize_section(args.name, parse_size(args.size), force=args.force)
         return _info(img)
 
 

@@ -114,7 +114,7 @@ _nvmgr()
             positional=("")
             ;;
         put)
-            opts="-h --help --output -O --verbose -v --domain --connect -c --wait --progress -p --key-file --key-secret --key-stdin"
+            opts="-h --help --output -O --verbose -v --domain --connect -c --wait --progress -p --force --key-file --key-secret --key-stdin"
             valued=" --output -O --domain --connect -c --wait --key-file --key-secret "
             case $prev in
                 --output|-O) _nvmgr_words "text json"; return ;;
@@ -122,15 +122,15 @@ _nvmgr()
             positional=("" "" "")
             ;;
         get)
-            opts="-h --help --output -O --verbose -v --domain --connect -c -o --output-file --key-file --key-secret --key-stdin"
-            valued=" --output -O --domain --connect -c -o --output-file --key-file --key-secret "
+            opts="-h --help --output -O --verbose -v --domain --connect -c -o --output-file --wait --key-file --key-secret --key-stdin"
+            valued=" --output -O --domain --connect -c -o --output-file --wait --key-file --key-secret "
             case $prev in
                 --output|-O) _nvmgr_words "text json"; return ;;
             esac
             positional=("" "")
             ;;
         remove)
-            opts="-h --help --output -O --verbose -v --domain --connect -c --wait"
+            opts="-h --help --output -O --verbose -v --domain --connect -c --wait --force"
             valued=" --output -O --domain --connect -c --wait "
             case $prev in
                 --output|-O) _nvmgr_words "text json"; return ;;
@@ -138,8 +138,8 @@ _nvmgr()
             positional=("" "")
             ;;
         check)
-            opts="-h --help --output -O --verbose -v --domain --connect -c --progress -p --key-file --key-secret --key-stdin"
-            valued=" --output -O --domain --connect -c --key-file --key-secret "
+            opts="-h --help --output -O --verbose -v --domain --connect -c --progress -p --wait --repair --yes --key-file --key-secret --key-stdin"
+            valued=" --output -O --domain --connect -c --wait --key-file --key-secret "
             case $prev in
                 --output|-O) _nvmgr_words "text json"; return ;;
             esac
@@ -154,7 +154,7 @@ _nvmgr()
             positional=("")
             ;;
         resize)
-            opts="-h --help --output -O --verbose -v --domain --connect -c --wait"
+            opts="-h --help --output -O --verbose -v --domain --connect -c --wait --force"
             valued=" --output -O --domain --connect -c --wait "
             case $prev in
                 --output|-O) _nvmgr_words "text json"; return ;;
