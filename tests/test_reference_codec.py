@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from nvmgr.errors import DERError, ForeignImageError
 from nvmgr.format import asn1, codec, writer
 from nvmgr.format.layout import SectionSpec, layout
-from nvmgr.format.model import Binding, Directory, KeySlot, Member, SectionCrypto
+from nvmgr.format.model import Binding, Directory, KeySlot, Member, Runner, SectionCrypto
 
 NAME = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,20}", fullmatch=True).filter(
     lambda n: ".." not in n)
@@ -49,6 +49,9 @@ def directories(draw: st.DrawFn) -> Directory:
                        for _ in range(draw(st.integers(1, 8)))]
     if draw(st.booleans()):
         d.members = [Member(1, "/var/lib/nvmgr/m1.img", uuid.uuid4())]
+    runners = st.none() | st.builds(Runner, st.binary(min_size=16, max_size=16),
+                                    st.text(min_size=1, max_size=40))
+    d.runner, d.incoming = draw(runners), draw(runners)
     return d
 
 

@@ -94,6 +94,11 @@ def _render_info(r: Result) -> str:
         f"encrypted: {'yes, ' + str(len(r['key_slots'])) + ' key slot(s)' if r['encrypted'] else 'no'}",
         f"sections: {len(r['sections'])}",
     ]
+    if r.get("runner") or r.get("incoming"):  # a VM runs on it (or migrates to a host)
+        who = r["runner"]
+        lines.insert(-1, "running: " + (f"run {who['run'][:8]} on host {who['host']}"
+                                        if who else "a VM started before nvmgr recorded runs")
+                     + (f", migrating to host {r['incoming']['host']}" if r["incoming"] else ""))
     if r["sections"]:
         lines += ["", _sections_table(r["sections"])]
     return "\n".join(lines)

@@ -16,14 +16,14 @@ import sys
 from typing import NoReturn
 
 from nvmgr import __version__
-from nvmgr.cli import backup, domains, images
+from nvmgr.cli import backup, domains, images, migration
 from nvmgr.cli.common import COMMANDS, EXIT_CODES_TEXT, IMAGE_POSITIONAL, SETUP, Result
 from nvmgr.errors import ExitCode, NvmgrError, from_os_error
 
 log = logging.getLogger("nvmgr")
 
 #: The modules whose commands make up the CLI, in the order --help lists them.
-COMMAND_MODULES = (images, domains, backup)
+COMMAND_MODULES = (images, domains, backup, migration)
 
 
 class _NotThisWay(Exception):

@@ -178,6 +178,17 @@ class EncryptionInfo(univ.Sequence):
     )
 
 
+class Runner(univ.Sequence):
+    componentType = namedtype.NamedTypes(
+        namedtype.NamedType(
+            "run", univ.OctetString().subtype(subtypeSpec=constraint.ValueSizeConstraint(16, 16))
+        ),
+        namedtype.NamedType(
+            "host", char.UTF8String().subtype(subtypeSpec=constraint.ValueSizeConstraint(1, 255))
+        ),
+    )
+
+
 class Member(univ.Sequence):
     componentType = namedtype.NamedTypes(
         namedtype.NamedType(
@@ -233,6 +244,12 @@ class Directory(univ.Sequence):
                 implicitTag=_ctx(2, constructed=True),
                 subtypeSpec=constraint.ValueSizeConstraint(1, 64),
             ),
+        ),
+        namedtype.OptionalNamedType(
+            "runner", Runner().subtype(implicitTag=_ctx(3, constructed=True))
+        ),
+        namedtype.OptionalNamedType(
+            "incoming", Runner().subtype(implicitTag=_ctx(4, constructed=True))
         ),
         namedtype.OptionalNamedType(
             "extensions", Extensions().subtype(implicitTag=_ctx(15, constructed=True))
@@ -326,6 +343,10 @@ def directory_to_asn1(d: model.Directory) -> Directory:
             ma["path"] = m.path
             ma["imageUUID"] = m.image_uuid.bytes
             mem.append(ma)
+    for field, who in (("runner", d.runner), ("incoming", d.incoming)):
+        if who is not None:
+            a[field]["run"] = who.run
+            a[field]["host"] = who.host
     return a
 
 
@@ -398,7 +419,13 @@ def directory_from_asn1(a: Any) -> model.Directory:
         domain_uuid=uuid.UUID(bytes=bytes(a["domainUUID"])) if a["domainUUID"].isValue else None,
         key_slots=key_slots,
         members=members,
+        runner=_runner_from_asn1(a["runner"]),
+        incoming=_runner_from_asn1(a["incoming"]),
     )
+
+
+def _runner_from_asn1(a: Any) -> model.Runner | None:
+    return model.Runner(bytes(a["run"]), str(a["host"])) if a.isValue else None
 
 
 def read_header(body: bytes) -> tuple[model.Directory, bytes, bytes]:

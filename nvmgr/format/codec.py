@@ -170,6 +170,10 @@ def validate(d: Directory) -> None:
             d.members is None or s.member not in {m.index for m in d.members}
         ):
             raise DERError(f"section {s.name}: member {s.member} is not listed")
+    for field, who in (("runner", d.runner), ("incoming", d.incoming)):
+        if who is not None and (len(who.run) != 16 or not 1 <= len(who.host) <= 255):
+            raise DERError(f"the directory's {field} needs a 16-byte run and a 1..255 "
+                           "character host name")
     spans = sorted(d.extents())
     for off, n, what in spans:
         if what.startswith("header"):

@@ -160,6 +160,23 @@ class Member:
     image_uuid: uuid.UUID
 
 
+@dataclasses.dataclass(frozen=True)
+class Runner:
+    """One start of the VM on one host (``Runner`` in the schema).
+
+    The prepare hook makes one per start (a random *run*); the directory's
+    ``runner`` is the start that owns the image while the VM runs, and
+    ``incoming`` the destination of a live migration until the source's
+    release hands the image over.
+    """
+
+    run: bytes
+    host: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"run": self.run.hex(), "host": self.host}
+
+
 @dataclasses.dataclass
 class Directory:
     """One generation of the image directory."""
@@ -174,6 +191,8 @@ class Directory:
     domain_uuid: uuid.UUID | None = None
     key_slots: list[KeySlot] | None = None
     members: list[Member] | None = None
+    runner: Runner | None = None
+    incoming: Runner | None = None
     version: int = 1
 
     @property
@@ -228,5 +247,7 @@ class Directory:
                 {"index": m.index, "path": m.path, "image_uuid": str(m.image_uuid)}
                 for m in (self.members or [])
             ],
+            "runner": self.runner.to_json() if self.runner else None,
+            "incoming": self.incoming.to_json() if self.incoming else None,
             "sections": [s.to_json() for s in self.sections],
         }

@@ -30,7 +30,15 @@ from collections.abc import Callable, Sequence
 
 from nvmgr.errors import DERError, ForeignImageError
 from nvmgr.format.der import integer_defect
-from nvmgr.format.model import Binding, Directory, KeySlot, Member, Section, SectionCrypto
+from nvmgr.format.model import (
+    Binding,
+    Directory,
+    KeySlot,
+    Member,
+    Runner,
+    Section,
+    SectionCrypto,
+)
 
 # Tags (universal, and the context tags of the IMPLICIT TAGS module).
 INTEGER, BIT_STRING, OCTET_STRING, OID, ENUMERATED, UTF8 = 0x02, 0x03, 0x04, 0x06, 0x0A, 0x0C
@@ -301,11 +309,20 @@ def read_header(body: bytes) -> tuple[Directory, bytes, bytes]:
             m.done()
         if not 1 <= len(members) <= 64:
             raise mem._fail(f"{len(members)} members; 1..64 allowed")
+    runner = _runner(r, 3, "runner") if r.peek() == ctx(3, True) else None
+    incoming = _runner(r, 4, "incoming") if r.peek() == ctx(4, True) else None
     r.none_left("directory")
     r.done()
     d = Directory(version=1, image_uuid=image_uuid, generation=generation,
                   header_area=header_area, image_size=image_size,
                   scratch_offset=scratch_offset, scratch_length=scratch_length,
                   sections=sections, domain_uuid=domain_uuid, key_slots=key_slots,
-                  members=members)
+                  members=members, runner=runner, incoming=incoming)
     return d, directory_der, digest
+
+
+def _runner(r: _Reader, n: int, field: str) -> Runner:
+    x = r.sub(ctx(n, True), field)
+    out = Runner(x.octets(f"{field} run", 16), x.utf8(f"{field} host", 1, 255))
+    x.done()
+    return out

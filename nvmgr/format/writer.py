@@ -105,4 +105,7 @@ def encode_directory(d: Directory) -> bytes:
                 + tlv(OCTET_STRING, m.image_uuid.bytes))
             for m in d.members)
         parts.append(tlv(ctx(2, True), members))
+    for n, who in ((3, d.runner), (4, d.incoming)):
+        if who is not None:
+            parts.append(tlv(ctx(n, True), tlv(OCTET_STRING, who.run) + _utf8(who.host)))
     return tlv(SEQUENCE, b"".join(parts))

@@ -11,14 +11,22 @@ prepare begin   create or grow the image to the XML's plan; verify every
                 stderr, which ``virsh start`` shows) on corruption, a missing
                 or a wrong key; stage tpm sections into swtpm's state
                 directory and fwcfg sections under /run/nvmgr; flag live
-                sections in use; hand the image to the QEMU user
+                sections in use; hand the image to the QEMU user;
+                record this start as the image's runner (or, after
+                ``migrate``, as the incoming one: :mod:`nvmgr.hook.ownership`)
 started begin   remove runtime key files
 release end     collect swtpm's state back into the image (encrypted where
                 configured) and wipe the staged files; reseal the crc32 of
-                live sections and clear in-use; remove /run/nvmgr/<uuid>
-reconnect begin flag live sections in use (libvirtd restarted, VM running)
-migrate begin   rewrite image paths through /etc/nvmgr/migrate.map and
-                print the XML (the only output on stdout)
+                live sections and clear in-use and the runner; remove
+                /run/nvmgr/<uuid>.  A run that no longer owns the image (a
+                migration's source) or never did (a failed migration's
+                destination) hands over or withdraws and only wipes its own
+                staged files
+reconnect begin flag live sections in use (libvirtd restarted, VM running), if
+                this host's run still owns the image
+migrate begin   note the incoming migration for prepare; rewrite image paths
+                through /etc/nvmgr/migrate.map and print the XML (the only
+                output on stdout)
 ==============  ============================================================
 
 One log line per action goes to ``/var/log/nvmgr/hook.log``.
@@ -50,6 +58,8 @@ from nvmgr.errors import (
     WrongKeyError,
 )
 from nvmgr.format.model import Binding
+from nvmgr.hook import ownership
+from nvmgr.hook.ownership import Role
 from nvmgr.image.image import Image
 from nvmgr.paths import RUNTIME_ROOT
 from nvmgr.provision import staging
@@ -163,6 +173,8 @@ def prepare(ctx: HookContext) -> str:
     problems = wiring_problems(ctx.dom, plan)
     if problems:  # checked before anything is created, grown or staged
         raise not_wired(ctx.name, problems)
+    runtime = staging.runtime_dir(ctx.uuid, ctx.runtime_root)
+    incoming_note = ownership.take_incoming_note(runtime)
     # A CLI writer holding the image for a moment must not fail the start.
     img, _created, _added = prepare_image(plan, kek=kek, fmt=ctx.meta.format or "raw",
                                           path=ctx.image, wait=LOCK_WAIT)
@@ -182,7 +194,12 @@ def prepare(ctx: HookContext) -> str:
                                + (f". {hint[0].upper()}{hint[1:]}" if hint else ""),
                                image=img.path,
                                section=report.repairable[0] if report.repairable else None)
+        # A live migration's destination: the source runs the image and
+        # writes it until its release hands it over; write nothing into it.
+        incoming = incoming_note and ownership.is_running_elsewhere(img.directory)
         for ps in plan.sections:  # first start: templates, state made before nvmgr
+            if incoming:
+                break
             if img.directory.find(ps.name) is not None and not img.section(ps.name).length:
                 got = initial_content(ctx.dom, plan, ps)
                 if got is not None:
@@ -194,8 +211,12 @@ def prepare(ctx: HookContext) -> str:
         # still there are the TPM's newest state (a host crash, a killed
         # libvirtd, a release without its key): staging the image's older
         # copy over them would lose its last changes.
-        recovered = _collect_tpm(img, staging.read_tpm(state_dir, _tpm_files(img, version)),
-                                 version)
+        if incoming:  # files left here are older than the source's running TPM
+            staging.wipe_tpm(state_dir, _tpm_files(img, version))
+            recovered = []
+        else:
+            recovered = _collect_tpm(
+                img, staging.read_tpm(state_dir, _tpm_files(img, version)), version)
         blobs = {staging.tpm_file_name(s.name, version): img.get(s.name)
                  for s in staging.tpm_sections(img.directory.sections) if s.length}
         staged = staging.stage_tpm(state_dir, blobs, ctx.users) if blobs else []
@@ -203,12 +224,14 @@ def prepare(ctx: HookContext) -> str:
               if s.binding is Binding.FWCFG}
         if fw:
             staging.stage_runtime(ctx.uuid, fw, ctx.users, ctx.runtime_root)
-        img.set_in_use([s.name for s in img.directory.sections if s.live], True)
+        if not incoming:
+            img.set_in_use([s.name for s in img.directory.sections if s.live], True)
+        owner = ownership.claim(img, runtime, incoming=incoming)
         staging.hand_to_qemu(img.path, ctx.users)
         n = len(img.directory.sections)
         return (f"verified {n} section(s) of {img.path}; "
                 + (f"recovered {recovered} left staged by an earlier run; " if recovered else "")
-                + f"staged tpm {staged or 'none'}, fw_cfg {sorted(fw) or 'none'}")
+                + f"staged tpm {staged or 'none'}, fw_cfg {sorted(fw) or 'none'}; {owner}")
 
 
 def _tpm_files(img: Image, version: str) -> list[str]:
@@ -251,6 +274,16 @@ def release(ctx: HookContext) -> str:
     state_dir = staging.tpm_state_dir(ctx.uuid, version, ctx.swtpm_root)
     with Image.open(ctx.image, writable=True, wait=LOCK_WAIT) as img:
         names = _tpm_files(img, version)
+        who = ownership.role(img.directory, ownership.my_run(
+            staging.runtime_dir(ctx.uuid, ctx.runtime_root)))
+        if who is not Role.OWNER or img.directory.incoming is not None:
+            # Another run writes the image now (a migration's destination), or
+            # still (this was a migration's destination that never took over):
+            # its live sections and TPM are not this run's to seal or collect.
+            what = ownership.let_go(img, who)
+            staging.wipe_tpm(state_dir, names)
+            staging.remove_runtime(ctx.uuid, ctx.runtime_root)
+            return f"{what}; wiped this host's staged tpm state"
         found = staging.read_tpm(state_dir, names)
         in_use = [s.name for s in img.directory.sections if s.live and s.dirty]
         changed = img.reseal(in_use) if in_use else []
@@ -260,6 +293,7 @@ def release(ctx: HookContext) -> str:
             img.use_key(ctx.kek())
         collected = _collect_tpm(img, found, version)
         staging.wipe_tpm(state_dir, names)
+        img.set_runner(None, None)
     staging.remove_runtime(ctx.uuid, ctx.runtime_root)
     return (f"collected {collected or 'nothing'}; resealed {in_use or 'nothing'}; "
             f"live sections changed: {changed or 'none'}")
@@ -269,7 +303,12 @@ def reconnect(ctx: HookContext) -> str:
     """Flag live sections in use again; never fail (libvirtd would kill the running VM)."""
     try:
         with Image.open(ctx.image, writable=True, wait=LOCK_WAIT) as img:
-            live = [s.name for s in img.directory.sections if s.live]
+            d = img.directory
+            mine = ownership.my_run(staging.runtime_dir(ctx.uuid, ctx.runtime_root))
+            if ownership.role(d, mine) is not Role.OWNER:
+                return (f"the image belongs to {ownership.short(d.runner)}; "
+                        "its in-use marks are that run's")
+            live = [s.name for s in d.sections if s.live]
             img.set_in_use(live, True)
     except NvmgrError as e:
         return f"could not mark live sections in use ({e}); the VM keeps running"
@@ -291,6 +330,9 @@ def load_path_map(path: str = MIGRATE_MAP) -> list[tuple[str, str]]:
 
 
 def migrate(ctx: HookContext, out: TextIO) -> str:
+    """An incoming live migration (libvirt runs this on the destination only):
+    note it for the ``prepare`` that follows, rewrite the image's path."""
+    ownership.note_incoming(staging.runtime_dir(ctx.uuid, ctx.runtime_root))
     pairs = load_path_map()
     image = ctx.image
     for src, dst in pairs:

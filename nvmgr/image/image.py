@@ -45,6 +45,7 @@ from nvmgr.format.model import (
     MIN_HEADER_AREA,
     Directory,
     KeySlot,
+    Runner,
     Section,
     SectionCrypto,
 )
@@ -624,6 +625,16 @@ class Image:
         if changed:
             self._commit(new)
 
+    def set_runner(self, runner: Runner | None, incoming: Runner | None = None) -> None:
+        """Record which start of the VM owns the image (``runner``) and which is
+        a live migration's destination (``incoming``); commits only a change."""
+        self._require_writable()
+        if (self.directory.runner, self.directory.incoming) == (runner, incoming):
+            return
+        new = self._copy_dir()
+        new.runner, new.incoming = runner, incoming
+        self._commit(new)
+
     def reseal(self, names: Iterable[str] | None = None) -> list[str]:
         """Recompute the crc of live sections after QEMU wrote them; clear in-use.
 
@@ -665,6 +676,7 @@ class Image:
             new = self._copy_dir()
             new.image_uuid = image_uuid
             new.domain_uuid = domain_uuid
+            new.runner = new.incoming = None  # a copy is nobody's running image
             self._commit(new)
 
     def rekey(self, new_kek: Kek, *, keep_old: bool = False) -> None:
