@@ -187,16 +187,28 @@ def _get_args(p: argparse.ArgumentParser) -> None:
 @command("get", "write a section's bytes out, verified and decrypted",
          "nvmgr get vm1.nvram efivars -o vars.fd")
 def cmd_get(args: argparse.Namespace) -> Result:
+    # Streamed in chunks (Image.get_to): a section of any size costs one chunk of memory.
     with _open(args) as img:
-        data = img.get(args.name)
-    if args.output_file:
-        fd = os.open(args.output_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return {"section": args.name, "length": len(data), "file": args.output_file}
-    if getattr(args, "output", "text") == "json":
-        raise UsageError("get with --output json needs -o FILE (the payload is binary)")
-    sys.stdout.buffer.write(data)
+        img.section(args.name)  # not found: before the output file is created
+        if not args.output_file and getattr(args, "output", "text") == "json":
+            raise UsageError("get with --output json needs -o FILE (the payload is binary)")
+        if args.output_file:
+            # Opened at the first verified chunk: a corrupted section leaves no file.
+            with contextlib.ExitStack() as stack:
+                out: list[Any] = []
+
+                def write(chunk: bytes) -> None:
+                    if not out:
+                        fd = os.open(args.output_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
+                                     0o600)
+                        out.append(stack.enter_context(os.fdopen(fd, "wb")))
+                    out[0].write(chunk)
+
+                length = img.get_to(args.name, write)
+                if not out:
+                    write(b"")
+            return {"section": args.name, "length": length, "file": args.output_file}
+        img.get_to(args.name, sys.stdout.buffer.write)
     sys.stdout.flush()
     return {"_silent": True}
 

@@ -288,7 +288,11 @@ def from_element(node: etree._Element) -> NvmgrMetadata:
     rng = _schema()
     # Validated where it stands (lxml gives the subtree a temporary root):
     # error lines are the domain document's own.
-    if not rng.validate(etree.ElementTree(node)):
+    try:
+        valid = rng.validate(etree.ElementTree(node))
+    except etree.LxmlError as e:  # never escapes as lxml's own error
+        raise meta_error(node, f"nvmgr metadata cannot be validated: {e}") from e
+    if not valid:
         raise _schema_error(node, rng.error_log)
     return _decode(node)
 

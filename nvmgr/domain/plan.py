@@ -159,6 +159,8 @@ def _uefi_want(dom: Domain, meta: NvmgrMetadata | None) -> _Want | None:
         (d.size for d in (meta.sections if meta else ()) if d.name == profiles.UEFI_SECTION),
         None,
     )
+    if template:  # a FIFO, device or oversized file is refused before anything is created
+        profiles.check_flash_file(template)
     if override is not None:  # no need to know the firmware: _apply_decl sets the size
         return _Want(profiles.UEFI_SECTION, override, Binding.PFLASH, "", template=template)
     vs = profiles.uefi_vars_size(template, loader_path)

@@ -15,9 +15,11 @@ does, from the QEMU firmware descriptors (``/usr/share/qemu/firmware``).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fnmatch
 import json
 import os
+import stat
 import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -214,18 +216,74 @@ VARS_BY_LOADER_SIZE: Mapping[int, int] = {
 
 _QCOW2_MAGIC = b"QFI\xfb"
 
+#: The largest flash image nvmgr accepts as a varstore template, a varstore
+#: to import or a loader to size from: AAVMF's 64 MiB, the largest pflash a
+#: real firmware uses (x86 OVMF's varstore is 528 KiB).
+MAX_FLASH = 64 * MiB
 
-def _image_size(path: str) -> int | None:
-    """Guest-visible size of a raw or qcow2 file, or None if unreadable."""
+
+def open_flash_file(path: str, what: str) -> int | None:
+    """An open descriptor of firmware file *path*, checked; None if it does not exist.
+
+    Never blocks: opened with ``O_NONBLOCK`` (a FIFO does not wait for a
+    writer) and refused unless the opened file is a regular file of at most
+    :data:`MAX_FLASH` bytes.  The caller closes the descriptor.
+
+    :raise InvalidInputError: not a regular file (FIFO, device, directory,
+        socket), or larger than :data:`MAX_FLASH`.
+    """
     try:
-        with open(path, "rb") as f:
-            head = f.read(32)
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.EISDIR:
+            raise InvalidInputError(f"{what} {path} is a directory, not a firmware file") from e
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidInputError(
+                f"{what} {path} is not a regular file (a FIFO, device or socket); "
+                "a firmware file must be a regular file")
+        if st.st_size > MAX_FLASH:
+            raise InvalidInputError(
+                f"{what} {path} is {st.st_size:,} bytes, larger than the largest flash "
+                f"a real firmware uses ({MAX_FLASH:,} bytes, AAVMF's)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_flash_file(path: str) -> None:
+    """:raise InvalidInputError: *path* exists and is no firmware file
+    (:func:`open_flash_file`)."""
+    _image_size(path)
+
+
+def _image_size(path: str, what: str = "firmware file") -> int | None:
+    """Guest-visible size of a raw or qcow2 file, or None if it does not exist.
+
+    :raise InvalidInputError: see :func:`open_flash_file`; or a qcow2 file
+        whose virtual size is above :data:`MAX_FLASH`.
+    """
+    fd = open_flash_file(path, what)
+    if fd is None:
+        return None
+    try:
+        head = os.pread(fd, 32, 0)
+        size = os.fstat(fd).st_size
     except OSError:
         return None
+    finally:
+        os.close(fd)
     if head[:4] == _QCOW2_MAGIC and len(head) >= 32:
-        return int(struct.unpack(">Q", head[24:32])[0])
+        size = int(struct.unpack(">Q", head[24:32])[0])
+        if size > MAX_FLASH:
+            raise InvalidInputError(
+                f"{what} {path} is a qcow2 image of {size:,} bytes, larger than the "
+                f"largest flash a real firmware uses ({MAX_FLASH:,} bytes)")
     return size
 
 

@@ -98,6 +98,8 @@ def parse_tree(data: str | bytes, *, what: str = "domain XML") -> etree._Element
                 f"{what}: elements nest deeper than {MAX_DEPTH} levels (line {e.lineno})"
             ) from e
         raise InvalidInputError(f"{what} is not well-formed XML: {e}") from e
+    except (etree.LxmlError, ValueError) as e:  # any other refusal of lxml's: still input
+        raise InvalidInputError(f"{what} cannot be parsed: {e}") from e
     tree = root.getroottree()
     if getattr(tree.docinfo, "doctype", "") or tree.docinfo.internalDTD is not None:
         raise InvalidInputError(f"{what}: a document type declaration is not allowed")

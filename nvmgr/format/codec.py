@@ -26,9 +26,13 @@ from nvmgr.errors import DERError, ForeignImageError, NoSpaceError, UsageError
 from nvmgr.format import der, reader, writer
 from nvmgr.format.model import (
     ALIGN,
+    CIPHER_OVERHEAD,
     HEADER_AREA_SIZES,
+    MAX_IMAGE_SIZE,
+    MAX_SECTION_SIZE,
     MAX_SECTIONS,
     Directory,
+    align_up,
     check_name,
 )
 
@@ -135,10 +139,11 @@ def validate(d: Directory) -> None:
 
     :raise DERError: naming the first rule broken.
     """
-    if d.header_area not in HEADER_AREA_SIZES:
-        raise DERError(f"header area size {d.header_area} is not a power of two in 64 KiB..16 MiB")
     if len(d.sections) > MAX_SECTIONS:
         raise DERError(f"{len(d.sections)} sections exceed the limit of {MAX_SECTIONS}")
+    _check_bounds(d)
+    if d.header_area not in HEADER_AREA_SIZES:
+        raise DERError(f"header area size {d.header_area} is not a power of two in 64 KiB..16 MiB")
     names: set[str] = set()
     for s in d.sections:
         try:
@@ -170,6 +175,12 @@ def validate(d: Directory) -> None:
             d.members is None or s.member not in {m.index for m in d.members}
         ):
             raise DERError(f"section {s.name}: member {s.member} is not listed")
+        if s.member is not None:
+            # Its bytes are in another file, but the same layout rules hold there.
+            for off, n in s.extents():
+                if off % ALIGN or off + n > MAX_IMAGE_SIZE:
+                    raise DERError(f"section {s.name}: [{off}, {off + n}) in member "
+                                   f"{s.member} is not aligned or lies beyond the limit")
     for field, who in (("runner", d.runner), ("incoming", d.incoming)):
         if who is not None and (len(who.run) != 16 or not 1 <= len(who.host) <= 255):
             raise DERError(f"the directory's {field} needs a 16-byte run and a 1..255 "
@@ -185,3 +196,41 @@ def validate(d: Directory) -> None:
     for (o1, n1, w1), (o2, _n2, w2) in zip(spans, spans[1:], strict=False):
         if o1 + n1 > o2:
             raise DERError(f"{w1} overlaps {w2}")
+
+
+def _span(value: int) -> str:
+    """A number for a message: in full when it is small, else its size (Python
+    refuses to print integers of more than 4,300 digits)."""
+    return str(value) if -(10**20) < value < 10**20 else f"a {value.bit_length()}-bit number"
+
+
+#: The largest bytes a section may reserve per slot (capacity + cipher padding).
+_MAX_RESERVED = align_up(MAX_SECTION_SIZE + CIPHER_OVERHEAD, ALIGN)
+
+
+def _check_bounds(d: Directory) -> None:
+    """Every number of *d* within the documented bounds (README, "Bounds"),
+    before any rule compares, adds or prints them.
+
+    :raise DERError: naming the first field out of bounds.
+    """
+    fields: list[tuple[str, int | None, int]] = [
+        ("generation", d.generation, 2**63 - 1),
+        ("headerAreaSize", d.header_area, max(HEADER_AREA_SIZES)),
+        ("imageSize", d.image_size, MAX_IMAGE_SIZE),
+        ("scratch offset", d.scratch_offset, MAX_IMAGE_SIZE),
+        ("scratch length", d.scratch_length, MAX_IMAGE_SIZE),
+    ]
+    for s in d.sections:
+        fields += [
+            (f"section {s.name[:80]!r} capacity", s.capacity, MAX_SECTION_SIZE),
+            (f"section {s.name[:80]!r} reserved", s.reserved, _MAX_RESERVED),
+            (f"section {s.name[:80]!r} length", s.length, MAX_SECTION_SIZE),
+            (f"section {s.name[:80]!r} crc32", s.crc32, 0xFFFFFFFF),
+            (f"section {s.name[:80]!r} offset", s.offset, MAX_IMAGE_SIZE),
+            (f"section {s.name[:80]!r} spare", s.spare, MAX_IMAGE_SIZE),
+            (f"section {s.name[:80]!r} home", s.home, MAX_IMAGE_SIZE),
+        ]
+    for what, value, hi in fields:
+        if value is not None and not 0 <= value <= hi:
+            raise DERError(f"{what} {_span(value)} is outside 0..{hi}")

@@ -30,6 +30,9 @@ from nvmgr.errors import NoSpaceError, UsageError
 from nvmgr.format.model import (
     ALIGN,
     CIPHER_OVERHEAD,
+    MAX_DEVICE,
+    MAX_IMAGE_SIZE,
+    MAX_SECTION_SIZE,
     MAX_SECTIONS,
     Binding,
     Directory,
@@ -39,9 +42,7 @@ from nvmgr.format.model import (
     header_area_for,
 )
 
-#: Largest single section nvmgr accepts (QEMU raw slices allow more; this is a
-#: sanity bound against absurd sizes in XML or on the command line).
-MAX_SECTION_SIZE = 1 << 40
+__all__ = ["MAX_SECTION_SIZE", "SectionSpec", "extend", "layout"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,12 @@ class SectionSpec:
             raise UsageError(
                 f"section {self.name}: a {self.binding.name.lower()} section must be a "
                 f"multiple of 512 bytes (QEMU slices), not {self.capacity}",
+                section=self.name,
+            )
+        if self.device is not None and not 1 <= len(self.device) <= MAX_DEVICE:
+            raise UsageError(
+                f"section {self.name}: its device alias is {len(self.device)} characters "
+                f"({self.device[:40]!r}...); the directory holds 1..{MAX_DEVICE}",
                 section=self.name,
             )
         if self.encrypted and self.binding.live:
@@ -141,6 +148,9 @@ def _place(d: Directory, specs: list[SectionSpec]) -> None:
         sec.spare = off + s.reserved
         d.sections.append(sec)
         off += 2 * s.reserved
+    if off > MAX_IMAGE_SIZE:
+        raise NoSpaceError(f"the sections need an image of {off:,} bytes, beyond the limit "
+                           f"of {MAX_IMAGE_SIZE:,} (256 TiB)")
     d.image_size = off
 
 

@@ -23,6 +23,14 @@ MAX_HEADER_AREA = 16 * 1024 * 1024
 HEADER_AREA_SIZES = tuple(1 << n for n in range(16, 25))
 MAX_SECTIONS = 4096
 MAX_NAME = 64
+#: Largest single section (worst-case payload size) nvmgr accepts: a sanity
+#: bound against absurd sizes in XML, on the command line or in a directory.
+MAX_SECTION_SIZE = 1 << 40
+#: Largest image a directory may describe (``imageSize`` and every offset
+#: and extent below it): 256 TiB, beyond any real set of device state.
+MAX_IMAGE_SIZE = 1 << 48
+#: Longest device alias a section may record (``device``, schema SIZE 1..128).
+MAX_DEVICE = 128
 #: Bytes of directory room planned per section when sizing the header areas.
 DIRECTORY_BYTES_PER_SECTION = 192
 #: AES block: an encrypted section's stored bytes are at most capacity + 16.

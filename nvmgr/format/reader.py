@@ -175,17 +175,25 @@ class _Reader:
         start, end = self.take(tag, field)
         return _Reader(self.buf, start, end, field)
 
-    def integer(self, field: str, lo: int = 0, hi: int | None = None,
+    def integer(self, field: str, lo: int = 0, hi: int = INT64_MAX,
                 tag: int = INTEGER) -> int:
+        """The next INTEGER, within *lo*..*hi*.
+
+        The schema's ``(0..MAX)`` is read as 0..2**63-1: no field of a real
+        directory comes near it, and a value of thousands of digits (which
+        Python cannot even print) is refused here, by its encoded length,
+        before it is converted.  :func:`nvmgr.format.codec.validate` applies
+        the tighter bounds (image, section and offset limits).
+        """
         start, end = self.take(tag, field)
         # der.walk checks universal INTEGERs; context-tagged ones are checked here.
         if tag & 0xC0 and integer_defect(self.buf[start:end]) is not None:
             raise self._fail(f"{field} is not a minimal INTEGER")
-        if end - start > 9 and hi is not None and hi <= INT64_MAX:
-            raise self._fail(f"{field} is out of range")
+        if end - start > 9:
+            raise self._fail(f"{field} is out of range {lo}..{hi} ({end - start} octets)")
         value = int.from_bytes(self.buf[start:end], "big", signed=True)
-        if value < lo or (hi is not None and value > hi):
-            raise self._fail(f"{field} {value} is outside {lo}..{hi if hi is not None else 'MAX'}")
+        if value < lo or value > hi:
+            raise self._fail(f"{field} {value} is outside {lo}..{hi}")
         return value
 
     def octets(self, field: str, size: int | None = None, tag: int = OCTET_STRING) -> bytes:

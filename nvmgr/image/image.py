@@ -36,6 +36,7 @@ from nvmgr.errors import (
     KeyRequiredError,
     NoSpaceError,
     NotFoundError,
+    NvmgrError,
     UsageError,
 )
 from nvmgr.format import codec
@@ -57,6 +58,9 @@ if TYPE_CHECKING:  # cryptography is imported when an encrypted image needs it
 log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20
+#: The largest section :meth:`Image.get` reads into memory at once (a pflash
+#: varstore is at most 64 MiB); :meth:`Image.get_to` streams larger ones.
+MAX_IN_MEMORY = 256 << 20
 #: Bytes to store: bytes, or any buffer such as an mmap of the input file.
 Buffer = bytes | bytearray | memoryview | mmap.mmap
 #: Progress callback: (bytes done, bytes total).
@@ -158,10 +162,22 @@ def _decode_copy(c: Container, slot: int, offset: int,
 
 def _peek(c: Container, offset: int) -> tuple[int, int] | None:
     """(generation, header area) a header copy claims, read cheaply; None if none."""
+    return _peek_bytes(c.read(offset, 256))
+
+
+def _peek_bytes(head: bytes) -> tuple[int, int] | None:
     try:
-        return codec.peek(c.read(offset, 256))
+        return codec.peek(head)
     except (DERError, ForeignImageError):
         return None
+
+
+def _der_length(c: Container) -> int:
+    """Bytes copy A's DER claims (0 when its start is unreadable)."""
+    try:
+        return codec.header_length(c.read(0, 256))
+    except (DERError, ForeignImageError):
+        return 0
 
 
 def read_directory(c: Container, *, verify_both: bool = False) -> tuple[Directory, int, list[HeaderState]]:
@@ -192,9 +208,19 @@ def read_directory(c: Container, *, verify_both: bool = False) -> tuple[Director
     else:
         b_offsets = [n for n in HEADER_AREA_SIZES if 2 * n <= size]
     peek_b, off_b = None, b_offsets[0]
+    a_length = _der_length(c)
     for off in b_offsets:
-        peek_b = _peek(c, off)
+        if off < a_length:
+            continue  # inside copy A's own DER
+        head = c.read(off, 256)
+        peek_b = _peek_bytes(head)
         if peek_b is not None:
+            off_b = off
+            break
+        if head.strip(b"\x00"):
+            # Not padding of copy A's area: copy B (damaged) was here, or this
+            # is already section data, which a guest may write (a live pflash
+            # section). Nothing further out may stand in for copy B.
             off_b = off
             break
     gen_a = peek_a[0] if peek_a else None
@@ -384,7 +410,21 @@ class Image:
             self._cipher = SectionCipher(self._data_key, image=self.path)
         return self._cipher
 
+    def _local(self, s: Section) -> Section:
+        """*s*, if its bytes are in this file.
+
+        :raise NvmgrError: the section names a member image (a split image):
+            this version of nvmgr reads and writes only the main file, and
+            never reads a member's bytes from it.
+        """
+        if s.member is not None:
+            raise NvmgrError(
+                f"section {s.name} is stored in member image {s.member}; this version of "
+                "nvmgr does not open split images", image=self.path, section=s.name)
+        return s
+
     def _stored_crc(self, s: Section, progress: Progress | None = None) -> int:
+        self._local(s)
         crc = 0
         done = 0
         total = s.stored_length
@@ -402,7 +442,12 @@ class Image:
         :raise CorruptError: "section NAME is corrupted", with the reason.
         :raise KeyRequiredError, WrongKeyError: an encrypted section without its key.
         """
-        s = self.section(name)
+        s = self._local(self.section(name))
+        if s.stored_length > MAX_IN_MEMORY:
+            raise UsageError(
+                f"section {name} holds {s.stored_length:,} bytes, more than the "
+                f"{MAX_IN_MEMORY:,} read into memory at once: stream it "
+                f"(nvmgr get -o FILE)", image=self.path, section=name)
         raw = self.container.read(s.offset, s.stored_length)
         if not (s.live and s.dirty):
             crc = zlib.crc32(raw)
@@ -419,6 +464,31 @@ class Image:
         except CorruptError as e:
             e.image = self.path
             raise
+
+    def get_to(self, name: str, write: Callable[[bytes], object]) -> int:
+        """Write the section's payload through *write*, verified; return its length.
+
+        Unencrypted sections stream in :data:`CHUNK` pieces (a first pass
+        checks the crc, a second copies), so memory stays bounded whatever
+        the section's size.  Encrypted sections go through :meth:`get`: the
+        MAC is checked before any byte is decrypted.
+
+        :raise CorruptError, KeyRequiredError, WrongKeyError: as :meth:`get`.
+        """
+        s = self._local(self.section(name))
+        if s.crypto is not None or s.stored_length <= CHUNK:
+            data = self.get(name)
+            write(data)
+            return len(data)
+        if not (s.live and s.dirty):
+            crc = self._stored_crc(s)
+            if crc != s.crc32:
+                raise CorruptError(
+                    f"section {name} is corrupted (crc32 {crc:08x}, directory says {s.crc32:08x})",
+                    image=self.path, section=name)
+        for off in range(0, s.stored_length, CHUNK):
+            write(self.container.read(s.offset + off, min(CHUNK, s.stored_length - off)))
+        return s.stored_length
 
     # ------------------------------------------------------------ writing
 
@@ -496,7 +566,7 @@ class Image:
             or it is marked in use (without *force*).
         """
         self._require_writable()
-        s = self.section(name)
+        s = self._local(self.section(name))
         if len(data) > s.capacity:
             raise NoSpaceError(
                 f"{len(data)} bytes do not fit section {name} (capacity {s.capacity})",
@@ -532,7 +602,8 @@ class Image:
 
     def _finish_pending(self) -> None:
         """Copy live sections staged in scratch to their slot; commit."""
-        pending = [(s, s.home) for s in self.directory.sections if s.home is not None]
+        pending = [(self._local(s), s.home) for s in self.directory.sections
+                   if s.home is not None]
         if not pending:
             return
         new = self._copy_dir()
@@ -573,7 +644,7 @@ class Image:
         and not while a VM runs on them.
         """
         self._require_writable()
-        s = self.section(name)
+        s = self._local(self.section(name))
         self._refuse_if_running(s, force)
         spec = SectionSpec(name, capacity, s.binding, s.encrypted, s.device)
         if capacity < s.length:
@@ -736,6 +807,12 @@ class Image:
         for s in self.directory.sections:
             if s.home is not None:
                 warnings.append(f"section {s.name}: a copy to its slot is pending")
+            if s.member is not None:
+                msg = (f"section {s.name} is stored in member image {s.member}, which this "
+                       "version of nvmgr cannot open")
+                errors.append(msg)
+                results.append(SectionCheck(s.name, "unverified", msg))
+                continue
             if s.live and s.dirty:
                 results.append(SectionCheck(s.name, "unverified", "in use by a VM; crc is stale"))
                 warnings.append(f"section {s.name} is marked in use by a running VM")

@@ -17,13 +17,13 @@ import contextlib
 import dataclasses
 import os
 import uuid
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nvmgr.domain.elements import Domain
 from nvmgr.domain.metadata import NvmgrMetadata
 from nvmgr.domain.plan import Plan, PlannedSection
-from nvmgr.errors import BusyError, UsageError
+from nvmgr.domain.profiles import MAX_FLASH, open_flash_file
+from nvmgr.errors import BusyError, NotFoundError, UsageError
 from nvmgr.format.layout import SectionSpec
 from nvmgr.format.model import Binding, Directory
 from nvmgr.image.convert import convert
@@ -60,9 +60,17 @@ def plan_with_offsets(plan: Plan, d: Directory) -> Plan:
 
 
 def _read_firmware_file(path: str, fmt: str | None) -> bytes:
-    """A varstore file's bytes; qcow2 files are converted through qemu-img."""
-    if (fmt or probe_format(path)) != "qcow2":
-        return Path(path).read_bytes()
+    """A varstore file's bytes; qcow2 files are converted through qemu-img.
+
+    :raise InvalidInputError: not a regular file of at most 64 MiB
+        (:func:`nvmgr.domain.profiles.open_flash_file`); never blocks on a FIFO.
+    """
+    fd = open_flash_file(path, "varstore")
+    if fd is None:
+        raise NotFoundError(f"varstore {path} does not exist")
+    with os.fdopen(fd, "rb") as f:
+        if (fmt or probe_format(path)) != "qcow2":
+            return f.read(MAX_FLASH + 1)
     return qemu.read_image(path, "qcow2")
 
 

@@ -1,0 +1,332 @@
+"""The bounds on everything a domain or an image can ask for (README, "Bounds").
+
+One test (or one parametrized group) per row of the README's table: each
+limit is checked against the file that holds the value, before anything is
+allocated or created, and a value beyond it is refused with nvmgr's own
+error and its documented exit code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from nvmgr.domain import profiles
+from nvmgr.domain.plan import plan_domain
+from nvmgr.errors import (
+    CorruptError,
+    DERError,
+    ExitCode,
+    InvalidInputError,
+    NvmgrError,
+    UsageError,
+)
+from nvmgr.format import codec, writer
+from nvmgr.format.layout import SectionSpec, layout
+from nvmgr.format.model import (
+    MAX_DEVICE,
+    MAX_IMAGE_SIZE,
+    MAX_SECTION_SIZE,
+    Binding,
+    Member,
+)
+from nvmgr.image.image import MAX_IN_MEMORY, Image
+from tests.conftest import ROOT, RunCli
+from tests.fuzz.harness import frame
+
+UEFI = ROOT / "tests" / "data" / "uefi-tpm2-in.xml"
+
+
+def _domain(template: str | None = None, *, loader: str | None = None,
+            extra_meta: str = "", tpm_alias: str | None = None, tail: str = "") -> str:
+    loader_el = ("<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader>"
+                 if loader is None else loader)
+    nvram = f"<nvram template='{template}'/>" if template else ""
+    alias = f"<alias name='{tpm_alias}'/>" if tpm_alias else ""
+    return f"""<domain type='qemu'>
+  <name>h1-bounds</name>
+  <uuid>7a4c6a2e-52d5-4b1e-9b43-1c2d3e4f5a6b</uuid>
+  <memory>131072</memory>
+  <metadata><nvmgr:nvram xmlns:nvmgr='https://nvmgr.dev/schemas/metadata/1'
+      image='/nonexistent/h1-bounds.nvram'>{extra_meta}</nvmgr:nvram>{tail}</metadata>
+  <os><type arch='x86_64' machine='q35'>hvm</type>{loader_el}{nvram}</os>
+  <devices><tpm model='tpm-crb'><backend type='emulator' version='2.0'/>{alias}</tpm></devices>
+</domain>"""
+
+
+# ----------------------------------------------------------------- templates
+
+
+@pytest.fixture
+def fifo(tmp_path: Path) -> Path:
+    p = tmp_path / "vars.fifo"
+    os.mkfifo(p)
+    return p
+
+
+@pytest.mark.parametrize("kind", ["fifo", "chardev", "directory", "sparse-64G", "qcow2-1G"])
+def test_template_must_be_a_regular_file_within_64_mib(
+        kind: str, tmp_path: Path, fifo: Path, nvmgr: RunCli) -> None:
+    """Row "varstore template": a regular file of at most 64 MiB (AAVMF's);
+    refused with exit 9 before anything is created, and a FIFO is never
+    opened for reading (``plan``, and so the root hook, would block)."""
+    if kind == "fifo":
+        path = str(fifo)
+    elif kind == "chardev":
+        path = "/dev/zero"
+    elif kind == "directory":
+        path = str(tmp_path)
+    elif kind == "sparse-64G":
+        p = tmp_path / "big.fd"
+        with open(p, "wb") as f:
+            f.truncate(64 << 30)
+        path = str(p)
+    else:  # a small qcow2 file whose virtual size is 1 GiB
+        p = tmp_path / "vars.qcow2"
+        p.write_bytes(b"QFI\xfb" + bytes(20) + (1 << 30).to_bytes(8, "big") + bytes(100))
+        path = str(p)
+    xml = tmp_path / "dom.xml"
+    xml.write_text(_domain(path))
+    with pytest.raises(InvalidInputError, match="regular file|larger than the largest flash"):
+        plan_domain(xml.read_bytes())
+    res = subprocess.run([sys.executable, "-m", "nvmgr", "plan", str(xml)], capture_output=True,
+                         timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    assert res.returncode == ExitCode.INVALID_INPUT, res.stderr
+    assert path.encode() in res.stderr
+
+
+def test_template_of_64_mib_is_accepted(tmp_path: Path) -> None:
+    p = tmp_path / "AAVMF_VARS.fd"
+    with open(p, "wb") as f:
+        f.truncate(profiles.MAX_FLASH)
+    plan = plan_domain(_domain(str(p)))
+    assert plan.find(profiles.UEFI_SECTION).capacity == profiles.MAX_FLASH  # type: ignore[union-attr]
+
+
+def test_template_size_override_still_checks_the_template(fifo: Path) -> None:
+    """A size given in the metadata needs no template size, but the template
+    is still what the first start copies: refused at plan time too."""
+    xml = _domain(str(fifo), extra_meta="<nvmgr:section name='uefi-vars' size='528K'/>")
+    with pytest.raises(InvalidInputError, match="regular file"):
+        plan_domain(xml)
+
+
+def test_varstore_import_is_bounded(tmp_path: Path, fifo: Path) -> None:
+    """Row "varstore to import": the same rule where an existing vars file is read."""
+    from nvmgr.provision.prepare import _read_firmware_file
+
+    big = tmp_path / "vm_VARS.fd"
+    with open(big, "wb") as f:
+        f.truncate(profiles.MAX_FLASH + 1)
+    with pytest.raises(InvalidInputError, match="larger than the largest flash"):
+        _read_firmware_file(str(big), "raw")
+    with pytest.raises(InvalidInputError, match="regular file"):
+        _read_firmware_file(str(fifo), "raw")
+
+
+# ----------------------------------------------------------------- domain XML
+
+
+def test_pflash_loader_without_a_path_is_invalid_input() -> None:
+    xml = _domain(loader="<loader readonly='yes' type='pflash'/>")
+    with pytest.raises(InvalidInputError, match="names no firmware file"):
+        plan_domain(xml)
+
+
+@pytest.mark.parametrize("tail", ["text after the element", "<x:y xmlns:x='urn:x'/> tail",
+                                  "&amp; text", "<!-- c --> text"])
+def test_text_after_the_metadata_element_is_never_an_lxml_error(tail: str) -> None:
+    """Row "domain XML": any input gives a plan or nvmgr's error, never lxml's."""
+    try:
+        plan_domain(_domain(tail=tail))
+    except NvmgrError:
+        pass
+
+
+def test_lxml_errors_become_invalid_input() -> None:
+    with pytest.raises(InvalidInputError):
+        plan_domain(b"<domain>\x00</domain>")
+    with pytest.raises(InvalidInputError):
+        plan_domain("<domain><name>x</name></domain>\udcff")
+
+
+@pytest.mark.parametrize("length", [MAX_DEVICE + 1, 1000])
+def test_device_alias_longer_than_the_directory_allows_is_refused_at_plan(length: int) -> None:
+    """Row "device alias": 1..128 characters, refused at plan (so at define,
+    before anything is written), not written into an image that then no
+    longer opens."""
+    with pytest.raises(InvalidInputError, match="device alias"):
+        plan_domain(_domain(tpm_alias="a" * length))
+    with pytest.raises(UsageError, match="device alias"):
+        SectionSpec("x", 4096, device="d" * length)
+
+
+def test_device_alias_of_128_is_accepted(tmp_path: Path) -> None:
+    plan = plan_domain(_domain(tpm_alias="a" * MAX_DEVICE))
+    with Image.create(str(tmp_path / "i.nvram"), [
+            SectionSpec(s.name, s.capacity, s.binding, device=s.device) for s in plan.sections]):
+        pass
+    with Image.open(str(tmp_path / "i.nvram")) as img:
+        assert any(s.device == "a" * MAX_DEVICE for s in img.directory.sections)
+
+
+# ----------------------------------------------------------------- directory integers
+
+
+def _base() -> writer.Directory:  # type: ignore[name-defined]
+    return layout([SectionSpec("uefi-vars", 8192, Binding.PFLASH), SectionSpec("tpm", 8192),
+                   SectionSpec("blob", 4096)], image_uuid=uuid.UUID(int=1))
+
+
+def _decode(d: object) -> None:
+    codec.decode_header(frame(writer.encode_directory(d)), padded=False)  # type: ignore[arg-type]
+
+
+HUGE = [10**5000, -(10**5000), 2**64, -1]
+
+
+@pytest.mark.parametrize("value", HUGE, ids=["5000-digits", "-5000-digits", "2^64", "-1"])
+@pytest.mark.parametrize("field", ["image_size", "scratch_offset", "scratch_length",
+                                   "capacity", "reserved", "length", "offset", "spare", "home",
+                                   "crc32", "generation"])
+def test_directory_integers_out_of_range_are_corrupt(field: str, value: int) -> None:
+    """Row "directory integers": 0..2^63-1 in the reader (nine octets at most),
+    and the tighter bounds below; a field of thousands of digits (which
+    Python cannot print) or a negative one is refused as corrupt (exit 4)
+    in the reader, with a message that prints."""
+    d = _base()
+    target = d if field in ("image_size", "scratch_offset", "scratch_length",
+                            "generation") else d.sections[1]
+    setattr(target, field, value)
+    with pytest.raises(DERError) as e:
+        _decode(d)
+    assert e.value.exit_code == ExitCode.CORRUPT
+    assert len(str(e.value)) < 400 and str(e.value.to_json())
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("image_size", MAX_IMAGE_SIZE + 4096), ("capacity", MAX_SECTION_SIZE + 1),
+    ("offset", MAX_IMAGE_SIZE + 4096), ("spare", MAX_IMAGE_SIZE + 4096),
+])
+def test_directory_sizes_above_the_documented_limits_are_corrupt(field: str, value: int) -> None:
+    """Rows "image size" (256 TiB) and "section size" (1 TiB): the same limits
+    the writer and the planner keep."""
+    d = _base()
+    target = d if field == "image_size" else d.sections[1]
+    setattr(target, field, value)
+    with pytest.raises(DERError, match="outside"):
+        _decode(d)
+
+
+def test_layout_refuses_an_image_beyond_the_limit() -> None:
+    specs = [SectionSpec(f"s{i}", MAX_SECTION_SIZE) for i in range(129)]
+    with pytest.raises(NvmgrError, match="beyond the limit"):
+        layout(specs)
+
+
+# ----------------------------------------------------------------- members
+
+
+def _with_member(d: writer.Directory, **section: int) -> writer.Directory:  # type: ignore[name-defined]
+    d = dataclasses.replace(d, sections=[dataclasses.replace(s) for s in d.sections])
+    d.members = [Member(1, "/var/lib/libvirt/nvmgr/h1.m1", uuid.UUID(int=2))]
+    s = d.sections[2]
+    s.member = 1
+    for k, v in section.items():
+        setattr(s, k, v)
+    return d
+
+
+@pytest.mark.parametrize(("field", "value"), [("offset", 4097), ("offset", MAX_IMAGE_SIZE),
+                                              ("spare", 123)])
+def test_member_sections_get_the_layout_checks(field: str, value: int) -> None:
+    """Row "member sections": aligned, within the image limit, like any other."""
+    with pytest.raises(DERError, match="member"):
+        _decode(_with_member(_base(), **{field: value}))
+
+
+def test_member_section_is_never_read_from_the_main_file(tmp_path: Path, nvmgr: RunCli) -> None:
+    """A section the code cannot serve is a clear error (get) and an error of
+    ``check``, never bytes of the main file read in its place."""
+    path = tmp_path / "m.nvram"
+    with Image.create(str(path), [SectionSpec("uefi-vars", 8192, Binding.PFLASH),
+                                  SectionSpec("tpm", 8192), SectionSpec("blob", 4096)]) as img:
+        img.put("blob", b"secret of the main file")
+        d = _with_member(img.directory, length=10, crc32=0)
+        img._commit(d)
+    with Image.open(str(path)) as img:
+        with pytest.raises(NvmgrError, match="member image 1") as e:
+            img.get("blob")
+        assert not isinstance(e.value, CorruptError)
+        report = img.check()
+        assert not report.ok and "member image 1" in report.errors[0]
+    res = nvmgr("get", path, "blob")
+    assert res.returncode == ExitCode.ERROR and b"member image 1" in res.stderr
+    assert b"secret" not in res.stdout
+
+
+# ----------------------------------------------------------------- get streams
+
+
+def test_get_of_a_large_section_streams(tmp_path: Path) -> None:
+    """Row "section read into memory": at most 256 MiB; ``get`` streams any
+    section in 4 MiB chunks (a 1 TiB section is never read whole).  Here a
+    section of 300 MiB, in a sparse file, read by ``nvmgr get`` under an
+    address-space limit far below its size."""
+    size = MAX_IN_MEMORY + (44 << 20)
+    path = tmp_path / "big.nvram"
+    with Image.create(str(path), [SectionSpec("disk", size, Binding.BLOCK)],
+                      header_area=None) as img:
+        img.set_in_use(["disk"], True)
+        img.reseal(["disk"])  # length = capacity, crc over the (sparse) zeros
+        assert img.section("disk").length == size
+        with pytest.raises(UsageError, match="stream it"):
+            img.get("disk")
+    code = (
+        "import resource, sys, runpy\n"
+        "soft = resource.getrlimit(resource.RLIMIT_AS)\n"
+        f"resource.setrlimit(resource.RLIMIT_AS, ({size // 2 + (400 << 20)}, soft[1]))\n"
+        "sys.argv = ['nvmgr', 'get', sys.argv[1], 'disk']\n"
+        "runpy.run_module('nvmgr', run_name='__main__')\n"
+    )
+    with open(os.devnull, "wb") as out:
+        res = subprocess.run([sys.executable, "-c", code, str(path)], stdout=out,
+                             stderr=subprocess.PIPE, timeout=300, check=False,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 < size
+
+
+# ----------------------------------------------------------------- copy B
+
+
+def test_copy_b_is_never_looked_for_inside_a_live_section(tmp_path: Path) -> None:
+    """Row "header copy B": with copy A unreadable, copy B is looked for only
+    where a header area can end; bytes a guest wrote into its live pflash
+    section (a forged header with a higher generation) never stand in for
+    it, even when copy B is damaged too."""
+    path = tmp_path / "g.nvram"
+    with Image.create(str(path), [SectionSpec("uefi-vars", 256 * 1024, Binding.PFLASH),
+                                  SectionSpec("tpm", 4096)]) as img:
+        img.put("tpm", b"good")
+        area = img.directory.header_area
+        live = img.section("uefi-vars").offset
+        forged = dataclasses.replace(img.directory, generation=1000, header_area=2 * area)
+    assert live == 2 * area  # the pflash slice starts where a 2x header area would put B
+    forged.sections = [dataclasses.replace(s) for s in forged.sections]
+    forged.image_size = img.directory.image_size
+    blob = frame(writer.encode_directory(forged))
+    raw = bytearray(path.read_bytes())
+    raw[live : live + len(blob)] = blob  # what a hostile guest can write into its vars
+    raw[0:256] = bytes(256)  # copy A unreadable
+    raw[area : area + 16] = b"\xff" * 16  # copy B damaged
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptError, match="header cop"):
+        Image.open(str(path))
