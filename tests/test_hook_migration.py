@@ -296,3 +296,26 @@ def test_migrate_image_copies_a_running_image_as_nobodys(
     assert "collected nothing" in a.release()
     assert state(image)[:3] == (None, None, False)  # the source sealed its own, stale, copy
     assert state(out)[:3] == (run_id(b), None, True)
+
+
+def test_migrate_image_copies_a_qcow2_image(tmp_path: Path) -> None:
+    import os
+
+    from nvmgr.format.layout import SectionSpec
+    from nvmgr.format.model import Binding, Runner
+    from nvmgr.image.handoff import copy_for_migration
+
+    src, out = tmp_path / "vm.qcow2", tmp_path / "copy.qcow2"
+    with Image.create(str(src), [SectionSpec("efivars", 8192, Binding.PFLASH)],
+                      fmt="qcow2") as img:
+        img.put("efivars", b"\1" * 8192)
+        img.set_in_use(["efivars"], True)
+        img.set_runner(Runner(os.urandom(16), "host-a"))
+    r = copy_for_migration(str(src), str(out))
+    assert r["format"] == "qcow2" and r["runner"]["host"] == "host-a"
+    with Image.open(str(out)) as img:
+        assert img.fmt == "qcow2" and img.check().ok
+        assert img.directory.runner is None and not img.section("efivars").dirty
+        assert img.get("efivars") == b"\1" * 8192
+    with Image.open(str(src)) as img:  # the source as it was
+        assert img.directory.runner is not None and img.section("efivars").dirty
