@@ -127,6 +127,12 @@ class BusyError(NvmgrError):
     exit_code = ExitCode.BUSY
 
 
+class OrphanedImageError(BusyError):
+    """The image a domain is to use holds the state of a domain that no longer
+    exists (undefined behind nvmgr's back): ``--adopt`` takes that state,
+    ``--fresh`` moves it aside."""
+
+
 class NoSpaceError(NvmgrError):
     exit_code = ExitCode.NO_SPACE
 

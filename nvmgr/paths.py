@@ -25,3 +25,7 @@ HOOK_NAME = "nvmgr"
 HOOK_LOG = "/var/log/nvmgr/hook.log"
 #: ``SOURCE-PREFIX DEST-PREFIX`` lines: image paths rewritten on incoming migration.
 MIGRATE_MAP = "/etc/nvmgr/migrate.map"
+#: Where ``nvmgr install-hook --service`` puts the watcher's systemd unit.
+UNIT_DIR = "/etc/systemd/system"
+#: The watcher's unit (``nvmgr reconcile --all --watch``), shipped in nvmgr/data.
+WATCH_UNIT = "nvmgr-watch.service"

@@ -22,6 +22,8 @@ ASN1_MODULE = "nvmgr.asn1"
 METADATA_SCHEMA = "nvmgr-metadata.rng"
 #: The libvirt qemu hook's sh front end, installed by ``nvmgr install-hook``.
 HOOK_FRONTEND = "hook-qemu"
+#: The watcher's systemd unit, installed by ``nvmgr install-hook --service``.
+WATCH_UNIT = "nvmgr-watch.service"
 #: The manual page nvmgr(1), generated from the argument parser (committed;
 #: also installed as share/man/man1/nvmgr.1).
 MAN_PAGE = "nvmgr.1"

@@ -50,6 +50,7 @@ SHIPPED = {
     "nvmgr/data/hook-qemu": "hooks/qemu",
     "nvmgr/data/nvmgr.1": "nvmgr/data/nvmgr.1",
     "nvmgr/data/nvmgr.bash": "nvmgr/data/nvmgr.bash",
+    "nvmgr/data/nvmgr-watch.service": "nvmgr/data/nvmgr-watch.service",
     "nvmgr/py.typed": "nvmgr/py.typed",
 }
 

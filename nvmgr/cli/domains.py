@@ -9,7 +9,7 @@ from pathlib import Path
 
 from nvmgr.cli.common import Result, arguments, command, load_key
 from nvmgr.errors import NotFoundError, UsageError
-from nvmgr.paths import HOOK_DIR, HOOK_NAME
+from nvmgr.paths import HOOK_DIR, HOOK_NAME, IMAGE_DIR, UNIT_DIR, WATCH_UNIT
 
 
 def _read_xml(path: str) -> str:
@@ -52,24 +52,43 @@ def _define_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image", metavar="PATH",
                    help="where the image lives (default /var/lib/libvirt/nvmgr/NAME.nvram)")
     p.add_argument("--print-xml", action="store_true", help="print the XML that was defined")
+    _orphan_args(p)
     g = p.add_argument_group("encryption (the key source is recorded in the domain, never the key)")
     g.add_argument("--key-file", metavar="FILE", help="a 0600 key file the hooks will read")
     g.add_argument("--key-secret", metavar="UUID", help="a libvirt secret holding the key")
 
 
+def _orphan_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("an orphan at the image's path (the image of a domain undefined "
+                             "elsewhere, see nvmgr images --orphans)")
+    m = g.add_mutually_exclusive_group()
+    m.add_argument("--adopt", dest="orphan", action="store_const", const="adopt",
+                   help="take its state: the same UEFI vars and TPM")
+    m.add_argument("--fresh", dest="orphan", action="store_const", const="fresh",
+                   help="start with a new image; the orphan is moved aside (kept) and its "
+                        "new path printed")
+
+
+def _render_define(r: Result) -> str:
+    imported = ", ".join(f"{k} from {v}" for k, v in r["imported"].items()) or "nothing"
+    text = (f"defined {r['domain']} with {r['image']}"
+            f" ({'created' if r['created'] else 'existing'} image; "
+            f"added: {', '.join(r['added']) or 'nothing'}; imported: {imported})")
+    if r.get("moved_aside"):
+        text += f"\nthe orphaned image that was there is kept as {r['moved_aside']}"
+    return text + (f"\n{r['xml']}" if r.get("xml") else "")
+
+
 @command("define", "plan, create or grow the image, rewrite and define the domain in libvirt",
          "nvmgr define examples/uefi-tpm.xml --format qcow2 --key-file /etc/nvmgr/vm1.key",
-         render=lambda r: (f"defined {r['domain']} with {r['image']}"
-                           f" ({'created' if r['created'] else 'existing'} image; "
-                           f"added: {', '.join(r['added']) or 'nothing'}; "
-                           f"imported: {', '.join(f'{k} from {v}' for k, v in r['imported'].items()) or 'nothing'})"
-                           + (f"\n{r['xml']}" if r.get("xml") else "")))
+         render=_render_define)
 def cmd_define(args: argparse.Namespace) -> Result:
     from nvmgr.virt.define import define
 
     kek = load_key(args)
     res = define(_read_xml(args.xml), uri=args.connect, fmt=args.format, image=args.image,
-                 kek=kek, key_file=args.key_file, key_secret=args.key_secret)
+                 kek=kek, key_file=args.key_file, key_secret=args.key_secret,
+                 orphan=args.orphan, retry=f"nvmgr define {args.xml}")
     r: Result = res.to_json()
     if args.print_xml:
         r["xml"] = res.xml
@@ -90,7 +109,9 @@ def _undefine_args(p: argparse.ArgumentParser) -> None:
          render=lambda r: (f"undefined {r['domain']}" + (
              "" if not r["image"] else
              f"; removed its image {r['image']}" if r["image_removed"] else
-             f"; kept its image {r['image']}")))
+             f"; kept its image {r['image']}" + (
+                 " (recorded as orphaned: nvmgr images --orphans)"
+                 if r.get("orphaned") else ""))))
 def cmd_undefine(args: argparse.Namespace) -> Result:
     from nvmgr.virt.define import undefine
 
@@ -98,23 +119,68 @@ def cmd_undefine(args: argparse.Namespace) -> Result:
                     remove_nvram=args.remove_nvram)
 
 
+@arguments("images")
+def _images_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--orphans", action="store_true",
+                   help="only images whose domain no longer exists (undefined elsewhere)")
+    p.add_argument("--dir", action="append", metavar="DIR",
+                   help=f"a directory to look in (default {IMAGE_DIR}; repeatable); images "
+                        "that domains name elsewhere are listed too")
+    p.add_argument("--connect", "-c", metavar="URI", help="libvirt URI (qemu:///system)")
+
+
+def _render_images(r: Result) -> str:
+    rows = r["images"]
+    if not rows:
+        return "no orphaned images" if r["orphans_only"] else "no nvmgr images"
+    lines = []
+    for e in rows:
+        who = e["domain"] or e["domain_uuid"] or "-"
+        extra = (f" since {e['orphaned_since']}" if e["orphaned_since"] else
+                 f": {e['error']}" if e["error"] else "")
+        lines.append(f"{e['path']}  {e['state']}{extra}  {who}")
+    return "\n".join(lines)
+
+
+@command("images", "every nvmgr image under the managed directories: its owner domain and "
+         "state (running, defined, orphaned, unowned, unreadable)",
+         "nvmgr images --orphans --output json", render=_render_images)
+def cmd_images(args: argparse.Namespace) -> Result:
+    from nvmgr.virt.inventory import images
+
+    found = images(args.dir or (IMAGE_DIR,), args.connect, orphans_only=args.orphans)
+    return {"images": [e.to_json() for e in found], "orphans_only": args.orphans}
+
+
 @arguments("install-hook")
 def _install_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hook-dir", default=HOOK_DIR, metavar="DIR",
                    help=f"libvirt's qemu hook directory (default {HOOK_DIR})")
     p.add_argument("--uninstall", action="store_true", help="remove the hook instead")
+    p.add_argument("--service", action="store_true",
+                   help=f"also install (or remove) the watcher's systemd unit {WATCH_UNIT} "
+                        "(nvmgr reconcile --all --watch)")
+    p.add_argument("--systemd-dir", default=UNIT_DIR, metavar="DIR",
+                   help=f"where --service puts the unit (default {UNIT_DIR})")
 
 
 @command("install-hook", "install (or --uninstall) the libvirt qemu hook; restart libvirtd after",
-         "nvmgr install-hook && systemctl restart libvirtd")
+         "nvmgr install-hook --service && systemctl restart libvirtd && "
+         "systemctl daemon-reload && systemctl enable --now nvmgr-watch.service")
 def cmd_install_hook(args: argparse.Namespace) -> Result:
     target = Path(args.hook_dir) / HOOK_NAME
     tmp = target.with_name(f".{HOOK_NAME}.tmp")
+    unit = Path(args.systemd_dir) / WATCH_UNIT
     if args.uninstall:
         existed = target.is_symlink() or target.exists()
         target.unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)
-        return {"hook": str(target), "removed": existed}
+        r: Result = {"hook": str(target), "removed": existed}
+        if args.service:
+            r["service"], r["service_removed"] = str(unit), unit.exists()
+            unit.unlink(missing_ok=True)
+            r["note"] = f"systemctl disable --now {WATCH_UNIT} first, if it was enabled"
+        return r
     from nvmgr import resources
     from nvmgr.cli.hookinstall import check_hook_python, hook_script, hook_values
 
@@ -126,10 +192,25 @@ def cmd_install_hook(args: argparse.Namespace) -> Result:
     tmp.write_text(body, encoding="utf-8")
     os.chmod(tmp, 0o755)
     os.replace(tmp, target)
-    r: Result = {"hook": str(target), "python": values["PYTHON"], "nvmgr": nvmgr_file}
+    r = {"hook": str(target), "python": values["PYTHON"], "nvmgr": nvmgr_file}
+    notes = []
     if was_empty:
-        r["note"] = ("libvirtd looks for hooks when it starts: restart it once "
+        notes.append("libvirtd looks for hooks when it starts: restart it once "
                      f"({target.parent} was empty)")
+    if args.service:
+        from nvmgr.cli.hookinstall import service_unit
+
+        body = service_unit(resources.read_text(resources.WATCH_UNIT), values["PYTHON"])
+        unit.parent.mkdir(parents=True, exist_ok=True)
+        utmp = unit.with_name(f".{WATCH_UNIT}.tmp")
+        utmp.write_text(body, encoding="utf-8")
+        os.chmod(utmp, 0o644)
+        os.replace(utmp, unit)
+        r["service"] = str(unit)
+        notes.append(f"start the watcher: systemctl daemon-reload && systemctl enable --now "
+                     f"{WATCH_UNIT}")
+    if notes:
+        r["note"] = "; ".join(notes)
     return r
 
 
@@ -138,14 +219,20 @@ def _reconcile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("domains", metavar="DOMAIN", nargs="*", help="domains to reconcile")
     p.add_argument("--all", action="store_true", help="every domain with nvmgr metadata")
     p.add_argument("--watch", action="store_true",
-                   help="keep running: reconcile each nvmgr domain when it is defined "
-                        "or stops (virt-manager, virsh edit); one line per action")
+                   help="keep running (nvmgr-watch.service): reconcile each nvmgr domain "
+                        "when it is defined or stops (virt-manager, virsh edit, virt-clone), "
+                        "record the image of one undefined elsewhere as orphaned; one line "
+                        "per action; reconnects when libvirtd restarts; SIGTERM stops it")
     p.add_argument("--connect", "-c", metavar="URI", help="libvirt URI (qemu:///system)")
+    _orphan_args(p)
 
 
 def _render_reconcile(r: Result) -> str:
     return "\n".join(f"{x['domain']}: {x['status']}"
                      + (f" (added {', '.join(x['added'])})" if x["added"] else "")
+                     + ("; adopted the orphaned image's state" if x.get("adopted") else "")
+                     + (f"; the orphaned image that was there is kept as {x['moved_aside']}"
+                        if x.get("moved_aside") else "")
                      for x in r["domains"]) or "no nvmgr domains"
 
 
@@ -153,32 +240,43 @@ def _render_reconcile(r: Result) -> str:
          "with their images: new sections, QEMU arguments, stateless loader",
          "nvmgr reconcile --all --watch", render=_render_reconcile)
 def cmd_reconcile(args: argparse.Namespace) -> Result:
-    from nvmgr.errors import NvmgrError
-    from nvmgr.virt import conn as virt
     from nvmgr.virt.define import nvmgr_domains, reconcile
 
     if bool(args.domains) == args.all:
         raise UsageError("name DOMAINs or give --all")
+    if args.watch:
+        if args.orphan:
+            raise UsageError("--adopt and --fresh are choices for one domain, not for --watch")
+        return _watch(args)
+    if args.orphan and (args.all or len(args.domains) != 1):
+        raise UsageError("--adopt and --fresh are choices for one domain: name it")
     names = args.domains or nvmgr_domains(args.connect)
-    results = [reconcile(n, uri=args.connect).to_json() for n in names]
-    if not args.watch:
-        return {"domains": results}
-    print(_render_reconcile({"domains": results}), flush=True)
-    # Our own define raises a DEFINED event too: remember the XML each
-    # reconcile left, and skip events that bring nothing new.
-    seen: dict[str, str] = {}
+    return {"domains": [reconcile(n, uri=args.connect, orphan=args.orphan).to_json()
+                        for n in names]}
 
-    def on_change(name: str) -> None:
-        try:
-            xml = virt.domain_xml(name, args.connect)
-            if seen.get(name) == xml or (not args.all and name not in args.domains):
-                return
-            r = reconcile(name, uri=args.connect)
-            seen[name] = virt.domain_xml(name, args.connect)
-            if r.status != "not-nvmgr":
-                print(_render_reconcile({"domains": [r.to_json()]}), flush=True)
-        except NvmgrError as e:
-            print(f"{name}: error: {e}", flush=True)
 
-    virt.watch_domains(args.connect, on_change)
-    return {"domains": results}
+def _watch(args: argparse.Namespace) -> Result:
+    """Run the watcher (nvmgr.virt.watch) until SIGTERM, SIGINT or SIGHUP; exit 0 then."""
+    import signal
+
+    from nvmgr.virt import watch
+
+    stopping: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.append(signum)  # the watcher stops between two actions, never in one
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    def note(line: str) -> None:
+        sys.stderr.write(f"nvmgr: {line}\n")
+        sys.stderr.flush()
+
+    watch.run(args.connect, only=None if args.all else set(args.domains), say=say, note=note,
+              stop=lambda: bool(stopping))
+    note(f"stopped on {signal.Signals(stopping[0]).name}" if stopping else "stopped")
+    return {"_silent": True}

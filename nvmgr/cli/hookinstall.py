@@ -97,3 +97,29 @@ def hook_script(template: str, values: dict[str, str] | None = None) -> str:
             f"the hook front end {resources.HOOK_FRONTEND} shipped with nvmgr has no "
             f"{', '.join(todo)} line to set; reinstall nvmgr")
     return "".join(out)
+
+
+def service_unit(template: str, python: str | None = None) -> str:
+    """The watcher's unit *template* (``nvmgr/data/nvmgr-watch.service``) with
+    ExecStart running this installation's nvmgr (this Python, ``-m nvmgr``,
+    with the directory holding this nvmgr on PYTHONPATH, so a checkout runs too).
+
+    :raise InstallationError: the template has no ExecStart line, or a path
+        holds white space (systemd would split it).
+    """
+    python = python or sys.executable
+    pkg_parent = str(Path(nvmgr.__file__).resolve().parent.parent)
+    bad = [p for p in (python, pkg_parent) if not p or any(c.isspace() for c in p)]
+    if bad:
+        raise InstallationError(f"the unit cannot run from a path with white space: {bad}")
+    out, done = [], False
+    for line in template.splitlines(keepends=True):
+        if line.startswith("ExecStart=") and not done:
+            line = (f"ExecStart={python} -m nvmgr reconcile --all --watch\n"
+                    f"Environment=PYTHONPATH={pkg_parent}\n")
+            done = True
+        out.append(line)
+    if not done:
+        raise InstallationError(f"the unit {resources.WATCH_UNIT} shipped with nvmgr has no "
+                                "ExecStart line; reinstall nvmgr")
+    return "".join(out)

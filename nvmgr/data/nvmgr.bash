@@ -14,7 +14,7 @@ _nvmgr_files()
 _nvmgr()
 {
     local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]}
-    local commands="backup restore plan define undefine install-hook reconcile create info list put get remove check grow resize rekey dump snapshot convert migrate-image"
+    local commands="backup restore plan define undefine images install-hook reconcile create info list put get remove check grow resize rekey dump snapshot convert migrate-image"
     local cmd="" i=1
     # The command: the first word that is not an option.
     while [[ $i -lt $COMP_CWORD ]]; do
@@ -56,7 +56,7 @@ _nvmgr()
             positional=("")
             ;;
         define)
-            opts="-h --help --output -O --verbose -v --connect -c --format -f --image --print-xml --key-file --key-secret"
+            opts="-h --help --output -O --verbose -v --connect -c --format -f --image --print-xml --adopt --fresh --key-file --key-secret"
             valued=" --output -O --connect -c --format -f --image --key-file --key-secret "
             case $prev in
                 --output|-O) _nvmgr_words "text json"; return ;;
@@ -72,16 +72,24 @@ _nvmgr()
             esac
             positional=("")
             ;;
+        images)
+            opts="-h --help --output -O --verbose -v --orphans --dir --connect -c"
+            valued=" --output -O --dir --connect -c "
+            case $prev in
+                --output|-O) _nvmgr_words "text json"; return ;;
+            esac
+            positional=()
+            ;;
         install-hook)
-            opts="-h --help --output -O --verbose -v --hook-dir --uninstall"
-            valued=" --output -O --hook-dir "
+            opts="-h --help --output -O --verbose -v --hook-dir --uninstall --service --systemd-dir"
+            valued=" --output -O --hook-dir --systemd-dir "
             case $prev in
                 --output|-O) _nvmgr_words "text json"; return ;;
             esac
             positional=()
             ;;
         reconcile)
-            opts="-h --help --output -O --verbose -v --all --watch --connect -c"
+            opts="-h --help --output -O --verbose -v --all --watch --connect -c --adopt --fresh"
             valued=" --output -O --connect -c "
             case $prev in
                 --output|-O) _nvmgr_words "text json"; return ;;
@@ -130,8 +138,8 @@ _nvmgr()
             positional=("" "")
             ;;
         remove)
-            opts="-h --help --output -O --verbose -v --domain --connect -c --wait --force"
-            valued=" --output -O --domain --connect -c --wait "
+            opts="-h --help --output -O --verbose -v --domain --connect -c --wait --force --key-file --key-secret --key-stdin"
+            valued=" --output -O --domain --connect -c --wait --key-file --key-secret "
             case $prev in
                 --output|-O) _nvmgr_words "text json"; return ;;
             esac
@@ -162,7 +170,7 @@ _nvmgr()
             positional=("" "" "")
             ;;
         rekey)
-            opts="-h --help --output -O --verbose -v --domain --connect -c --key-file --key-secret --key-stdin --new-key-file --new-key-secret --keep-old --remove-key-id --wait"
+            opts="-h --help --output -O --verbose -v --domain --connect -c --key-file --key-secret --key-stdin --new-key-file --new-key-secret --keep-old --remove-key-id --seal-directory --wait"
             valued=" --output -O --domain --connect -c --key-file --key-secret --new-key-file --new-key-secret --remove-key-id --wait "
             case $prev in
                 --output|-O) _nvmgr_words "text json"; return ;;

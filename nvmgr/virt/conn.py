@@ -7,7 +7,7 @@ waits for the hook while holding the domain's job, so a call back deadlocks).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from nvmgr.errors import BusyError, ExternalError, InvalidInputError, NotFoundError
@@ -147,31 +147,30 @@ def defined_domains(uri: str | None = None) -> list[str]:
         return sorted(d.name() for d in conn.listAllDomains(_libvirt().VIR_CONNECT_LIST_DOMAINS_PERSISTENT))
 
 
-def watch_domains(uri: str | None, on_change: Callable[[str], None],
-                  *, stop: Callable[[], bool] = lambda: False) -> None:
-    """Call *on_change(name)* after a domain is defined or stops, until *stop()*.
+def uuid_exists(dom_uuid: str, uri: str | None = None) -> bool:
+    """Whether libvirt knows a domain (persistent or running) with this UUID."""
+    lv = _libvirt()
+    with connect(uri, readonly=True) as conn:
+        try:
+            conn.lookupByUUIDString(dom_uuid)
+            return True
+        except lv.libvirtError as e:
+            if e.get_error_code() == lv.VIR_ERR_NO_DOMAIN:
+                return False
+            raise ExternalError("libvirt could not look up a domain", detail=str(e)) from e
 
-    Events are queued by libvirt's callback and handled between event-loop
-    turns, so *on_change* may call libvirt itself.
+
+_EVENT_LOOP: list[int] = []
+
+
+def event_loop(tick: float = 0.25) -> None:
+    """Register libvirt's default event loop (once per process), woken every *tick* s.
+
+    The tick lets a caller of ``virEventRunDefaultImpl`` look at its stop
+    flag (a SIGTERM) between turns instead of waiting for the next event.
     """
+    if _EVENT_LOOP:
+        return
     lv = _libvirt()
     lv.virEventRegisterDefaultImpl()
-    pending: list[str] = []
-    wanted = {lv.VIR_DOMAIN_EVENT_DEFINED, lv.VIR_DOMAIN_EVENT_STOPPED}
-
-    def callback(_conn: Any, dom: Any, event: int, _detail: int, _opaque: Any) -> None:
-        if event in wanted:
-            pending.append(dom.name())
-
-    with connect(uri, readonly=True) as conn:
-        handle = conn.domainEventRegisterAny(None, lv.VIR_DOMAIN_EVENT_ID_LIFECYCLE, callback, None)
-        try:
-            while not stop():
-                lv.virEventRunDefaultImpl()
-                while pending:
-                    name = pending.pop(0)
-                    if name not in pending:
-                        on_change(name)
-        finally:
-            with contextlib.suppress(Exception):
-                conn.domainEventDeregisterAny(handle)
+    _EVENT_LOOP.append(lv.virEventAddTimeout(int(tick * 1000), lambda *_: None, None))

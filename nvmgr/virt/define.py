@@ -24,6 +24,7 @@ from nvmgr.domain.namespaces import NVMGR_NS
 from nvmgr.domain.plan import default_image_path, plan_for
 from nvmgr.domain.qemuargs import apply_plan
 from nvmgr.errors import InvalidInputError, KeyRequiredError, NvmgrError, UsageError
+from nvmgr.provision import orphans
 from nvmgr.provision.prepare import (
     copy_for_clone,
     initial_content,
@@ -51,6 +52,8 @@ class DefineResult:
     added: list[str]
     imported: dict[str, str]
     xml: str
+    adopted: bool = False  # an orphan's state taken (--adopt)
+    moved_aside: str | None = None  # where an orphan went (--fresh)
 
     def to_json(self) -> dict[str, object]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "xml"}
@@ -59,7 +62,8 @@ class DefineResult:
 def define(xml_text: str, *, uri: str | None = None, fmt: str | None = None,
            image: str | None = None, kek: Kek | None = None,
            key_file: str | None = None, key_secret: str | None = None,
-           dry_run: bool = False) -> DefineResult:
+           dry_run: bool = False, orphan: str | None = None,
+           retry: str = "nvmgr define DOMAIN.xml") -> DefineResult:
     """Plan, create or grow the image, rewrite and define the domain.
 
     The XML is parsed once; every change (a UUID, the key source, a clone's
@@ -68,14 +72,21 @@ def define(xml_text: str, *, uri: str | None = None, fmt: str | None = None,
 
     :raise InvalidInputError: hostile or malformed XML; libvirt refuses it.
     :raise BusyError: the domain is running (its image would change under it).
+    :raise OrphanedImageError: the image path holds the state of a domain
+        that no longer exists and *orphan* does not say what to do with it.
+    :param orphan: ``"adopt"`` (take that state: same vars and TPM) or
+        ``"fresh"`` (move it aside, kept, and start anew).
+    :param retry: the command the refusal tells to run again with a choice.
     """
     return _define(parse_domain(xml_text), xml_text, uri=uri, fmt=fmt, image=image, kek=kek,
-                   key_file=key_file, key_secret=key_secret, dry_run=dry_run)
+                   key_file=key_file, key_secret=key_secret, dry_run=dry_run,
+                   orphan=orphan, retry=retry)
 
 
 def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = None,
             image: str | None = None, kek: Kek | None, key_file: str | None = None,
-            key_secret: str | None = None, dry_run: bool = False) -> DefineResult:
+            key_secret: str | None = None, dry_run: bool = False,
+            orphan: str | None = None, retry: str = "nvmgr define DOMAIN.xml") -> DefineResult:
     """:func:`define` on the parsed *dom* (*xml_text* is its source, for ``dry_run``)."""
     name = dom.name
     if not name:
@@ -91,9 +102,27 @@ def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = No
         edited = True
     meta = dom.nvmgr
     refuse_luks(meta)
-    cloned_from = None
-    if meta and meta.image and image is None:
-        owner = owner_of(meta.image)
+    cloned_from = moved_aside = None
+    adopted = False
+    target = os.path.abspath(image or (meta.image if meta and meta.image
+                                       else default_image_path(name)))
+    owner = owner_of(target)
+    if owner is not None and owner != dom_uuid and not virt.uuid_exists(str(owner), uri):
+        # Its domain is gone (undefined by virsh or virt-manager): an orphan.
+        # Neither copied (a clone's way) nor taken silently: the user chooses.
+        if orphan is None:
+            raise orphans.refusal(target, owner, name, retry)
+        if virt.exists(name, uri):
+            virt.require_inactive(name, uri, what="redefining it with nvmgr")
+        if not dry_run and orphan == "adopt":
+            orphans.adopt(target, dom_uuid)
+            adopted = True
+        elif not dry_run:
+            moved_aside = orphans.move_aside(target)
+            if meta and meta.uuid:  # the new image is a new image
+                dom.set_nvmgr(dataclasses.replace(meta, uuid=None))
+                meta = dom.nvmgr
+    elif meta and meta.image and image is None:
         if owner is not None and owner != dom_uuid:
             # The XML is a clone's (virt-clone, or copied by hand): give it its own image.
             own = default_image_path(name)
@@ -146,8 +175,10 @@ def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = No
     log.info("defined %s with image %s (%s)", name, path, ", ".join(added) or "no new sections")
     if cloned_from:
         imported["*"] = f"copied from {cloned_from} (a clone: fresh TPM)"
+    if adopted:
+        imported["*"] = f"adopted the orphaned image {path} (its vars and TPM)"
     return DefineResult(name, path, str(image_uuid), created or bool(cloned_from), added,
-                        imported, new_xml)
+                        imported, new_xml, adopted=adopted, moved_aside=moved_aside)
 
 
 def _set_key_source(dom: Domain, key_file: str | None, key_secret: str | None) -> None:
@@ -213,12 +244,15 @@ class ReconcileResult:
     domain: str
     status: str  # reconciled | unchanged | running | not-nvmgr
     added: list[str] = dataclasses.field(default_factory=list)
+    adopted: bool = False  # an orphan's state taken (--adopt)
+    moved_aside: str | None = None  # where an orphan went (--fresh)
 
     def to_json(self) -> dict[str, object]:
         return dataclasses.asdict(self)
 
 
-def reconcile(name: str, *, uri: str | None = None) -> ReconcileResult:
+def reconcile(name: str, *, uri: str | None = None,
+              orphan: str | None = None) -> ReconcileResult:
     """Bring a domain changed elsewhere (``virsh edit``, virt-manager) back in line.
 
     Re-runs :func:`define` on the domain's persistent XML: sections a new
@@ -233,10 +267,12 @@ def reconcile(name: str, *, uri: str | None = None) -> ReconcileResult:
         return ReconcileResult(name, "not-nvmgr")
     if virt.is_active(name, uri):
         return ReconcileResult(name, "running")
-    res = _define(dom, before, uri=uri, kek=_kek_from_metadata(meta, uri))
+    res = _define(dom, before, uri=uri, kek=_kek_from_metadata(meta, uri), orphan=orphan,
+                  retry=f"nvmgr reconcile {name}")
     after = virt.domain_xml(name, uri)
     changed = res.added or after != before
-    return ReconcileResult(name, "reconciled" if changed else "unchanged", res.added)
+    return ReconcileResult(name, "reconciled" if changed else "unchanged", res.added,
+                           res.adopted, res.moved_aside)
 
 
 def nvmgr_domains(uri: str | None = None) -> list[str]:

@@ -1,0 +1,129 @@
+"""Images whose domain is gone: recorded, listed, adopted or moved aside.
+
+A domain undefined behind nvmgr's back (``virsh undefine``, virt-manager's
+Delete) leaves its image, which still names the domain's UUID as its owner.
+Nothing here calls libvirt: the caller says which domains exist.
+
+- :func:`survey` lists the images under the managed directories with their
+  owner and state (``nvmgr images``);
+- :func:`adopt` gives an orphan to a new domain, state and all;
+  :func:`move_aside` renames it out of a new domain's way, kept
+  (``nvmgr define --adopt`` / ``--fresh``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+from nvmgr.errors import BusyError, ForeignImageError, NvmgrError, OrphanedImageError
+from nvmgr.image.image import Image
+
+#: Seconds to wait for another nvmgr writer (a hook) holding the image.
+LOCK_WAIT = 30.0
+
+
+def refusal(path: str, owner: uuid.UUID, name: str | None, retry: str) -> OrphanedImageError:
+    """The refusal to use an orphan without a choice; *retry* is the command to
+    run again with ``--adopt`` or ``--fresh`` (never the bare command again)."""
+    return OrphanedImageError(
+        f"{path} holds the state of domain {owner}, which no longer exists. Choose: '{retry} --adopt' to take that "
+        f"state (same UEFI vars and TPM), or '{retry} --fresh' to start with a new image "
+        "(the old one is moved aside, kept, and its new path printed); "
+        "'nvmgr images --orphans' lists every orphan", image=path, domain=name)
+
+
+def adopt(path: str, new_owner: uuid.UUID) -> uuid.UUID:
+    """Make *new_owner* the owner of the orphan at *path*, its state kept; return
+    the image UUID (unchanged: the image stays the same image)."""
+    with Image.open(path, writable=True, wait=LOCK_WAIT) as img:
+        image_uuid = img.directory.image_uuid
+        img.reassign(image_uuid=image_uuid, domain_uuid=new_owner)  # clears the record
+        return image_uuid
+
+
+def aside_path(path: str, when: float | None = None) -> str:
+    """Where :func:`move_aside` puts *path*: ``NAME.orphan-YYYYmmddTHHMMSSZ.nvram``
+    beside it (a counter added if taken)."""
+    p = Path(path)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if when is None else when))
+    stem, suffix = (p.stem, p.suffix) if p.suffix else (p.name, "")
+    for n in range(1000):
+        cand = p.with_name(f"{stem}.orphan-{stamp}{f'-{n}' if n else ''}{suffix}")
+        if not cand.exists():
+            return str(cand)
+    raise BusyError(f"no free name to move {path} aside", image=path)
+
+
+def move_aside(path: str) -> str:
+    """Rename the orphan at *path* out of the way, kept; return its new path."""
+    dst = aside_path(path)
+    # Hold the image's lock while renaming: no hook or nvmgr writer is in it.
+    with Image.open(path, writable=True, wait=LOCK_WAIT):
+        os.link(path, dst)  # never overwrites
+        os.unlink(path)
+    return dst
+
+
+@dataclasses.dataclass
+class ImageEntry:
+    """One image under a managed directory, as ``nvmgr images`` shows it."""
+
+    path: str
+    state: str  # running | defined | orphaned | unowned | unreadable
+    domain: str | None = None
+    domain_uuid: str | None = None
+    image_uuid: str | None = None
+    orphaned_since: str | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def candidates(dirs: Iterable[str], extra: Iterable[str] = ()) -> list[str]:
+    """Regular files directly under *dirs* (and the *extra* paths that exist), sorted, once each."""
+    out: set[str] = set()
+    for d in dirs:
+        try:
+            entries = list(os.scandir(d))
+        except FileNotFoundError:
+            continue
+        out.update(os.path.abspath(e.path) for e in entries
+                   if e.is_file(follow_symlinks=False) and not e.name.startswith("."))
+    out.update(os.path.abspath(p) for p in extra if os.path.isfile(p))
+    return sorted(out)
+
+
+def survey(paths: Iterable[str], domains: dict[str, tuple[str, bool]]) -> list[ImageEntry]:
+    """Each nvmgr image among *paths* (other files are skipped) with its owner and state.
+
+    :param domains: domain UUID (str) -> (name, running) for every domain libvirt knows.
+    """
+    out = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                d = img.directory
+        except ForeignImageError:
+            continue
+        except NvmgrError as e:
+            out.append(ImageEntry(path, "unreadable", error=str(e)))
+            continue
+        except OSError as e:
+            out.append(ImageEntry(path, "unreadable", error=e.strerror or str(e)))
+            continue
+        owner = str(d.domain_uuid) if d.domain_uuid else None
+        entry = ImageEntry(path, "unowned", domain_uuid=owner, image_uuid=str(d.image_uuid))
+        if owner in domains:
+            entry.domain, running = domains[owner]
+            entry.state = "running" if running else "defined"
+        elif owner is not None:
+            entry.state = "orphaned"
+        out.append(entry)
+    return out
+

@@ -1,0 +1,106 @@
+"""Orphaned images (issue 9, part 2): the survey, adopt and fresh."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from nvmgr.errors import BusyError, OrphanedImageError
+from nvmgr.format import codec
+from nvmgr.format.layout import SectionSpec
+from nvmgr.format.model import Binding
+from nvmgr.image.image import Image
+from nvmgr.provision import orphans
+
+SPECS = [SectionSpec("uefi-vars", 8192, Binding.PFLASH),
+         SectionSpec("tpm-permall", 8192, Binding.TPM)]
+OWNER = uuid.UUID("5c0a1e55-0000-4000-8000-000000000001")
+NEW = uuid.UUID("5c0a1e55-0000-4000-8000-000000000002")
+
+
+def _image(path: Path, owner: uuid.UUID | None = OWNER) -> Path:
+    with Image.create(str(path), SPECS, domain_uuid=owner) as img:
+        img.put("uefi-vars", b"vars" * 100)
+        img.put("tpm-permall", b"tpm state")
+    return path
+
+
+def _headers(path: Path) -> tuple[bytes, bytes]:
+    with Image.open(str(path)) as img:
+        area = img.directory.header_area
+    raw = path.read_bytes()
+    return raw[:area], raw[area:2 * area]
+
+
+def test_adopt_gives_the_same_image_a_new_owner(tmp_path: Path) -> None:
+    p = _image(tmp_path / "vm1.nvram")
+    with Image.open(str(p)) as img:
+        image_uuid = img.directory.image_uuid
+    assert orphans.adopt(str(p), NEW) == image_uuid  # the same image, a new owner
+    for copy in _headers(p):  # in both header copies
+        assert codec.decode_header(copy).domain_uuid == NEW
+    with Image.open(str(p)) as img:
+        assert img.directory.domain_uuid == NEW and img.directory.image_uuid == image_uuid
+        assert img.get("uefi-vars") == b"vars" * 100 and img.get("tpm-permall") == b"tpm state"
+        assert img.check().ok
+
+
+def test_move_aside_keeps_the_image_and_names_it(tmp_path: Path) -> None:
+    p = _image(tmp_path / "vm1.nvram")
+    before = p.read_bytes()
+    dst = orphans.move_aside(str(p))
+    assert not p.exists() and Path(dst).parent == tmp_path
+    assert Path(dst).name.startswith("vm1.orphan-") and dst.endswith(".nvram")
+    assert Path(dst).read_bytes() == before
+    # A second orphan moved aside in the same second gets its own name.
+    _image(p)
+    dst2 = orphans.move_aside(str(p))
+    assert dst2 != dst and Path(dst).exists() and Path(dst2).exists()
+
+
+def test_move_aside_waits_for_no_one_it_cannot_get(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    p = _image(tmp_path / "vm1.nvram")
+    monkeypatch.setattr(orphans, "LOCK_WAIT", 0.0)
+    with Image.open(str(p), writable=True), pytest.raises(BusyError):
+        orphans.move_aside(str(p))
+    assert p.exists()  # nothing moved while another writer held it
+
+
+def test_survey_states(tmp_path: Path) -> None:
+    for n, owner in enumerate(("a", "b", "c", "d"), 1):
+        _image(tmp_path / f"{owner}.nvram", uuid.UUID(int=n))
+    _image(tmp_path / "e.nvram", None)
+    (tmp_path / "notes.txt").write_text("not an image")
+    broken = _image(tmp_path / "f.nvram", uuid.UUID(int=5))
+    raw = bytearray(broken.read_bytes())
+    area = len(_headers(broken)[0])
+    for at in (60, area + 60):  # inside each copy's directory: both digests fail
+        raw[at] ^= 0xFF
+    broken.write_bytes(bytes(raw))
+    (tmp_path / ".hidden").write_bytes(b"")
+    found = orphans.survey(orphans.candidates([str(tmp_path)]),
+                           {str(uuid.UUID(int=1)): ("vm-a", True),
+                            str(uuid.UUID(int=2)): ("vm-b", False)})
+    by = {Path(e.path).name: e for e in found}
+    assert set(by) == {"a.nvram", "b.nvram", "c.nvram", "d.nvram", "e.nvram", "f.nvram"}
+    assert (by["a.nvram"].state, by["a.nvram"].domain) == ("running", "vm-a")
+    assert (by["b.nvram"].state, by["b.nvram"].domain) == ("defined", "vm-b")
+    assert by["c.nvram"].state == "orphaned"
+    assert (by["d.nvram"].state, by["d.nvram"].orphaned_since) == ("orphaned", None)
+    assert by["d.nvram"].domain_uuid == str(uuid.UUID(int=4))
+    assert by["e.nvram"].state == "unowned"
+    assert by["f.nvram"].state == "unreadable" and by["f.nvram"].error
+
+
+def test_the_refusal_names_both_choices_and_not_the_bare_command() -> None:
+    e = orphans.refusal("/i/vm1.nvram", OWNER, "vm1", "nvmgr define vm1.xml")
+    assert isinstance(e, OrphanedImageError) and isinstance(e, BusyError)
+    text = str(e)
+    assert "'nvmgr define vm1.xml --adopt'" in text and "'nvmgr define vm1.xml --fresh'" in text
+    assert f"domain {OWNER}, which no longer exists" in text
+    assert "run nvmgr define" not in text
+
+
