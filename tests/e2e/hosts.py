@@ -9,8 +9,9 @@ owns:
 ``/etc/libvirt``            a copy of the system's, with a host_uuid of its
                             own, ``cgroup_controllers = [ ]`` (two daemons
                             must not make the same cgroup), no domains,
-                            networks or secrets, and the nvmgr hook installed
-                            by ``nvmgr install-hook --hook-dir``
+                            autostart networks or secrets (never copied),
+                            and the nvmgr hook installed by
+                            ``nvmgr install-hook --hook-dir``
 ``/run``                    empty: libvirtd's socket, QEMU pid files,
                             ``/run/nvmgr`` (the hook's runtime files)
 ``/var/lib/libvirt``        empty but for libvirt's own directories (swtpm
@@ -87,6 +88,19 @@ exec sleep infinity
 """
 
 
+def _not_copied(directory: str, names: list[str]) -> set[str]:
+    """What a host's copy of /etc/libvirt leaves out: the system's domains, networks'
+    autostart, secrets (their values never leave the system's own directory), hooks."""
+    d = Path(directory)
+    if d == Path("/etc/libvirt"):
+        return {n for n in names if n in ("hooks", "secrets")}
+    if d in (Path("/etc/libvirt/qemu"), Path("/etc/libvirt/storage")):
+        return {n for n in names if n.endswith(".xml") or n == "autostart"}
+    if d == Path("/etc/libvirt/qemu/networks"):
+        return {n for n in names if n == "autostart"}
+    return set()
+
+
 def _private(root: Path, path: str) -> Path:
     return root / path.replace("/", "_")
 
@@ -142,7 +156,7 @@ class Host:
             Path(p).mkdir(parents=True, exist_ok=True)  # a mount point; empty if new
             dest = _private(self.root, p)
             if copy:
-                shutil.copytree(p, dest, symlinks=True)
+                shutil.copytree(p, dest, symlinks=True, ignore=_not_copied)
             else:
                 dest.mkdir(mode=0o755)
             st = os.stat(p)
@@ -168,17 +182,7 @@ class Host:
                 os.chown(dest, st.st_uid, st.st_gid)
                 os.chmod(dest, st.st_mode & 0o7777)
         etc = self.path("/etc/libvirt")
-        for sub in ("qemu", "qemu/networks", "secrets", "storage"):
-            d = etc / sub
-            if d.is_dir():
-                for f in d.iterdir():
-                    if f.is_file() or f.is_symlink():
-                        f.unlink()
-                    elif f.name == "autostart":
-                        shutil.rmtree(f)
-        hooks = etc / "hooks"
-        if hooks.exists():
-            shutil.rmtree(hooks)
+        (etc / "secrets").mkdir(mode=0o700)
         with open(etc / "libvirtd.conf", "a") as f:
             f.write(f'\nhost_uuid = "{self.host_uuid}"\n'
                     'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n')
