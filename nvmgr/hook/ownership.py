@@ -29,6 +29,20 @@ destination ``stopped`` -> ``release`` and the source nothing.  So:
 - a release by the runner itself is the ordinary one: collect, reseal, and
   clear ``runner``.
 
+Limits (libvirt tells neither side whether a migration completed; only the
+order of the hooks does):
+
+- a destination that dies mid-migration without its ``release`` (host crash,
+  libvirtd killed) leaves ``incoming`` behind; the source's next ``release``
+  (the VM stopped much later) then hands the image to that dead run and
+  wipes its staged TPM state instead of collecting it.  The next start takes
+  the image over from the dead run with the TPM state of the source's start.
+  Clear a stale ``incoming`` by migrating again (or stopping the VM) only
+  after the destination is known dead; ``nvmgr info`` shows it;
+- a destination destroyed in the second between resuming the guest and the
+  source's ``release`` (before ``virsh migrate`` returns) withdraws as if the
+  migration had failed: its TPM changes of that second are not collected.
+
 A non-shared migration copies the image first (``nvmgr migrate-image``):
 that copy is nobody's running image, so the destination's start takes it as
 an ordinary start and the source's release stays with the source's copy.
