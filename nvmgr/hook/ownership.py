@@ -37,8 +37,8 @@ order of the hooks does):
   (the VM stopped much later) then hands the image to that dead run and
   wipes its staged TPM state instead of collecting it.  The next start takes
   the image over from the dead run with the TPM state of the source's start.
-  Clear a stale ``incoming`` by migrating again (or stopping the VM) only
-  after the destination is known dead; ``nvmgr info`` shows it;
+  ``nvmgr info`` shows it ("migrating to host ...") while no migration
+  runs; another migration of the VM replaces it;
 - a destination destroyed in the second between resuming the guest and the
   source's ``release`` (before ``virsh migrate`` returns) withdraws as if the
   migration had failed: its TPM changes of that second are not collected.
