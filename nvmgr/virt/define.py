@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import uuid
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,7 @@ from nvmgr.provision.prepare import (
 from nvmgr.storage.container import probe_format
 from nvmgr.virt import conn as virt
 from nvmgr.virt import secrets
+from nvmgr.virt.backup import snapshot_dir
 
 if TYPE_CHECKING:
     from nvmgr.crypto.cipher import Kek
@@ -225,7 +227,15 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
     if remove_nvram and image and os.path.exists(image):
         os.unlink(image)
         removed = True
-    return {"domain": name, "image": image, "image_removed": removed}
+    # Its stored snapshots go with it: a new domain of the same name must not revert
+    # into another machine's variables and TPM.
+    snapshots = snapshot_dir(image) if remove_nvram and image else None
+    if snapshots and os.path.isdir(snapshots):
+        shutil.rmtree(snapshots)
+    else:
+        snapshots = None
+    return {"domain": name, "image": image, "image_removed": removed,
+            "snapshots_removed": snapshots}
 
 
 def _kek_from_metadata(meta: NvmgrMetadata | None, uri: str | None) -> Kek | None:

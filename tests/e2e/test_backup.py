@@ -182,3 +182,8 @@ def test_snapshot_of_a_running_vm_and_revert_with_vars_and_tpm(vm: MakeVM, tmp_p
     assert json.loads(vmlib.nvmgr("snapshot", "--domain", v.name, "list",
                                   "--output", "json").stdout)["snapshots"] == []
     v.extra_files.append(snap_file)
+    # Stored snapshots go with the image: a new domain of the same name starts clean.
+    vmlib.nvmgr("snapshot", "--domain", v.name, "create", "s2")
+    r = json.loads(vmlib.nvmgr("undefine", v.name, "--remove-nvram", "--output", "json").stdout)
+    assert r["image_removed"] and r["snapshots_removed"] == str(snap_file.parent), r
+    assert not snap_file.parent.exists()
