@@ -54,8 +54,8 @@ class GuestVM:
                                              serial_socket=Path(self.socket)))
         self.workdir = workdir
 
-    def define(self, host: Host) -> None:
-        vmlib.nvmgr("define", "--connect", host.uri, "--image", self.image, self.xml)
+    def define(self, host: Host, *extra: str) -> None:
+        vmlib.nvmgr("define", "--connect", host.uri, "--image", self.image, self.xml, *extra)
 
     def start(self, host: Host) -> None:
         host.virsh("start", self.name)
@@ -96,10 +96,10 @@ class GuestVM:
                 for v in json.loads(out.read_text())["variables"]
                 if v["guid"].lower() == GUID}
 
-    def ek(self, image: Path | None = None) -> tuple[str, bytes | None]:
+    def ek(self, image: Path | None = None, *key: str) -> tuple[str, bytes | None]:
         out = self.workdir / f"{self.name}.permall"
         out.unlink(missing_ok=True)
-        vmlib.nvmgr("get", image or self.image, "tpm-permall", "-o", out)
+        vmlib.nvmgr("get", image or self.image, "tpm-permall", "-o", out, *key)
         return vmlib.read_ek(out.read_bytes(), self.workdir)
 
     def staged_ek(self, host: Host) -> tuple[str, bytes | None]:
@@ -194,7 +194,9 @@ def test_live_migration_on_shared_storage_completed_then_cancelled(
 def test_live_migration_without_shared_storage(
         cluster: tuple[Host, Host, Path], tmp_path: Path) -> None:
     """``nvmgr migrate-image`` copies the image while the VM runs; the migration
-    stream brings what the guest wrote afterwards; the path map rewrites the path."""
+    stream brings what the guest wrote afterwards; the path map rewrites the path.
+    The image is encrypted (its TPM sections): the key file is at the same path on
+    both hosts; the copy needs no key."""
     a, b, shared = cluster
     src_dir, dst_dir = shared / "host-a", shared / "host-b"
     for d in (src_dir, dst_dir):
@@ -202,15 +204,18 @@ def test_live_migration_without_shared_storage(
     v = GuestVM("h4-mig-copy", src_dir / f"h4-{uuid.uuid4().hex[:8]}.nvram", tmp_path)
     copy = dst_dir / v.image.name
     b.migrate_map.write_text(f"# test\n{src_dir}/ {dst_dir}/\n")
+    key = shared / f"{v.name}.key"
+    vmlib.run(["sh", "-c", f"umask 077; head -c 32 /dev/urandom > {key}"])
     try:
-        v.define(a)
+        v.define(a, "--key-file", str(key))
+        assert vmlib.section_info(v.image, "tpm-permall")["encrypted"] is True
         v.start(a)
         v.boot_to_shell(a)
         v.setvar(a, "BeforeCopy", "in-the-copy")
         ek = v.staged_ek(a)
         r = json.loads(vmlib.nvmgr("migrate-image", v.image, copy, "--output", "json").stdout)
         assert r["runner"]["host"] == a.name and r["resealed"] == ["uefi-vars"]
-        vmlib.nvmgr("check", copy)
+        vmlib.nvmgr("check", copy, "--key-file", key)
         assert v.vars(copy) == {"BeforeCopy": "in-the-copy"}
         v.setvar(a, "AfterCopy", "from-the-stream")  # only the migration stream carries it
 
@@ -229,8 +234,8 @@ def test_live_migration_without_shared_storage(
         assert "collected ['tpm-permall']" in b.wait_hook_log(
             rf"{v.name} release end: ", after=mark_b)
         assert v.vars(copy) == {"BeforeCopy": "in-the-copy", "AfterCopy": "from-the-stream"}
-        assert v.ek(copy) == ek
-        vmlib.nvmgr("check", copy)
+        assert v.ek(copy, "--key-file", str(key)) == ek
+        vmlib.nvmgr("check", copy, "--key-file", key)
         assert not v.in_use(copy) and v.info(copy)["runner"] is None
     finally:
         b.migrate_map.unlink(missing_ok=True)
