@@ -97,7 +97,18 @@ def worker(target_name: str, seed: int, count: int, limit: float, hang: float) -
             signal.setitimer(signal.ITIMER_REAL, 0)
 
     target.run = guarded  # type: ignore[method-assign]
-    stats = harness.fuzz(target, seed=seed, count=count, limit=limit, on_failure=record)
+    progress_file = OUT / "fuzz-progress" / f"{target_name}-{seed}.json"
+    progress_file.parent.mkdir(parents=True, exist_ok=True)
+
+    def progress(st: harness.RunStats) -> None:
+        progress_file.write_text(json.dumps({
+            "target": target_name, "seed": seed, "inputs": st.inputs, "seconds": st.seconds,
+            "slowest": st.slowest, "failures": len(failures),
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+    stats = harness.fuzz(target, seed=seed, count=count, limit=limit, on_failure=record,
+                         progress=progress)
+    progress(stats)
     target.close()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"target": target_name, "seed": seed, "inputs": stats.inputs,

@@ -330,3 +330,128 @@ def test_copy_b_is_never_looked_for_inside_a_live_section(tmp_path: Path) -> Non
     path.write_bytes(bytes(raw))
     with pytest.raises(CorruptError, match="header cop"):
         Image.open(str(path))
+
+
+# ----------------------------------------------------------------- the directory under the key
+
+
+#: The TPM section as it was after its first write (see :func:`_keyed`).
+_V1: dict[str, object] = {}
+
+
+def _keyed(tmp_path: Path) -> tuple[Path, object]:
+    from nvmgr.crypto.cipher import Kek
+
+    k = Kek(bytes(range(32)))
+    path = tmp_path / "k.nvram"
+    with Image.create(str(path), [SectionSpec("uefi-vars", 8192, Binding.PFLASH),
+                                  SectionSpec("tpm", 8192), SectionSpec("blob", 4096)],
+                      kek=k) as img:
+        img.put("tpm", b"state v1")
+        _V1["tpm"] = dataclasses.replace(img.section("tpm"))
+        img.put("tpm", b"state v2")
+    return path, k
+
+
+def _forge(path: Path, edit: object, *, mac: bytes | None | str = "keep") -> None:
+    """Rewrite both header copies with a directory changed by *edit*, given a
+    valid digest: what a compromised QEMU can do to an image it holds open."""
+    with Image.open(str(path)) as img:
+        d = img._copy_dir()
+        old_mac = img.directory.mac
+        area = d.header_area
+    edit(d)  # type: ignore[operator]
+    d.generation += 10
+    tag = old_mac if mac == "keep" else mac
+    blob = codec.encode_header(d, (lambda _b: tag) if tag is not None else None)  # type: ignore[arg-type, return-value]
+    raw = bytearray(path.read_bytes())
+    for off in (0, area):
+        raw[off : off + area] = blob + bytes(area - len(blob))
+    path.write_bytes(bytes(raw))
+
+
+def _rollback(d: writer.Directory) -> None:  # type: ignore[name-defined]
+    """The TPM section back to its first version: its ciphertext is still in
+    the other slot, and its IV, MAC, crc and length are all genuine."""
+    d.sections = [_V1["tpm"] if s.name == "tpm" else s for s in d.sections]
+
+
+def test_a_forged_directory_of_an_encrypted_image_is_corrupt(tmp_path: Path,
+                                                             nvmgr: RunCli) -> None:
+    """Row "directory of an encrypted image": a forged directory (here a
+    rollback of the TPM section to its previous version, whose ciphertext,
+    IV and MAC are all genuine) is refused as corrupt (exit 4) by every
+    reader with the key; without the key nothing can tell."""
+    path, k = _keyed(tmp_path)
+    _forge(path, _rollback)
+    with Image.open(str(path), kek=k) as img:  # type: ignore[arg-type]
+        # Without the directory's MAC this rollback would pass every other check:
+        assert img.directory.find("tpm").crypto == _V1["tpm"].crypto  # type: ignore[union-attr, attr-defined]
+    with Image.open(str(path), kek=k) as img, pytest.raises(CorruptError, match="not authen"):  # type: ignore[arg-type]
+        img.get("tpm")
+    key = tmp_path / "k.key"
+    key.write_bytes(bytes(range(32)))
+    key.chmod(0o600)
+    res = nvmgr("get", path, "tpm", "--key-file", key)
+    assert res.returncode == ExitCode.CORRUPT and b"not authenticated" in res.stderr
+    res = nvmgr("check", path, "--key-file", key)
+    assert res.returncode == ExitCode.CORRUPT
+
+
+def test_a_stripped_directory_mac_is_corrupt_and_sealing_is_explicit(tmp_path: Path,
+                                                                    nvmgr: RunCli) -> None:
+    """A directory without its MAC (forged, or written before nvmgr sealed
+    directories) is corrupt with the key; ``nvmgr rekey --seal-directory``
+    seals it after checking every section, and only with the key."""
+    path, k = _keyed(tmp_path)
+    _forge(path, lambda d: None, mac=None)
+    with Image.open(str(path), kek=k) as img, pytest.raises(CorruptError, match="no MAC"):  # type: ignore[arg-type]
+        img.get("tpm")
+    key = tmp_path / "k.key"
+    key.write_bytes(bytes(range(32)))
+    key.chmod(0o600)
+    res = nvmgr("rekey", path, "--seal-directory")
+    assert res.returncode == ExitCode.USAGE
+    res = nvmgr("rekey", path, "--key-file", key, "--seal-directory")
+    assert res.returncode == 0, res.stderr
+    with Image.open(str(path), kek=k) as img:  # type: ignore[arg-type]
+        assert img.get("tpm") == b"state v2"
+        assert img.check().ok
+
+
+def test_writers_without_the_key_keep_the_seal(tmp_path: Path, nvmgr: RunCli) -> None:
+    """Release (reseal, in-use marks), grow and resize need no key and keep
+    the directory authenticated; a change the MAC covers (removing a section
+    that holds encrypted data) needs the key (exit 6)."""
+    path, k = _keyed(tmp_path)
+    with Image.open(str(path), writable=True) as img:
+        img.set_in_use(["uefi-vars"], True)
+        img.reseal(["uefi-vars"])
+        img.add_sections([SectionSpec("more", 4096)])
+        img.resize_section("tpm", 64 * 1024)
+    res = nvmgr("remove", path, "tpm")
+    assert res.returncode == ExitCode.KEY_REQUIRED, res.stderr
+    with Image.open(str(path), kek=k) as img:  # type: ignore[arg-type]
+        assert img.get("tpm") == b"state v2"
+        assert img.check().ok
+    key = tmp_path / "k.key"
+    key.write_bytes(bytes(range(32)))
+    key.chmod(0o600)
+    res = nvmgr("remove", path, "tpm", "--key-file", key)
+    assert res.returncode == 0, res.stderr
+    with Image.open(str(path), kek=k) as img:  # type: ignore[arg-type]
+        assert img.check().ok and img.directory.find("tpm") is None
+
+
+def test_the_directory_mac_is_in_the_header_copy_and_pyasn1_agrees(tmp_path: Path) -> None:
+    from nvmgr.format import asn1
+
+    path, _k = _keyed(tmp_path)
+    with Image.open(str(path)) as img:
+        area = img.directory.header_area
+        mac = img.directory.mac
+    assert mac is not None and len(mac) == 32
+    for off in (0, area):  # both copies carry one, and both decoders read the same
+        raw = path.read_bytes()[off : off + area]
+        assert codec.decode_header(raw).mac is not None
+        assert asn1.decode_header(raw).mac == codec.decode_header(raw).mac

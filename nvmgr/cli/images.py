@@ -221,11 +221,13 @@ def _remove_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="write a live section even though the prepare hook marked it in use "
                         "(only when no VM runs on the image: a host crash left the mark)")
+    _add_key_args(p)
 
 
-@command("remove", "remove a section from the directory", "nvmgr remove vm1.nvram old-vpd")
+@command("remove", "remove a section from the directory (an encrypted section that holds "
+         "data: with the image's key)", "nvmgr remove vm1.nvram old-vpd")
 def cmd_remove(args: argparse.Namespace) -> Result:
-    with _open(args, writable=True, with_key=False) as img:
+    with _open(args, writable=True) as img:
         img.remove(args.name, force=args.force)
         return {"image": img.path, "removed": args.name, "generation": img.directory.generation}
 
@@ -332,6 +334,9 @@ def _rekey_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-old", action="store_true",
                    help="keep the current key's slot too (add a key instead of replacing it)")
     p.add_argument("--remove-key-id", metavar="HEX", help="drop the key slot with this id instead")
+    p.add_argument("--seal-directory", action="store_true",
+                   help="instead: authenticate the directory of an image written before nvmgr "
+                        "authenticated directories (every section's MAC is checked first)")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS")
 
 
@@ -341,6 +346,18 @@ def cmd_rekey(args: argparse.Namespace) -> Result:
     from nvmgr.crypto import keys
     from nvmgr.virt import secrets
 
+    if args.seal_directory:
+        from nvmgr.image.image import Image
+
+        kek = load_key(args)
+        if kek is None:
+            raise UsageError("--seal-directory needs the image's key (--key-file, --key-secret "
+                             "or --key-stdin)")
+        with Image.open(resolve_image(args), writable=True, kek=kek, wait=args.wait,
+                        unsealed=True) as img:
+            img.seal_directory()
+            return {"image": img.path, "generation": img.directory.generation,
+                    "sealed": True}
     with _open(args, writable=True) as img:
         if args.remove_key_id:
             try:

@@ -75,6 +75,8 @@ _BLOCK = 16
 _KEY_ID_INFO = b"nvmgr-kek-id-v1"
 _ENC_INFO = b"nvmgr-v1 section encryption"
 _MAC_INFO = b"nvmgr-v1 section mac"
+_DIR_INFO = b"nvmgr-v1 directory mac"
+_DIR_PREFIX = b"nvmgr-v1 directory\0"
 _MAC_PREFIX = b"nvmgr-v1\0"
 
 
@@ -196,13 +198,14 @@ class SectionCipher:
     :raise UsageError: *data_key* is not 32 bytes.
     """
 
-    __slots__ = ("__enc_key", "__mac_key", "image")
+    __slots__ = ("__dir_key", "__enc_key", "__mac_key", "image")
 
     def __init__(self, data_key: bytes, *, image: str | None = None) -> None:
         if len(data_key) != DATA_KEY_LEN:
             raise UsageError(f"data key must be exactly {DATA_KEY_LEN} bytes (got {len(data_key)})")
         self.__enc_key = _hkdf(bytes(data_key), _ENC_INFO)
         self.__mac_key = _hkdf(bytes(data_key), _MAC_INFO)
+        self.__dir_key = _hkdf(bytes(data_key), _DIR_INFO)
         self.image = image
 
     def __repr__(self) -> str:
@@ -273,6 +276,29 @@ class SectionCipher:
             return unpadder.update(padded) + unpadder.finalize()
         except ValueError as e:
             raise self._corrupt(name, "bad padding") from e
+
+    # -- the directory --------------------------------------------------
+
+    def directory_mac(self, directory_der: bytes) -> bytes:
+        """HMAC-SHA256 of a directory's DER under a key derived from the data
+        key (HKDF info ``"nvmgr-v1 directory mac"``), over
+        ``b"nvmgr-v1 directory\\0" + DER``: stored beside the directory in
+        each header copy of an encrypted image (``HeaderCopy.mac``), so that
+        only a holder of the image's key can write a directory it accepts.
+        """
+        h = _hmac_sha256(self.__dir_key)
+        h.update(_DIR_PREFIX + bytes(directory_der))
+        return h.finalize()
+
+    def verify_directory(self, directory_der: bytes, mac: bytes) -> bool:
+        """Whether *mac* authenticates *directory_der* (compared in constant time)."""
+        h = _hmac_sha256(self.__dir_key)
+        h.update(_DIR_PREFIX + bytes(directory_der))
+        try:
+            h.verify(bytes(mac))
+        except InvalidSignature:
+            return False
+        return True
 
     # -- streaming ------------------------------------------------------
 

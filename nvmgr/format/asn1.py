@@ -264,6 +264,11 @@ class HeaderCopy(univ.Sequence):
             "digest",
             univ.OctetString().subtype(subtypeSpec=constraint.ValueSizeConstraint(32, 32)),
         ),
+        namedtype.OptionalNamedType(
+            "mac",
+            univ.OctetString().subtype(implicitTag=_ctx(0),
+                                       subtypeSpec=constraint.ValueSizeConstraint(32, 32)),
+        ),
     )
 
 
@@ -454,10 +459,13 @@ def read_header(body: bytes) -> tuple[model.Directory, bytes, bytes]:
     if again != body:
         raise DERError("directory is not in canonical DER form")
     # Canonical, so the directory's DER is the bytes between the outer header
-    # and the trailing digest (OCTET STRING of 32: 34 bytes).
+    # and the trailing digest (OCTET STRING of 32: 34 bytes) and MAC ([0] of 32).
     _, start = der.read_length(body, 1, len(body))
-    directory_der = body[start : len(body) - 34]
-    return directory_from_asn1(value["directory"]), directory_der, bytes(value["digest"])
+    mac = bytes(value["mac"]) if value["mac"].isValue else None
+    directory_der = body[start : len(body) - 34 - (34 if mac is not None else 0)]
+    d = directory_from_asn1(value["directory"])
+    d.mac = mac
+    return d, directory_der, bytes(value["digest"])
 
 
 def decode_header(buf: bytes, *, padded: bool = True) -> model.Directory:

@@ -46,15 +46,19 @@ _FORMAT_TLV = bytes([reader.OID, len(reader.FORMAT)]) + reader.FORMAT
 SchemaReader = Callable[[bytes], tuple[Directory, bytes, bytes]]
 
 
-def encode_header(d: Directory) -> bytes:
-    """One complete HeaderCopy: the directory and its SHA-256 digest.
+def encode_header(d: Directory, mac: Callable[[bytes], bytes] | None = None) -> bytes:
+    """One complete HeaderCopy: the directory, its SHA-256 digest and, with
+    *mac* (an encrypted image's, under its key), the directory's MAC.
 
     :raise DERError: *d* breaks a rule of :func:`validate`.
     :raise NoSpaceError: the directory does not fit the header area.
     """
     validate(d)
     body = writer.encode_directory(d)
-    out = writer.tlv(_SEQUENCE, body + writer.tlv(_OCTET_STRING, hashlib.sha256(body).digest()))
+    tail = writer.tlv(_OCTET_STRING, hashlib.sha256(body).digest())
+    if mac is not None:
+        tail += writer.tlv(reader.ctx(0), mac(body))
+    out = writer.tlv(_SEQUENCE, body + tail)
     if len(out) > d.header_area:
         raise NoSpaceError(
             f"the directory needs {len(out)} bytes but the header area holds {d.header_area}"

@@ -202,10 +202,39 @@ class Directory:
     runner: Runner | None = None
     incoming: Runner | None = None
     version: int = 1
+    #: ``HeaderCopy.mac`` of the copy this directory was read from: the HMAC
+    #: that authenticates it under the image's key (encrypted images), not
+    #: part of the directory's own DER.
+    mac: bytes | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def encrypted(self) -> bool:
         return self.key_slots is not None
+
+    def sealed(self) -> bytes:
+        """What an encrypted image's directory MAC authenticates (``HeaderCopy.mac``).
+
+        The key slots, and for every encrypted section that holds data its
+        name, length and crypto parameters (IV and the section's own MAC):
+        everything whose forgery or rollback the section MACs alone cannot
+        catch (an older version's IV and MAC with the older ciphertext still
+        in the other slot; a section dropped or made plaintext).  Offsets,
+        sizes, live sections and in-use marks are left out on purpose: writers
+        without the key change them (reseal, grow, resize, hand-off), and a
+        forged offset only makes a section fail its own MAC.  Canonical bytes:
+        length-prefixed fields, sections in name order.
+        """
+        def field(b: bytes) -> bytes:
+            return len(b).to_bytes(4, "big") + b
+
+        out = [b"nvmgr-v1 sealed\0"]
+        for k in self.key_slots or []:
+            out += [b"K", field(k.key_id), field(k.wrapped_key)]
+        for s in sorted(self.sections, key=lambda s: s.name):
+            if s.encrypted and s.crypto is not None:
+                out += [b"S", field(s.name.encode()), s.length.to_bytes(8, "big"),
+                        field(s.crypto.iv), field(s.crypto.mac)]
+        return b"".join(out)
 
     @property
     def data_start(self) -> int:

@@ -272,6 +272,7 @@ def read_header(body: bytes) -> tuple[Directory, bytes, bytes]:
     r = top.sub(SEQUENCE, "directory")
     directory_der = body[d_start : top.pos]
     digest = top.octets("digest", 32)
+    mac = top.octets("mac", 32, tag=ctx(0)) if top.peek() == ctx(0) else None
     top.done()
     check_format(r.octets("format", tag=OID))
     check_version(r.integer("version"))
@@ -325,7 +326,7 @@ def read_header(body: bytes) -> tuple[Directory, bytes, bytes]:
                   header_area=header_area, image_size=image_size,
                   scratch_offset=scratch_offset, scratch_length=scratch_length,
                   sections=sections, domain_uuid=domain_uuid, key_slots=key_slots,
-                  members=members, runner=runner, incoming=incoming)
+                  members=members, runner=runner, incoming=incoming, mac=mac)
     return d, directory_der, digest
 
 

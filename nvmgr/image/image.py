@@ -57,6 +57,12 @@ if TYPE_CHECKING:  # cryptography is imported when an encrypted image needs it
 
 log = logging.getLogger(__name__)
 
+
+def _mac_room(_der: bytes) -> bytes:
+    """A directory MAC's room, for sizing a header before the MAC is known."""
+    return bytes(32)
+
+
 CHUNK = 4 << 20
 #: The largest section :meth:`Image.get` reads into memory at once (a pflash
 #: varstore is at most 64 MiB); :meth:`Image.get_to` streams larger ones.
@@ -277,6 +283,7 @@ class Image:
         # must zero what a longer one left behind.
         self._written = [h.length if h.error is None else directory.header_area for h in headers]
         self.kek = kek
+        self._unsealed = False
         self._cipher: SectionCipher | None = None
         self._data_key = b""
 
@@ -299,13 +306,23 @@ class Image:
         kek: Kek | None = None,
         wait: float = 0.0,
         fmt: str | None = None,
+        unsealed: bool = False,
     ) -> Image:
         """Open an existing image.
 
+        With *kek*, an encrypted image's directory must carry its MAC under
+        the image's key (:meth:`nvmgr.format.model.Directory.sealed`),
+        checked when the key is first used (to read, check or write): a
+        forged or rolled-back directory is refused as corrupt then.
+
+        :param unsealed: accept an encrypted image's directory that carries
+            no MAC at all (an image written before directories were
+            authenticated), to seal it: ``nvmgr rekey --seal-directory``.
         :raise NotFoundError: no such file.
         :raise ForeignImageError: the file is not an nvmgr image.
         :raise CorruptError: both header copies damaged, or the file is truncated.
         :raise BusyError: another nvmgr writer holds it.
+        :raise WrongKeyError: *kek* is not one of the image's keys.
         """
         c = open_container(path, writable=writable, wait=wait, fmt=fmt)
         try:
@@ -317,6 +334,7 @@ class Image:
                     image=path,
                 )
             img = cls(c, d, slot, states, kek)
+            img._unsealed = unsealed
             if writable:
                 img._finish_pending()
             return img
@@ -353,7 +371,8 @@ class Image:
 
             data_key = new_data_key()
             d.key_slots = [KeySlot(kek.key_id, kek.wrap(data_key), kek.label)]
-        codec.encode_header(d)  # fails early (NoSpaceError) before any file exists
+        # Fails early (NoSpaceError) before any file exists.
+        codec.encode_header(d, _mac_room if d.encrypted else None)
         c = create_container(path, fmt, d.image_size)
         states = [HeaderState(0, 0, error="new"), HeaderState(1, d.header_area, error="new")]
         img = cls(c, d, 1, states, kek)
@@ -408,6 +427,11 @@ class Image:
 
             self._data_key = unlock(slots, kek, image=self.path)
             self._cipher = SectionCipher(self._data_key, image=self.path)
+            try:
+                self._authenticate(self._unsealed)
+            except BaseException:
+                self._cipher, self._data_key = None, b""
+                raise
         return self._cipher
 
     def _local(self, s: Section) -> Section:
@@ -523,10 +547,73 @@ class Image:
                 section=s.name,
             )
 
+    def _authenticate(self, unsealed: bool = False) -> None:
+        """Check the directory's MAC under the key given (encrypted images).
+
+        :raise WrongKeyError: the key is not one of the image's.
+        :raise CorruptError: the MAC is missing (unless *unsealed*) or wrong.
+        """
+        cipher = self._get_cipher()
+        mac = self.directory.mac
+        if mac is None:
+            if unsealed:
+                return
+            raise CorruptError(
+                "the directory of this encrypted image carries no MAC under its key: "
+                "forged, or written before nvmgr authenticated directories. If you trust "
+                f"it, seal it: nvmgr rekey {self.path} --key-file KEY --seal-directory",
+                image=self.path)
+        if not cipher.verify_directory(self.directory.sealed(), mac):
+            raise CorruptError(
+                "the directory is not authenticated under the image's key (forged, rolled "
+                "back or damaged): refusing it", image=self.path)
+
+    def _directory_mac(self, new: Directory) -> Callable[[bytes], bytes] | None:
+        """How the commit of *new* is authenticated (encrypted images).
+
+        With the key: a fresh MAC.  Without it (a hook's release, ``grow``,
+        a hand-off): the current MAC, carried over, when *new* changes
+        nothing it covers; a change it covers needs the key.
+
+        :raise KeyRequiredError: that change, without the key.
+        """
+        if not new.encrypted:
+            return None
+        sealed = new.sealed()
+        if self.kek is not None:
+            mac = self._get_cipher().directory_mac(sealed)
+            return lambda _der: mac
+        old = self.directory.mac
+        if old is None:
+            return None  # an unsealed image stays unsealed until sealed with the key
+        if not self.directory.encrypted or self.directory.sealed() != sealed:
+            raise KeyRequiredError(
+                "this change to an encrypted image needs its key (its directory is "
+                "authenticated under it): give --key-file, --key-secret or --key-stdin",
+                image=self.path)
+        return lambda _der: old
+
+    def seal_directory(self) -> None:
+        """Authenticate the directory of an image opened ``unsealed``: every
+        encrypted section's MAC is checked first, then the directory is
+        committed with its MAC.
+
+        :raise CorruptError: a section fails its check.
+        :raise KeyRequiredError: no key was given.
+        """
+        self._require_writable()
+        self._keys()
+        report = self.check()
+        if not report.ok:
+            raise CorruptError("refusing to seal: " + "; ".join(report.errors), image=self.path)
+        self._commit(self._copy_dir())
+
     def _commit(self, new: Directory) -> None:
         """Write *new* as the next generation into the other header copy, flush."""
         new = dataclasses.replace(new, generation=self.directory.generation + 1)
-        blob = codec.encode_header(new)
+        mac = self._directory_mac(new)
+        blob = codec.encode_header(new, mac)
+        new.mac = mac(b"") if mac is not None else None
         target = 1 - self._slot
         pad = max(0, self._written[target] - len(blob))
         self.container.write(target * new.header_area, blob + bytes(pad))
@@ -622,7 +709,8 @@ class Image:
                 dataclasses.replace(s, encrypted=True) if not s.binding.live else s for s in specs
             ]
         new = extend(self._copy_dir(), specs)
-        codec.encode_header(dataclasses.replace(new, generation=new.generation + 1))
+        codec.encode_header(dataclasses.replace(new, generation=new.generation + 1),
+                            _mac_room if new.encrypted else None)
         if new.image_size > self.container.size():
             self.container.resize(new.image_size)
         self._commit(new)
@@ -731,7 +819,11 @@ class Image:
         return changed
 
     def use_key(self, kek: Kek | None) -> None:
-        """Read and write encrypted sections with *kek* from now on (checked at first use)."""
+        """Read and write encrypted sections with *kek* from now on.
+
+        The directory is authenticated under it at its first use (encrypted
+        images), so that nothing forged is ever sealed with the key.
+        """
         self.kek = kek
         self._cipher = None
         self._data_key = b""

@@ -205,10 +205,14 @@ def mutate_directory(rng: random.Random, d: Directory) -> Directory:
     return d
 
 
-def frame(directory_der: bytes) -> bytes:
-    """A HeaderCopy around *directory_der* with its correct SHA-256 digest."""
+def frame(directory_der: bytes, mac: bytes | None = None) -> bytes:
+    """A HeaderCopy around *directory_der* with its correct SHA-256 digest
+    (and *mac*, the directory MAC of an encrypted image)."""
     digest = hashlib.sha256(directory_der).digest()
-    return writer.tlv(SEQUENCE, directory_der + writer.tlv(OCTET_STRING, digest))
+    tail = writer.tlv(OCTET_STRING, digest)
+    if mac is not None:
+        tail += writer.tlv(0x80, mac)
+    return writer.tlv(SEQUENCE, directory_der + tail)
 
 
 def _frame(mode: int, body: bytes) -> bytes:
@@ -356,7 +360,9 @@ class ImageTarget(Target):
 
     Mode byte: bit 0 frame the body with a valid digest; bits 1-2 where the
     copy goes (0: both copies, 1: A only, 2: B only, 3: A, with B zeroed);
-    bit 3 the base image is the encrypted one; bit 4 also open with its key.
+    bit 3 the base image is the encrypted one; bit 4 also open with its key;
+    bit 5 also give the copy a valid directory MAC under that key (so that
+    keyed readers get past the directory's authentication too).
     """
 
     name = "image"
@@ -385,6 +391,10 @@ class ImageTarget(Target):
                 area = img.directory.header_area
             self.bases.append((path, Path(path).read_bytes(), area))
         self.work = os.path.join(self._tmp.name, "work.nvram")
+        from nvmgr.crypto.cipher import SectionCipher, unlock
+
+        with Image.open(self.bases[1][0]) as img:
+            self.cipher = SectionCipher(unlock(img.directory.key_slots or [], self.kek))
 
     def close(self) -> None:
         self._tmp.cleanup()
@@ -396,7 +406,7 @@ class ImageTarget(Target):
         for i, (path, _raw, _area) in enumerate(self.bases):
             with Image.open(path) as img:
                 body = writer.encode_directory(img.directory)
-            flag = 0x18 if i else 0
+            flag = 0x38 if i else 0
             out += [bytes([1 | flag]) + body, bytes([1 | 2 | flag]) + body,
                     bytes([1 | 4 | flag]) + body]
         return out
@@ -404,7 +414,7 @@ class ImageTarget(Target):
     def mutate(self, rng: random.Random, data: bytes, pool: list[bytes]) -> bytes:
         mode, body = (data[0], data[1:]) if data else (1, b"")
         if rng.random() < 0.05:
-            mode ^= 1 << rng.randrange(5)
+            mode ^= 1 << rng.randrange(6)
         if mode & 1 and rng.random() < 0.6:
             d = _decode_model(body)
             if d is not None:
@@ -421,7 +431,12 @@ class ImageTarget(Target):
             return
         mode = data[0]
         _path, raw, area = self.bases[1 if mode & 8 else 0]
-        copy = _frame(mode, data[1:])[:area]
+        copy = _frame(mode, data[1:])
+        if mode & 0x21 == 0x21:
+            d = _decode_model(data[1:])
+            if d is not None:
+                copy = frame(data[1:], self.cipher.directory_mac(d.sealed()))
+        copy = copy[:area]
         buf = bytearray(raw)
         where = mode >> 1 & 3
         if where in (0, 1, 3):
@@ -582,7 +597,8 @@ class RunStats:
 
 def fuzz(target: Target, *, seed: int, count: int | None = None,
          seconds: float | None = None, limit: float = 1.0,
-         on_failure: Callable[[Failure], None] | None = None) -> RunStats:
+         on_failure: Callable[[Failure], None] | None = None,
+         progress: Callable[[RunStats], None] | None = None) -> RunStats:
     """Mutate the target's seeds (and the inputs it accepted) for *count*
     inputs or *seconds*, whichever ends first; deterministic for *seed*
     when bounded by *count*."""
@@ -599,6 +615,9 @@ def fuzz(target: Target, *, seed: int, count: int | None = None,
             break
         parent = rng.choice(pool)
         data = target.mutate(rng, parent, pool)
+        if progress is not None and stats.inputs and stats.inputs % 5000 == 0:
+            stats.seconds = time.perf_counter() - start
+            progress(stats)
         t0 = time.perf_counter()
         failure = check_contract(target, data, limit=limit)
         took = time.perf_counter() - t0
