@@ -107,3 +107,31 @@ def test_an_nvmgr_image_on_rbd(ceph: CephCluster, tmp_path: Path) -> None:
         p = _nvmgr("put", loc, "blob", str(tmp_path / "blob"))
         assert p.returncode == 7 and "another nvmgr" in p.stderr, p.stderr
     assert _nvmgr("check", loc).returncode == 0
+
+
+def test_convert_a_file_to_rbd_and_back(ceph: CephCluster, tmp_path: Path) -> None:
+    _user, keyring, _key = ceph.client("nvmgr-conv")
+    where = f":conf={ceph.conf}:id=nvmgr-conv:keyring={keyring}"
+    src = tmp_path / "vm.nvram"
+    assert _nvmgr("create", str(src), "-s", "vars:528K:pflash", "-s", "blob:64K").returncode == 0
+    payloads = {"vars": os.urandom(540672), "blob": os.urandom(50000)}
+    for name, data in payloads.items():
+        (tmp_path / name).write_bytes(data)
+        assert _nvmgr("put", str(src), name, str(tmp_path / name)).returncode == 0
+    loc = f"rbd:{ceph.pool}/converted{where}"
+    p = _nvmgr("convert", str(src), loc, "-f", "raw")
+    assert p.returncode == 0, p.stderr
+    back = tmp_path / "back.qcow2"
+    p = _nvmgr("convert", loc, str(back), "-f", "qcow2")
+    assert p.returncode == 0, p.stderr
+    for image in (loc, str(back)):
+        assert _nvmgr("check", image).returncode == 0
+        for name, data in payloads.items():
+            out = tmp_path / f"out-{name}"
+            out.unlink(missing_ok=True)
+            assert _nvmgr("get", image, name, "-o", str(out)).returncode == 0
+            assert out.read_bytes() == data, (image, name)
+    p = _nvmgr("convert", str(src), loc, "-f", "raw")  # never over an existing image
+    assert p.returncode == 2 and "already exists" in p.stderr, p.stderr
+    p = _nvmgr("convert", str(src), f"rbd:{ceph.pool}/q{where}", "-f", "qcow2")
+    assert p.returncode == 2 and "raw" in p.stderr, p.stderr
