@@ -23,14 +23,14 @@ from nvmgr.domain.elements import Domain
 from nvmgr.domain.metadata import NvmgrMetadata
 from nvmgr.domain.plan import Plan, PlannedSection
 from nvmgr.domain.profiles import MAX_FLASH, open_flash_file
-from nvmgr.errors import BusyError, NotFoundError, UsageError
-from nvmgr.format.layout import SectionSpec
+from nvmgr.errors import BusyError, ForeignImageError, NotFoundError, UsageError
+from nvmgr.format.layout import SectionSpec, layout
 from nvmgr.format.model import Binding, Directory
 from nvmgr.image.convert import convert
 from nvmgr.image.image import Image
 from nvmgr.provision import staging
 from nvmgr.storage import qemu
-from nvmgr.storage.container import probe_format
+from nvmgr.storage.container import open_container, probe_format
 
 if TYPE_CHECKING:
     from nvmgr.crypto.cipher import Kek
@@ -98,6 +98,38 @@ def initial_content(dom: Domain, plan: Plan, ps: PlannedSection) -> tuple[bytes,
     return None
 
 
+def _creation_cut_short(path: str, size: int, wait: float) -> bool:
+    """Whether *path* is the empty remains of this plan's image, its creation
+    killed before the first header copy landed: exactly the *size* a creation
+    gives it, and nothing but zeros (a file nothing can be lost from)."""
+    with open_container(path, writable=True, wait=wait) as c:
+        if c.size() != size:
+            return False
+        for off in range(0, size, 4 << 20):
+            if c.read(off, min(4 << 20, size - off)).strip(b"\0"):
+                return False
+    return True
+
+
+def _open_existing(path: str, specs: list[SectionSpec], kek: Kek | None,
+                   wait: float) -> Image | None:
+    """The image at *path*, opened for writing; None (and the file removed)
+    when it is the empty remains of a creation of *specs* cut short, to be
+    made again.
+
+    :raise ForeignImageError: the file is something else than an nvmgr image.
+    """
+    try:
+        return Image.open(path, writable=True, kek=kek, wait=wait)
+    except ForeignImageError:
+        made = [dataclasses.replace(s, encrypted=True) if kek and not s.binding.live else s
+                for s in specs]  # as Image.create lays them out
+        if not _creation_cut_short(path, layout(made).image_size, wait):
+            raise
+    os.unlink(path)
+    return None
+
+
 def prepare_image(plan: Plan, *, kek: Kek | None, fmt: str,
                   path: str, wait: float = 0.0) -> tuple[Image, bool, list[str]]:
     """Open the domain's image, creating or growing it to hold the plan.
@@ -109,8 +141,7 @@ def prepare_image(plan: Plan, *, kek: Kek | None, fmt: str,
     """
     specs = [SectionSpec(s.name, s.capacity, s.binding, s.encrypted, s.device)
              for s in plan.sections]
-    if os.path.exists(path):
-        img = Image.open(path, writable=True, kek=kek, wait=wait)
+    if os.path.exists(path) and (img := _open_existing(path, specs, kek, wait)) is not None:
         try:
             if plan.image_uuid and img.directory.image_uuid != plan.image_uuid:
                 raise UsageError(
