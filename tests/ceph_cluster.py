@@ -226,6 +226,7 @@ log file = {r}/log/$name.$pid.log
 
 if __name__ == "__main__":  # pragma: no cover - by hand
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/nvmgr-ceph")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop the daemons on kill too
     c = CephCluster(root).start()
     print(f"ceph up in {c.started_in:.1f} s: conf {c.conf}, pool {c.pool}; ^C stops it",
           flush=True)

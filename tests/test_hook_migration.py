@@ -319,3 +319,46 @@ def test_migrate_image_copies_a_qcow2_image(tmp_path: Path) -> None:
         assert img.get("efivars") == b"\1" * 8192
     with Image.open(str(src)) as img:  # the source as it was
         assert img.directory.runner is not None and img.section("efivars").dirty
+
+
+def _front_end(tmp_path: Path, migrate_map: Path) -> Path:
+    """The shipped hook front end, its runtime root and path map moved under *tmp_path*,
+    and its Python made one that fails loudly (so a call that reaches it shows)."""
+    from nvmgr import resources
+
+    text = resources.read_text(resources.HOOK_FRONTEND)
+    for old, new in (("RUNTIME_ROOT=/run/nvmgr", f"RUNTIME_ROOT={tmp_path / 'run'}"),
+                     ("MIGRATE_MAP=/etc/nvmgr/migrate.map", f"MIGRATE_MAP={migrate_map}"),
+                     ('PYTHON="${NVMGR_PYTHON:-python3}"', "PYTHON=false")):
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    hook = tmp_path / "hook"
+    hook.write_text(text)
+    hook.chmod(0o755)
+    return hook
+
+
+def test_the_front_end_notes_an_incoming_migration_without_python(tmp_path: Path) -> None:
+    """No path map: the shell alone writes the note prepare reads (one Python start
+    less while the migration waits); with a map, the call goes on to Python."""
+    import subprocess
+
+    migrate_map = tmp_path / "migrate.map"
+    hook = _front_end(tmp_path, migrate_map)
+    xml = XML.format(image=tmp_path / "vm.nvram").encode()
+    r = subprocess.run([hook, NAME, "migrate", "begin", "-"], input=xml, capture_output=True,
+                       check=False)
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")
+    runtime = staging.runtime_dir(UUID, str(tmp_path / "run"))
+    assert sorted(p.name for p in runtime.iterdir()) == [ownership.INCOMING_FILE]
+    assert ownership.take_incoming_note(runtime)  # fresh, and used up
+    assert not (runtime / ownership.INCOMING_FILE).exists()
+
+    hostile = xml.replace(b"<domain", b"<!DOCTYPE d><domain", 1)
+    r = subprocess.run([hook, NAME, "migrate", "begin", "-"], input=hostile,
+                       capture_output=True, check=False)
+    assert r.returncode != 0 and not (runtime / ownership.INCOMING_FILE).exists()
+    migrate_map.write_text("/a/ /b/\n")
+    r = subprocess.run([hook, NAME, "migrate", "begin", "-"], input=xml, capture_output=True,
+                       check=False)
+    assert r.returncode != 0 and not (runtime / ownership.INCOMING_FILE).exists()

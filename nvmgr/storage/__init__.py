@@ -7,6 +7,8 @@ One module, one job::
     raw       the one I/O path (pread/pwrite/fsync/ftruncate) and raw images
     qcow2     qcow2 images through a FUSE export of QEMU's own qcow2 code;
               internal snapshots
+    rbd       images in Ceph RBD (``rbd:POOL/IMAGE...`` locations) through a
+              FUSE export of QEMU's rbd driver
     fuse      a private qemu-storage-daemon FUSE export of an image, its
               mountpoint and the clean-up of those a killed nvmgr left
     qemu      the one seam that runs QEMU's tools, under one error policy

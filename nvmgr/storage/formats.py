@@ -14,6 +14,7 @@ from nvmgr.errors import UsageError
 from nvmgr.storage.base import Container, read_head
 from nvmgr.storage.qcow2 import Qcow2Container
 from nvmgr.storage.raw import RawContainer
+from nvmgr.storage.rbd import RbdContainer, is_rbd
 
 
 class Format(Protocol):
@@ -56,6 +57,8 @@ def probe_format(path: str) -> str:
     :raise NotFoundError: *path* does not exist.
     :raise UsageError: *path* is a directory or cannot be read.
     """
+    if is_rbd(path):  # a location, not a file: RBD images hold the layout raw
+        return RbdContainer.fmt
     head = read_head(path, PROBE_BYTES)
     for f in REGISTRY:
         if f.probe(head):
@@ -66,10 +69,17 @@ def probe_format(path: str) -> str:
 def open_container(
     path: str, *, writable: bool = False, wait: float = 0, fmt: str | None = None
 ) -> Container:
-    """Open an existing image in its own format (probed when *fmt* is None)."""
+    """Open an existing image in its own format (probed when *fmt* is None);
+    an ``rbd:`` location opens its RBD image."""
+    if is_rbd(path):
+        return RbdContainer(path, writable=writable, wait=wait)
     return format_named(fmt or probe_format(path))(path, writable=writable, wait=wait)
 
 
 def create_container(path: str, fmt: str, size: int, *, wait: float = 0) -> Container:
     """Create a new, zero-filled image of *size* bytes and open it for writing."""
+    if is_rbd(path):
+        if fmt not in ("raw", RbdContainer.fmt):
+            raise UsageError(f"an RBD image holds nvmgr's layout raw, not as {fmt}", image=path)
+        return RbdContainer.create(path, size, wait=wait)
     return format_named(fmt).create(path, size, wait=wait)

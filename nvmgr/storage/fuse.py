@@ -337,9 +337,15 @@ class FuseExport:
         writable: bool,
         pass_fds: Sequence[int] = (),
         image: str,
+        protocol: dict[str, object] | None = None,
+        objects: Sequence[str] = (),
     ) -> None:
         self.image = image
         self.driver = driver
+        #: The protocol node instead of a ``file`` node (an ``rbd`` node, say).
+        self.protocol = protocol
+        #: ``--object`` arguments the nodes refer to (a ``secret`` for a cephx key).
+        self.objects = tuple(objects)
         self._proc: subprocess.Popen[bytes] | None = None
         #: Seconds from starting the daemon to a mounted export.
         self.start_latency = 0.0
@@ -352,11 +358,9 @@ class FuseExport:
             raise
 
     def _args(self, image_path: str, writable: bool) -> tuple[list[str], str]:
-        file_node: dict[str, object] = {
-            "driver": "file",
-            "node-name": "file0",
-            "filename": image_path,
-        }
+        file_node: dict[str, object] = (
+            {**self.protocol, "node-name": "file0"} if self.protocol is not None
+            else {"driver": "file", "node-name": "file0", "filename": image_path})
         fmt_node: dict[str, object] = {
             "driver": self.driver,
             "node-name": "img0",
@@ -366,7 +370,9 @@ class FuseExport:
             fmt_node["backing"] = None  # never follow a backing file named in the image
         if not writable:
             for node in (file_node, fmt_node):
-                node.update({"read-only": True, "force-share": True})
+                node["read-only"] = True
+                if node is fmt_node or self.protocol is None:  # rbd has no image locks
+                    node["force-share"] = True
         export = {
             "type": "fuse",
             "id": "exp0",
@@ -376,6 +382,7 @@ class FuseExport:
         }
         fmt_arg = json.dumps(fmt_node)
         args = [
+            *(x for o in self.objects for x in ("--object", o)),
             "--blockdev", json.dumps(file_node),
             "--blockdev", fmt_arg,
             "--export", json.dumps(export),

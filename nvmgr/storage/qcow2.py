@@ -125,9 +125,13 @@ class Qcow2Container(Container):
             pass_fds=(self._lock_fd,),
             image=self.path,
         )
+        self._open_export(self._export)
+
+    def _open_export(self, export: FuseExport) -> None:
+        """Open the export's file (the daemon is up): the one I/O path of raw files."""
         flags = (os.O_RDWR if self.writable else os.O_RDONLY) | os.O_CLOEXEC
         with self._io("open"):
-            self._file = PosixFile(os.open(self._export.mountpoint, flags), self.path)
+            self._file = PosixFile(os.open(export.mountpoint, flags), self.path)
             st = os.fstat(self._file.fd)
         self._size = st.st_size
         if set_readahead(st.st_dev):

@@ -195,17 +195,28 @@ def img_convert(src: str, src_fmt: str, dst: str, dst_fmt: str, *,
         res = run(
             QEMU_IMG,
             ["convert", "-q", *(["-U"] if force_share else []), "-f", src_fmt, "-O", dst_fmt,
-             os.path.abspath(src), os.path.abspath(dst)],
+             _name(src), _name(dst)],
             image=src,
         )
     finally:
         os.umask(old)
-    if res.returncode != 0:
+    if res.returncode != 0 and not _is_location(dst):
         try:
             os.unlink(dst)
         except FileNotFoundError:
             pass
     check(res, "qemu-img convert", image=src)
+
+
+def _is_location(name: str) -> bool:
+    """A network location QEMU parses (``rbd:...``), not a file name."""
+    return name.startswith("rbd:")
+
+
+def _name(name: str) -> str:
+    """A file name made absolute (QEMU never reads a ``proto:`` prefix in it), or a
+    network location as it is."""
+    return name if _is_location(name) else os.path.abspath(name)
 
 
 def read_image(path: str, fmt: str) -> bytes:
