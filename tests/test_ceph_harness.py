@@ -135,3 +135,27 @@ def test_convert_a_file_to_rbd_and_back(ceph: CephCluster, tmp_path: Path) -> No
     assert p.returncode == 2 and "already exists" in p.stderr, p.stderr
     p = _nvmgr("convert", str(src), f"rbd:{ceph.pool}/q{where}", "-f", "qcow2")
     assert p.returncode == 2 and "raw" in p.stderr, p.stderr
+
+
+def test_rbd_snapshots_of_an_image(ceph: CephCluster, tmp_path: Path) -> None:
+    _user, keyring, _key = ceph.client("nvmgr-snap")
+    loc = f"rbd:{ceph.pool}/snapped:conf={ceph.conf}:id=nvmgr-snap:keyring={keyring}"
+    assert _nvmgr("create", loc, "-s", "blob:16K").returncode == 0
+    old, new = os.urandom(3000), os.urandom(3000)
+    (tmp_path / "old").write_bytes(old)
+    (tmp_path / "new").write_bytes(new)
+    assert _nvmgr("put", loc, "blob", str(tmp_path / "old")).returncode == 0
+    assert _nvmgr("snapshot", loc, "create", "before").returncode == 0
+    assert _nvmgr("put", loc, "blob", str(tmp_path / "new")).returncode == 0
+    listed = json.loads(_nvmgr("snapshot", loc, "list", "-O", "json").stdout)["snapshots"]
+    assert [(s["name"], s["kind"]) for s in listed] == [("before", "rbd")]
+    assert "before" in ceph.run("rbd", "snap", "ls", f"{ceph.pool}/snapped")  # Ceph's own
+    assert _nvmgr("snapshot", loc, "revert", "before").returncode == 0
+    assert _nvmgr("get", loc, "blob", "-o", str(tmp_path / "got")).returncode == 0
+    assert (tmp_path / "got").read_bytes() == old
+    assert _nvmgr("check", loc).returncode == 0
+    p = _nvmgr("snapshot", loc, "create", "before")
+    assert p.returncode == 2 and "exists" in p.stderr, p.stderr
+    assert _nvmgr("snapshot", loc, "delete", "before").returncode == 0
+    p = _nvmgr("snapshot", loc, "revert", "before")
+    assert p.returncode == 3 and "no snapshot" in p.stderr, p.stderr

@@ -434,15 +434,29 @@ def cmd_snapshot(args: argparse.Namespace) -> Result:
     if args.domain:
         return _domain_snapshot(args)
     path = resolve_image(args)
-    if probe_format(path) != "qcow2":
-        raise UsageError("internal snapshots need a qcow2 image (nvmgr convert IMAGE OUT -f qcow2)",
-                         image=path)
+    fmt = probe_format(path)
+    if fmt not in ("qcow2", "rbd"):
+        raise UsageError("image snapshots need a qcow2 image (nvmgr convert IMAGE OUT -f qcow2) "
+                         "or an RBD image", image=path)
+    store: Any = qcow2
+    if fmt == "rbd":  # Ceph's own snapshots; no image lock of QEMU's tells a running VM
+        from nvmgr.errors import BusyError
+        from nvmgr.image.image import Image
+        from nvmgr.storage import rbd
+
+        store = rbd
+        with Image.open(path) as img:
+            if args.action != "list" and any(s.live and s.dirty
+                                              for s in img.directory.sections):
+                raise BusyError("a VM runs on the image (its live sections are marked in "
+                                "use); stop it first", image=path)
     if args.action == "list":
-        return {"snapshots": qcow2.snapshot_list(path)}
+        return {"snapshots": [{**s, "kind": "internal" if store is qcow2 else "rbd"}
+                              for s in store.snapshot_list(path)]}
     if not args.name:
         raise UsageError(f"snapshot {args.action} needs a NAME")
-    fn = {"create": qcow2.snapshot_create, "apply": qcow2.snapshot_apply,
-          "revert": qcow2.snapshot_apply, "delete": qcow2.snapshot_delete}[args.action]
+    fn = {"create": store.snapshot_create, "apply": store.snapshot_apply,
+          "revert": store.snapshot_apply, "delete": store.snapshot_delete}[args.action]
     fn(path, args.name)
     return {"action": args.action, "name": args.name, "image": path}
 

@@ -161,7 +161,7 @@ def img_info(path: str, fmt: str) -> dict[str, Any]:
     :raise ExternalError: ``qemu-img`` failed or printed no JSON object.
     """
     out = qemu_img(
-        ["info", "--output=json", "-U", "-f", fmt, os.path.abspath(path)],
+        ["info", "--output=json", "-U", "-f", fmt, _name(path)],
         "qemu-img info",
         image=path,
     )

@@ -26,13 +26,15 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from nvmgr.errors import ExternalError, NotFoundError, UsageError
 from nvmgr.storage import qemu
 from nvmgr.storage.base import lock_file
 from nvmgr.storage.fuse import FuseExport
-from nvmgr.storage.qcow2 import Qcow2Container, _check_size
+from nvmgr.storage.qcow2 import Qcow2Container, _check_size, check_snapshot_name
 
 PREFIX = "rbd:"
 
@@ -222,3 +224,57 @@ class RbdContainer(Qcow2Container):
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._open_export(export)
+
+
+# ---------------------------------------------------------------- RBD snapshots
+
+@contextlib.contextmanager
+def _held(path: str, exclusive: bool, wait: float) -> Iterator[RbdLocation]:
+    """nvmgr's lock on the RBD image while ``qemu-img`` works on it."""
+    loc = RbdLocation.parse(path)
+    fd = _lock(loc, writable=exclusive, wait=wait, location=path)
+    try:
+        yield loc
+    finally:
+        os.close(fd)
+
+
+def snapshot_list(path: str, *, wait: float = 0) -> list[dict[str, Any]]:
+    """The RBD snapshots of the image (QEMU's records: ``id``, ``name``, ...)."""
+    with _held(path, False, wait) as loc:
+        snaps = qemu.img_info(loc.qemu_filename(), "raw").get("snapshots", [])
+    return [s for s in snaps if isinstance(s, dict)] if isinstance(snaps, list) else []
+
+
+def _names(loc: RbdLocation) -> set[str]:
+    snaps = qemu.img_info(loc.qemu_filename(), "raw").get("snapshots", [])
+    return {str(s.get("name")) for s in snaps if isinstance(s, dict)} \
+        if isinstance(snaps, list) else set()
+
+
+def _snapshot(path: str, name: str, op: str, wait: float) -> None:
+    check_snapshot_name(name)
+    with _held(path, True, wait) as loc:
+        known = name in _names(loc)
+        if op == "-c" and known:
+            raise UsageError(f"a snapshot named {name!r} exists", image=path)
+        if op != "-c" and not known:
+            raise NotFoundError(f"no snapshot named {name!r}", image=path)
+        # A raw image named by its location: qemu-img probes it as raw (and says so).
+        qemu.qemu_img(["snapshot", "-q", op, name, loc.qemu_filename()],
+                      f"qemu-img snapshot {op} {name!r}", image=path)
+
+
+def snapshot_create(path: str, name: str, *, wait: float = 0) -> None:
+    """Take the RBD snapshot *name* (Ceph's own, copy-on-write) of the image."""
+    _snapshot(path, name, "-c", wait)
+
+
+def snapshot_apply(path: str, name: str, *, wait: float = 0) -> None:
+    """Roll the image back to its RBD snapshot *name*."""
+    _snapshot(path, name, "-a", wait)
+
+
+def snapshot_delete(path: str, name: str, *, wait: float = 0) -> None:
+    """Delete the RBD snapshot *name*."""
+    _snapshot(path, name, "-d", wait)
