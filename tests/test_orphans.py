@@ -1,4 +1,7 @@
-"""Orphaned images (issue 9, part 2): the survey, adopt and fresh."""
+"""Orphaned images (issue 9, part 2): the record in the image, the survey, adopt and fresh.
+
+The record is the directory's ``orphaned [5]`` field (schemas/nvmgr.asn1).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from nvmgr.errors import BusyError, OrphanedImageError
-from nvmgr.format import codec
+from nvmgr.errors import BusyError, DERError, OrphanedImageError
+from nvmgr.format import asn1, codec
 from nvmgr.format.layout import SectionSpec
-from nvmgr.format.model import Binding
+from nvmgr.format.model import Binding, Orphaned
 from nvmgr.image.image import Image
 from nvmgr.provision import orphans
 
@@ -34,13 +37,47 @@ def _headers(path: Path) -> tuple[bytes, bytes]:
     return raw[:area], raw[area:2 * area]
 
 
+def test_the_record_is_in_both_header_copies(tmp_path: Path) -> None:
+    p = _image(tmp_path / "vm1.nvram")
+    assert codec.decode_header(_headers(p)[0]).orphaned is None
+    assert orphans.mark_orphaned(str(p), str(OWNER), "vm1", when=1_764_590_000)
+    for copy in _headers(p):
+        d = codec.decode_header(copy)
+        assert d.orphaned == Orphaned(1_764_590_000, "vm1") and d.domain_uuid == OWNER
+        assert asn1.decode_header(copy) == d  # the pyasn1 reference agrees
+    with Image.open(str(p)) as img:  # the state is untouched
+        assert img.get("uefi-vars") == b"vars" * 100 and img.get("tpm-permall") == b"tpm state"
+        assert img.check().ok
+    # Recorded once: the first time stays.
+    assert not orphans.mark_orphaned(str(p), str(OWNER), "vm1", when=1_900_000_000)
+    assert orphans.record_of(str(p)) == Orphaned(1_764_590_000, "vm1")
+
+
+def test_only_the_owner_named_is_recorded(tmp_path: Path) -> None:
+    p = _image(tmp_path / "vm1.nvram")
+    assert not orphans.mark_orphaned(str(p), str(NEW), "other")  # adopted meanwhile
+    assert not orphans.mark_orphaned(str(tmp_path / "gone.nvram"), str(OWNER), "vm1")
+    assert orphans.record_of(str(p)) is None
+
+
+def test_an_orphan_record_without_an_owner_is_refused(tmp_path: Path) -> None:
+    p = _image(tmp_path / "x.nvram", None)
+    with Image.open(str(p)) as img:
+        d = img.directory
+    d.orphaned = Orphaned(0, None)
+    with pytest.raises(DERError, match="orphan record without an owner"):
+        codec.encode_header(d)
+
+
 def test_adopt_gives_the_same_image_a_new_owner(tmp_path: Path) -> None:
     p = _image(tmp_path / "vm1.nvram")
     with Image.open(str(p)) as img:
         image_uuid = img.directory.image_uuid
+    orphans.mark_orphaned(str(p), str(OWNER), "vm1")
     assert orphans.adopt(str(p), NEW) == image_uuid  # the same image, a new owner
-    for copy in _headers(p):  # in both header copies
-        assert codec.decode_header(copy).domain_uuid == NEW
+    for copy in _headers(p):  # in both header copies, the record gone
+        d = codec.decode_header(copy)
+        assert (d.domain_uuid, d.orphaned) == (NEW, None)
     with Image.open(str(p)) as img:
         assert img.directory.domain_uuid == NEW and img.directory.image_uuid == image_uuid
         assert img.get("uefi-vars") == b"vars" * 100 and img.get("tpm-permall") == b"tpm state"
@@ -50,13 +87,17 @@ def test_adopt_gives_the_same_image_a_new_owner(tmp_path: Path) -> None:
 def test_move_aside_keeps_the_image_and_names_it(tmp_path: Path) -> None:
     p = _image(tmp_path / "vm1.nvram")
     before = p.read_bytes()
-    dst = orphans.move_aside(str(p))
+    dst = orphans.move_aside(str(p), OWNER)
     assert not p.exists() and Path(dst).parent == tmp_path
     assert Path(dst).name.startswith("vm1.orphan-") and dst.endswith(".nvram")
-    assert Path(dst).read_bytes() == before
+    record = orphans.record_of(dst)  # recorded on the way, if it was not
+    assert record is not None and record.domain_name is None
+    with Image.open(dst) as img:
+        assert img.get("uefi-vars") == b"vars" * 100 and img.get("tpm-permall") == b"tpm state"
+    assert len(Path(dst).read_bytes()) == len(before)
     # A second orphan moved aside in the same second gets its own name.
     _image(p)
-    dst2 = orphans.move_aside(str(p))
+    dst2 = orphans.move_aside(str(p), OWNER)
     assert dst2 != dst and Path(dst).exists() and Path(dst2).exists()
 
 
@@ -65,7 +106,7 @@ def test_move_aside_waits_for_no_one_it_cannot_get(tmp_path: Path,
     p = _image(tmp_path / "vm1.nvram")
     monkeypatch.setattr(orphans, "LOCK_WAIT", 0.0)
     with Image.open(str(p), writable=True), pytest.raises(BusyError):
-        orphans.move_aside(str(p))
+        orphans.move_aside(str(p), OWNER)
     assert p.exists()  # nothing moved while another writer held it
 
 
@@ -73,6 +114,7 @@ def test_survey_states(tmp_path: Path) -> None:
     for n, owner in enumerate(("a", "b", "c", "d"), 1):
         _image(tmp_path / f"{owner}.nvram", uuid.UUID(int=n))
     _image(tmp_path / "e.nvram", None)
+    orphans.mark_orphaned(str(tmp_path / "c.nvram"), str(uuid.UUID(int=3)), "gone-vm", when=0)
     (tmp_path / "notes.txt").write_text("not an image")
     broken = _image(tmp_path / "f.nvram", uuid.UUID(int=5))
     raw = bytearray(broken.read_bytes())
@@ -88,7 +130,8 @@ def test_survey_states(tmp_path: Path) -> None:
     assert set(by) == {"a.nvram", "b.nvram", "c.nvram", "d.nvram", "e.nvram", "f.nvram"}
     assert (by["a.nvram"].state, by["a.nvram"].domain) == ("running", "vm-a")
     assert (by["b.nvram"].state, by["b.nvram"].domain) == ("defined", "vm-b")
-    assert by["c.nvram"].state == "orphaned"
+    assert (by["c.nvram"].state, by["c.nvram"].domain,
+            by["c.nvram"].orphaned_since) == ("orphaned", "gone-vm", "1970-01-01T00:00:00Z")
     assert (by["d.nvram"].state, by["d.nvram"].orphaned_since) == ("orphaned", None)
     assert by["d.nvram"].domain_uuid == str(uuid.UUID(int=4))
     assert by["e.nvram"].state == "unowned"
@@ -96,11 +139,15 @@ def test_survey_states(tmp_path: Path) -> None:
 
 
 def test_the_refusal_names_both_choices_and_not_the_bare_command() -> None:
-    e = orphans.refusal("/i/vm1.nvram", OWNER, "vm1", "nvmgr define vm1.xml")
+    e = orphans.refusal("/i/vm1.nvram", OWNER, None, "vm1", "nvmgr define vm1.xml")
     assert isinstance(e, OrphanedImageError) and isinstance(e, BusyError)
     text = str(e)
     assert "'nvmgr define vm1.xml --adopt'" in text and "'nvmgr define vm1.xml --fresh'" in text
     assert f"domain {OWNER}, which no longer exists" in text
     assert "run nvmgr define" not in text
+    text = str(orphans.refusal("/i/vm1.nvram", OWNER, Orphaned(0, "vm1"), "vm1",
+                               "nvmgr reconcile vm1"))
+    assert "domain vm1, undefined at 1970-01-01T00:00:00Z" in text
+    assert "'nvmgr reconcile vm1 --adopt'" in text
 
 

@@ -18,7 +18,15 @@ from hypothesis import strategies as st
 from nvmgr.errors import DERError, ForeignImageError
 from nvmgr.format import asn1, codec, writer
 from nvmgr.format.layout import SectionSpec, layout
-from nvmgr.format.model import Binding, Directory, KeySlot, Member, Runner, SectionCrypto
+from nvmgr.format.model import (
+    Binding,
+    Directory,
+    KeySlot,
+    Member,
+    Orphaned,
+    Runner,
+    SectionCrypto,
+)
 
 NAME = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,20}", fullmatch=True).filter(
     lambda n: ".." not in n)
@@ -52,6 +60,9 @@ def directories(draw: st.DrawFn) -> Directory:
     runners = st.none() | st.builds(Runner, st.binary(min_size=16, max_size=16),
                                     st.text(min_size=1, max_size=40))
     d.runner, d.incoming = draw(runners), draw(runners)
+    if d.domain_uuid is not None:  # an owner that was undefined
+        d.orphaned = draw(st.none() | st.builds(
+            Orphaned, st.integers(0, 2**63 - 1), st.none() | st.text(min_size=1, max_size=40)))
     return d
 
 

@@ -189,6 +189,19 @@ class Runner(univ.Sequence):
     )
 
 
+class Orphaned(univ.Sequence):
+    componentType = namedtype.NamedTypes(
+        namedtype.NamedType(
+            "since",
+            univ.Integer().subtype(subtypeSpec=constraint.ValueRangeConstraint(0, 2**63 - 1)),
+        ),
+        namedtype.OptionalNamedType(
+            "domainName",
+            char.UTF8String().subtype(subtypeSpec=constraint.ValueSizeConstraint(1, 255)),
+        ),
+    )
+
+
 class Member(univ.Sequence):
     componentType = namedtype.NamedTypes(
         namedtype.NamedType(
@@ -250,6 +263,9 @@ class Directory(univ.Sequence):
         ),
         namedtype.OptionalNamedType(
             "incoming", Runner().subtype(implicitTag=_ctx(4, constructed=True))
+        ),
+        namedtype.OptionalNamedType(
+            "orphaned", Orphaned().subtype(implicitTag=_ctx(5, constructed=True))
         ),
         namedtype.OptionalNamedType(
             "extensions", Extensions().subtype(implicitTag=_ctx(15, constructed=True))
@@ -352,6 +368,10 @@ def directory_to_asn1(d: model.Directory) -> Directory:
         if who is not None:
             a[field]["run"] = who.run
             a[field]["host"] = who.host
+    if d.orphaned is not None:
+        a["orphaned"]["since"] = d.orphaned.since
+        if d.orphaned.domain_name is not None:
+            a["orphaned"]["domainName"] = d.orphaned.domain_name
     return a
 
 
@@ -426,7 +446,15 @@ def directory_from_asn1(a: Any) -> model.Directory:
         members=members,
         runner=_runner_from_asn1(a["runner"]),
         incoming=_runner_from_asn1(a["incoming"]),
+        orphaned=_orphaned_from_asn1(a["orphaned"]),
     )
+
+
+def _orphaned_from_asn1(a: Any) -> model.Orphaned | None:
+    if not a.isValue:
+        return None
+    name = str(a["domainName"]) if a["domainName"].isValue else None
+    return model.Orphaned(int(a["since"]), name)
 
 
 def _runner_from_asn1(a: Any) -> model.Runner | None:

@@ -145,6 +145,8 @@ def validate(d: Directory) -> None:
     """
     if len(d.sections) > MAX_SECTIONS:
         raise DERError(f"{len(d.sections)} sections exceed the limit of {MAX_SECTIONS}")
+    if d.orphaned is not None and d.domain_uuid is None:
+        raise DERError("an orphan record without an owner (domainUUID)")
     _check_bounds(d)
     if d.header_area not in HEADER_AREA_SIZES:
         raise DERError(f"header area size {d.header_area} is not a power of two in 64 KiB..16 MiB")

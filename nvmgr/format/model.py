@@ -186,6 +186,17 @@ class Runner:
 
 
 @dataclasses.dataclass
+class Orphaned:
+    """The owner domain was undefined and left the image behind (``Orphaned``)."""
+
+    since: int  # seconds since 1970-01-01 UTC
+    domain_name: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {"since": self.since, "domain_name": self.domain_name}
+
+
+@dataclasses.dataclass
 class Directory:
     """One generation of the image directory."""
 
@@ -201,6 +212,7 @@ class Directory:
     members: list[Member] | None = None
     runner: Runner | None = None
     incoming: Runner | None = None
+    orphaned: Orphaned | None = None
     version: int = 1
     #: ``HeaderCopy.mac`` of the copy this directory was read from: the HMAC
     #: that authenticates it under the image's key (encrypted images), not
@@ -286,5 +298,6 @@ class Directory:
             ],
             "runner": self.runner.to_json() if self.runner else None,
             "incoming": self.incoming.to_json() if self.incoming else None,
+            "orphaned": self.orphaned.to_json() if self.orphaned else None,
             "sections": [s.to_json() for s in self.sections],
         }

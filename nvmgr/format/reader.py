@@ -35,6 +35,7 @@ from nvmgr.format.model import (
     Directory,
     KeySlot,
     Member,
+    Orphaned,
     Runner,
     Section,
     SectionCrypto,
@@ -320,13 +321,20 @@ def read_header(body: bytes) -> tuple[Directory, bytes, bytes]:
             raise mem._fail(f"{len(members)} members; 1..64 allowed")
     runner = _runner(r, 3, "runner") if r.peek() == ctx(3, True) else None
     incoming = _runner(r, 4, "incoming") if r.peek() == ctx(4, True) else None
+    orphaned = None
+    if r.peek() == ctx(5, True):
+        o = r.sub(ctx(5, True), "orphaned")
+        since = o.integer("orphaned since", 0, INT64_MAX)
+        name = o.utf8("orphaned domainName", 1, 255) if o.peek() is not None else None
+        o.done()
+        orphaned = Orphaned(since, name)
     r.none_left("directory")
     r.done()
     d = Directory(version=1, image_uuid=image_uuid, generation=generation,
                   header_area=header_area, image_size=image_size,
                   scratch_offset=scratch_offset, scratch_length=scratch_length,
                   sections=sections, domain_uuid=domain_uuid, key_slots=key_slots,
-                  members=members, runner=runner, incoming=incoming, mac=mac)
+                  members=members, runner=runner, incoming=incoming, orphaned=orphaned, mac=mac)
     return d, directory_der, digest
 
 

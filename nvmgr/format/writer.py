@@ -108,4 +108,8 @@ def encode_directory(d: Directory) -> bytes:
     for n, who in ((3, d.runner), (4, d.incoming)):
         if who is not None:
             parts.append(tlv(ctx(n, True), tlv(OCTET_STRING, who.run) + _utf8(who.host)))
+    if d.orphaned is not None:
+        o = d.orphaned
+        parts.append(tlv(ctx(5, True), integer(o.since) + (
+            _utf8(o.domain_name) if o.domain_name is not None else b"")))
     return tlv(SEQUENCE, b"".join(parts))

@@ -46,6 +46,7 @@ from nvmgr.format.model import (
     MIN_HEADER_AREA,
     Directory,
     KeySlot,
+    Orphaned,
     Runner,
     Section,
     SectionCrypto,
@@ -840,6 +841,16 @@ class Image:
             new.image_uuid = image_uuid
             new.domain_uuid = domain_uuid
             new.runner = new.incoming = None  # a copy is nobody's running image
+            new.orphaned = None  # it has an owner
+            self._commit(new)
+
+    def set_orphaned(self, record: Orphaned | None) -> None:
+        """Record that the owner domain was undefined (None: that it is back),
+        in both header copies, like :meth:`reassign`."""
+        self._require_writable()
+        for _copy in "AB":
+            new = self._copy_dir()
+            new.orphaned = record
             self._commit(new)
 
     def rekey(self, new_kek: Kek, *, keep_old: bool = False) -> None:

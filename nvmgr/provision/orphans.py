@@ -4,6 +4,8 @@ A domain undefined behind nvmgr's back (``virsh undefine``, virt-manager's
 Delete) leaves its image, which still names the domain's UUID as its owner.
 Nothing here calls libvirt: the caller says which domains exist.
 
+- :func:`mark_orphaned` records, in the image's directory, that its owner was
+  undefined, when, and its name then (the watcher, ``nvmgr undefine``);
 - :func:`survey` lists the images under the managed directories with their
   owner and state (``nvmgr images``);
 - :func:`adopt` gives an orphan to a new domain, state and all;
@@ -21,17 +23,55 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from nvmgr.errors import BusyError, ForeignImageError, NvmgrError, OrphanedImageError
+from nvmgr.format.model import Orphaned
 from nvmgr.image.image import Image
 
 #: Seconds to wait for another nvmgr writer (a hook) holding the image.
 LOCK_WAIT = 30.0
 
 
-def refusal(path: str, owner: uuid.UUID, name: str | None, retry: str) -> OrphanedImageError:
+def iso(ts: int) -> str:
+    """A record's time as ISO 8601 UTC."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def mark_orphaned(path: str, domain_uuid: str, name: str | None,
+                  when: float | None = None) -> bool:
+    """Record in *path* that its owner *domain_uuid* (called *name*) was undefined.
+
+    Nothing happens (False) when the image is gone, names another owner
+    (adopted meanwhile), or is recorded already (the first time stays).
+
+    :raise NvmgrError: the image cannot be opened (corrupt, busy too long).
+    """
+    if not os.path.exists(path):
+        return False
+    with Image.open(path, writable=True, wait=LOCK_WAIT) as img:
+        d = img.directory
+        if d.domain_uuid is None or str(d.domain_uuid) != str(domain_uuid) or d.orphaned:
+            return False
+        img.set_orphaned(Orphaned(int(time.time() if when is None else when),
+                                  (name or None) and name[:255]))
+        return True
+
+
+def record_of(path: str) -> Orphaned | None:
+    """The orphan record of the image at *path* (None: none, or no image)."""
+    if not os.path.exists(path):
+        return None
+    with Image.open(path) as img:
+        return img.directory.orphaned
+
+
+def refusal(path: str, owner: uuid.UUID, record: Orphaned | None, name: str | None,
+            retry: str) -> OrphanedImageError:
     """The refusal to use an orphan without a choice; *retry* is the command to
     run again with ``--adopt`` or ``--fresh`` (never the bare command again)."""
+    was = f"domain {record.domain_name or owner}" if record else f"domain {owner}"
+    since = (f", undefined at {iso(record.since)}," if record
+             else ", which no longer exists.")
     return OrphanedImageError(
-        f"{path} holds the state of domain {owner}, which no longer exists. Choose: '{retry} --adopt' to take that "
+        f"{path} holds the state of {was}{since} Choose: '{retry} --adopt' to take that "
         f"state (same UEFI vars and TPM), or '{retry} --fresh' to start with a new image "
         "(the old one is moved aside, kept, and its new path printed); "
         "'nvmgr images --orphans' lists every orphan", image=path, domain=name)
@@ -59,8 +99,10 @@ def aside_path(path: str, when: float | None = None) -> str:
     raise BusyError(f"no free name to move {path} aside", image=path)
 
 
-def move_aside(path: str) -> str:
-    """Rename the orphan at *path* out of the way, kept; return its new path."""
+def move_aside(path: str, owner: uuid.UUID) -> str:
+    """Rename the orphan at *path* out of the way, kept (recorded as orphaned
+    first, if it was not); return its new path."""
+    mark_orphaned(path, str(owner), None)
     dst = aside_path(path)
     # Hold the image's lock while renaming: no hook or nvmgr writer is in it.
     with Image.open(path, writable=True, wait=LOCK_WAIT):
@@ -124,6 +166,9 @@ def survey(paths: Iterable[str], domains: dict[str, tuple[str, bool]]) -> list[I
             entry.state = "running" if running else "defined"
         elif owner is not None:
             entry.state = "orphaned"
+            if d.orphaned is not None:
+                entry.domain = d.orphaned.domain_name
+                entry.orphaned_since = iso(d.orphaned.since)
         out.append(entry)
     return out
 

@@ -28,7 +28,7 @@ from nvmgr.format.layout import SectionSpec, layout
 from nvmgr.format.model import Binding, Directory
 from nvmgr.image.convert import convert
 from nvmgr.image.image import Image
-from nvmgr.provision import staging
+from nvmgr.provision import orphans, staging
 from nvmgr.storage import qemu
 from nvmgr.storage.container import open_container, probe_format
 
@@ -150,11 +150,20 @@ def prepare_image(plan: Plan, *, kek: Kek | None, fmt: str,
             owner = img.directory.domain_uuid
             if owner is not None and plan.domain_uuid is not None and owner != plan.domain_uuid:
                 # A clone (virt-clone copies the XML, not the image) must never
-                # share its original's UEFI vars and TPM.
+                # share its original's UEFI vars and TPM; nor may a new domain
+                # take an orphan's state without being asked to.
+                fix = f"nvmgr reconcile {plan.domain or plan.domain_uuid}"
+                if img.directory.orphaned is not None:
+                    raise orphans.refusal(path, owner, img.directory.orphaned, plan.domain,
+                                          fix)
                 raise BusyError(
                     f"the image belongs to domain {owner}, not {plan.domain_uuid} (a clone "
-                    "sharing its original's state?): run nvmgr define on this domain to "
-                    "give it its own copy", image=path, domain=plan.domain)
+                    f"sharing its original's state?): run '{fix}' to give this domain its "
+                    "own copy (or keep 'nvmgr reconcile --all --watch' running); if domain "
+                    f"{owner} was undefined, '{fix}' offers --adopt or --fresh",
+                    image=path, domain=plan.domain)
+            if img.directory.orphaned is not None:  # its own domain is back
+                img.set_orphaned(None)
             missing = [s for s in specs if img.directory.find(s.name) is None]
             if missing:
                 img.add_sections(missing)

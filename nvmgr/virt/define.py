@@ -113,14 +113,16 @@ def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = No
         # Its domain is gone (undefined by virsh or virt-manager): an orphan.
         # Neither copied (a clone's way) nor taken silently: the user chooses.
         if orphan is None:
-            raise orphans.refusal(target, owner, name, retry)
+            raise orphans.refusal(target, owner, orphans.record_of(target), name, retry)
         if virt.exists(name, uri):
             virt.require_inactive(name, uri, what="redefining it with nvmgr")
         if not dry_run and orphan == "adopt":
             orphans.adopt(target, dom_uuid)
             adopted = True
         elif not dry_run:
-            moved_aside = orphans.move_aside(target)
+            moved_aside = orphans.move_aside(target, owner)
+            if os.path.isdir(snapshot_dir(target)):  # its snapshots are its own: along
+                os.rename(snapshot_dir(target), snapshot_dir(moved_aside))
             if meta and meta.uuid:  # the new image is a new image
                 dom.set_nvmgr(dataclasses.replace(meta, uuid=None))
                 meta = dom.nvmgr
@@ -234,8 +236,13 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
         shutil.rmtree(snapshots)
     else:
         snapshots = None
+    orphaned = False
+    if image and not removed and dom.uuid is not None and not virt.uuid_exists(str(dom.uuid), uri):
+        # Kept, its domain gone: recorded as such (a running domain, now
+        # transient, is recorded by the watcher when it stops).
+        orphaned = orphans.mark_orphaned(image, str(dom.uuid), name)
     return {"domain": name, "image": image, "image_removed": removed,
-            "snapshots_removed": snapshots}
+            "snapshots_removed": snapshots, "orphaned": orphaned}
 
 
 def _kek_from_metadata(meta: NvmgrMetadata | None, uri: str | None) -> Kek | None:

@@ -22,13 +22,13 @@ says so (the CLI's SIGTERM handler), between two actions, never in one.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 from nvmgr.domain.elements import parse_domain
 from nvmgr.errors import NotFoundError, NvmgrError
+from nvmgr.provision import orphans
 from nvmgr.virt import conn as virt
 from nvmgr.virt.define import ReconcileResult, nvmgr_domains, reconcile
 
@@ -114,8 +114,13 @@ class Watcher:
             return  # undefined while running: transient until it stops (the stop event)
         del self.known[dom_uuid]
         self.seen.pop(name, None)
-        if os.path.exists(k.image):
-            self.say(f"{k.name}: undefined; its image {k.image} is orphaned "
+        try:
+            done = orphans.mark_orphaned(k.image, dom_uuid, k.name)
+        except NvmgrError as e:
+            self.say(f"{k.name}: undefined; could not record {k.image} as orphaned: {e}")
+            return
+        if done:
+            self.say(f"{k.name}: undefined; its image {k.image} recorded as orphaned "
                      "(nvmgr images --orphans; nvmgr define --adopt or --fresh)")
 
     def catch_up(self, first: bool) -> None:

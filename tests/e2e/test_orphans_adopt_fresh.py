@@ -43,6 +43,7 @@ def test_adopt_takes_the_old_vars_and_tpm(vm: MakeVM, tmp_path: Path) -> None:
     assert old.image.is_file() and not vmlib.exists(old.name)
     entry = _orphans()[str(old.image)]
     assert entry["state"] == "orphaned" and entry["domain_uuid"] == old.uuid
+    assert entry["orphaned_since"] is None  # no watcher ran: not recorded, still found
 
     new_uuid = str(uuid.uuid4())
     new_xml = tmp_path / "new.xml"
@@ -59,6 +60,7 @@ def test_adopt_takes_the_old_vars_and_tpm(vm: MakeVM, tmp_path: Path) -> None:
     assert out["adopted"] is True and out["image"] == str(old.image)
     info = vmlib.info(old.image)
     assert info["domain_uuid"] == new_uuid and info["image_uuid"] == image_uuid
+    assert info["orphaned"] is None
     old_uuid, old.uuid = old.uuid, new_uuid  # the cleanup's
     shutil.rmtree(vmlib.SWTPM_ROOT / old_uuid, ignore_errors=True)
     assert old.get("uefi-vars") == vars_before and old.get("tpm-permall") == tpm_before
@@ -80,7 +82,10 @@ def test_fresh_with_the_watcher_moves_the_orphan_aside(vm: MakeVM, tmp_path: Pat
         sha = vmlib.sha256(old.image)
         image_uuid = vmlib.info(old.image)["image_uuid"]
         vmlib.virsh("undefine", old.name)
-        w.wait_line(f"{old.name}: undefined; its image {old.image}", stream="out")
+        w.wait_line(f"{old.name}: undefined; its image {old.image} recorded as orphaned",
+                    stream="out")
+        record = vmlib.info(old.image)["orphaned"]
+        assert record["domain_name"] == old.name and record["since"] > 0  # type: ignore[index]
 
         # virsh define of a new domain of that name: the watcher does not take
         # the orphan's state on its own; it says what to run.

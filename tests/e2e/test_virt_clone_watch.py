@@ -3,7 +3,8 @@
 ``virt-clone --auto-clone`` copies the XML (a new name, UUID and MAC) and so
 the nvmgr metadata that names the original's image.  The watcher sees the
 define event and gives the clone its own image: vars copied, a fresh TPM, no
-manual step.
+manual step.  Without the watcher the start is refused, naming the command
+that fixes it, and that command works.
 """
 
 from __future__ import annotations
@@ -72,3 +73,24 @@ def test_virt_clone_with_the_watcher_starts_on_its_own_image(vm: MakeVM, tmp_pat
     ek_clone = vmlib.read_ek(clone.get("tpm-permall"), tmp_path)
     assert ek_clone[0] and ek_orig[0] != ek_clone[0]  # its own TPM identity
 
+
+def test_without_the_watcher_the_refusal_names_the_command_that_fixes_it(
+        vm: MakeVM, tmp_path: Path) -> None:
+    orig = vm("vclone-orig2", tpm=True)
+    orig.define()
+    orig_sha = vmlib.sha256(orig.image)
+    clone = vm("vclone2")
+    _virt_clone(orig.name, clone.name)
+    clone.uuid = vmlib.virsh("domuuid", clone.name).stdout.strip()
+    p = vmlib.start(clone.name, check=False)
+    assert p.returncode != 0 and vmlib.state(clone.name) == "shut off"
+    fix = f"nvmgr reconcile {clone.name}"
+    assert fix in p.stderr, p.stderr
+    assert "run nvmgr define" not in p.stderr
+    assert vmlib.sha256(orig.image) == orig_sha and not clone.image.exists()
+    out = vmlib.nvmgr(*fix.split()[1:]).stdout  # the command the refusal names
+    assert f"{clone.name}: reconciled" in out, out
+    assert vmlib.info(clone.image)["domain_uuid"] == clone.uuid
+    vmlib.start(clone.name)  # now it starts (its own image); no need to boot it through
+    vmlib.destroy(clone.name)
+    assert vmlib.sha256(orig.image) == orig_sha

@@ -79,13 +79,14 @@ def test_the_watcher_reconnects_after_a_libvirtd_restart_and_stops_on_sigterm(
 
         # Undefined behind nvmgr's back: its image is an orphan.
         lvd.virsh("undefine", first)
-        w.wait_line(f"{first}: undefined; its image {vmlib.image_of(first)} is orphaned",
-                    stream="out")
+        w.wait_line(f"{first}: undefined; its image {vmlib.image_of(first)} recorded as "
+                    "orphaned", stream="out")
         images = json.loads(vmlib.nvmgr("images", "--orphans", "--connect", lvd.uri,
                                         "--output", "json").stdout)["images"]
         mine = {i["path"]: i for i in images}
         entry = mine[str(vmlib.image_of(first))]
         assert entry["state"] == "orphaned" and entry["domain_uuid"] == first_uuid
+        assert entry["domain"] == first and entry["orphaned_since"]  # recorded in the image
         assert str(vmlib.image_of(second)) not in mine  # defined: not an orphan
     finally:
         t0 = time.monotonic()
@@ -99,5 +100,5 @@ def test_the_watcher_reconnects_after_a_libvirtd_restart_and_stops_on_sigterm(
     # One line per action, each action once: no repeats from its own defines' events.
     assert w.out == [f"{first}: reconciled (added uefi-vars)",
                      f"{second}: reconciled (added uefi-vars)",
-                     f"{first}: undefined; its image {vmlib.image_of(first)} is orphaned "
-                     "(nvmgr images --orphans; nvmgr define --adopt or --fresh)"], w.out
+                     f"{first}: undefined; its image {vmlib.image_of(first)} recorded as "
+                     "orphaned (nvmgr images --orphans; nvmgr define --adopt or --fresh)"], w.out
