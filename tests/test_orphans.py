@@ -147,7 +147,7 @@ def test_the_refusal_names_both_choices_and_not_the_bare_command() -> None:
     assert "run nvmgr define" not in text
     text = str(orphans.refusal("/i/vm1.nvram", OWNER, Orphaned(0, "vm1"), "vm1",
                                "nvmgr reconcile vm1"))
-    assert "domain vm1, undefined at 1970-01-01T00:00:00Z" in text
+    assert "domain vm1, undefined at 1970-01-01T00:00:00Z. Choose" in text
     assert "'nvmgr reconcile vm1 --adopt'" in text
 
 

@@ -68,8 +68,7 @@ def refusal(path: str, owner: uuid.UUID, record: Orphaned | None, name: str | No
     """The refusal to use an orphan without a choice; *retry* is the command to
     run again with ``--adopt`` or ``--fresh`` (never the bare command again)."""
     was = f"domain {record.domain_name or owner}" if record else f"domain {owner}"
-    since = (f", undefined at {iso(record.since)}," if record
-             else ", which no longer exists.")
+    since = f", undefined at {iso(record.since)}." if record else ", which no longer exists."
     return OrphanedImageError(
         f"{path} holds the state of {was}{since} Choose: '{retry} --adopt' to take that "
         f"state (same UEFI vars and TPM), or '{retry} --fresh' to start with a new image "

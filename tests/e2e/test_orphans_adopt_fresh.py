@@ -79,11 +79,11 @@ def test_fresh_with_the_watcher_moves_the_orphan_aside(vm: MakeVM, tmp_path: Pat
     with watching() as w:
         old.define()
         w.wait_line(f"{old.name}: ", stream="out")
-        sha = vmlib.sha256(old.image)
         image_uuid = vmlib.info(old.image)["image_uuid"]
         vmlib.virsh("undefine", old.name)
         w.wait_line(f"{old.name}: undefined; its image {old.image} recorded as orphaned",
                     stream="out")
+        sha = vmlib.sha256(old.image)  # with its record
         record = vmlib.info(old.image)["orphaned"]
         assert record["domain_name"] == old.name and record["since"] > 0  # type: ignore[index]
 
