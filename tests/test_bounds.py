@@ -455,3 +455,69 @@ def test_the_directory_mac_is_in_the_header_copy_and_pyasn1_agrees(tmp_path: Pat
         raw = path.read_bytes()[off : off + area]
         assert codec.decode_header(raw).mac is not None
         assert asn1.decode_header(raw).mac == codec.decode_header(raw).mac
+
+
+# ----------------------------------------------------------------- the root hook
+
+
+def _hook_domain(tmp_path: Path, key: Path | None) -> object:
+    from tests import hookdom
+
+    d = hookdom.wired_domain(tmp_path, "bounds")
+    if key is not None:  # the same domain, naming a key file in its metadata
+        d.xml = d.xml.replace(f"image=\"{d.image}\"", f"image=\"{d.image}\" key-file=\"{key}\"",
+                              1)
+        assert str(key) in d.xml
+    return d
+
+
+@pytest.mark.parametrize("forgery", ["5000-digit imageSize", "rollback under the key"])
+def test_the_root_hook_survives_a_directory_written_by_qemu(tmp_path: Path, forgery: str) -> None:
+    """Rows "integers of a directory" and "the directory of an encrypted
+    image", through the real hook entry: what a compromised QEMU writes into
+    the image (both header copies, valid digests) makes the next prepare
+    refuse the start with exit 4 and a message that prints; never a crash."""
+    key = None
+    if forgery.startswith("rollback"):
+        key = tmp_path / "vm.key"
+        key.write_bytes(bytes(range(32)))
+        key.chmod(0o600)
+    d = _hook_domain(tmp_path, key)
+    r = d.hook("prepare", "begin")  # type: ignore[attr-defined]
+    assert r.returncode == 0, r.stderr.decode()
+    # What swtpm leaves behind: release collects it (encrypted under the key).
+    d.tpm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # type: ignore[attr-defined]
+    (d.tpm_dir / "tpm2-00.permall").write_bytes(b"TPM state " * 100)  # type: ignore[attr-defined]
+    r = d.hook("release", "end")  # type: ignore[attr-defined]
+    assert r.returncode == 0, r.stderr.decode()
+    image = d.image  # type: ignore[attr-defined]
+    if key is not None:
+        with Image.open(str(image)) as img:
+            assert img.directory.encrypted and img.directory.mac is not None
+            s = next(s for s in img.directory.sections if s.encrypted and s.length)
+
+        def forge(dd: writer.Directory) -> None:  # type: ignore[name-defined]
+            x = dd.find(s.name)
+            x.length, x.crc32 = 0, 0  # the TPM's state dropped: a fresh TPM
+            x.crypto = None
+
+        _forge(image, forge)
+    else:
+        def huge(dd: writer.Directory) -> None:  # type: ignore[name-defined]
+            dd.image_size = 10**5000
+
+        with Image.open(str(image)) as img:
+            dd = img._copy_dir()
+            area = dd.header_area
+        huge(dd)
+        dd.generation += 10
+        blob = frame(writer.encode_directory(dd))
+        raw = bytearray(image.read_bytes())
+        for off in (0, area):
+            raw[off : off + area] = blob + bytes(area - len(blob))
+        image.write_bytes(bytes(raw))
+    r = d.hook("prepare", "begin")  # type: ignore[attr-defined]
+    assert r.returncode == ExitCode.CORRUPT, r.stderr.decode()
+    err = r.stderr.decode()
+    assert "Traceback" not in err
+    assert ("not authenticated" in err) if key else ("outside" in err or "damaged" in err)

@@ -151,6 +151,7 @@ def _verify_key(img: Image, kek: Kek | None, ctx: HookContext) -> None:
             "(key-file or key-secret)", image=img.path)
     try:
         unlock(img.directory.key_slots or [], kek, image=img.path)
+        img.authenticate()  # a directory QEMU forged while the VM ran: refused here
     except WrongKeyError as e:
         source = ctx.meta.key_file or f"libvirt secret {ctx.meta.key_secret}"
         raise WrongKeyError(

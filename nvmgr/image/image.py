@@ -569,6 +569,17 @@ class Image:
                 "the directory is not authenticated under the image's key (forged, rolled "
                 "back or damaged): refusing it", image=self.path)
 
+    def authenticate(self) -> None:
+        """Unlock the image with the key given and check its directory's MAC
+        now, rather than at the key's first use (the hook's prepare: before
+        anything is staged).
+
+        :raise KeyRequiredError: no key was given.
+        :raise WrongKeyError, CorruptError: see :meth:`_authenticate`.
+        """
+        if self.directory.encrypted:
+            self._get_cipher()
+
     def _directory_mac(self, new: Directory) -> Callable[[bytes], bytes] | None:
         """How the commit of *new* is authenticated (encrypted images).
 
@@ -644,6 +655,14 @@ class Image:
                 progress(min(done + CHUNK, total), total)
         self.container.flush()
 
+    def _copy_flush(self, src: int, dst: int, length: int) -> None:
+        """Copy *length* bytes within the image in :data:`CHUNK` pieces, flush:
+        memory stays bounded whatever a directory says a section holds."""
+        for off in range(0, length, CHUNK):
+            n = min(CHUNK, length - off)
+            self.container.write(dst + off, self.container.read(src + off, n))
+        self.container.flush()
+
     def put(self, name: str, data: Buffer, *, progress: Progress | None = None,
             force: bool = False) -> Section:
         """Replace the section's payload, crash-safely (see the module docstring).
@@ -696,7 +715,7 @@ class Image:
             return
         new = self._copy_dir()
         for s, home in pending:
-            self._write_flush(home, self.container.read(s.offset, s.reserved), None)
+            self._copy_flush(s.offset, home, s.reserved)
             ns = self._find(new, s.name)
             ns.offset, ns.home = home, None
         self._commit(new)
@@ -761,8 +780,7 @@ class Image:
         moved.length, moved.crc32, moved.crypto = s.length, s.crc32, s.crypto
         if grown.image_size > self.container.size():
             self.container.resize(grown.image_size)
-        stored = self.container.read(s.offset, s.stored_length)
-        self._write_flush(moved.offset, stored, None)
+        self._copy_flush(s.offset, moved.offset, s.stored_length)
         # Keep the section's place in the directory order.
         new = self._copy_dir()
         new.sections = [moved if x.name == name else x for x in new.sections]
