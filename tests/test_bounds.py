@@ -443,10 +443,15 @@ def test_writers_without_the_key_keep_the_seal(tmp_path: Path, nvmgr: RunCli) ->
         assert img.check().ok and img.directory.find("tpm") is None
 
 
-def test_the_directory_mac_is_in_the_header_copy_and_pyasn1_agrees(tmp_path: Path) -> None:
+def test_the_directory_mac_is_in_the_header_copy_and_pyasn1_agrees(tmp_path: Path,
+                                                                   nvmgr: RunCli) -> None:
     from nvmgr.format import asn1
 
     path, _k = _keyed(tmp_path)
+    res = nvmgr("dump", path, "--der", tmp_path / "copy.der")
+    assert res.returncode == 0, res.stderr
+    der = (tmp_path / "copy.der").read_bytes()  # what openssl asn1parse reads: with its MAC
+    assert codec.decode_header(der, padded=False).mac is not None
     with Image.open(str(path)) as img:
         area = img.directory.header_area
         mac = img.directory.mac

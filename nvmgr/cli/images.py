@@ -391,7 +391,8 @@ def cmd_dump(args: argparse.Namespace) -> Result:
 
     with _open(args, with_key=False) as img:
         d = img.directory
-        blob = codec.encode_header(d)
+        mac = d.mac  # an encrypted image's directory MAC, as the header copy holds it
+        blob = codec.encode_header(d, (lambda _der: mac) if mac is not None else None)
         if args.der:
             with open(args.der, "wb") as f:
                 f.write(blob)
