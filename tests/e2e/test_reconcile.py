@@ -51,7 +51,8 @@ def test_reconcile_restores_arguments_and_adds_new_sections(vm: MakeVM, tmp_path
     assert "pflash1" not in vmlib.virsh("dumpxml", "--inactive", v.name).stdout
 
     out = json.loads(vmlib.nvmgr("reconcile", v.name, "--output", "json").stdout)
-    assert out["domains"] == [{"domain": v.name, "status": "reconciled", "added": ["vpd0"]}]
+    assert out["domains"] == [{"domain": v.name, "status": "reconciled", "added": ["vpd0"],
+                               "adopted": False, "moved_aside": None}]
     now = vmlib.virsh("dumpxml", "--inactive", v.name).stdout
     assert "pflash1=nvmgr-uefi-vars" in now and "opt/org.nvmgr/vpd" in now
     assert vmlib.section_info(v.image, "vpd0")["binding"] == "fwcfg"
