@@ -160,7 +160,6 @@ def after_first_run(d: HookDomain) -> None:
 
 
 def test_prepare_killed_at_every_io_of_a_first_start(dom: HookDomain, tmp_path: Path) -> None:
-    release_first = True  # what libvirtd does; the later start below tries both
     def judge(c: HookDomain, n: int) -> str:
         made = "none"
         if c.image.exists():
@@ -171,21 +170,27 @@ def test_prepare_killed_at_every_io_of_a_first_start(dom: HookDomain, tmp_path: 
             else:  # created, killed before its first header: the next prepare makes it again
                 made = "zeros"
         assert staged(c) is None
-        ok(c.hook("prepare", "begin"))  # the start libvirtd refused, tried again
-        guest_run(c, S0, V1)
+        r = c.hook("release", "end")  # libvirtd's answer to the failed start
+        if made != "zeros":  # (on the remains of a cut-short creation it refuses: no image)
+            ok(r)
+        ok(c.hook("prepare", "begin"))  # the start tried again
+        guest_run(c, S0, V1)  # swtpm manufactures the TPM, the guest writes variables
         ok(c.hook("release", "end"))
-        finish_and_verify(c, S0, V1, release_first=release_first)
+        tpm, got_vars = image_state(c)
+        assert tpm == S0 and got_vars[:len(V1)] == V1
+        assert staged(c) is None
+        with Image.open(str(c.image)) as img:
+            assert not any(s.dirty for s in img.directory.sections)
         return made
 
     sweep(dom, tmp_path, "prepare", "begin", judge)
 
 
-@pytest.mark.parametrize("release_first", [True, False], ids=["then-release", "no-release"])
-def test_prepare_killed_at_every_io_of_a_later_start(
-        dom: HookDomain, tmp_path: Path, release_first: bool) -> None:
+def test_prepare_killed_at_every_io_of_a_later_start(dom: HookDomain, tmp_path: Path) -> None:
     after_first_run(dom)
 
     def judge(c: HookDomain, n: int) -> str:
+        release_first = n % 2 == 1  # libvirtd's release of the failed start, or none
         tpm, _ = image_state(c)
         assert tpm == S0
         left = staged(c)
