@@ -112,3 +112,19 @@ def test_fresh_with_the_watcher_moves_the_orphan_aside(vm: MakeVM, tmp_path: Pat
     assert old.section("tpm-permall")["length"] == 0  # a new image: a new TPM
     assert _orphans()[str(aside[0])]["state"] == "orphaned"
     assert str(old.image) not in _orphans()
+
+
+def test_nvmgr_undefine_keep_nvram_records_the_orphan(vm: MakeVM) -> None:
+    v = vm("orph-undef", tpm=False)
+    v.define()
+    out = json.loads(vmlib.nvmgr("undefine", v.name, "--keep-nvram", "--output", "json").stdout)
+    assert out["orphaned"] is True and out["image"] == str(v.image) and v.image.is_file()
+    record = vmlib.info(v.image)["orphaned"]
+    assert record["domain_name"] == v.name  # type: ignore[index]
+    entry = _orphans()[str(v.image)]
+    assert (entry["domain"], entry["domain_uuid"]) == (v.name, v.uuid)
+    assert entry["orphaned_since"]
+    # The same domain back (its own UUID): no choice to make, the record goes.
+    vmlib.nvmgr("define", v.xml_path)
+    assert vmlib.info(v.image)["orphaned"] is None
+    assert str(v.image) not in _orphans()
