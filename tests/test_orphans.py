@@ -151,3 +151,36 @@ def test_the_refusal_names_both_choices_and_not_the_bare_command() -> None:
     assert "'nvmgr reconcile vm1 --adopt'" in text
 
 
+
+
+def test_prepare_refuses_another_domains_image_naming_the_command_that_fixes_it(
+        tmp_path: Path) -> None:
+    """The hook's prepare (prepare_image) on an image another domain owns: a clone's
+    refusal names 'nvmgr reconcile NAME'; an orphan's names its --adopt / --fresh;
+    the owner itself, back, clears the record."""
+    from nvmgr.domain.elements import parse_domain
+    from nvmgr.domain.plan import plan_for
+    from nvmgr.provision.prepare import prepare_image
+
+    image = _image(tmp_path / "vm.nvram", OWNER)
+    xml = """<domain type='qemu'><name>vm2</name><uuid>{u}</uuid><metadata>
+      <nvmgr:nvram xmlns:nvmgr="https://nvmgr.dev/schemas/metadata/1" image='{i}'/></metadata>
+      <memory unit='MiB'>64</memory><os><type arch='x86_64' machine='q35'>hvm</type></os>
+      </domain>"""
+    clone = plan_for(parse_domain(xml.format(u=NEW, i=image)))
+    before = image.read_bytes()
+    with pytest.raises(BusyError) as e:
+        prepare_image(clone, kek=None, fmt="raw", path=str(image))
+    assert not isinstance(e.value, OrphanedImageError)
+    assert "run 'nvmgr reconcile vm2'" in str(e.value) and "nvmgr define" not in str(e.value)
+    orphans.mark_orphaned(str(image), str(OWNER), "vm1", when=0)
+    with pytest.raises(OrphanedImageError) as e:
+        prepare_image(clone, kek=None, fmt="raw", path=str(image))
+    assert "'nvmgr reconcile vm2 --adopt'" in str(e.value)
+    assert "'nvmgr reconcile vm2 --fresh'" in str(e.value)
+    assert orphans.record_of(str(image)) == Orphaned(0, "vm1")
+    assert len(image.read_bytes()) == len(before)
+    owner = plan_for(parse_domain(xml.format(u=OWNER, i=image)))
+    img, _, _ = prepare_image(owner, kek=None, fmt="raw", path=str(image))
+    img.close()
+    assert orphans.record_of(str(image)) is None  # its own domain is back
