@@ -215,7 +215,7 @@ def results_section() -> str:
              "1 s counts as a failure.", "",
              "| machine |  |", "|---|---|", f"| date | {m['date']} |", f"| uname | {m['uname']} |",
              f"| cpus | {m['cpus']} |", f"| python | {m['python']} |", "",
-             "| target | inputs | rate per worker, CPU-bound (inputs/s) | slowest input (s) "
+             "| target | inputs | rate per worker (inputs/s, wall clock, shared machine) | slowest input (s) "
              "| peak RSS of a worker (MB) | contract failures |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, s in run["targets"].items():
