@@ -65,8 +65,11 @@ def _mac_room(_der: bytes) -> bytes:
 
 
 CHUNK = 4 << 20
-#: The largest section :meth:`Image.get` reads into memory at once (a pflash
-#: varstore is at most 64 MiB); :meth:`Image.get_to` streams larger ones.
+#: The largest unencrypted section :meth:`Image.get` reads into memory at once
+#: (a pflash varstore is at most 64 MiB); :meth:`Image.get_to` streams larger
+#: ones.  An encrypted section's length is authenticated by the directory's MAC
+#: (checked first), so it is read whole, as its MAC must be checked before
+#: any byte is decrypted.
 MAX_IN_MEMORY = 256 << 20
 #: Bytes to store: bytes, or any buffer such as an mmap of the input file.
 Buffer = bytes | bytearray | memoryview | mmap.mmap
@@ -468,7 +471,11 @@ class Image:
         :raise KeyRequiredError, WrongKeyError: an encrypted section without its key.
         """
         s = self._local(self.section(name))
-        if s.stored_length > MAX_IN_MEMORY:
+        if s.crypto is not None:
+            # The key first: the directory's MAC covers an encrypted section's
+            # length, so a size read past this point is the key holder's own.
+            self._get_cipher()
+        elif s.stored_length > MAX_IN_MEMORY:
             raise UsageError(
                 f"section {name} holds {s.stored_length:,} bytes, more than the "
                 f"{MAX_IN_MEMORY:,} read into memory at once: stream it "
