@@ -89,8 +89,12 @@ class CephCluster:
             raise CephError(f"not installed: {', '.join(missing)} "
                             f"(apt-get install {' '.join(PACKAGES)})")
         t0 = time.monotonic()
-        for d in ("run", "log", "mon", "osd/ceph-0"):
+        for d in ("run", "log", "mon", "osd/ceph-0", "client"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
+        # Clients run as other users too (QEMU as libvirt-qemu): the conf is readable by
+        # all, and each client's admin socket and log go to a sticky world-writable dir.
+        self.root.chmod(0o755)
+        (self.root / "client").chmod(0o1777)
         r = self.root
         self.conf.write_text(f"""[global]
 fsid = {self.fsid}
@@ -125,9 +129,10 @@ bluestore block size = {self._bytes(self.osd_size)}
 bluestore fsck on mount = false
 osd memory target = 536870912
 [client]
-admin socket = {r}/run/$name.$pid.asok
-log file = {r}/log/$name.$pid.log
+admin socket = {r}/client/$name.$pid.asok
+log file = {r}/client/$name.$pid.log
 """)
+        self.conf.chmod(0o644)
         mon_keyring = r / "mon.keyring"
         self.run("ceph-authtool", "--create-keyring", str(mon_keyring), "--gen-key",
                  "-n", "mon.", "--cap", "mon", "allow *")

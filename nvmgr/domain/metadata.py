@@ -45,6 +45,7 @@ from nvmgr.domain.xmlparse import parse_tree
 from nvmgr.errors import InstallationError, InvalidInputError, UsageError
 from nvmgr.format.layout import MAX_SECTION_SIZE
 from nvmgr.format.model import MAX_NAME, Binding
+from nvmgr.storage.rbd import RbdLocation, is_rbd
 from nvmgr.units import parse_size
 
 #: Sum of all sizes declared in nvmgr metadata, a bound against absurd input.
@@ -167,7 +168,7 @@ _SECTION_NAME = (f"invalid section name {{v}}: 1-{MAX_NAME} characters from A-Z 
 #: What each value the schema checks must look like, for messages:
 #: (element, attribute) -> template with ``{attr}`` and ``{v}`` (the value's repr).
 _RULES: Mapping[tuple[str, str], str] = {
-    ("nvram", "image"): _ABSOLUTE,
+    ("nvram", "image"): _ABSOLUTE + " or an rbd:POOL/IMAGE[:conf=F][:id=U][:keyring=F] location",
     ("nvram", "format"): f"{{attr}}={{v}} is not one of {', '.join(FORMATS)}",
     ("nvram", "uuid"): _UUID,
     ("nvram", "key-file"): _ABSOLUTE,
@@ -298,8 +299,15 @@ def from_element(node: etree._Element) -> NvmgrMetadata:
 
 
 def _path(node: etree._Element, attr: str) -> str | None:
-    """An absolute path attribute (the schema checked the leading '/'): no '..' step."""
+    """An absolute path attribute (the schema checked the leading '/'): no '..' step;
+    an image may also be an ``rbd:`` location (checked whole)."""
     value = node.get(attr)
+    if value is not None and attr == "image" and is_rbd(value):
+        try:
+            RbdLocation.parse(value)
+        except UsageError as e:
+            raise meta_error(node, e.message) from e
+        return value
     if value is not None and "/../" in value + "/":
         raise meta_error(node, _ABSOLUTE.format(attr=attr, v=repr(value)))
     return value

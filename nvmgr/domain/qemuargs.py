@@ -46,6 +46,7 @@ from nvmgr.domain.plan import Plan, PlannedSection
 from nvmgr.errors import InvalidInputError, UsageError
 from nvmgr.format.model import Binding
 from nvmgr.paths import RUNTIME_ROOT
+from nvmgr.storage.rbd import RbdLocation, is_rbd
 
 #: Where the prepare hook stages what QEMU reads as files (tmpfs), one
 #: directory per domain UUID.  The one definition: the arguments below name
@@ -54,6 +55,7 @@ from nvmgr.paths import RUNTIME_ROOT
 FILE_NODE = "nvmgr-file"
 FORMAT_NODE = "nvmgr-image"
 KEY_SECRET_ID = "nvmgr-key"
+RBD_SECRET_ID = "nvmgr-rbd-key"
 #: Every node, device and object id nvmgr adds starts with this.
 PREFIX = "nvmgr-"
 #: QEMU node names: a letter, then letters, digits, ``-._``; at most 31 characters.
@@ -78,6 +80,11 @@ def staged_path(domain_uuid: uuid.UUID | str, section: str) -> str:
 def key_path(domain_uuid: uuid.UUID | str) -> str:
     """Where the prepare hook writes the qcow2+LUKS key (0600, tmpfs)."""
     return os.path.join(runtime_dir(domain_uuid), "image.key")
+
+
+def rbd_key_path(domain_uuid: uuid.UUID | str) -> str:
+    """Where the prepare hook writes the cephx key of an image on RBD (0600, tmpfs)."""
+    return os.path.join(runtime_dir(domain_uuid), "rbd.key")
 
 
 def node_name(section: str) -> str:
@@ -120,9 +127,11 @@ def qemu_args(
     :raise UsageError: a relative image path, an unknown format, LUKS on raw,
         or no domain UUID where one is needed.
     """
-    if fmt not in ("raw", "qcow2"):
-        raise UsageError(f"image format {fmt!r} is not raw or qcow2", image=image_path)
-    if not os.path.isabs(image_path):
+    rbd = RbdLocation.parse(image_path) if is_rbd(image_path) else None
+    if fmt not in ("raw", "qcow2") or (rbd is not None and fmt != "raw"):
+        raise UsageError(f"image format {fmt!r} is not raw or qcow2 (raw on RBD)",
+                         image=image_path)
+    if rbd is None and not os.path.isabs(image_path):
         raise UsageError("the image path must be absolute for QEMU", image=image_path)
     if luks and fmt != "qcow2":
         raise UsageError("LUKS encryption needs a qcow2 image", image=image_path)
@@ -131,15 +140,24 @@ def qemu_args(
     if not live and not fwcfg:
         return []  # QEMU does not open the image at all
     dom_uuid = domain_uuid or plan.domain_uuid
-    if fwcfg or (live and luks):
+    if fwcfg or (live and (luks or (rbd is not None and rbd.keyring))):
         _staging_uuid(dom_uuid)  # refused before any argument is made
     args: list[str] = []
     if live:
         if luks:
             key = _keyval_path(key_path(_staging_uuid(dom_uuid)))
             args += ["-object", f"secret,id={KEY_SECRET_ID},format=raw,file={key}"]
-        args += ["-blockdev", _json({"driver": "file", "filename": image_path,
-                                     "node-name": FILE_NODE, "discard": "unmap"})]
+        if rbd is not None:
+            # QEMU's rbd driver; the cephx key from a runtime file the hooks stage and remove.
+            node: dict[str, object] = {**rbd.node(), "node-name": FILE_NODE}
+            if rbd.keyring:
+                key = _keyval_path(rbd_key_path(_staging_uuid(dom_uuid)))
+                args += ["-object", f"secret,id={RBD_SECRET_ID},format=base64,file={key}"]
+                node["key-secret"] = RBD_SECRET_ID
+            args += ["-blockdev", _json(node)]
+        else:
+            args += ["-blockdev", _json({"driver": "file", "filename": image_path,
+                                         "node-name": FILE_NODE, "discard": "unmap"})]
         base = FILE_NODE
         if fmt == "qcow2":
             q: dict[str, object] = {"driver": "qcow2", "file": FILE_NODE, "node-name": FORMAT_NODE}
@@ -154,13 +172,14 @@ def qemu_args(
             + ", ".join(s.name for s in pflash)
         )
     for s in live:
-        node = node_name(s.name)
+        slice_node = node_name(s.name)
         args += ["-blockdev", _json({"driver": "raw", "file": base, "offset": s.offset,
-                                     "size": s.capacity, "node-name": node})]
+                                     "size": s.capacity, "node-name": slice_node})]
         if s.binding is Binding.PFLASH:
-            args += ["-machine", f"pflash1={node}"]
+            args += ["-machine", f"pflash1={slice_node}"]
         elif s.driver:
-            dev: dict[str, object] = {"driver": s.driver, "drive": node, "id": s.device or node}
+            dev: dict[str, object] = {"driver": s.driver, "drive": slice_node,
+                                      "id": s.device or slice_node}
             if s.driver in SHARE_RW_DRIVERS:
                 dev["share-rw"] = True
             args += ["-device", _json(dev)]

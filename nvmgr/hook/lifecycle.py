@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
@@ -64,6 +63,8 @@ from nvmgr.image.image import Image
 from nvmgr.paths import RUNTIME_ROOT
 from nvmgr.provision import staging
 from nvmgr.provision.prepare import initial_content, prepare_image, refuse_luks
+from nvmgr.storage import image_exists
+from nvmgr.storage.rbd import RbdLocation, is_rbd, read_keyring_key
 
 MIGRATE_MAP = paths.MIGRATE_MAP
 #: Seconds a hook call waits for an nvmgr command holding the image.
@@ -228,7 +229,10 @@ def prepare(ctx: HookContext) -> str:
         if not incoming:
             img.set_in_use([s.name for s in img.directory.sections if s.live], True)
         owner = ownership.claim(img, runtime, incoming=incoming)
-        staging.hand_to_qemu(img.path, ctx.users)
+        if is_rbd(img.path):
+            _stage_rbd_key(ctx)
+        else:
+            staging.hand_to_qemu(img.path, ctx.users)
         n = len(img.directory.sections)
         return (f"verified {n} section(s) of {img.path}; "
                 + (f"recovered {recovered} left staged by an earlier run; " if recovered else "")
@@ -252,12 +256,24 @@ def _collect_tpm(img: Image, found: dict[str, bytes], version: str) -> list[str]
     return collected
 
 
+def _stage_rbd_key(ctx: HookContext) -> None:
+    """The cephx key of an image on RBD, for QEMU's rbd driver: a runtime file (tmpfs,
+    0600, the QEMU user's) that ``started`` removes; from the keyring the location names."""
+    loc = RbdLocation.parse(ctx.image)
+    if loc.keyring:
+        key = read_keyring_key(loc.keyring, loc.user)
+        staging.stage_runtime(ctx.uuid, {"rbd.key": key.encode("ascii")}, ctx.users,
+                              ctx.runtime_root)
+
+
 def started(ctx: HookContext) -> str:
-    key = Path(staging.runtime_dir(ctx.uuid, ctx.runtime_root)) / "image.key"
-    if key.exists():
-        key.unlink()
-        return "removed the runtime key file"
-    return "nothing to do"
+    removed = []
+    for name in ("image.key", "rbd.key"):
+        key = Path(staging.runtime_dir(ctx.uuid, ctx.runtime_root)) / name
+        if key.exists():
+            key.unlink()
+            removed.append(name)
+    return f"removed the runtime key file(s) {', '.join(removed)}" if removed else "nothing to do"
 
 
 def release(ctx: HookContext) -> str:
@@ -268,7 +284,7 @@ def release(ctx: HookContext) -> str:
     and the image (a corrupted one, say) must stay byte for byte as it was,
     its crc never resealed over damage QEMU did not cause.
     """
-    if not os.path.exists(ctx.image):
+    if not image_exists(ctx.image):
         staging.remove_runtime(ctx.uuid, ctx.runtime_root)
         return f"no image at {ctx.image}; nothing to collect"
     version = ctx.tpm_version()

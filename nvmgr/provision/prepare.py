@@ -29,8 +29,9 @@ from nvmgr.format.model import Binding, Directory
 from nvmgr.image.convert import convert
 from nvmgr.image.image import Image
 from nvmgr.provision import orphans, staging
-from nvmgr.storage import qemu
+from nvmgr.storage import image_exists, qemu
 from nvmgr.storage.container import open_container, probe_format
+from nvmgr.storage.rbd import is_rbd
 
 if TYPE_CHECKING:
     from nvmgr.crypto.cipher import Kek
@@ -122,6 +123,8 @@ def _open_existing(path: str, specs: list[SectionSpec], kek: Kek | None,
     try:
         return Image.open(path, writable=True, kek=kek, wait=wait)
     except ForeignImageError:
+        if is_rbd(path):  # never removed by nvmgr: an RBD image is Ceph's to delete
+            raise
         made = [dataclasses.replace(s, encrypted=True) if kek and not s.binding.live else s
                 for s in specs]  # as Image.create lays them out
         if not _creation_cut_short(path, layout(made).image_size, wait):
@@ -141,7 +144,7 @@ def prepare_image(plan: Plan, *, kek: Kek | None, fmt: str,
     """
     specs = [SectionSpec(s.name, s.capacity, s.binding, s.encrypted, s.device)
              for s in plan.sections]
-    if os.path.exists(path) and (img := _open_existing(path, specs, kek, wait)) is not None:
+    if image_exists(path) and (img := _open_existing(path, specs, kek, wait)) is not None:
         try:
             if plan.image_uuid and img.directory.image_uuid != plan.image_uuid:
                 raise UsageError(
@@ -171,7 +174,8 @@ def prepare_image(plan: Plan, *, kek: Kek | None, fmt: str,
         except BaseException:
             img.close()
             raise
-    os.makedirs(os.path.dirname(path) or ".", mode=0o711, exist_ok=True)
+    if not is_rbd(path):
+        os.makedirs(os.path.dirname(path) or ".", mode=0o711, exist_ok=True)
     # Recreated for a domain that names its image (prepare found the file
     # missing): keep the UUID the metadata records, or the next start would
     # take its own image for a foreign one.
@@ -182,7 +186,7 @@ def prepare_image(plan: Plan, *, kek: Kek | None, fmt: str,
 
 def owner_of(path: str) -> uuid.UUID | None:
     """The domain UUID an existing image records (None: none, or no image)."""
-    if not os.path.exists(path):
+    if not image_exists(path):
         return None
     with Image.open(path) as img:
         return img.directory.domain_uuid

@@ -19,10 +19,13 @@ The registry's entry points are re-exported here.
 
 from nvmgr.storage.formats import (
     FORMATS,
+    absolute,
     create_container,
     format_named,
+    image_exists,
     open_container,
     probe_format,
 )
 
-__all__ = ["FORMATS", "create_container", "format_named", "open_container", "probe_format"]
+__all__ = ["FORMATS", "absolute", "create_container", "format_named", "image_exists",
+           "open_container", "probe_format"]

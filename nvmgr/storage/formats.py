@@ -8,13 +8,14 @@ each format in :data:`REGISTRY` order; ``raw`` comes last and takes anything.
 
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 from nvmgr.errors import UsageError
 from nvmgr.storage.base import Container, read_head
 from nvmgr.storage.qcow2 import Qcow2Container
 from nvmgr.storage.raw import RawContainer
-from nvmgr.storage.rbd import RbdContainer, is_rbd
+from nvmgr.storage.rbd import RbdContainer, is_rbd, rbd_exists
 
 
 class Format(Protocol):
@@ -64,6 +65,21 @@ def probe_format(path: str) -> str:
         if f.probe(head):
             return f.fmt
     return "raw"
+
+
+def absolute(location: str) -> str:
+    """A file name made absolute; an ``rbd:`` location as it is."""
+    return location if is_rbd(location) else os.path.abspath(location)
+
+
+def image_exists(location: str) -> bool:
+    """Whether the image file, or the RBD image, exists.
+
+    :raise ExternalError: the cluster cannot be asked (an RBD location).
+    """
+    if not is_rbd(location):
+        return os.path.exists(location)
+    return rbd_exists(location)
 
 
 def open_container(

@@ -125,6 +125,20 @@ def read_keyring_key(path: str, user: str | None) -> str:
     raise NotFoundError(f"keyring {path} has no key for {want or 'a single user'}")
 
 
+def rbd_exists(location: str) -> bool:
+    """Whether the RBD image exists (``qemu-img info`` through librbd).
+
+    :raise ExternalError: the cluster cannot be asked.
+    """
+    loc = RbdLocation.parse(location)
+    res = qemu.run(qemu.QEMU_IMG, ["info", "-U", "-f", "raw", loc.qemu_filename()],
+                   image=location)
+    if res.returncode != 0 and "No such file or directory" in res.stderr:
+        return False
+    qemu.check(res, "qemu-img info", image=location)
+    return True
+
+
 def lock_dir() -> str:
     """Where nvmgr's per-image lock files for RBD images live on this host."""
     return f"/run/lock/nvmgr-rbd-{os.getuid()}"

@@ -34,7 +34,9 @@ from nvmgr.provision.prepare import (
     prepare_image,
     refuse_luks,
 )
+from nvmgr.storage import absolute, image_exists
 from nvmgr.storage.container import probe_format
+from nvmgr.storage.rbd import is_rbd
 from nvmgr.virt import conn as virt
 from nvmgr.virt import secrets
 from nvmgr.virt.backup import snapshot_dir
@@ -106,7 +108,7 @@ def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = No
     refuse_luks(meta)
     cloned_from = moved_aside = None
     adopted = False
-    target = os.path.abspath(image or (meta.image if meta and meta.image
+    target = absolute(image or (meta.image if meta and meta.image
                                        else default_image_path(name)))
     owner = owner_of(target)
     if owner is not None and owner != dom_uuid and not virt.uuid_exists(str(owner), uri):
@@ -130,7 +132,7 @@ def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = No
         if owner is not None and owner != dom_uuid:
             # The XML is a clone's (virt-clone, or copied by hand): give it its own image.
             own = default_image_path(name)
-            if os.path.abspath(own) == os.path.abspath(meta.image):
+            if os.path.abspath(own) == absolute(meta.image):
                 raise UsageError(f"{meta.image} belongs to domain {owner}; give this domain "
                                  "its own image with --image PATH", domain=name)
             if not dry_run:
@@ -139,11 +141,11 @@ def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = No
                 dom.set_nvmgr(dataclasses.replace(meta, image=own, uuid=new_uuid))
                 meta = dom.nvmgr
     plan = plan_for(dom, encrypted=kek is not None)
-    path = os.path.abspath(image or (meta.image if meta and meta.image else plan.image))
+    path = absolute(image or (meta.image if meta and meta.image else plan.image))
     fmt = fmt or (meta.format if meta and meta.format else None) or (
-        probe_format(path) if os.path.exists(path) else "raw")
+        "raw" if is_rbd(path) else probe_format(path) if os.path.exists(path) else "raw")
     if dry_run:
-        return DefineResult(name, path, "", not os.path.exists(path), [], {},
+        return DefineResult(name, path, "", not image_exists(path), [], {},
                             dom.to_xml() if edited else xml_text)
     if virt.exists(name, uri):
         virt.require_inactive(name, uri, what="redefining it with nvmgr")
@@ -216,10 +218,13 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
     dom = parse_domain(xml)
     meta = dom.nvmgr
     image = meta.image if meta else None
-    if image and os.path.exists(image) and not (keep_nvram or remove_nvram):
+    if image and image_exists(image) and not (keep_nvram or remove_nvram):
         raise UsageError(
             f"the domain's state is in {image}: undefine with --keep-nvram or --remove-nvram",
             domain=name)
+    if remove_nvram and image and is_rbd(image):
+        raise UsageError(f"the domain's image is in Ceph ({image}): undefine with --keep-nvram "
+                         "and remove the RBD image with Ceph's tools (rbd rm)", domain=name)
     if remove_nvram and image:
         virt.require_inactive(name, uri, what="removing its image")
     # The image holds the TPM; libvirt's swtpm directory only stages it.  It
