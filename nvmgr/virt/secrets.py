@@ -8,10 +8,14 @@ libvirt by accident.  The hook reads libvirt's on-disk store instead
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from nvmgr.crypto.cipher import Kek
 from nvmgr.crypto.keys import _check_uuid, _parse_material, load_key_file
-from nvmgr.domain.metadata import NvmgrMetadata
 from nvmgr.errors import ExternalError, NotFoundError
+
+if TYPE_CHECKING:  # the metadata module loads lxml: not for every command that takes a key
+    from nvmgr.domain.metadata import NvmgrMetadata
 
 
 def load_libvirt_secret(secret_uuid: str, uri: str | None = None) -> Kek:
