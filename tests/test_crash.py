@@ -1051,8 +1051,11 @@ def test_kill_cli_put_qcow2_leaves_old_or_new(workdir: Path) -> None:
     POINTS["cli put qcow2/kill"] = total
 
 
-def _wait_daemons_gone(path: Path, timeout: float = 5.0) -> list[int]:
-    """Wait for the daemons serving *path* to exit; return those still there."""
+def _wait_daemons_gone(path: Path, timeout: float = 15.0) -> list[int]:
+    """Wait for the daemons serving *path* to exit; return those still there.
+
+    A daemon told to stop by its parent-death signal shuts down cleanly (flush,
+    unmount): seconds on a busy machine (5 s was once too short in a full run)."""
     deadline = time.monotonic() + timeout
     while (left := _daemons_serving(path)) and time.monotonic() < deadline:
         time.sleep(0.02)
