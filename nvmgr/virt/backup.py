@@ -96,17 +96,19 @@ def _domain(name: str, uri: str | None, *, live: bool) -> tuple[Domain, str]:
     return dom, meta.image
 
 
-def _tpm_state(dom: Domain, img: Image, swtpm_root: str) -> dict[str, tuple[str, bytes]]:
-    """swtpm's staged state files of *dom*: section name -> (file name, bytes)."""
+def _tpm_files(dom: Domain, img: Image, swtpm_root: str) -> tuple[Path, dict[str, str]]:
+    """swtpm's state directory for *dom*, and the file name of each of *img*'s tpm sections."""
     version = next((tpm_version(t.model, t.version) for t in dom.tpms), "2.0")
-    state_dir = staging.tpm_state_dir(str(dom.uuid), version, swtpm_root)
-    out = {}
-    for s in staging.tpm_sections(img.directory.sections):
-        fname = staging.tpm_file_name(s.name, version)
-        got = staging.read_tpm(state_dir, [fname])
-        if fname in got:
-            out[s.name] = (str(state_dir / fname), got[fname])
-    return out
+    return (staging.tpm_state_dir(str(dom.uuid), version, swtpm_root),
+            {s.name: staging.tpm_file_name(s.name, version)
+             for s in staging.tpm_sections(img.directory.sections)})
+
+
+def _tpm_state(dom: Domain, img: Image, swtpm_root: str) -> dict[str, tuple[str, bytes]]:
+    """swtpm's staged state files of *dom*: section name -> (file path, bytes)."""
+    state_dir, files = _tpm_files(dom, img, swtpm_root)
+    got = staging.read_tpm(state_dir, list(files.values()))
+    return {n: (str(state_dir / f), got[f]) for n, f in files.items() if f in got}
 
 
 def _capture(path: str, dom: Domain,
@@ -221,11 +223,10 @@ def restore(name: str, src: str, *, uri: str | None = None, kek: Kek | None = No
         for sname, blob in data.items():
             img.put(sname, blob)
         # Staged TPM state would be taken over the restored one at the next start.
-        tpm_names = {s.name for s in staging.tpm_sections(img.directory.sections)}
-        wiped = [p for n, (p, _b) in _tpm_state(dom, img, swtpm_root).items()
-                 if n in data and n in tpm_names]
-        for p in wiped:
-            staging.wipe_tpm(Path(p).parent, [Path(p).name])
+        state_dir, files = _tpm_files(dom, img, swtpm_root)
+        restored = [f for n, f in files.items() if n in data]
+        wiped = [str(state_dir / f) for f in restored if (state_dir / f).is_file()]
+        staging.wipe_tpm(state_dir, restored)
     return RestoreResult(name, path, os.path.abspath(src), sorted(data), skipped, wiped)
 
 

@@ -18,7 +18,6 @@ import shutil
 import uuid
 from typing import TYPE_CHECKING
 
-from nvmgr.crypto import keys
 from nvmgr.domain.elements import Domain, parse_domain
 from nvmgr.domain.metadata import NvmgrMetadata
 from nvmgr.domain.namespaces import NVMGR_NS
@@ -250,17 +249,6 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
             "snapshots_removed": snapshots, "orphaned": orphaned}
 
 
-def _kek_from_metadata(meta: NvmgrMetadata | None, uri: str | None) -> Kek | None:
-    """The key a domain's metadata names (outside a hook libvirt may be asked)."""
-    if meta is None:
-        return None
-    if meta.key_file:
-        return keys.load_key_file(meta.key_file)
-    if meta.key_secret:
-        return secrets.load_libvirt_secret(str(meta.key_secret), uri)
-    return None
-
-
 @dataclasses.dataclass
 class ReconcileResult:
     domain: str
@@ -289,7 +277,7 @@ def reconcile(name: str, *, uri: str | None = None,
         return ReconcileResult(name, "not-nvmgr")
     if virt.is_active(name, uri):
         return ReconcileResult(name, "running")
-    res = _define(dom, before, uri=uri, kek=_kek_from_metadata(meta, uri), orphan=orphan,
+    res = _define(dom, before, uri=uri, kek=secrets.domain_kek(meta, uri), orphan=orphan,
                   retry=f"nvmgr reconcile {name}")
     after = virt.domain_xml(name, uri)
     changed = res.added or after != before
