@@ -11,6 +11,7 @@ directories, logs and sockets deleted.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -41,10 +42,15 @@ def e2e_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     if shutil.which("tpm2_readpublic") is None:
         subprocess.run(["apt-get", "install", "-y", "-qq", "tpm2-tools"], check=True,
                        capture_output=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-    vmlib.ensure_services()
-    work = tmp_path_factory.mktemp("e2e")
-    vmlib.ensure_hook(work)
-    yield work
+    # One end-to-end session at a time on a machine: each installs the hook of
+    # its own checkout into the one system libvirtd.  A second session (another
+    # checkout, a bench) waits here for the first to finish.
+    with open("/run/lock/nvmgr-e2e.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        vmlib.ensure_services()
+        work = tmp_path_factory.mktemp("e2e")
+        vmlib.ensure_hook(work)
+        yield work
 
 
 @pytest.fixture
