@@ -50,6 +50,9 @@ from nvmgr.storage.rbd import is_rbd
 
 log = logging.getLogger(__name__)
 
+#: Suffix of a member file while it is being created.
+PARTIAL = ".partial"
+
 
 @dataclasses.dataclass
 class MemberResult:
@@ -125,11 +128,29 @@ def _clear_leftover(img: Image, path: str) -> None:
             leftover = (other.directory.parent == img.directory.image_uuid
                         and all(m.image_uuid != other.directory.image_uuid
                                 for m in img.directory.members or []))
+    if not leftover and not is_rbd(path):
+        leftover = _only_zeros(path)
     if not leftover or is_rbd(path):
         raise BusyError(f"{path} exists; a new member is never written over a file",
                         image=img.path)
     os.unlink(path)
     log.info("%s: removed %s, a member an interrupted split left behind", img.path, path)
+
+
+def _only_zeros(path: str, limit: int = 1 << 30) -> bool:
+    """Whether the file at *path* holds nothing but zero bytes (at most *limit*
+    of them): the remains of a member whose creation was cut short before its
+    first header copy landed, nothing anyone could lose."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > limit:
+                return False
+            while chunk := f.read(CHUNK):
+                if chunk.strip(b"\0"):
+                    return False
+    except OSError:
+        return False
+    return True
 
 
 def _open_target(img: Image, into: str, fmt: str | None,
@@ -155,8 +176,45 @@ def _open_target(img: Image, into: str, fmt: str | None,
     fmt = "raw" if is_rbd(target) else (fmt or ("raw" if is_rbd(img.path) else img.fmt))
     index = free_index(img)
     _clear_leftover(img, target)
-    mi = Image.create(target, specs, fmt=fmt, parent=img)
+    mi = _create_member(img, target, specs, fmt)
     return mi, Member(index, target, mi.directory.image_uuid, fmt), True
+
+
+def _create_member(img: Image, target: str, specs: list[SectionSpec], fmt: str) -> Image:
+    """A new, empty member of *img* at *target*.
+
+    A file is made under ``TARGET.partial`` (a partial one an earlier crash
+    left is removed first), its directory committed, then renamed to
+    *target* and the rename made durable: *target* never holds a member cut
+    short (an RBD image is created in place: no power-loss model there).
+    """
+    if is_rbd(target):
+        return Image.create(target, specs, fmt=fmt, parent=img)
+    partial = target + PARTIAL
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(partial)
+    mi = Image.create(partial, specs, fmt=fmt, parent=img)
+    mi.close()
+    try:
+        os.rename(partial, target)
+        _sync_dir(target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise
+    return Image.open(target, writable=True, kek=img.kek, wait=img._wait, fmt=fmt)
+
+
+def _sync_dir(path: str) -> None:
+    """Make a new file's name durable (fsync of its directory) before anything
+    names it: a power loss must not keep the reference and lose the file."""
+    if is_rbd(path):
+        return
+    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _stub(s: Section, ms: Section, index: int) -> Section:
@@ -222,6 +280,7 @@ def split(img: Image, names: Sequence[str], into: str, *, fmt: str | None = None
     moving = _prepare_move(img, names, force)
     specs = [SectionSpec(s.name, s.capacity, s.binding, s.encrypted, s.device) for s in moving]
     mi, record, created = _open_target(img, into, fmt, specs)
+    committing = False
     try:
         staged = mi._copy_dir()
         for s in moving:
@@ -235,11 +294,12 @@ def split(img: Image, names: Sequence[str], into: str, *, fmt: str | None = None
         for s in moving:
             stub = _stub(s, mi._find(mi.directory, s.name), record.index)
             new.sections = [stub if x.name == s.name else x for x in new.sections]
+        committing = True  # from its first write on, the commit may have landed
         img._commit(new)
     except BaseException:
-        if created:  # named by nothing: gone, as if never made
+        if created:
             mi.close()
-            if not is_rbd(mi.path):
+            if not committing and not is_rbd(mi.path):  # named by nothing: gone
                 with contextlib.suppress(OSError):
                     os.unlink(mi.path)
         raise
@@ -344,6 +404,7 @@ def place_in_member(img: Image, specs: Sequence[SectionSpec], *, limit: int,
 
 def _place(img: Image, specs: list[SectionSpec], into: str) -> MemberResult:
     mi, record, created = _open_target(img, into, None, specs)
+    committing = False
     try:
         new = img._copy_dir()
         if created:
@@ -353,11 +414,12 @@ def _place(img: Image, specs: list[SectionSpec], into: str) -> MemberResult:
             new.sections.append(_stub(Section(s.name, s.binding, s.capacity, s.reserved, 0,
                                               encrypted=s.encrypted, device=s.device),
                                       ms, record.index))
+        committing = True
         img._commit(new)
     except BaseException:
         if created:
             mi.close()
-            if not is_rbd(mi.path):
+            if not committing and not is_rbd(mi.path):  # named by nothing: gone
                 with contextlib.suppress(OSError):
                     os.unlink(mi.path)
         raise
