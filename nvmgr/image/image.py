@@ -588,6 +588,12 @@ class Image:
         mi = self.member_image(s.member)
         return mi, mi._find(mi.directory, name)
 
+    def image_path_of(self, name: str) -> str:
+        """The file section *name*'s bytes are in: this image's, or its member's."""
+        s = self._find(self.directory, name)
+        m = self.directory.member(s.member) if s.member is not None else None
+        return self.member_path(m) if m is not None else self.path
+
     def sections(self) -> list[Section]:
         """Every section as stored: a member's entry (``member`` set) for a
         section in a member image, this directory's for the others."""

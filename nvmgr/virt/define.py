@@ -57,6 +57,8 @@ class DefineResult:
     xml: str
     adopted: bool = False  # an orphan's state taken (--adopt)
     moved_aside: str | None = None  # where an orphan went (--fresh)
+    #: New sections placed in member images (the domain's max-image-size): name -> member.
+    in_members: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "xml"}
@@ -148,7 +150,8 @@ def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = No
                             dom.to_xml() if edited else xml_text)
     if virt.exists(name, uri):
         virt.require_inactive(name, uri, what="redefining it with nvmgr")
-    img, created, added = prepare_image(plan, kek=kek, fmt=fmt, path=path)
+    img, created, added = prepare_image(plan, kek=kek, fmt=fmt, path=path,
+                                        max_image_size=meta.max_image_size if meta else None)
     imported: dict[str, str] = {}
     try:
         if img.directory.encrypted and not (meta and meta.encrypted):
@@ -164,8 +167,11 @@ def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = No
                 # libvirt says the domain is not running: an in-use mark is stale.
                 img.put(ps.name, got[0], force=True)
                 imported[ps.name] = got[1]
-        placed = plan_with_offsets(plan, img.directory)
+        placed = plan_with_offsets(plan, img.directory, img)
         image_uuid = img.directory.image_uuid
+        in_members = {n: img.image_path_of(n) for n in added
+                      if img.directory.find(n) is not None
+                      and img.image_path_of(n) != img.path}
     finally:
         img.close()
     try:
@@ -183,7 +189,8 @@ def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = No
     if adopted:
         imported["*"] = f"adopted the orphaned image {path} (its vars and TPM)"
     return DefineResult(name, path, str(image_uuid), created or bool(cloned_from), added,
-                        imported, new_xml, adopted=adopted, moved_aside=moved_aside)
+                        imported, new_xml, adopted=adopted, moved_aside=moved_aside,
+                        in_members=in_members)
 
 
 def _set_key_source(dom: Domain, key_file: str | None, key_secret: str | None) -> None:
@@ -256,6 +263,8 @@ class ReconcileResult:
     added: list[str] = dataclasses.field(default_factory=list)
     adopted: bool = False  # an orphan's state taken (--adopt)
     moved_aside: str | None = None  # where an orphan went (--fresh)
+    #: New sections placed in member images (max-image-size): name -> member.
+    in_members: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -282,7 +291,7 @@ def reconcile(name: str, *, uri: str | None = None,
     after = virt.domain_xml(name, uri)
     changed = res.added or after != before
     return ReconcileResult(name, "reconciled" if changed else "unchanged", res.added,
-                           res.adopted, res.moved_aside)
+                           res.adopted, res.moved_aside, res.in_members)
 
 
 def nvmgr_domains(uri: str | None = None) -> list[str]:
