@@ -1082,12 +1082,26 @@ class Image:
         fall back to, names the new owner too.
         """
         self._require_writable()
+        # Members first (opened and checked under the old identity): each a
+        # new image of its own whose parent is the new identity.
+        renamed = {}
+        for m, mi in self.members():
+            renamed[m.index] = uuid.uuid4()
+            for _copy in "AB":
+                nm = mi._copy_dir()
+                nm.image_uuid, nm.parent, nm.domain_uuid = renamed[m.index], image_uuid, domain_uuid
+                nm.runner = nm.incoming = nm.orphaned = None
+                mi._commit(nm)
         for _copy in "AB":
             new = self._copy_dir()
             new.image_uuid = image_uuid
             new.domain_uuid = domain_uuid
             new.runner = new.incoming = None  # a copy is nobody's running image
             new.orphaned = None  # it has an owner
+            if new.members:
+                new.members = [dataclasses.replace(m, image_uuid=renamed.get(m.index,
+                                                                             m.image_uuid))
+                               for m in new.members]
             self._commit(new)
 
     def set_orphaned(self, record: Orphaned | None) -> None:

@@ -264,16 +264,22 @@ def copy_for_clone(src: str, dst: str, domain_uuid: uuid.UUID, kek: Kek | None) 
     per domain UUID, a clone gets a fresh TPM (its own endorsement key) at
     first start instead of a second copy of its original's identity.
     """
-    convert(src, dst, probe_format(src))
+    convert(src, dst, probe_format(src))  # members too, as DST.mN (convert's own names)
+    with Image.open(dst) as made:
+        copies = [made.member_path(m) for m in made.directory.members or []]
     new_uuid = uuid.uuid4()
     try:
         with Image.open(dst, writable=True, kek=kek) as img:
-            for s in img.directory.sections:
+            for s in img.sections():
                 if s.binding is Binding.TPM and s.length:
                     img.put(s.name, b"")
+            members = [mi.path for _m, mi in img.members()]
             img.reassign(image_uuid=new_uuid, domain_uuid=domain_uuid)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(dst)
+        for f in [dst, *copies]:
+            with contextlib.suppress(OSError):
+                os.unlink(f)
         raise
+    if members:
+        log.info("%s: the clone's copy has its own member images %s", dst, members)
     return new_uuid

@@ -23,7 +23,15 @@ from nvmgr.domain.metadata import NvmgrMetadata
 from nvmgr.domain.namespaces import NVMGR_NS
 from nvmgr.domain.plan import default_image_path, plan_for
 from nvmgr.domain.qemuargs import apply_plan
-from nvmgr.errors import InvalidInputError, KeyRequiredError, NvmgrError, UsageError
+from nvmgr.errors import (
+    CorruptError,
+    InvalidInputError,
+    KeyRequiredError,
+    NotFoundError,
+    NvmgrError,
+    UsageError,
+)
+from nvmgr.image.image import Image
 from nvmgr.provision import orphans
 from nvmgr.provision.prepare import (
     copy_for_clone,
@@ -193,6 +201,24 @@ def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = No
                         in_members=in_members)
 
 
+def member_files(image: str) -> list[str]:
+    """The member image files of *image* that name it as their parent (an RBD
+    member is Ceph's to remove, and is left out); none when it cannot be read.
+
+    :raise BusyError: a member is busy (held by an nvmgr writer).
+    """
+    out = []
+    with contextlib.suppress(CorruptError, NotFoundError), Image.open(image) as img:
+        for m in img.directory.members or []:
+            path = img.member_path(m)
+            if is_rbd(path):
+                continue
+            with contextlib.suppress(CorruptError):
+                img.member_image(m.index)  # its parent link checked: never another's file
+                out.append(path)
+    return out
+
+
 def _set_key_source(dom: Domain, key_file: str | None, key_secret: str | None) -> None:
     """Record the key source in the domain's metadata (checked like read metadata).
 
@@ -231,8 +257,10 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
     if remove_nvram and image and is_rbd(image):
         raise UsageError(f"the domain's image is in Ceph ({image}): undefine with --keep-nvram "
                          "and remove the RBD image with Ceph's tools (rbd rm)", domain=name)
+    members: list[str] = []
     if remove_nvram and image:
         virt.require_inactive(name, uri, what="removing its image")
+        members = member_files(image)
     # The image holds the TPM; libvirt's swtpm directory only stages it.  It
     # goes with the image, and stays (as virsh's --keep-tpm) otherwise.
     virt.undefine(name, uri, remove_tpm=remove_nvram)
@@ -240,6 +268,9 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
     if remove_nvram and image and os.path.exists(image):
         os.unlink(image)
         removed = True
+        for m in members:  # the image is gone: its members hold nothing anyone reads
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(m)
     # Its stored snapshots go with it: a new domain of the same name must not revert
     # into another machine's variables and TPM.
     snapshots = snapshot_dir(image) if remove_nvram and image else None
@@ -253,6 +284,7 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
         # transient, is recorded by the watcher when it stops).
         orphaned = orphans.mark_orphaned(image, str(dom.uuid), name)
     return {"domain": name, "image": image, "image_removed": removed,
+            "members_removed": members if removed else [],
             "snapshots_removed": snapshots, "orphaned": orphaned}
 
 
