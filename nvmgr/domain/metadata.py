@@ -180,8 +180,8 @@ _RULES: Mapping[tuple[str, str], str] = {
     ("nvram", "key-file"): _ABSOLUTE,
     ("nvram", "key-secret"): _UUID,
     ("nvram", "luks"): _YESNO,
-    ("nvram", "max-image-size"): "invalid size {v}: use a byte count with an optional K, M, "
-                                 "G or T suffix",
+    ("nvram", "max-image-size"): "{attr}={v} is not a size: use a byte count with an "
+                                 "optional K, M, G or T suffix",
     ("section", "name"): _SECTION_NAME,
     ("section", "size"): "invalid size {v}: use a byte count with an optional K, M, G or T suffix",
     ("section", "kind"): "{attr}={v} is not a device kind (see nvmgr plan's profiles)",

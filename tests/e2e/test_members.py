@@ -99,7 +99,7 @@ def test_uefi_vars_in_a_member_then_merged_back(vm: MakeVM, tmp_path: Path,
 def test_max_image_size_splits_a_new_section_into_a_member(vm: MakeVM, tmp_path: Path) -> None:
     v = vm("autosplit", tpm=False)
     plan = vmlib.nvmgr_json("plan", v.xml_path, "-O", "json")
-    limit = int(plan["image_size"]) + (64 << 10)  # type: ignore[call-overload]
+    limit = int(plan["image"]["size"]) + (64 << 10)  # type: ignore[index]
     v.xml = vmlib.domain_xml(v.name, v.uuid, tpm=False,
                              metadata_attrs={"max-image-size": str(limit)})
     v.xml_path.write_text(v.xml)
