@@ -271,3 +271,16 @@ def test_busy_member_is_busy(tmp_path: Path) -> None:
     with Image.open(str(m), writable=True), Image.open(str(p), writable=True) as img:
         with pytest.raises(BusyError):
             img.put("blob", b"x")
+
+
+def test_max_image_size_survives_the_rewrite_of_the_metadata() -> None:
+    xml = (Path(__file__).parent / "data" / "uefi-tpm2-in.xml").read_text()
+    xml = xml.replace("</devices>", "</devices><metadata><nvmgr:nvram xmlns:nvmgr="
+                      "'https://nvmgr.dev/schemas/metadata/1' max-image-size='64M'/></metadata>",
+                      1)
+    dom = parse_domain(xml)
+    assert dom.nvmgr is not None and dom.nvmgr.max_image_size == 64 << 20
+    plan = plan_for(dom, encrypted=False)
+    qemuargs.apply_plan(dom, plan, "/var/lib/libvirt/nvmgr/x.nvram", "raw", uuid.uuid4())
+    again = parse_domain(dom.to_xml())
+    assert again.nvmgr is not None and again.nvmgr.max_image_size == 64 << 20

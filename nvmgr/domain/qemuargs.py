@@ -473,6 +473,7 @@ def apply_plan(
             luks=luks,
             sections=old.sections if old else (),
             libvirt_nvram=record,
+            max_image_size=old.max_image_size if old else None,
         )
     )
 
