@@ -157,6 +157,11 @@ def _schema() -> etree.RelaxNG:
     return _RNG
 
 
+def preload() -> None:
+    """Read and compile the schema now (the hook server, before it forks workers)."""
+    _schema()
+
+
 def meta_error(node: etree._Element, msg: str) -> InvalidInputError:
     """An :class:`InvalidInputError` about the metadata element *node* (with its line)."""
     line = f" (line {node.sourceline})" if node.sourceline else ""

@@ -72,17 +72,20 @@ PRIVATE = (
 _SKELETON = ("var/lib/libvirt/qemu", "var/lib/libvirt/swtpm", "var/log/libvirt/qemu",
              "var/log/swtpm/libvirt/qemu")
 
+_REAPER = vmlib.ROOT / "scripts" / "subreaper"
+
 _SETUP = r"""
 set -e
 hostname "$1"
 root="$2"
-shift 2
+reaper="$3"  # scripts/subreaper: QEMU reaped at once when it exits, as systemd would
+shift 3
 for p in "$@"; do
   mount --bind "$root/$(printf %s "$p" | tr / _)" "$p"
 done
 ip link set lo up
-virtlogd -d
-libvirtd -d
+"$reaper" virtlogd -d
+"$reaper" libvirtd -d
 echo ready
 exec sleep infinity
 """
@@ -199,7 +202,7 @@ class Host:
         paths = [p for p, _ in PRIVATE]
         self._holder = subprocess.Popen(
             ["unshare", "--mount", "--uts", "--net", "--propagation", "private",
-             "sh", "-c", _SETUP, "host-setup", self.name, str(self.root), *paths],
+             "sh", "-c", _SETUP, "host-setup", self.name, str(self.root), str(_REAPER), *paths],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             start_new_session=True)
         assert self._holder.stdout is not None
@@ -250,7 +253,7 @@ class Host:
             raise Failed(f"host {self.name}: no libvirtd to restart")
         os.kill(pid, signal.SIGTERM)
         _wait_gone(pid, timeout, f"libvirtd of host {self.name}")
-        self.enter("libvirtd", "-d")
+        self.enter(_REAPER, "libvirtd", "-d")
         self._wait_answer(timeout)
 
     def stop(self) -> list[str]:
