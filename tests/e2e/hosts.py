@@ -111,8 +111,9 @@ def _private(root: Path, path: str) -> Path:
 class Host:
     """One private libvirtd; :meth:`start` it, :meth:`stop` it (or use ``with``)."""
 
-    def __init__(self, name: str, base: Path) -> None:
+    def __init__(self, name: str, base: Path, *, hook_server: bool = True) -> None:
         self.name = name
+        self.hook_server = hook_server
         self.root = base / name
         self.host_uuid = str(uuid.uuid4())
         self._holder: subprocess.Popen[bytes] | None = None
@@ -211,6 +212,11 @@ class Host:
             err = self._holder.stderr.read().decode() if self._holder.stderr else ""
             raise Failed(f"host {self.name} did not start: {line!r} {err}")
         self._wait_answer(timeout)
+        if self.hook_server:
+            # As a host with nvmgr-hook.service: the server runs in the host's own
+            # namespaces (a server outside them hands every call back).
+            self.enter(sys.executable, "-m", "nvmgr", "hook-server", "--daemon",
+                       "--pidfile", "/run/nvmgr/hook-server.pid")
 
     def _wait_answer(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -281,7 +287,8 @@ class Host:
                 pid = self._pid("/run/libvirt/qemu/" + str(pidfile.relative_to(run_qemu)))
                 if pid is not None:
                     pids.append(pid)
-        for pidfile, comm in (("/run/libvirtd.pid", "libvirtd"), ("/run/virtlogd.pid", "virtlogd")):
+        for pidfile, comm in (("/run/libvirtd.pid", "libvirtd"), ("/run/virtlogd.pid", "virtlogd"),
+                              ("/run/nvmgr/hook-server.pid", "python")):
             pid = self._pid(pidfile, comm)
             if pid is not None:
                 pids.append(pid)
