@@ -85,6 +85,9 @@ def _render_define(r: Result) -> str:
             f"added: {', '.join(r['added']) or 'nothing'}; imported: {imported})")
     if r.get("moved_aside"):
         text += f"\nthe orphaned image that was there is kept as {r['moved_aside']}"
+    for name, where in (r.get("in_members") or {}).items():
+        text += (f"\nsection {name} placed in member image {where}: the image may not grow "
+                 "past its max-image-size")
     return text + (f"\n{r['xml']}" if r.get("xml") else "")
 
 
@@ -341,6 +344,8 @@ def _reconcile_args(p: argparse.ArgumentParser) -> None:
 def _render_reconcile(r: Result) -> str:
     return "\n".join(f"{x['domain']}: {x['status']}"
                      + (f" (added {', '.join(x['added'])})" if x["added"] else "")
+                     + "".join(f"; {n} placed in member image {w} (max-image-size)"
+                               for n, w in (x.get("in_members") or {}).items())
                      + ("; adopted the orphaned image's state" if x.get("adopted") else "")
                      + (f"; the orphaned image that was there is kept as {x['moved_aside']}"
                         if x.get("moved_aside") else "")
