@@ -76,6 +76,7 @@ _KEY_ID_INFO = b"nvmgr-kek-id-v1"
 _ENC_INFO = b"nvmgr-v1 section encryption"
 _MAC_INFO = b"nvmgr-v1 section mac"
 _DIR_INFO = b"nvmgr-v1 directory mac"
+_LUKS_INFO = b"nvmgr-v1 luks passphrase"
 _DIR_PREFIX = b"nvmgr-v1 directory\0"
 _MAC_PREFIX = b"nvmgr-v1\0"
 
@@ -198,7 +199,7 @@ class SectionCipher:
     :raise UsageError: *data_key* is not 32 bytes.
     """
 
-    __slots__ = ("__dir_key", "__enc_key", "__mac_key", "image")
+    __slots__ = ("__dir_key", "__enc_key", "__luks", "__mac_key", "image")
 
     def __init__(self, data_key: bytes, *, image: str | None = None) -> None:
         if len(data_key) != DATA_KEY_LEN:
@@ -206,6 +207,7 @@ class SectionCipher:
         self.__enc_key = _hkdf(bytes(data_key), _ENC_INFO)
         self.__mac_key = _hkdf(bytes(data_key), _MAC_INFO)
         self.__dir_key = _hkdf(bytes(data_key), _DIR_INFO)
+        self.__luks = _hkdf(bytes(data_key), _LUKS_INFO)
         self.image = image
 
     def __repr__(self) -> str:
@@ -276,6 +278,23 @@ class SectionCipher:
             return unpadder.update(padded) + unpadder.finalize()
         except ValueError as e:
             raise self._corrupt(name, "bad padding") from e
+
+    # -- live sections: LUKS volumes QEMU opens ---------------------------
+
+    def luks_passphrase(self) -> bytes:
+        """The passphrase of the image's LUKS volumes (its encrypted live sections).
+
+        64 hexadecimal digits (ASCII) of HKDF-SHA256(data key, info
+        ``"nvmgr-v1 luks passphrase"``): per image, random as the data key is,
+        and never a key-encryption key.  Derived from the data key, not from
+        a KEK, so ``rekey`` (which only re-wraps the data key) leaves every
+        LUKS volume as it is and the next start opens them with the new KEK.
+        One per image, not one per section: each LUKS volume has its own
+        random master key anyway, and QEMU then needs one ``secret`` object
+        read from one runtime file.  Text, not raw bytes, so the runtime key
+        file and QEMU's ``secret`` object read it the same way everywhere.
+        """
+        return self.__luks.hex().encode("ascii")
 
     # -- the directory --------------------------------------------------
 

@@ -130,7 +130,7 @@ class NvmgrMetadata:
 
     @property
     def encrypted(self) -> bool:
-        """A key was named: nvmgr encrypts the image's non-live sections."""
+        """A key was named: every section is encrypted (live ones as LUKS volumes)."""
         return self.key_file is not None or self.key_secret is not None
 
 

@@ -33,7 +33,7 @@ from nvmgr.domain.elements import Domain, check_domain_name, parse_domain
 from nvmgr.domain.metadata import NvmgrMetadata, SectionDecl
 from nvmgr.errors import InvalidInputError, UsageError
 from nvmgr.format.layout import SectionSpec, layout
-from nvmgr.format.model import Binding, Directory
+from nvmgr.format.model import LUKS_HEADER_SIZE, Binding, Directory
 from nvmgr.units import format_size
 
 #: Where ``nvmgr define`` puts a domain's image unless the metadata says otherwise.
@@ -67,12 +67,25 @@ class PlannedSection:
         """QEMU reads and writes it in place (a raw slice at :attr:`offset`)."""
         return self.binding.live
 
+    @property
+    def luks(self) -> bool:
+        """A live section of an encrypted image: a LUKS volume inside its slice,
+        which QEMU's ``luks`` driver opens (:attr:`capacity` counts the header)."""
+        return self.encrypted and self.binding.live
+
+    @property
+    def payload(self) -> int:
+        """The bytes the device sees (:attr:`capacity` less a LUKS header)."""
+        return self.capacity - LUKS_HEADER_SIZE if self.luks else self.capacity
+
     def to_json(self) -> dict[str, object]:
         return {
             "name": self.name,
             "binding": self.binding.name.lower(),
             "live": self.live,
             "capacity": self.capacity,
+            "payload": self.payload,
+            "luks": self.luks,
             "reserved": self.reserved,
             "offset": self.offset,
             "spare": self.spare,
@@ -260,8 +273,14 @@ def plan_for(dom: Domain, *, encrypted: bool = False) -> Plan:
                 f"raw slice whose size must be a multiple of 512 bytes, not {w.size:,}"
             )
     try:
+        # With a key every section is encrypted: nvmgr's own cipher for the
+        # sections it stages, a LUKS volume inside the slice for the live ones
+        # (QEMU decrypts them as the VM runs): their slot holds the LUKS
+        # header too, the device still sees exactly w.size bytes.
         specs = [
-            SectionSpec(w.name, w.size, w.binding, encrypted and not w.binding.live, w.device)
+            SectionSpec(w.name, w.size + (LUKS_HEADER_SIZE if encrypted and w.binding.live
+                                          else 0),
+                        w.binding, encrypted, w.device)
             for w in wants.values()
         ]
     except UsageError as e:
@@ -363,7 +382,9 @@ def render_text(plan: Plan) -> str:
             note += f"; fw_cfg {s.fwcfg_name}"
         if s.driver:
             note += f"; -device {s.driver}"
-        cap = format_size(s.capacity) + (" enc" if s.encrypted else "")
+        cap = format_size(s.capacity) + (" luks" if s.luks else " enc" if s.encrypted else "")
+        if s.luks:
+            note += f"; LUKS volume, the device sees {format_size(s.payload)}"
         rows.append((s.offset, s.name, s.binding.name.lower(), format_size(s.reserved), cap, note))
         if s.spare is not None:
             rows.append((s.spare, f"{s.name} (2nd slot)", s.binding.name.lower(),

@@ -7,11 +7,21 @@ sections::
 
     -blockdev {"driver":"file","filename":IMAGE,"node-name":"nvmgr-file",...}
     -blockdev {"driver":"qcow2","file":"nvmgr-file","node-name":"nvmgr-image"}   (qcow2 only)
+    -object secret,id=nvmgr-key,format=raw,file=/run/nvmgr/DOMAIN-UUID/image.key  (a key)
     -blockdev {"driver":"raw","file":BASE,"offset":O,"size":S,"node-name":"nvmgr-uefi-vars"}
-    -machine pflash1=nvmgr-uefi-vars
+    -blockdev {"driver":"luks","file":"nvmgr-uefi-vars","key-secret":"nvmgr-key",
+               "node-name":"nvmgr-luks-CRC"}                               (a key)
+    -machine pflash1=nvmgr-uefi-vars       (nvmgr-luks-CRC with a key)
     -device {"driver":D,"drive":"nvmgr-NAME","id":...,"share-rw":true}    (block + driver)
     -fw_cfg name=opt/...,file=/run/nvmgr/DOMAIN-UUID/NAME                 (fwcfg)
-    -object secret,id=nvmgr-key,format=raw,file=/run/nvmgr/DOMAIN-UUID/image.key  (qcow2+LUKS)
+
+When the domain names a key, each live section's slot holds a LUKS volume
+(its header counted in the section's capacity, the slice's size); QEMU's
+``luks`` driver on the raw slice decrypts it, and the device sees exactly
+the payload.  The passphrase (derived from the image's data key) reaches
+QEMU through the ``secret`` object, read from a runtime file that the
+``prepare`` hook writes and the ``started`` hook removes: never on the
+command line, in the XML or in the environment.
 
 The ``prepare`` hook stages fw_cfg files and the key under
 :func:`runtime_dir` before QEMU starts and hands the image to the QEMU user
@@ -78,7 +88,8 @@ def staged_path(domain_uuid: uuid.UUID | str, section: str) -> str:
 
 
 def key_path(domain_uuid: uuid.UUID | str) -> str:
-    """Where the prepare hook writes the qcow2+LUKS key (0600, tmpfs)."""
+    """Where the prepare hook writes the LUKS passphrase of the image's
+    encrypted live sections (0600, the QEMU user's, tmpfs)."""
     return os.path.join(runtime_dir(domain_uuid), "image.key")
 
 
@@ -101,6 +112,12 @@ def node_name(section: str) -> str:
     return f"{PREFIX}{clean}-{tag}"
 
 
+def luks_node_name(section: str) -> str:
+    """The QEMU node name of the ``luks`` node on a section's raw slice:
+    ``nvmgr-luks-<crc32 of the name>`` (short and unique whatever the name)."""
+    return f"{PREFIX}luks-{zlib.crc32(section.encode()):08x}"
+
+
 def _json(obj: Mapping[str, object]) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
@@ -116,16 +133,14 @@ def qemu_args(
     fmt: str,
     *,
     domain_uuid: uuid.UUID | str | None = None,
-    luks: bool = False,
 ) -> list[str]:
     """The extra QEMU arguments the plan's sections need (may be empty).
 
     :param domain_uuid: names the runtime directory; needed when the plan has
-        ``fwcfg`` sections or *luks* (defaults to the plan's domain UUID).
-    :param luks: the qcow2 image is LUKS-encrypted; QEMU gets the key from
-        :func:`key_path`.
-    :raise UsageError: a relative image path, an unknown format, LUKS on raw,
-        or no domain UUID where one is needed.
+        ``fwcfg`` sections or LUKS live sections (defaults to the plan's
+        domain UUID).
+    :raise UsageError: a relative image path, an unknown format, or no
+        domain UUID where one is needed.
     """
     rbd = RbdLocation.parse(image_path) if is_rbd(image_path) else None
     if fmt not in ("raw", "qcow2") or (rbd is not None and fmt != "raw"):
@@ -133,9 +148,8 @@ def qemu_args(
                          image=image_path)
     if rbd is None and not os.path.isabs(image_path):
         raise UsageError("the image path must be absolute for QEMU", image=image_path)
-    if luks and fmt != "qcow2":
-        raise UsageError("LUKS encryption needs a qcow2 image", image=image_path)
     live = plan.live_sections
+    luks = any(s.luks for s in live)
     fwcfg = [s for s in plan.sections if s.binding is Binding.FWCFG]
     if not live and not fwcfg:
         return []  # QEMU does not open the image at all
@@ -143,11 +157,11 @@ def qemu_args(
     if fwcfg or (live and (luks or (rbd is not None and rbd.keyring))):
         _staging_uuid(dom_uuid)  # refused before any argument is made
     args: list[str] = []
+    if luks:
+        key = _keyval_path(key_path(_staging_uuid(dom_uuid)))
+        args += ["-object", f"secret,id={KEY_SECRET_ID},format=raw,file={key}"]
     main_live = [s for s in live if s.member_path is None]
     if main_live:
-        if luks:
-            key = _keyval_path(key_path(_staging_uuid(dom_uuid)))
-            args += ["-object", f"secret,id={KEY_SECRET_ID},format=raw,file={key}"]
         if rbd is not None:
             # QEMU's rbd driver; the cephx key from a runtime file the hooks stage and remove.
             node: dict[str, object] = {**rbd.node(), "node-name": FILE_NODE}
@@ -161,10 +175,8 @@ def qemu_args(
                                          "node-name": FILE_NODE, "discard": "unmap"})]
         base = FILE_NODE
         if fmt == "qcow2":
-            q: dict[str, object] = {"driver": "qcow2", "file": FILE_NODE, "node-name": FORMAT_NODE}
-            if luks:
-                q["encrypt"] = {"format": "luks", "key-secret": KEY_SECRET_ID}
-            args += ["-blockdev", _json(q)]
+            args += ["-blockdev", _json({"driver": "qcow2", "file": FILE_NODE,
+                                         "node-name": FORMAT_NODE})]
             base = FORMAT_NODE
     bases: dict[str | None, str] = {None: base} if main_live else {}
     for s in live:  # member images, in the order their sections come
@@ -182,6 +194,11 @@ def qemu_args(
         args += ["-blockdev", _json({"driver": "raw", "file": bases[s.member_path],
                                      "offset": s.offset,
                                      "size": s.capacity, "node-name": slice_node})]
+        if s.luks:  # the device sees the LUKS volume's payload, not the slice
+            args += ["-blockdev", _json({"driver": "luks", "file": slice_node,
+                                         "key-secret": KEY_SECRET_ID,
+                                         "node-name": luks_node_name(s.name)})]
+            slice_node = luks_node_name(s.name)
         if s.binding is Binding.PFLASH:
             args += ["-machine", f"pflash1={slice_node}"]
         elif s.driver:
@@ -377,7 +394,7 @@ def wiring_problems(dom: Domain, plan: Plan) -> list[str]:
     problems: list[str] = []
     try:
         made = qemu_args(plan, meta.image, meta.format or "raw",
-                         domain_uuid=dom.uuid or plan.domain_uuid, luks=meta.luks)
+                         domain_uuid=dom.uuid or plan.domain_uuid)
     except (UsageError, InvalidInputError) as e:
         return [f"its QEMU arguments cannot be made: {e.message}"]
     # qemu_args makes (option, value) pairs, each option one of _OURS
@@ -440,16 +457,12 @@ def apply_plan(
     image_path: str,
     fmt: str,
     image_uuid: uuid.UUID | str,
-    *,
-    luks: bool | None = None,
 ) -> None:
     """Give *dom* nvmgr's QEMU arguments, stateless loader and metadata (in place).
 
     Applying it again (with the same plan) changes nothing.  The user's own
     ``<qemu:arg>`` values are kept, after nvmgr's.
 
-    :param luks: the qcow2 image is LUKS-encrypted (``None``: as the
-        domain's nvmgr metadata already says, else no).
     :raise InvalidInputError: the domain does not fit the plan (UEFI vars
         planned but no ``<os>``).
     :raise UsageError: see :func:`qemu_args`.
@@ -457,11 +470,9 @@ def apply_plan(
     old = dom.nvmgr
     image_uuid = uuid.UUID(str(image_uuid))
     record = old.libvirt_nvram if old else None
-    if luks is None:
-        luks = bool(old and old.luks)
     if plan.find(profiles.UEFI_SECTION) is not None:
         record = _make_stateless(dom, record)
-    args = qemu_args(plan, image_path, fmt, domain_uuid=dom.uuid or plan.domain_uuid, luks=luks)
+    args = qemu_args(plan, image_path, fmt, domain_uuid=dom.uuid or plan.domain_uuid)
     dom.qemu_args = args + user_args(dom.qemu_args)
     dom.set_nvmgr(
         NvmgrMetadata(
@@ -470,7 +481,7 @@ def apply_plan(
             uuid=image_uuid,
             key_file=old.key_file if old else None,
             key_secret=old.key_secret if old else None,
-            luks=luks,
+            luks=bool(old and old.luks),
             sections=old.sections if old else (),
             libvirt_nvram=record,
             max_image_size=old.max_image_size if old else None,
@@ -484,8 +495,6 @@ def rewrite_domain(
     image_path: str,
     fmt: str,
     image_uuid: uuid.UUID | str,
-    *,
-    luks: bool | None = None,
 ) -> str:
     """:func:`apply_plan` on a domain given as text; the result as text.
 
@@ -496,7 +505,7 @@ def rewrite_domain(
     :raise UsageError: see :func:`qemu_args`.
     """
     dom = parse_domain(xml_text)
-    apply_plan(dom, plan, image_path, fmt, image_uuid, luks=luks)
+    apply_plan(dom, plan, image_path, fmt, image_uuid)
     return dom.to_xml()
 
 

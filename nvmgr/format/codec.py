@@ -28,6 +28,7 @@ from nvmgr.format.model import (
     ALIGN,
     CIPHER_OVERHEAD,
     HEADER_AREA_SIZES,
+    LUKS_HEADER_SIZE,
     MAX_IMAGE_SIZE,
     MAX_SECTION_SIZE,
     MAX_SECTIONS,
@@ -167,14 +168,18 @@ def validate(d: Directory) -> None:
         names.add(s.name)
         if s.crypto is not None and not s.encrypted:
             raise DERError(f"section {s.name}: crypto parameters on a section not flagged encrypted")
-        if s.encrypted and s.crypto is None and (s.length or s.crc32):
+        if s.encrypted and not s.live and s.crypto is None and (s.length or s.crc32):
             raise DERError(f"section {s.name}: encrypted data without crypto parameters")
         if s.length > s.capacity:
             raise DERError(f"section {s.name}: length {s.length} exceeds capacity {s.capacity}")
         if s.stored_length > s.reserved or s.reserved % ALIGN:
             raise DERError(f"section {s.name}: reserved size {s.reserved} is wrong")
-        if s.encrypted and s.live:
-            raise DERError(f"section {s.name}: live sections cannot be encrypted")
+        if s.encrypted and s.live and s.crypto is not None:
+            raise DERError(f"section {s.name}: a live section is encrypted by QEMU (a LUKS "
+                           "volume), never with nvmgr's crypto parameters")
+        if s.encrypted and s.live and s.capacity <= LUKS_HEADER_SIZE:
+            raise DERError(f"section {s.name}: an encrypted live section must be larger "
+                           f"than its LUKS header ({LUKS_HEADER_SIZE} bytes)")
         if s.encrypted and d.key_slots is None:
             raise DERError(f"section {s.name} is encrypted but the image has no keys")
         if s.live and s.spare is not None:

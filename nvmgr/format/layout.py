@@ -30,6 +30,7 @@ from nvmgr.errors import NoSpaceError, UsageError
 from nvmgr.format.model import (
     ALIGN,
     CIPHER_OVERHEAD,
+    LUKS_HEADER_SIZE,
     MAX_DEVICE,
     MAX_IMAGE_SIZE,
     MAX_SECTION_SIZE,
@@ -74,16 +75,19 @@ class SectionSpec:
                 f"({self.device[:40]!r}...); the directory holds 1..{MAX_DEVICE}",
                 section=self.name,
             )
-        if self.encrypted and self.binding.live:
+        if self.encrypted and self.binding.live and self.capacity <= LUKS_HEADER_SIZE:
             raise UsageError(
-                f"section {self.name}: QEMU reads {self.binding.name.lower()} sections "
-                "live, so they cannot be encrypted by nvmgr (use a qcow2+LUKS container)",
+                f"section {self.name}: an encrypted {self.binding.name.lower()} section is "
+                f"a LUKS volume; its size must count the {LUKS_HEADER_SIZE:,}-byte LUKS "
+                f"header, and {self.capacity:,} does not",
                 section=self.name,
             )
 
     @property
     def reserved(self) -> int:
-        return align_up(self.capacity + (CIPHER_OVERHEAD if self.encrypted else 0), ALIGN)
+        # A live section's encryption (LUKS) is inside its capacity.
+        extra = CIPHER_OVERHEAD if self.encrypted and not self.binding.live else 0
+        return align_up(self.capacity + extra, ALIGN)
 
 
 def _check_unique(specs: list[SectionSpec], taken: set[str]) -> None:

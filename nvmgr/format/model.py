@@ -35,6 +35,19 @@ MAX_DEVICE = 128
 DIRECTORY_BYTES_PER_SECTION = 192
 #: AES block: an encrypted section's stored bytes are at most capacity + 16.
 CIPHER_OVERHEAD = 16
+#: LUKS1 key slots QEMU writes (all of them: QEMU 7.2 cannot make fewer).
+LUKS_KEY_SLOTS = 8
+#: Anti-forensic stripes per LUKS1 key slot (QEMU's default, cryptsetup's too).
+LUKS_STRIPES = 4000
+#: Master key bytes of QEMU's default LUKS cipher, aes-256-xts (two AES-256 keys).
+LUKS_MASTER_KEY = 64
+#: What a LUKS volume inside a live section costs beyond its payload: QEMU's
+#: LUKS1 header (592 bytes, one 4 KiB block) and 8 key slots of
+#: ``LUKS_MASTER_KEY * LUKS_STRIPES`` bytes each, 4 KiB aligned: 2,068,480
+#: bytes, the payload offset ``qemu-img create -f luks`` writes on QEMU 7.2
+#: (``tests/test_luks_sections.py`` measures it against the qemu-img installed).
+LUKS_HEADER_SIZE = 4096 + LUKS_KEY_SLOTS * (
+    (LUKS_MASTER_KEY * LUKS_STRIPES + 4095) // 4096 * 4096)
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 
@@ -114,6 +127,18 @@ class Section:
     @property
     def live(self) -> bool:
         return self.binding.live
+
+    @property
+    def luks(self) -> bool:
+        """A live section of an encrypted image: its slot holds a LUKS volume
+        (:data:`LUKS_HEADER_SIZE` bytes of header, then the payload QEMU's
+        ``luks`` driver decrypts as the VM runs); ``capacity`` counts both."""
+        return self.encrypted and self.binding.live
+
+    @property
+    def payload(self) -> int:
+        """The bytes the device sees: ``capacity``, less a LUKS header."""
+        return self.capacity - LUKS_HEADER_SIZE if self.luks else self.capacity
 
     @property
     def stored_length(self) -> int:
@@ -265,6 +290,10 @@ class Directory:
             if s.encrypted and s.crypto is not None:
                 out += [b"S", field(s.name.encode()), s.length.to_bytes(8, "big"),
                         field(s.crypto.iv), field(s.crypto.mac)]
+            elif s.encrypted and s.live:
+                # A LUKS volume QEMU decrypts: sealed as such, so that nobody
+                # without the key makes nvmgr take it for plaintext.
+                out += [b"L", field(s.name.encode())]
             elif s.member is not None:
                 # A section in a member: its bytes and crypto are sealed in the
                 # member's directory (same data key); here, where it is.

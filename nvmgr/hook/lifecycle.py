@@ -62,11 +62,18 @@ from nvmgr.hook.ownership import Role
 from nvmgr.image.image import Image
 from nvmgr.paths import RUNTIME_ROOT
 from nvmgr.provision import staging
-from nvmgr.provision.prepare import initial_content, prepare_image, refuse_luks
+from nvmgr.provision.prepare import (
+    check_live_encryption,
+    fill_empty,
+    prepare_image,
+    refuse_luks,
+)
 from nvmgr.storage import image_exists
 from nvmgr.storage.rbd import RbdLocation, is_rbd, read_keyring_key
 
 MIGRATE_MAP = paths.MIGRATE_MAP
+#: The runtime file QEMU reads the LUKS passphrase from (``qemuargs.key_path``).
+KEY_FILE = "image.key"
 #: Seconds a hook call waits for an nvmgr command holding the image.
 LOCK_WAIT = 30.0
 
@@ -185,6 +192,7 @@ def prepare(ctx: HookContext) -> str:
         _verify_key(img, kek, ctx)
         sections = img.sections()  # members opened and checked (MemberError: refused)
         _check_slices(ctx, img, sections)
+        check_live_encryption(img, plan)
         report = img.check()
         if not report.ok:
             hint = report.repair_hint()
@@ -195,14 +203,8 @@ def prepare(ctx: HookContext) -> str:
         # A live migration's destination: the source runs the image and
         # writes it until its release hands it over; write nothing into it.
         incoming = incoming_note and ownership.is_running_elsewhere(img.directory)
-        for ps in plan.sections:  # first start: templates, state made before nvmgr
-            if incoming:
-                break
-            if img.directory.find(ps.name) is not None and not img.section(ps.name).length:
-                got = initial_content(ctx.dom, plan, ps)
-                if got is not None:
-                    # The VM is starting, not running: a mark left by a crash is stale.
-                    img.put(ps.name, got[0], force=True)
+        if not incoming:  # first start: templates, state made before nvmgr, LUKS volumes
+            fill_empty(img, ctx.dom, plan)
         version = ctx.tpm_version()
         state_dir = staging.tpm_state_dir(ctx.uuid, version, ctx.swtpm_root)
         # release wipes the staged files once they are in the image, so files
@@ -222,6 +224,11 @@ def prepare(ctx: HookContext) -> str:
               if s.binding is Binding.FWCFG}
         if fw:
             staging.stage_runtime(ctx.uuid, fw, ctx.users, ctx.runtime_root)
+        luks = [s.name for s in img.sections() if s.luks]
+        if luks:
+            # QEMU's secret object reads the LUKS passphrase from here; started removes it.
+            staging.stage_runtime(ctx.uuid, {KEY_FILE: img.luks_passphrase()}, ctx.users,
+                                  ctx.runtime_root)
         if not incoming:
             img.set_in_use([s.name for s in img.directory.sections if s.live], True)
         owner = ownership.claim(img, runtime, incoming=incoming)
@@ -237,7 +244,8 @@ def prepare(ctx: HookContext) -> str:
                    if img.directory.members else "")
         return (f"verified {n} section(s) of {img.path}{members}; "
                 + (f"recovered {recovered} left staged by an earlier run; " if recovered else "")
-                + f"staged tpm {staged or 'none'}, fw_cfg {sorted(fw) or 'none'}; {owner}")
+                + f"staged tpm {staged or 'none'}, fw_cfg {sorted(fw) or 'none'}"
+                + (f", the LUKS key of {luks}" if luks else "") + f"; {owner}")
 
 
 def _check_slices(ctx: HookContext, img: Image, sections: list[Section]) -> None:
@@ -294,7 +302,7 @@ def _stage_rbd_key(ctx: HookContext) -> None:
 
 def started(ctx: HookContext) -> str:
     removed = []
-    for name in ("image.key", "rbd.key"):
+    for name in (KEY_FILE, "rbd.key"):
         key = Path(staging.runtime_dir(ctx.uuid, ctx.runtime_root)) / name
         if key.exists():
             key.unlink()

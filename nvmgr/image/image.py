@@ -33,6 +33,7 @@ from nvmgr.errors import (
     BusyError,
     CorruptError,
     DERError,
+    ExternalError,
     ForeignImageError,
     KeyRequiredError,
     MemberError,
@@ -40,6 +41,7 @@ from nvmgr.errors import (
     NotFoundError,
     NvmgrError,
     UsageError,
+    WrongKeyError,
 )
 from nvmgr.format import codec
 from nvmgr.format.layout import SectionSpec, extend, layout
@@ -638,7 +640,7 @@ class Image:
         if holder is not self:
             return holder.get(name)
         s = self._local(self.section(name))
-        if s.crypto is not None:
+        if s.crypto is not None or s.luks:
             # The key first: the directory's MAC covers an encrypted section's
             # length, so a size read past this point is the key holder's own.
             self._get_cipher()
@@ -656,6 +658,8 @@ class Image:
                     image=self.path,
                     section=name,
                 )
+        if s.luks:
+            return self._luks_payload(s, raw)
         if s.crypto is None:
             return raw
         try:
@@ -678,7 +682,7 @@ class Image:
         if holder is not self:
             return holder.get_to(name, write)
         s = self._local(self.section(name))
-        if s.crypto is not None or s.stored_length <= CHUNK:
+        if s.crypto is not None or s.luks or s.stored_length <= CHUNK:
             data = self.get(name)
             write(data)
             return len(data)
@@ -691,6 +695,58 @@ class Image:
         for off in range(0, s.stored_length, CHUNK):
             write(self.container.read(s.offset + off, min(CHUNK, s.stored_length - off)))
         return s.stored_length
+
+    # ------------------------------------------------------------ LUKS sections
+
+    def luks_passphrase(self) -> bytes:
+        """The passphrase of this image's LUKS volumes (its encrypted live
+        sections), for QEMU's ``secret`` object: derived from the data key
+        (:meth:`nvmgr.crypto.cipher.SectionCipher.luks_passphrase`).
+
+        :raise KeyRequiredError, WrongKeyError: no key, or not one of the image's.
+        """
+        return self._get_cipher().luks_passphrase()
+
+    def _luks_payload(self, s: Section, raw: bytes) -> bytes:
+        """The payload of LUKS section *s* whose stored bytes are *raw* (the
+        key already proven by the key slots: a volume that does not open with
+        the passphrase derived from it is damaged or replaced, not a wrong key).
+        """
+        if not raw:
+            return b""  # never written: no volume yet
+        from nvmgr.storage import qemu
+
+        try:
+            return qemu.luks_payload(raw, self.luks_passphrase(), image=self.path,
+                                     section=s.name)
+        except WrongKeyError as e:
+            raise CorruptError(
+                f"section {s.name} is corrupted (its LUKS volume does not open with the "
+                "image's key: damaged or replaced)", image=self.path, section=s.name) from e
+
+    def _luks_volume(self, s: Section, data: Buffer) -> bytes:
+        """The LUKS volume to store in section *s* for payload *data*: its
+        current volume re-encrypted when it is whole, else a new one."""
+        from nvmgr.storage import qemu
+
+        if len(data) > s.payload:
+            raise NoSpaceError(
+                f"{len(data)} bytes do not fit section {s.name} (a LUKS volume with a "
+                f"payload of {s.payload})", image=self.path, section=s.name)
+        current = None
+        if s.length == s.capacity:
+            raw = self.container.read(s.offset, s.stored_length)
+            if (s.live and s.dirty) or zlib.crc32(raw) == s.crc32:
+                current = raw
+        vol = qemu.luks_volume(bytes(data), s.payload, self.luks_passphrase(), volume=current,
+                               image=self.path, section=s.name)
+        if len(vol) != s.capacity:
+            raise ExternalError(
+                f"section {s.name}: qemu-img made a LUKS volume of {len(vol):,} bytes, the "
+                f"section holds {s.capacity:,} (a LUKS header of {len(vol) - s.payload:,} "
+                f"bytes, nvmgr plans {s.capacity - s.payload:,}): this QEMU's LUKS "
+                "layout differs", image=self.path, section=s.name)
+        return vol
 
     # ------------------------------------------------------------ writing
 
@@ -855,23 +911,25 @@ class Image:
             holder.put(name, data, progress=progress, force=force)
             return self.section(name)
         s = self._local(self.section(name))
-        if len(data) > s.capacity:
+        if len(data) > s.payload:
             raise NoSpaceError(
-                f"{len(data)} bytes do not fit section {name} (capacity {s.capacity})",
+                f"{len(data)} bytes do not fit section {name} (capacity {s.payload})",
                 image=self.path,
                 section=name,
             )
         self._refuse_if_running(s, force)
         crypto = None
         stored: Buffer = data
-        if s.encrypted:
+        if s.luks:
+            stored = self._luks_volume(s, data)
+        elif s.encrypted:
             ct, iv, mac = self._get_cipher().encrypt(name, bytes(data))
             stored, crypto = ct, SectionCrypto(iv=iv, mac=mac)
         crc = zlib.crc32(stored)
         new = self._copy_dir()
         ns = self._find(new, name)
         # A forced write keeps the in-use mark: only release or repair clears it.
-        ns.length, ns.crc32, ns.crypto = len(data), crc, crypto
+        ns.length, ns.crc32, ns.crypto = len(stored), crc, crypto
         if s.live:
             home = s.offset
             self._write_flush(new.scratch_offset, stored, progress)
@@ -971,6 +1029,10 @@ class Image:
             return self.section(name)
         s = self._local(self.section(name))
         self._refuse_if_running(s, force)
+        if s.luks:
+            raise UsageError(f"section {name} is a LUKS volume of a fixed payload size "
+                             "(the device's); it cannot be resized", image=self.path,
+                             section=name)
         spec = SectionSpec(name, capacity, s.binding, s.encrypted, s.device)
         if capacity < s.length:
             raise NoSpaceError(
@@ -1206,6 +1268,19 @@ class Image:
                 results.append(SectionCheck(s.name, "corrupt", msg))
                 if s.live:
                     repairable.append(s.name)
+                continue
+            if s.luks and s.length:
+                if self.kek is None:
+                    results.append(SectionCheck(s.name, "ok",
+                                                "crc32 ok; LUKS volume not opened (no key)"))
+                    continue
+                try:
+                    self._luks_payload(s, self.container.read(s.offset, s.stored_length))
+                except CorruptError as e:
+                    errors.append(e.message)
+                    results.append(SectionCheck(s.name, "corrupt", e.message))
+                    continue
+                results.append(SectionCheck(s.name, "ok", "crc32 ok; LUKS volume opens"))
                 continue
             if s.crypto is not None:
                 if self.kek is None:

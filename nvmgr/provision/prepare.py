@@ -42,11 +42,53 @@ log = logging.getLogger(__name__)
 
 
 def refuse_luks(meta: NvmgrMetadata | None) -> None:
-    """qcow2+LUKS containers are planned for, not built: say so instead of
-    defining a domain whose QEMU would wait for a key file nobody writes."""
-    if meta is not None and meta.luks:
-        raise UsageError("luks='yes': qcow2+LUKS images are not supported yet; nvmgr "
-                         "encrypts sections itself (--key-file / --key-secret)")
+    """``luks='yes'`` asks for the live sections as LUKS volumes, which is what
+    naming a key gives: without a key there is nothing to open them with."""
+    if meta is not None and meta.luks and not meta.encrypted:
+        raise UsageError("luks='yes': the live sections are LUKS volumes opened with the "
+                         "image's key, and the domain's nvmgr metadata names none: give "
+                         "--key-file or --key-secret")
+
+
+def check_live_encryption(img: Image, plan: Plan) -> None:
+    """Each live section is stored as the plan says: a LUKS volume when the
+    domain names a key, plaintext when not.
+
+    :raise UsageError: a live section in plaintext in the image of a domain
+        that names a key (made before nvmgr encrypted live sections): it
+        would stay plaintext at rest; the message names ``nvmgr encrypt``.
+    """
+    for ps in plan.live_sections:
+        if img.directory.find(ps.name) is None:
+            continue
+        s = img.section(ps.name)
+        if ps.luks and not s.luks:
+            raise UsageError(
+                f"section {ps.name} of {img.path} is stored in plaintext, but the domain "
+                "names a key, so its live sections must be LUKS volumes: convert the "
+                f"image with 'nvmgr encrypt --domain {plan.domain or 'DOMAIN'} --key-file "
+                "KEY' while the VM is stopped", image=img.path, section=ps.name)
+
+
+def fill_empty(img: Image, dom: Domain, plan: Plan) -> dict[str, str]:
+    """Give each empty section of *plan* its first content (:func:`initial_content`);
+    an empty LUKS section gets a LUKS volume of zeros (QEMU opens nothing else).
+
+    :return: section name -> where its content came from.
+    """
+    filled: dict[str, str] = {}
+    for ps in plan.sections:
+        if img.directory.find(ps.name) is None or img.section(ps.name).length:
+            continue
+        got = initial_content(dom, plan, ps)
+        if got is None and ps.luks:
+            got = b"", "a LUKS volume of zeros"
+        if got is not None:
+            # The VM is not running (define) or only starting (prepare): an
+            # in-use mark is stale.
+            img.put(ps.name, got[0], force=True)
+            filled[ps.name] = got[1]
+    return filled
 
 
 def plan_with_offsets(plan: Plan, d: Directory, img: Image | None = None) -> Plan:

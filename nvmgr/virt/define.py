@@ -34,8 +34,9 @@ from nvmgr.errors import (
 from nvmgr.image.image import Image
 from nvmgr.provision import orphans
 from nvmgr.provision.prepare import (
+    check_live_encryption,
     copy_for_clone,
-    initial_content,
+    fill_empty,
     owner_of,
     plan_with_offsets,
     prepare_image,
@@ -167,14 +168,9 @@ def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = No
             raise KeyRequiredError(
                 f"{path} is encrypted: define the domain with --key-file or --key-secret "
                 "(the domain's nvmgr metadata names no key)", image=path)
-        for ps in plan.sections:
-            if img.section(ps.name).length:
-                continue
-            got = initial_content(dom, plan, ps)
-            if got is not None:
-                # libvirt says the domain is not running: an in-use mark is stale.
-                img.put(ps.name, got[0], force=True)
-                imported[ps.name] = got[1]
+        check_live_encryption(img, plan)
+        # libvirt says the domain is not running: an in-use mark is stale.
+        imported = fill_empty(img, dom, plan)
         placed = plan_with_offsets(plan, img.directory, img)
         image_uuid = img.directory.image_uuid
         in_members = {n: img.image_path_of(n) for n in added
