@@ -73,8 +73,10 @@ class HookDomain:
         return int(last.split("=")[1])
 
 
-def wired_domain(work: Path, tag: str, fmt: str = "raw") -> HookDomain:
-    """A UEFI + TPM 2.0 domain under *work*, wired as ``nvmgr define`` wires it."""
+def wired_domain(work: Path, tag: str, fmt: str = "raw", *,
+                 key_file: Path | None = None) -> HookDomain:
+    """A UEFI + TPM 2.0 domain under *work*, wired as ``nvmgr define`` wires it
+    (with *key_file* named in its metadata: encrypted, live sections LUKS volumes)."""
     if not (os.path.isfile(OVMF_CODE) and os.path.isfile(OVMF_VARS)):
         pytest.skip("needs OVMF's 4M files (apt-get install ovmf)")
     from nvmgr.domain import qemuargs
@@ -84,6 +86,8 @@ def wired_domain(work: Path, tag: str, fmt: str = "raw") -> HookDomain:
     dom_uuid = str(uuid.uuid4())
     image = work / f"{name}.nvram"
     xml = DOMAIN.format(name=name, uuid=dom_uuid, image=image, code=OVMF_CODE, vars=OVMF_VARS)
+    if key_file is not None:
+        xml = xml.replace(f"image='{image}'", f"image='{image}' key-file='{key_file}'", 1)
     wired = qemuargs.rewrite_domain(xml, plan_domain(xml), str(image), fmt, str(uuid.uuid4()))
     d = HookDomain(name, dom_uuid, wired, image, work / "swtpm", work / "run", work / "hook.log")
     d.swtpm_root.mkdir(exist_ok=True)

@@ -32,6 +32,7 @@ from nvmgr.format import asn1, codec, der, reader, writer
 from nvmgr.format.layout import MAX_SECTION_SIZE, SectionSpec, layout
 from nvmgr.format.model import (
     ALIGN,
+    LUKS_HEADER_SIZE,
     Binding,
     Directory,
     KeySlot,
@@ -526,10 +527,25 @@ def test_length_exceeds_capacity() -> None:
     _rejects(_seal(a), r"section eeprom0: length 257 exceeds capacity 256")
 
 
-def test_live_and_encrypted() -> None:
+def test_live_and_encrypted_is_a_luks_volume_that_holds_its_header() -> None:
     a = _asn1()
     a["sections"][0]["flags"] = asn1.SectionFlags([1, 1])  # { encrypted, live }
-    _rejects(_seal(a), r"section efivars: live sections cannot be encrypted")
+    _rejects(_seal(a), r"section efivars: an encrypted live section must be larger than "
+             r"its LUKS header \(2068480 bytes\)")
+
+
+def test_a_luks_section_round_trips_and_never_carries_nvmgr_crypto() -> None:
+    d = layout([SectionSpec("efivars", 540672 + LUKS_HEADER_SIZE, Binding.PFLASH, True)],
+               image_uuid=uuid.UUID("6f1c4b0e-8a57-4d9a-9a83-2f5f7c0d1e22"))
+    d.key_slots = [KeySlot(b"\x01" * 8, b"\x02" * 40, "file")]
+    s = d.sections[0]
+    s.length, s.crc32 = s.capacity, 0x1234  # a volume: header and payload, no crypto
+    got = codec.decode_header(codec.encode_header(d), padded=True).sections[0]
+    assert (got.encrypted, got.live, got.luks, got.crypto) == (True, True, True, None)
+    assert got.payload == 540672
+    s.crypto = SectionCrypto(iv=b"\0" * 16, mac=b"\0" * 32)
+    with pytest.raises(DERError, match="a live section is encrypted by QEMU"):
+        codec.encode_header(d)
 
 
 def test_live_flag_disagrees_with_binding() -> None:

@@ -19,7 +19,7 @@ from nvmgr.errors import (
     WrongKeyError,
 )
 from nvmgr.format.layout import SectionSpec
-from nvmgr.format.model import Binding
+from nvmgr.format.model import LUKS_HEADER_SIZE, Binding
 from nvmgr.image.image import Image
 
 FORMATS = ["raw", "qcow2"]
@@ -317,8 +317,10 @@ def test_bad_sizes_are_refused(size: int) -> None:
         SectionSpec("ok", size)
 
 
-def test_live_sections_must_be_sector_multiples_and_unencrypted() -> None:
+def test_live_sections_must_be_sector_multiples_and_count_their_luks_header() -> None:
     with pytest.raises(UsageError, match="multiple of 512"):
         SectionSpec("vars", 1000, Binding.PFLASH)
-    with pytest.raises(UsageError, match="cannot be encrypted"):
+    with pytest.raises(UsageError, match="must count the 2,068,480-byte LUKS header"):
         SectionSpec("vars", 4096, Binding.PFLASH, encrypted=True)
+    s = SectionSpec("vars", 4096 + LUKS_HEADER_SIZE, Binding.PFLASH, encrypted=True)
+    assert s.reserved == 4096 + LUKS_HEADER_SIZE  # no cipher padding: QEMU's LUKS

@@ -13,7 +13,7 @@ from nvmgr.domain import plan as planmod
 from nvmgr.domain import profiles
 from nvmgr.domain.plan import Plan, plan_domain, plan_to_json, render_text
 from nvmgr.errors import InvalidInputError, NotFoundError
-from nvmgr.format.model import Binding
+from nvmgr.format.model import LUKS_HEADER_SIZE, Binding
 
 DATA = Path(__file__).resolve().parent / "data"
 CASES = sorted(p.name[: -len("-in.xml")] for p in DATA.glob("*-in.xml"))
@@ -45,8 +45,10 @@ def expected_image_size(capacities: list[tuple[int, bool, bool]]) -> tuple[int, 
     The rules (layout.py docstring, DESIGN.md "The image"): two header areas,
     each the smallest power of two from 64 KiB that holds 1024 + 2 x 192 bytes
     per section; every section reserved at its capacity (+16 bytes of cipher
-    padding when encrypted) rounded up to 4 KiB; live sections once, plus a
-    scratch area as large as the largest live one; other sections twice.
+    padding when encrypted and not live: an encrypted live section is a LUKS
+    volume whose header its capacity counts) rounded up to 4 KiB; live
+    sections once, plus a scratch area as large as the largest live one;
+    other sections twice.
     """
     n = len(capacities)
     header = 64 * KiB
@@ -56,7 +58,7 @@ def expected_image_size(capacities: list[tuple[int, bool, bool]]) -> tuple[int, 
     def slot(cap: int, enc: bool) -> int:
         return -(-(cap + (16 if enc else 0)) // 4096) * 4096
 
-    live = [slot(c, e) for c, is_live, e in capacities if is_live]
+    live = [slot(c, False) for c, is_live, _e in capacities if is_live]
     other = [slot(c, e) for c, is_live, e in capacities if not is_live]
     return header, 2 * header + sum(live) + max(live, default=0) + 2 * sum(other)
 
@@ -90,8 +92,10 @@ def check_layout_rules(p: Plan) -> None:
 def test_totals_follow_the_layout_rules(case: str, encrypted: bool) -> None:
     p = plan_domain((DATA / f"{case}-in.xml").read_text(), encrypted=encrypted)
     check_layout_rules(p)
-    assert all(s.encrypted == (encrypted or p.encrypted) and not s.live
-               for s in p.sections if s.encrypted)
+    assert all(s.encrypted == p.encrypted for s in p.sections)
+    for s in p.live_sections:  # with a key, a LUKS volume: its header in the slot
+        assert s.luks == p.encrypted
+        assert s.capacity - s.payload == (LUKS_HEADER_SIZE if p.encrypted else 0)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -254,8 +258,9 @@ def test_declared_sections_and_kinds() -> None:
     assert by["blk0"].binding is Binding.BLOCK and by["blk0"].driver == "virtio-blk-pci"
     assert by["fru"].capacity == 1536 and by["fru"].binding is Binding.OPAQUE
     assert by["tpm-permall"].capacity == 512 * KiB and "override" in by["tpm-permall"].source
-    assert by["uefi-vars"].capacity == 128 * KiB
-    assert p.encrypted  # the metadata names a key secret
+    assert p.encrypted  # the metadata names a key secret: live sections are LUKS volumes
+    assert by["uefi-vars"].payload == 128 * KiB
+    assert by["uefi-vars"].capacity == 128 * KiB + LUKS_HEADER_SIZE
 
 
 @pytest.mark.parametrize(
@@ -283,13 +288,22 @@ def test_spapr_nvram_kind_brings_its_device() -> None:
     assert (s.binding, s.capacity, s.driver) == (Binding.BLOCK, 64 * KiB, "spapr-nvram")
 
 
-def test_encryption_pads_non_live_sections_only() -> None:
-    meta = "<nvmgr:section name='blob' size='4K'/>"
+def test_encryption_pads_non_live_sections_and_makes_live_ones_luks_volumes() -> None:
+    meta = "<nvmgr:section name='blob' size='4K'/><nvmgr:section name='disk' size='1M' " \
+           "binding='block'/>"
     plain = plan_domain(dom("", OVMF4M, meta))
     enc = plan_domain(dom("", OVMF4M, meta), encrypted=True)
     assert plain.find("blob").reserved == 4 * KiB  # type: ignore[union-attr]
     assert enc.find("blob").reserved == 8 * KiB  # type: ignore[union-attr]
-    assert not enc.find("uefi-vars").encrypted  # type: ignore[union-attr]
+    for name, payload in (("uefi-vars", 540672), ("disk", 1 << 20)):
+        p, e = plain.find(name), enc.find(name)
+        assert p is not None and e is not None
+        assert (p.luks, p.capacity, p.payload) == (False, payload, payload)
+        # the slot (QEMU's raw slice) holds the LUKS header and the payload;
+        # the device (on the luks node) sees exactly the payload
+        assert (e.luks, e.encrypted, e.payload) == (True, True, payload)
+        assert e.capacity == payload + LUKS_HEADER_SIZE == payload + 2_068_480
+        assert e.reserved == -(-e.capacity // 4096) * 4096
     check_layout_rules(enc)
 
 

@@ -20,6 +20,7 @@ from nvmgr.domain.elements import parse_domain
 from nvmgr.domain.metadata import NvmgrMetadata
 from nvmgr.domain.plan import Plan, plan_domain
 from nvmgr.errors import InvalidInputError, UsageError
+from nvmgr.format.model import LUKS_HEADER_SIZE
 
 DATA = Path(__file__).resolve().parent / "data"
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,33 +118,64 @@ def test_uefi_arguments() -> None:
 
 
 def test_block_fwcfg_and_key_arguments() -> None:
+    """A domain with a key: each live section's raw slice carries a ``luks``
+    node, the device and pflash use that node, and the passphrase comes from
+    the runtime key file through one secret object (never in the arguments)."""
     xml = (DATA / "sections-in.xml").read_text()
     p = plan_domain(xml)
-    args = qemuargs.qemu_args(p, "/srv/img.qcow2", "qcow2", luks=True)
+    assert p.encrypted  # sections-in.xml names a key secret
+    args = qemuargs.qemu_args(p, "/srv/img.qcow2", "qcow2")
     by = pairs(args)
     dom_uuid = "5c0f8a1e-2b7d-4c39-9e14-6a8b3d2f7c03"
     assert by["-object"] == [
         f"secret,id=nvmgr-key,format=raw,file=/run/nvmgr/{dom_uuid}/image.key"]
+    assert qemuargs.key_path(dom_uuid) == f"/run/nvmgr/{dom_uuid}/image.key"
     assert json.loads(by["-blockdev"][1]) == {
-        "driver": "qcow2", "file": "nvmgr-file", "node-name": "nvmgr-image",
-        "encrypt": {"format": "luks", "key-secret": "nvmgr-key"}}
-    slices = [json.loads(v) for v in by["-blockdev"][2:]]
+        "driver": "qcow2", "file": "nvmgr-file", "node-name": "nvmgr-image"}
+    nodes = [json.loads(v) for v in by["-blockdev"][2:]]
+    slices = [n for n in nodes if n["driver"] == "raw"]
     assert all(s["file"] == "nvmgr-image" and s["size"] % 512 == 0 for s in slices)
     assert [s["node-name"] for s in slices] == ["nvmgr-uefi-vars", "nvmgr-blk0"]
+    for sl in slices:  # the slice is the LUKS volume: header and payload
+        ps = p.find(sl["node-name"].removeprefix("nvmgr-"))
+        assert ps is not None and ps.luks
+        assert sl["size"] == ps.capacity == ps.payload + LUKS_HEADER_SIZE
+    luks = [n for n in nodes if n["driver"] == "luks"]
+    assert luks == [
+        {"driver": "luks", "file": "nvmgr-uefi-vars", "key-secret": "nvmgr-key",
+         "node-name": qemuargs.luks_node_name("uefi-vars")},
+        {"driver": "luks", "file": "nvmgr-blk0", "key-secret": "nvmgr-key",
+         "node-name": qemuargs.luks_node_name("blk0")}]
+    assert by["-machine"] == [f"pflash1={qemuargs.luks_node_name('uefi-vars')}"]
     assert [json.loads(v) for v in by["-device"]] == [
-        {"driver": "virtio-blk-pci", "drive": "nvmgr-blk0", "id": "nvblk0", "share-rw": True}]
+        {"driver": "virtio-blk-pci", "drive": qemuargs.luks_node_name("blk0"), "id": "nvblk0",
+         "share-rw": True}]
     assert by["-fw_cfg"] == [f"name=opt/org.example/vpd0,file=/run/nvmgr/{dom_uuid}/vpd0"]
     assert qemuargs.staged_path(dom_uuid, "vpd0") == f"/run/nvmgr/{dom_uuid}/vpd0"
     assert qemuargs.user_args(args + ["-S"]) == ["-S"]
+    # the offsets the hook checks are the raw slices', not the luks nodes'
+    assert set(qemuargs.slice_offsets(args)) == {"nvmgr-uefi-vars", "nvmgr-blk0"}
 
 
-def test_luks_is_remembered_by_the_metadata() -> None:
-    xml = (DATA / "uefi-tpm2-in.xml").read_text()
+def test_luks_nodes_are_rewritten_idempotently_and_stripped() -> None:
+    xml = (DATA / "sections-in.xml").read_text()
     p = plan_domain(xml)
-    out = qemuargs.rewrite_domain(xml, p, "/srv/i.qcow2", "qcow2", IMAGE_UUID, luks=True)
-    assert "secret,id=nvmgr-key" in out
+    out = qemuargs.rewrite_domain(xml, p, "/srv/i.qcow2", "qcow2", IMAGE_UUID)
+    got = parse_domain(out).qemu_args
+    assert any(a.startswith("secret,id=nvmgr-key,") for a in got)
+    assert sum('"driver":"luks"' in a for a in got) == 2
     assert qemuargs.rewrite_domain(out, p, "/srv/i.qcow2", "qcow2", IMAGE_UUID) == out
-    assert "nvmgr-key" not in qemuargs.strip_nvmgr(out)
+    assert qemuargs.wiring_problems(parse_domain(out), p) == []
+    stripped = qemuargs.strip_nvmgr(out)
+    assert "nvmgr-key" not in stripped and "luks" not in stripped
+
+
+def test_luks_node_names_are_short_and_distinct() -> None:
+    names = ["uefi-vars", "x" * 64, "a+b", "a_b", "blk0"]
+    nodes = [qemuargs.luks_node_name(n) for n in names]
+    assert len(set(nodes)) == len(nodes)
+    assert all(qemuargs._NODE_RE.fullmatch(n) for n in nodes)
+    assert not set(nodes) & {qemuargs.node_name(n) for n in names}
 
 
 def test_strip_keeps_an_explicit_loader_the_user_named() -> None:
@@ -162,17 +194,16 @@ def test_no_arguments_without_live_or_fwcfg_sections() -> None:
 
 
 @pytest.mark.parametrize(
-    ("image", "fmt", "luks", "needle"),
+    ("image", "fmt", "needle"),
     [
-        ("relative.nvram", "raw", False, "absolute"),
-        ("/i.vmdk", "vmdk", False, "not raw or qcow2"),
-        ("/i.nvram", "raw", True, "LUKS encryption needs a qcow2"),
+        ("relative.nvram", "raw", "absolute"),
+        ("/i.vmdk", "vmdk", "not raw or qcow2"),
     ],
 )
-def test_bad_argument_requests(image: str, fmt: str, luks: bool, needle: str) -> None:
+def test_bad_argument_requests(image: str, fmt: str, needle: str) -> None:
     p = plan_domain((DATA / "uefi-tpm2-in.xml").read_text())
     with pytest.raises(UsageError, match=needle):
-        qemuargs.qemu_args(p, image, fmt, luks=luks)
+        qemuargs.qemu_args(p, image, fmt)
 
 
 def test_fwcfg_needs_a_domain_uuid() -> None:

@@ -143,7 +143,7 @@ class Section:
     @property
     def stored_length(self) -> int:
         """Bytes on disk: the ciphertext length for encrypted sections."""
-        if self.encrypted and self.crypto is not None:
+        if self.encrypted and self.crypto is not None and not self.binding.live:
             return (self.length // 16 + 1) * 16
         return self.length
 
@@ -274,8 +274,9 @@ class Directory:
         name, length and crypto parameters (IV and the section's own MAC):
         everything whose forgery or rollback the section MACs alone cannot
         catch (an older version's IV and MAC with the older ciphertext still
-        in the other slot; a section dropped or made plaintext).  Offsets,
-        sizes, live sections and in-use marks are left out on purpose: writers
+        in the other slot; a section dropped or made plaintext), and for
+        every LUKS section (an encrypted live one) its name and length.  Offsets,
+        sizes, plaintext live sections and in-use marks are left out on purpose: writers
         without the key change them (reseal, grow, resize, hand-off), and a
         forged offset only makes a section fail its own MAC.  Canonical bytes:
         length-prefixed fields, sections in name order.
@@ -291,9 +292,10 @@ class Directory:
                 out += [b"S", field(s.name.encode()), s.length.to_bytes(8, "big"),
                         field(s.crypto.iv), field(s.crypto.mac)]
             elif s.encrypted and s.live:
-                # A LUKS volume QEMU decrypts: sealed as such, so that nobody
-                # without the key makes nvmgr take it for plaintext.
-                out += [b"L", field(s.name.encode())]
+                # A LUKS volume QEMU decrypts: sealed as such, and whether it
+                # was made (its length), so that nobody without the key makes
+                # nvmgr take it for plaintext or for empty (refilled from a template).
+                out += [b"L", field(s.name.encode()), s.length.to_bytes(8, "big")]
             elif s.member is not None:
                 # A section in a member: its bytes and crypto are sealed in the
                 # member's directory (same data key); here, where it is.

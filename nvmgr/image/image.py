@@ -929,7 +929,8 @@ class Image:
         new = self._copy_dir()
         ns = self._find(new, name)
         # A forced write keeps the in-use mark: only release or repair clears it.
-        ns.length, ns.crc32, ns.crypto = len(stored), crc, crypto
+        # A LUKS section's length is its volume's (header and payload), as QEMU sees the slice.
+        ns.length, ns.crc32, ns.crypto = len(stored) if s.luks else len(data), crc, crypto
         if s.live:
             home = s.offset
             self._write_flush(new.scratch_offset, stored, progress)
@@ -1118,7 +1119,7 @@ class Image:
             if not ns.live or ns.member is not None or (names is not None
                                                           and ns.name not in names):
                 continue
-            if not ns.length:
+            if not ns.length and not ns.luks:  # a LUKS volume's length is sealed: put sets it
                 ns.length = ns.capacity
             crc = self._stored_crc(ns)
             if crc != ns.crc32:

@@ -1,0 +1,319 @@
+"""Live sections of an encrypted image are LUKS volumes inside their slot (issue 8, part 1).
+
+QEMU's ``luks`` driver opens them on the raw slice as the VM runs; nvmgr
+reads and writes them offline through qemu-img over anonymous memory files.
+The passphrase is derived from the image's data key, never a KEK, and never
+passes through argv, the environment or a persistent file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import RunCli, make_key
+
+from nvmgr.crypto.cipher import Kek
+from nvmgr.domain import qemuargs
+from nvmgr.domain.elements import parse_domain
+from nvmgr.errors import CorruptError, ExitCode, KeyRequiredError, NoSpaceError, WrongKeyError
+from nvmgr.format.layout import SectionSpec
+from nvmgr.format.model import LUKS_HEADER_SIZE, Binding
+from nvmgr.image.image import Image
+from nvmgr.storage import qemu
+
+pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
+
+PAYLOAD = 540672  # OVMF's 4M varstore
+KEK = bytes(range(32))
+
+
+def _image(path: Path, kek: Kek | None = None) -> Image:
+    return Image.create(str(path), [
+        SectionSpec("uefi-vars", PAYLOAD + LUKS_HEADER_SIZE, Binding.PFLASH, encrypted=True),
+        SectionSpec("tpm", 4096, Binding.TPM),
+    ], kek=kek or Kek(KEK))
+
+
+def _vars() -> bytes:
+    """A varstore-like payload: UTF-16 variable names, as OVMF stores them."""
+    body = "BootOrder".encode("utf-16-le") + b"\x01\x00" + "Boot0001".encode("utf-16-le")
+    return (body * (PAYLOAD // len(body) + 1))[:PAYLOAD]
+
+
+def test_the_luks_header_size_is_what_this_qemu_img_writes() -> None:
+    """LUKS_HEADER_SIZE is derived (8 slots of 64 x 4000 bytes, 4 KiB aligned,
+    after one 4 KiB header block); measured here: qemu-img's payload offset."""
+    vol = qemu.luks_volume(b"", 4096, b"0" * 64)
+    assert vol[:6] == b"LUKS\xba\xbe"
+    offset = int.from_bytes(vol[104:108], "big") * 512  # LUKS1 phdr: payload-offset, sectors
+    assert offset == LUKS_HEADER_SIZE == 2_068_480
+    assert len(vol) == LUKS_HEADER_SIZE + 4096
+
+
+def test_put_get_round_trip_leaves_no_plaintext_in_the_image(tmp_path: Path) -> None:
+    path = tmp_path / "i.nvram"
+    data = _vars()
+    with _image(path) as img:
+        img.put("uefi-vars", data)
+        s = img.section("uefi-vars")
+        # the slot holds the whole volume: its length is the slice QEMU opens
+        assert (s.luks, s.length, s.capacity, s.payload) == (
+            True, PAYLOAD + LUKS_HEADER_SIZE, PAYLOAD + LUKS_HEADER_SIZE, PAYLOAD)
+        assert s.crypto is None
+        assert img.get("uefi-vars") == data
+        img.put("uefi-vars", data[:1000])  # shorter: zero-padded to the payload
+        assert img.get("uefi-vars") == data[:1000] + bytes(PAYLOAD - 1000)
+        with pytest.raises(NoSpaceError, match="do not fit section uefi-vars \\(capacity 540672\\)"):
+            img.put("uefi-vars", data + b"x")
+        assert img.check().ok
+    raw = path.read_bytes()
+    assert "BootOrder".encode("utf-16-le") not in raw
+    assert raw.count(b"LUKS\xba\xbe") == 2  # the slot, and the copy left in scratch
+
+
+def test_the_passphrase_is_derived_from_the_data_key_not_the_kek(tmp_path: Path) -> None:
+    path = tmp_path / "i.nvram"
+    with _image(path) as img:
+        img.put("uefi-vars", b"v1")
+        phrase = img.luks_passphrase()
+        assert len(phrase) == 64 and bytes.fromhex(phrase.decode()) != KEK
+        assert KEK.hex().encode() != phrase
+        new = Kek(bytes(range(1, 33)))
+        img.rekey(new)  # only the wrapping of the data key changes
+        assert img.luks_passphrase() == phrase
+    with Image.open(str(path), kek=new) as img:
+        assert img.get("uefi-vars")[:2] == b"v1"
+    other = tmp_path / "other.nvram"
+    with _image(other) as img:  # another image: another data key, another passphrase
+        assert img.luks_passphrase() != phrase
+
+
+def test_no_key_in_any_argv_or_environment(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str]] = []
+    real = qemu.run
+
+    def spy(tool: str, args: list[str], **kw: object) -> qemu.Result:
+        seen.append([tool, *args])
+        return real(tool, args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(qemu, "run", spy)
+    with _image(tmp_path / "i.nvram") as img:
+        img.put("uefi-vars", _vars())
+        img.get("uefi-vars")
+        phrase = img.luks_passphrase().decode()
+    assert seen
+    for argv in seen:
+        text = " ".join(argv)
+        assert phrase not in text and KEK.hex() not in text
+        assert "secret,id=k,file=/dev/fd/" in text  # the passphrase: from a memory file
+    assert not any(phrase in v or KEK.hex() in v for v in os.environ.values())
+
+
+def test_check_without_the_key_finds_corruption_of_the_ciphertext(tmp_path: Path,
+                                                                 nvmgr: RunCli) -> None:
+    path = tmp_path / "i.nvram"
+    with _image(path) as img:
+        img.put("uefi-vars", _vars())
+        off = img.section("uefi-vars").offset
+    r = nvmgr("check", path)
+    assert r.returncode == 0, r.stderr
+    assert b"LUKS volume not opened (no key)" in r.stdout
+    with open(path, "r+b") as f:  # one byte of the payload's ciphertext
+        f.seek(off + LUKS_HEADER_SIZE + 12345)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0x40]))
+    r = nvmgr("check", path)
+    assert r.returncode == ExitCode.CORRUPT
+    assert b"section uefi-vars is corrupted (crc32" in r.stdout + r.stderr
+
+
+def test_wrong_key_is_exit_5_and_corruption_exit_4(tmp_path: Path, nvmgr: RunCli) -> None:
+    path = tmp_path / "i.nvram"
+    with _image(path) as img:
+        img.put("uefi-vars", _vars())
+        off = img.section("uefi-vars").offset
+    good = make_key(tmp_path / "good.key")
+    good.write_bytes(KEK)
+    bad = make_key(tmp_path / "bad.key")
+    r = nvmgr("get", path, "uefi-vars", "--key-file", good, "-o", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out").read_bytes() == _vars()
+    r = nvmgr("get", path, "uefi-vars", "--key-file", bad, "-o", tmp_path / "out2")
+    assert r.returncode == ExitCode.WRONG_KEY, r.stderr
+    r = nvmgr("get", path, "uefi-vars", "-o", tmp_path / "out3")
+    assert r.returncode == ExitCode.KEY_REQUIRED, r.stderr
+    with open(path, "r+b") as f:  # the LUKS header's key slot material
+        f.seek(off + 8192)
+        f.write(b"\xff" * 64)
+    r = nvmgr("get", path, "uefi-vars", "--key-file", good, "-o", tmp_path / "out4")
+    assert r.returncode == ExitCode.CORRUPT, r.stderr
+    r = nvmgr("check", path, "--key-file", bad)
+    assert r.returncode in (ExitCode.CORRUPT, ExitCode.WRONG_KEY)
+    assert not (tmp_path / "out2").exists() or not (tmp_path / "out2").read_bytes()
+
+
+def test_a_volume_replaced_under_a_valid_crc_is_corrupt_not_a_wrong_key(tmp_path: Path) -> None:
+    """The KEK opened the key slots, so a volume that does not open with the
+    passphrase derived from the data key is damaged or replaced (exit 4)."""
+    path = tmp_path / "i.nvram"
+    with _image(path) as img:
+        img.put("uefi-vars", b"mine")
+        s = img.section("uefi-vars")
+        foreign = qemu.luks_volume(b"theirs", s.payload, b"f" * 64)
+        img.container.write(s.offset, foreign)  # QEMU-side forgery: the crc resealed
+        img.container.flush()
+        img.reseal(["uefi-vars"])
+        with pytest.raises(CorruptError, match="does not open with the image's key"):
+            img.get("uefi-vars")
+        report = img.check()
+        assert not report.ok and "LUKS volume does not open" in report.errors[0]
+
+
+def test_a_luks_section_forged_empty_is_refused_under_the_key(tmp_path: Path) -> None:
+    """Its length is sealed by the directory MAC: nobody without the key makes
+    nvmgr take it for empty (and refill it from the varstore template)."""
+    from nvmgr.format import codec
+
+    path = tmp_path / "i.nvram"
+    with _image(path) as img:
+        img.put("uefi-vars", b"vars")
+        d = img._copy_dir()
+        mac = img.directory.mac
+        area = d.header_area
+    d.find("uefi-vars").length = 0  # type: ignore[union-attr]
+    d.generation += 5
+    blob = codec.encode_header(d, lambda _b: mac)  # type: ignore[arg-type, return-value]
+    raw = bytearray(path.read_bytes())
+    for off in (0, area):
+        raw[off:off + area] = blob + bytes(area - len(blob))
+    path.write_bytes(bytes(raw))
+    with Image.open(str(path), kek=Kek(KEK)) as img, \
+            pytest.raises(CorruptError, match="not authenticated"):
+        img.get("uefi-vars")
+
+
+def test_get_needs_the_key_and_wrong_key_is_wrong_key(tmp_path: Path) -> None:
+    path = tmp_path / "i.nvram"
+    with _image(path) as img:
+        img.put("uefi-vars", b"x")
+    with Image.open(str(path)) as img, pytest.raises(KeyRequiredError):
+        img.get("uefi-vars")
+    with Image.open(str(path), kek=Kek(bytes(32))) as img, pytest.raises(WrongKeyError):
+        img.get("uefi-vars")
+
+
+def test_convert_keeps_the_ciphertext_and_resize_is_refused(tmp_path: Path,
+                                                           nvmgr: RunCli) -> None:
+    path = tmp_path / "i.nvram"
+    with _image(path) as img:
+        img.put("uefi-vars", _vars())
+    r = nvmgr("convert", path, tmp_path / "i.qcow2", "--format", "qcow2")
+    assert r.returncode == 0, r.stderr
+    with Image.open(str(tmp_path / "i.qcow2"), kek=Kek(KEK)) as img:
+        assert img.get("uefi-vars") == _vars()
+        assert img.check().ok
+    with Image.open(str(path), writable=True, kek=Kek(KEK)) as img, \
+            pytest.raises(Exception, match="cannot be resized"):
+        img.resize_section("uefi-vars", PAYLOAD + LUKS_HEADER_SIZE + 4096)
+
+
+# ----------------------------------------------------------------- the hook
+
+
+def _hook_domain(tmp_path: Path) -> object:
+    from tests import hookdom
+
+    key = make_key(tmp_path / "vm.key")
+    return hookdom.wired_domain(tmp_path, "luks", key_file=key), key
+
+
+def test_the_hook_stages_the_passphrase_for_qemu_and_started_removes_it(tmp_path: Path) -> None:
+    d, key = _hook_domain(tmp_path)
+    xml = d.xml  # type: ignore[attr-defined]
+    args = parse_domain(xml).qemu_args
+    # the QEMU command line names the key file, never a key
+    assert f"secret,id=nvmgr-key,format=raw,file={qemuargs.key_path(d.uuid)}" in args  # type: ignore[attr-defined]
+    assert any('"driver":"luks"' in a for a in args)
+    assert f"pflash1={qemuargs.luks_node_name('uefi-vars')}" in args
+    r = d.hook("prepare", "begin")  # type: ignore[attr-defined]
+    assert r.returncode == 0, r.stderr.decode()
+    keyfile = d.runtime_root / d.uuid / "image.key"  # type: ignore[attr-defined]
+    st = keyfile.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.getuid()
+    kek = Kek(key.read_bytes())
+    with Image.open(str(d.image), kek=kek) as img:  # type: ignore[attr-defined]
+        phrase = img.luks_passphrase()
+        s = img.section("uefi-vars")
+        assert s.luks and s.dirty  # in use: QEMU opens it now
+        template = Path("/usr/share/OVMF/OVMF_VARS_4M.fd").read_bytes()
+        assert img.get("uefi-vars") == template  # the first start put the template in
+    assert keyfile.read_bytes() == phrase  # the passphrase, not the KEK
+    secrets = (phrase.decode(), key.read_bytes().hex())
+    assert not any(x in xml for x in secrets)
+    log = (d.log.read_text() if d.log.exists() else "")  # type: ignore[attr-defined]
+    assert not any(x in log for x in secrets)
+    assert "BootOrder".encode("utf-16-le") not in Path(d.image).read_bytes()  # type: ignore[attr-defined]
+    r = d.hook("started", "begin")  # type: ignore[attr-defined]
+    assert r.returncode == 0, r.stderr.decode()
+    assert not keyfile.exists()
+    r = d.hook("release", "end")  # type: ignore[attr-defined]
+    assert r.returncode == 0, r.stderr.decode()
+    with Image.open(str(d.image), kek=kek) as img:  # type: ignore[attr-defined]
+        assert img.check().ok and not img.section("uefi-vars").dirty
+
+
+def test_a_plaintext_live_section_under_a_key_is_refused_with_the_fix(tmp_path: Path) -> None:
+    """An image made before live sections were encrypted: its domain names a
+    key now, and prepare refuses to run it in plaintext, naming nvmgr encrypt."""
+    from tests import hookdom
+
+    key = make_key(tmp_path / "vm.key")
+    d = hookdom.wired_domain(tmp_path, "old", key_file=key)
+    meta = parse_domain(d.xml).nvmgr
+    assert meta is not None and meta.uuid is not None
+    with Image.create(str(d.image), [SectionSpec("uefi-vars", PAYLOAD, Binding.PFLASH)],
+                      kek=Kek(key.read_bytes()), domain_uuid=uuid.UUID(d.uuid),
+                      image_uuid=meta.uuid):
+        pass
+    before = d.image.read_bytes()
+    r = d.hook("prepare", "begin")
+    assert r.returncode == ExitCode.USAGE, r.stderr.decode()
+    err = r.stderr.decode()
+    assert "section uefi-vars" in err and "stored in plaintext" in err
+    assert "nvmgr encrypt --domain" in err
+    assert not (d.runtime_root / d.uuid / "image.key").exists()
+
+
+def test_qemu_opens_the_luks_slice_and_sees_the_payload(tmp_path: Path) -> None:
+    """QEMU's own block layer: a luks node on the raw slice of the image
+    (through qemu-img's --image-opts, as QEMU's -blockdev does) is exactly
+    the payload, and holds what nvmgr put."""
+    path = tmp_path / "i.nvram"
+    with _image(path) as img:
+        img.put("uefi-vars", _vars())
+        s = img.section("uefi-vars")
+        phrase = img.luks_passphrase()
+    keyf = tmp_path / "k"
+    keyf.write_bytes(phrase)
+    keyf.chmod(0o600)
+    opts = (f"driver=luks,key-secret=k,file.driver=raw,file.offset={s.offset},"
+            f"file.size={s.capacity},file.file.filename={path}")
+    r = subprocess.run(["qemu-img", "info", "--output=json", "--object",
+                        f"secret,id=k,file={keyf}", "--image-opts", opts],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert '"virtual-size": 540672' in r.stdout
+    out = tmp_path / "plain"
+    r = subprocess.run(["qemu-img", "convert", "--object", f"secret,id=k,file={keyf}",
+                        "--image-opts", opts, "-O", "raw", str(out)],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == _vars()
