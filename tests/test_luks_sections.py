@@ -8,10 +8,12 @@ passes through argv, the environment or a persistent file.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -283,7 +285,6 @@ def test_a_plaintext_live_section_under_a_key_is_refused_with_the_fix(tmp_path: 
                       kek=Kek(key.read_bytes()), domain_uuid=uuid.UUID(d.uuid),
                       image_uuid=meta.uuid):
         pass
-    before = d.image.read_bytes()
     r = d.hook("prepare", "begin")
     assert r.returncode == ExitCode.USAGE, r.stderr.decode()
     err = r.stderr.decode()
@@ -317,3 +318,93 @@ def test_qemu_opens_the_luks_slice_and_sees_the_payload(tmp_path: Path) -> None:
                        capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stderr
     assert out.read_bytes() == _vars()
+
+
+# ----------------------------------------------------------------- nvmgr encrypt
+
+FAULTRUN = Path(__file__).resolve().parent / "faultrun.py"
+
+
+def _plain_image(path: Path) -> dict[str, bytes]:
+    data = {"uefi-vars": _vars(), "tpm": b"TPM state " * 100}
+    with Image.create(str(path), [SectionSpec("uefi-vars", PAYLOAD, Binding.PFLASH),
+                                  SectionSpec("tpm", 4096, Binding.TPM)]) as img:
+        for name, payload in data.items():
+            img.put(name, payload)
+    return data
+
+
+def _faultrun(n: int, *args: str | os.PathLike[str]) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(FAULTRUN.parent.parent)}
+    return subprocess.run([sys.executable, str(FAULTRUN), str(n), "--", *map(str, args)],
+                          capture_output=True, env=env, check=False)
+
+
+def test_encrypt_makes_every_section_encrypted_and_live_ones_luks(tmp_path: Path,
+                                                                  nvmgr: RunCli) -> None:
+    path = tmp_path / "p.nvram"
+    data = _plain_image(path)
+    key = make_key(tmp_path / "k.key")
+    r = nvmgr("encrypt", path, "--key-file", key, "--output", "json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["encrypted"] == ["uefi-vars", "tpm"]
+    with Image.open(str(path), kek=Kek(key.read_bytes())) as img:
+        assert img.section("uefi-vars").luks and img.section("tpm").encrypted
+        assert {n: img.get(n) for n in data} == data
+        assert img.check().ok
+    raw = path.read_bytes()
+    assert BOOT not in raw and b"TPM state " not in raw
+    assert not Path(f"{path}.nvmgr-encrypt").exists()
+    r = nvmgr("encrypt", path, "--key-file", key)  # again: nothing to do
+    assert r.returncode == 0 and b"nothing (already)" in r.stdout, r.stderr
+    r = nvmgr("encrypt", path, "--key-file", make_key(tmp_path / "other.key"))
+    assert r.returncode == ExitCode.WRONG_KEY, r.stderr
+    r = nvmgr("encrypt", path)
+    assert r.returncode == ExitCode.USAGE and b"give the key" in r.stderr
+
+
+BOOT = "BootOrder".encode("utf-16-le")
+
+
+def test_encrypt_is_crash_safe_at_every_io(tmp_path: Path, nvmgr: RunCli) -> None:
+    """SIGKILL at each I/O of nvmgr encrypt (the copy's writes and flushes, the
+    rename that commits it, the wipe of the original): the image is the
+    original, byte for byte, or the whole encrypted one; run again, encrypt
+    finishes, and every payload is what it was."""
+    src = tmp_path / "orig.nvram"
+    data = _plain_image(src)
+    original = src.read_bytes()
+    key = make_key(tmp_path / "k.key")
+    dry = tmp_path / "dry.nvram"
+    shutil.copy(src, dry)
+    r = _faultrun(0, "encrypt", dry, "--key-file", key)
+    assert r.returncode == 0, r.stderr.decode()
+    last = r.stderr.decode().strip().splitlines()[-1]
+    k = int(last.split("=")[1])
+    assert k > 10
+    kinds = r.stderr.decode()
+    assert "rename" in kinds and "wipe" in kinds
+    outcomes = []
+    for n in range(1, k + 1):
+        path = tmp_path / f"n{n}.nvram"
+        shutil.copy(src, path)
+        r = _faultrun(n, "encrypt", path, "--key-file", key)
+        assert r.returncode == -9, (n, r.stderr.decode()[-500:])
+        if path.read_bytes() == original:
+            outcomes.append("old")
+        else:
+            with Image.open(str(path), kek=Kek(key.read_bytes())) as img:
+                assert img.check().ok, n
+                assert img.section("uefi-vars").luks
+                assert {x: img.get(x) for x in data} == data, n
+            outcomes.append("new")
+        r = nvmgr("encrypt", path, "--key-file", key)  # finishes, or has nothing to do
+        assert r.returncode == 0, (n, r.stderr)
+        with Image.open(str(path), kek=Kek(key.read_bytes())) as img:
+            assert img.check().ok and img.section("uefi-vars").luks, n
+            assert {x: img.get(x) for x in data} == data, n
+        assert BOOT not in path.read_bytes()
+        path.unlink()
+    # a crash never undoes the commit: old ... old, then new ... new (from the wipe on)
+    assert outcomes == sorted(outcomes, key=lambda o: o == "new")
+    assert outcomes[0] == "old" and outcomes[-1] == "new", outcomes

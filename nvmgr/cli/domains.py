@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from nvmgr.cli.common import Result, arguments, command, load_key
+from nvmgr.cli.common import Result, _add_key_args, arguments, command, load_key
 from nvmgr.errors import NotFoundError, UsageError
 from nvmgr.paths import (
     HOOK_DIR,
@@ -105,6 +105,44 @@ def cmd_define(args: argparse.Namespace) -> Result:
     if args.print_xml:
         r["xml"] = res.xml
     return r
+
+
+@arguments("encrypt")
+def _encrypt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("image", metavar="IMAGE", nargs="?",
+                   help="the nvmgr image file (or give --domain: its domain is rewired too)")
+    p.add_argument("--domain", metavar="NAME",
+                   help="the stopped libvirt domain whose image to encrypt; it is defined "
+                        "again naming the key")
+    p.add_argument("--connect", "-c", metavar="URI", help="libvirt connection URI")
+    _add_key_args(p)
+
+
+@command("encrypt", "encrypt a plaintext image, its live sections as LUKS volumes (crash-safe; "
+         "VM stopped)",
+         "nvmgr encrypt --domain vm1 --key-file /etc/nvmgr/vm1.key",
+         render=lambda r: (f"encrypted {', '.join(r['encrypted']) or 'nothing (already)'} in "
+                           f"{r['image']}" + (f"; domain {r['domain']} rewired"
+                                               if r.get("domain") else "")
+                           + (f"; live section(s) {', '.join(r['moved'])} moved: run "
+                              "'nvmgr reconcile DOMAIN'" if r["moved"] and not r.get("domain")
+                              else "")))
+def cmd_encrypt(args: argparse.Namespace) -> Result:
+    kek = load_key(args)
+    if args.domain:
+        if args.image:
+            raise UsageError("name an IMAGE or give --domain, not both")
+        from nvmgr.virt.define import encrypt_domain
+
+        return encrypt_domain(args.domain, uri=args.connect, kek=kek, key_file=args.key_file,
+                              key_secret=args.key_secret)
+    if not args.image:
+        raise UsageError("name an IMAGE or give --domain NAME")
+    if kek is None:
+        raise UsageError("give the key to encrypt with: --key-file, --key-secret or --key-stdin")
+    from nvmgr.image.convert import encrypt
+
+    return encrypt(os.path.abspath(args.image), kek)
 
 
 @arguments("undefine")

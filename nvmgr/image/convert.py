@@ -1,15 +1,21 @@
-"""Copy an image into another container format with ``qemu-img convert``."""
+"""Copy an image into another container format with ``qemu-img convert``; encrypt
+a plaintext image (:func:`encrypt`)."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import os
+from typing import TYPE_CHECKING
 
-from nvmgr.errors import ExternalError, UsageError
+from nvmgr.errors import BusyError, ExternalError, UsageError
+from nvmgr.format.layout import SectionSpec
 from nvmgr.image.image import Image
 from nvmgr.storage import FORMATS, probe_format, qemu
 from nvmgr.storage.rbd import RbdLocation, is_rbd
+
+if TYPE_CHECKING:
+    from nvmgr.crypto.cipher import Kek
 
 
 def convert(src: str, dst: str, fmt: str) -> None:
@@ -77,3 +83,88 @@ def member_copy_path(dst: str, index: int) -> str:
     """Where a copy of image *dst* keeps its member *index*: ``DST-BASE.mINDEX.EXT``."""
     base, ext = os.path.splitext(dst)
     return f"{base}.m{index}{ext or '.nvram'}"
+
+
+def encrypt_path(path: str) -> str:
+    """Where :func:`encrypt` builds the encrypted copy of *path* before it takes its place."""
+    return f"{path}.nvmgr-encrypt"
+
+
+def encrypt(path: str, kek: Kek) -> dict[str, object]:
+    """Encrypt the image *path* under *kek*: every section, the live ones as
+    LUKS volumes inside their slot (their capacity grows by the LUKS header,
+    so they move: the domain's QEMU arguments must be made again).
+
+    Crash-safe: the encrypted image is built beside it (:func:`encrypt_path`,
+    same image and domain UUID, a new data key wrapped by *kek*) from the
+    sections' verified payloads, flushed, then renamed over the original in
+    one step.  Killed before the rename, the original is untouched (a
+    leftover copy is removed by the next run); after it, the encrypted image
+    is whole.  The original's bytes are then overwritten with zeros (a raw
+    file: its plaintext does not linger in the freed blocks).
+
+    An image already encrypted under *kek* whose live sections are LUKS
+    volumes is left as it is (nothing to do: ``encrypted`` is empty).
+
+    :raise UsageError: an RBD image, or one with member images (merge first).
+    :raise BusyError: a VM runs on it (a live section in use, QEMU's lock).
+    :raise WrongKeyError: the image is encrypted under another key.
+    """
+    from nvmgr.format.model import LUKS_HEADER_SIZE
+    from nvmgr.storage.container import qemu_holds_write
+
+    if is_rbd(path):
+        raise UsageError("an image on RBD is not encrypted in place; convert it to a file "
+                         "first", image=path)
+    tmp = encrypt_path(path)
+    with Image.open(path, writable=True, kek=kek) as old:
+        d = old.directory
+        if d.members:
+            raise UsageError("the image has member images: merge them back first "
+                             "(nvmgr merge) and encrypt it then", image=path)
+        if d.encrypted:
+            old.authenticate()  # another key: WrongKeyError, before anything is made
+        todo = [s.name for s in d.sections if not s.encrypted]
+        if not todo:
+            return {"image": path, "encrypted": [], "moved": []}
+        busy = [s.name for s in d.sections if s.live and s.dirty]
+        if busy or (old.fmt == "raw" and qemu_holds_write(path)):
+            raise BusyError(f"a VM runs on the image (live sections in use: "
+                            f"{', '.join(busy) or 'none'}; or QEMU holds it): stop it first",
+                            image=path)
+        payloads = {s.name: old.get(s.name) for s in d.sections if s.length}
+        specs = [SectionSpec(s.name, s.capacity + (LUKS_HEADER_SIZE if s.live and not s.luks
+                                                   else 0),
+                             s.binding, True, s.device) for s in d.sections]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # a copy an earlier run left, killed before its rename
+        try:
+            with Image.create(tmp, specs, fmt=old.fmt, kek=kek, domain_uuid=d.domain_uuid,
+                              image_uuid=d.image_uuid) as new:
+                for name, data in payloads.items():
+                    new.put(name, data)
+                moved = [s.name for s in d.sections if s.live
+                         and new.section(s.name).offset != s.offset]
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        wipe = os.open(path, os.O_RDWR | os.O_CLOEXEC) if old.fmt == "raw" else -1
+        try:
+            old.container._fault("rename", 0, 0)  # the commit point: counted as an I/O
+            os.replace(tmp, path)
+            dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            if wipe >= 0:  # the original's inode, no longer named: its plaintext zeroed
+                size = os.fstat(wipe).st_size
+                old.container._fault("wipe", 0, size)
+                for off in range(0, size, 4 << 20):
+                    os.pwrite(wipe, bytes(min(4 << 20, size - off)), off)
+                os.fsync(wipe)
+        finally:
+            if wipe >= 0:
+                os.close(wipe)
+    return {"image": path, "encrypted": todo, "moved": moved}

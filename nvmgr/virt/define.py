@@ -332,3 +332,40 @@ def nvmgr_domains(uri: str | None = None) -> list[str]:
         except NvmgrError:
             continue
     return out
+
+
+def encrypt_domain(name: str, *, uri: str | None = None, kek: Kek | None,
+                   key_file: str | None = None,
+                   key_secret: str | None = None) -> dict[str, object]:
+    """``nvmgr encrypt --domain NAME``: encrypt a stopped domain's image (every
+    section; live ones as LUKS volumes, :func:`nvmgr.image.convert.encrypt`),
+    then define the domain again with its key source and QEMU arguments for
+    the encrypted image.  Running it again after a crash finishes the job:
+    an image already encrypted under the key is only rewired.
+
+    :raise UsageError: no key given nor named by the domain, no nvmgr image.
+    :raise BusyError: the domain runs.
+    """
+    from nvmgr.image.convert import encrypt
+
+    dom = parse_domain(virt.domain_xml(name, uri))
+    meta = dom.nvmgr
+    if meta is None or not meta.image:
+        raise UsageError("the domain has no nvmgr image: define it with nvmgr first",
+                         domain=name)
+    if kek is None:
+        from nvmgr.virt import secrets
+
+        kek = secrets.domain_kek(meta, uri)
+    if kek is None:
+        raise UsageError("give the key to encrypt with: --key-file or --key-secret",
+                         domain=name)
+    if (key_file or key_secret) is None and not meta.encrypted:
+        raise UsageError("--key-stdin encrypts, but the domain must name its key to start: "
+                         "give --key-file or --key-secret", domain=name)
+    virt.require_inactive(name, uri, what="encrypting its image")
+    xml = dom.to_xml()
+    res = encrypt(absolute(meta.image), kek)
+    out = _define(dom, xml, uri=uri, kek=kek, key_file=key_file, key_secret=key_secret,
+                  retry=f"nvmgr encrypt --domain {name}")
+    return {**res, "domain": out.domain, "added": out.added}

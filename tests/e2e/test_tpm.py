@@ -21,7 +21,7 @@ def test_tpm_state_is_encrypted_in_the_image_and_keeps_its_ek(vm: MakeVM, tmp_pa
     v = vm("tpm")
     v.define("--key-file", str(key))
     assert v.section("tpm-permall")["encrypted"] is True
-    assert v.section("uefi-vars")["encrypted"] is False  # QEMU reads it in place
+    assert v.section("uefi-vars")["encrypted"] is True  # a LUKS volume QEMU opens
     assert v.section("tpm-permall")["length"] == 0
     # Defined again without the key: refused (it could never start), the definition kept.
     xml = vmlib.virsh("dumpxml", "--inactive", v.name).stdout
