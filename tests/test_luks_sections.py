@@ -408,3 +408,21 @@ def test_encrypt_is_crash_safe_at_every_io(tmp_path: Path, nvmgr: RunCli) -> Non
     # a crash never undoes the commit: old ... old, then new ... new (from the wipe on)
     assert outcomes == sorted(outcomes, key=lambda o: o == "new")
     assert outcomes[0] == "old" and outcomes[-1] == "new", outcomes
+
+
+def test_a_captured_volume_is_stored_as_it_is(tmp_path: Path) -> None:
+    """What a backup does: the slice's bytes (the LUKS volume QEMU wrote) into
+    a copy under the same data key, stored as they are, not encrypted again."""
+    path = tmp_path / "i.nvram"
+    with _image(path) as img:
+        img.put("uefi-vars", _vars())
+        s = img.section("uefi-vars")
+        vol = img.container.read(s.offset, s.capacity)
+        img.put("uefi-vars", b"other")
+        img.put("uefi-vars", vol, volume=True)
+        assert img.container.read(s.offset, s.capacity) == vol
+        assert img.get("uefi-vars") == _vars() and img.check().ok
+        with pytest.raises(Exception, match="are not its LUKS volume"):
+            img.put("uefi-vars", vol[:-512], volume=True)
+        with pytest.raises(Exception, match="are not its LUKS volume"):
+            img.put("tpm", b"x", volume=True)

@@ -897,10 +897,12 @@ class Image:
         self.container.flush()
 
     def put(self, name: str, data: Buffer, *, progress: Progress | None = None,
-            force: bool = False) -> Section:
+            force: bool = False, volume: bool = False) -> Section:
         """Replace the section's payload, crash-safely (see the module docstring).
 
         :param force: write a live section even though it is marked in use.
+        :param volume: *data* is a LUKS section's whole volume as QEMU left it
+            in a slot of this image (a backup's capture), stored as it is.
         :raise NoSpaceError: *data* is larger than the section's capacity.
         :raise BusyError: the section is live and a running QEMU holds the image,
             or it is marked in use (without *force*).
@@ -908,10 +910,13 @@ class Image:
         self._require_writable()
         holder, _ = self._where(name)
         if holder is not self:
-            holder.put(name, data, progress=progress, force=force)
+            holder.put(name, data, progress=progress, force=force, volume=volume)
             return self.section(name)
         s = self._local(self.section(name))
-        if len(data) > s.payload:
+        if volume and (not s.luks or len(data) != s.capacity):
+            raise UsageError(f"section {name}: {len(data):,} bytes are not its LUKS volume "
+                             f"({s.capacity:,} bytes)", image=self.path, section=name)
+        if len(data) > s.payload and not volume:
             raise NoSpaceError(
                 f"{len(data)} bytes do not fit section {name} (capacity {s.payload})",
                 image=self.path,
@@ -920,7 +925,7 @@ class Image:
         self._refuse_if_running(s, force)
         crypto = None
         stored: Buffer = data
-        if s.luks:
+        if s.luks and not volume:
             stored = self._luks_volume(s, data)
         elif s.encrypted:
             ct, iv, mac = self._get_cipher().encrypt(name, bytes(data))

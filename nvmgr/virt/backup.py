@@ -173,8 +173,8 @@ def _seal_copy(tmp: str, live: dict[str, bytes], tpm: dict[str, bytes],
     new_uuid = uuid.uuid4()
     with Image.open(tmp, writable=True, kek=kek) as img:
         img.set_in_use([s.name for s in img.directory.sections if s.live], False)
-        for name, data in live.items():
-            img.put(name, data)
+        for name, data in live.items():  # a LUKS volume is the slice's bytes as they are
+            img.put(name, data, volume=img.section(name).luks)
         for name, data in tpm.items():
             img.put(name, data)
         img.reassign(image_uuid=new_uuid, domain_uuid=img.directory.domain_uuid)
@@ -218,9 +218,9 @@ def restore(name: str, src: str, *, uri: str | None = None, kek: Kek | None = No
                 skipped.append(sname)
                 continue
             blob = bk.get(sname)
-            if len(blob) > target.capacity:
+            if len(blob) > target.payload:
                 raise NoSpaceError(f"section {sname} of the backup ({len(blob)} bytes) no longer "
-                                   f"fits the domain's section (capacity {target.capacity})",
+                                   f"fits the domain's section (capacity {target.payload})",
                                    image=path, section=sname)
             data[sname] = blob
         # The VM is stopped: an in-use mark is a crash's leftover, and it is overwritten.
