@@ -925,8 +925,8 @@ class Image:
         self._refuse_if_running(s, force)
         crypto = None
         stored: Buffer = data
-        if s.luks and not volume:
-            stored = self._luks_volume(s, data)
+        if s.luks:
+            stored = bytes(data) if volume else self._luks_volume(s, data)
         elif s.encrypted:
             ct, iv, mac = self._get_cipher().encrypt(name, bytes(data))
             stored, crypto = ct, SectionCrypto(iv=iv, mac=mac)
