@@ -88,3 +88,30 @@ def test_ovmf_boots_with_its_vars_in_a_luks_volume_inside_the_slice(vm: MakeVM,
     nokey = vmlib.nvmgr("get", "--domain", v.name, "uefi-vars", "-o", tmp_path / "x",
                         check=False)
     assert nokey.returncode == 6, nokey
+
+
+def test_encrypt_converts_a_plaintext_domain_and_it_boots_with_its_vars(vm: MakeVM,
+                                                                      tmp_path: Path) -> None:
+    v = vm("encrypt")
+    v.define()
+    v.start()
+    v.wait_for_shell(300)
+    v.destroy()
+    plain = v.get("uefi-vars")
+    assert BOOT_ORDER in v.image.read_bytes()  # plaintext at rest: what encrypt removes
+    key = tmp_path / "vm.key"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    r = vmlib.nvmgr_json("encrypt", "--domain", v.name, "--key-file", str(key))
+    assert "uefi-vars" in r["encrypted"] and "tpm-permall" in r["encrypted"], r  # type: ignore[operator]
+    assert BOOT_ORDER not in v.image.read_bytes()
+    assert v.get("uefi-vars", "--key-file", str(key)) == plain  # the vars OVMF wrote, kept
+    xml = vmlib.virsh("dumpxml", "--inactive", v.name).stdout
+    assert f"pflash1={luks_node_name('uefi-vars')}" in xml and str(key) in xml
+    again = vmlib.nvmgr_json("encrypt", "--domain", v.name, "--key-file", str(key))
+    assert again["encrypted"] == [], again
+    v.start()
+    v.wait_for_shell(300)
+    v.destroy()
+    assert BOOT_ORDER not in v.image.read_bytes()
+    vmlib.nvmgr("check", v.image, "--key-file", str(key))
