@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from nvmgr.cli.common import Result, _add_key_args, arguments, command, load_key
+from nvmgr.cli.common import Result, _add_image, _add_key_args, arguments, command, load_key
 from nvmgr.errors import NotFoundError, UsageError
 from nvmgr.paths import (
     HOOK_DIR,
@@ -109,12 +109,7 @@ def cmd_define(args: argparse.Namespace) -> Result:
 
 @arguments("encrypt")
 def _encrypt_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("image", metavar="IMAGE", nargs="?",
-                   help="the nvmgr image file (or give --domain: its domain is rewired too)")
-    p.add_argument("--domain", metavar="NAME",
-                   help="the stopped libvirt domain whose image to encrypt; it is defined "
-                        "again naming the key")
-    p.add_argument("--connect", "-c", metavar="URI", help="libvirt connection URI")
+    _add_image(p)  # with --domain, the (stopped) domain is defined again naming the key
     _add_key_args(p)
 
 
