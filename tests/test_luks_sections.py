@@ -426,3 +426,46 @@ def test_a_captured_volume_is_stored_as_it_is(tmp_path: Path) -> None:
             img.put("uefi-vars", vol[:-512], volume=True)
         with pytest.raises(Exception, match="are not its LUKS volume"):
             img.put("tpm", b"x", volume=True)
+
+
+def test_a_first_start_with_a_key_killed_at_every_io_of_prepare(tmp_path: Path) -> None:
+    """The hook's key handling under SIGKILL at each of its I/Os (the image's
+    creation, the LUKS volume's put, the runtime key file's write, fsync and
+    rename): the image always checks under the key, the start tried again
+    stages the passphrase, ``started`` removes it, the vars are the template's."""
+    from test_hook_crash import ok, sweep
+
+    from tests import hookdom
+
+    key = make_key(tmp_path / "vm.key")
+    d = hookdom.wired_domain(tmp_path, "kkill", key_file=key)
+    kek = Kek(key.read_bytes())
+    template = Path(hookdom.OVMF_VARS).read_bytes()
+
+    def judge(c: hookdom.HookDomain, n: int) -> str:
+        made = "none"
+        if c.image.exists():
+            if c.image.read_bytes().strip(b"\0"):
+                with Image.open(str(c.image), kek=kek) as img:
+                    assert img.check().ok
+                made = "image"
+            else:
+                made = "zeros"
+        keyfile = c.runtime_root / c.uuid / "image.key"
+        r = c.hook("release", "end")  # libvirtd's answer to the failed start
+        if made != "zeros":
+            ok(r)
+        assert not keyfile.exists()  # release removes the runtime directory
+        ok(c.hook("prepare", "begin"))
+        with Image.open(str(c.image), kek=kek) as img:
+            assert keyfile.read_bytes() == img.luks_passphrase()
+            assert img.get("uefi-vars") == template
+        ok(c.hook("started", "begin"))
+        assert not keyfile.exists()
+        ok(c.hook("release", "end"))
+        with Image.open(str(c.image), kek=kek) as img:
+            assert img.check().ok and not any(s.dirty for s in img.directory.sections)
+        return made
+
+    outcomes = sweep(d, tmp_path, "prepare", "begin", judge)
+    assert outcomes[-1] == "image"
