@@ -84,11 +84,12 @@ class GuestVM:
     def in_use(self, image: Path | None = None) -> bool:
         return bool(vmlib.section_info(image or self.image, "uefi-vars")["dirty"])
 
-    def vars(self, image: Path | None = None) -> dict[str, str]:
-        """The test's variables in the image's uefi-vars section (virt-fw-vars' JSON)."""
+    def vars(self, image: Path | None = None, *key: str) -> dict[str, str]:
+        """The test's variables in the image's uefi-vars section (virt-fw-vars' JSON);
+        *key*: the key options for an encrypted image (its vars are a LUKS volume)."""
         raw = self.workdir / f"{self.name}.vars"
         raw.unlink(missing_ok=True)
-        vmlib.nvmgr("get", image or self.image, "uefi-vars", "-o", raw)
+        vmlib.nvmgr("get", image or self.image, "uefi-vars", "-o", raw, *key)
         out = self.workdir / f"{self.name}.vars.json"
         out.unlink(missing_ok=True)
         vmlib.run([vmlib.VIRT_FW_VARS, "-i", raw, "--output-json", out])
@@ -195,8 +196,8 @@ def test_live_migration_without_shared_storage(
         cluster: tuple[Host, Host, Path], tmp_path: Path) -> None:
     """``nvmgr migrate-image`` copies the image while the VM runs; the migration
     stream brings what the guest wrote afterwards; the path map rewrites the path.
-    The image is encrypted (its TPM sections): the key file is at the same path on
-    both hosts; the copy needs no key."""
+    The image is encrypted (its TPM sections, its vars a LUKS volume): the key file
+    is at the same path on both hosts; the copy needs no key."""
     a, b, shared = cluster
     src_dir, dst_dir = shared / "host-a", shared / "host-b"
     for d in (src_dir, dst_dir):
@@ -216,7 +217,7 @@ def test_live_migration_without_shared_storage(
         r = json.loads(vmlib.nvmgr("migrate-image", v.image, copy, "--output", "json").stdout)
         assert r["runner"]["host"] == a.name and r["resealed"] == ["uefi-vars"]
         vmlib.nvmgr("check", copy, "--key-file", key)
-        assert v.vars(copy) == {"BeforeCopy": "in-the-copy"}
+        assert v.vars(copy, "--key-file", str(key)) == {"BeforeCopy": "in-the-copy"}
         v.setvar(a, "AfterCopy", "from-the-stream")  # only the migration stream carries it
 
         mark_a, mark_b = len(a.hook_log_lines()), len(b.hook_log_lines())
@@ -233,7 +234,8 @@ def test_live_migration_without_shared_storage(
         b.virsh("destroy", v.name)
         assert "collected ['tpm-permall']" in b.wait_hook_log(
             rf"{v.name} release end: ", after=mark_b)
-        assert v.vars(copy) == {"BeforeCopy": "in-the-copy", "AfterCopy": "from-the-stream"}
+        assert v.vars(copy, "--key-file", str(key)) == {"BeforeCopy": "in-the-copy",
+                                                        "AfterCopy": "from-the-stream"}
         assert v.ek(copy, "--key-file", str(key)) == ek
         vmlib.nvmgr("check", copy, "--key-file", key)
         assert not v.in_use(copy) and v.info(copy)["runner"] is None
