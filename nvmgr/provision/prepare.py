@@ -29,6 +29,7 @@ from nvmgr.format.model import Binding, Directory
 from nvmgr.image.convert import convert
 from nvmgr.image.image import Image
 from nvmgr.provision import orphans, staging
+from nvmgr.provision.grow import grow
 from nvmgr.storage import image_exists, qemu
 from nvmgr.storage.container import open_container, probe_format
 from nvmgr.storage.rbd import is_rbd
@@ -168,8 +169,7 @@ def prepare_image(plan: Plan, *, kek: Kek | None, fmt: str,
             if img.directory.orphaned is not None:  # its own domain is back
                 img.set_orphaned(None)
             missing = [s for s in specs if img.directory.find(s.name) is None]
-            if missing:
-                img.add_sections(missing)
+            grow(img, missing)
             return img, False, [s.name for s in missing]
         except BaseException:
             img.close()

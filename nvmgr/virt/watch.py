@@ -6,6 +6,12 @@ It follows libvirt's lifecycle events and, for domains with nvmgr metadata:
   it (:func:`nvmgr.virt.define.reconcile`): new sections, the QEMU
   arguments, a clone's own image;
 - *stopped*: reconcile what was edited while it ran;
+- *defined* or *device added* while it runs (``virsh attach-device
+  --persistent``, virt-manager's Add Hardware): a device whose profile needs
+  a section (a ``<tpm>``, a NIC under ``<nvmgr:per-device kind='nic-eeprom'>``)
+  gets it now: the image grows beside the running QEMU and the persistent
+  definition gets its QEMU arguments (:func:`nvmgr.virt.define.grow_running`);
+  the next start uses it;
 - *undefined* behind nvmgr's back (virsh undefine, virt-manager's Delete):
   record its image as orphaned, in the image, with the time
   (:func:`nvmgr.provision.orphans.mark_orphaned`); ``nvmgr images --orphans``
@@ -34,6 +40,8 @@ from nvmgr.virt.define import ReconcileResult, nvmgr_domains, reconcile
 
 Say = Callable[[str], None]
 
+#: The event tuple's kind for libvirt's device-added event (lifecycle events are >= 0).
+DEVICE_ADDED = -1
 #: How often the event loop wakes to look at *stop()* (seconds).
 TICK = 0.25
 #: libvirt keepalive: a probe every INTERVAL s, the connection dropped after COUNT unanswered.
@@ -164,15 +172,20 @@ class Watcher:
             if event in wanted:
                 pending.append((event, dom.name(), dom.UUIDString()))
 
+        def on_device_added(_c: Any, dom: Any, _alias: str, _opaque: Any) -> None:
+            pending.append((DEVICE_ADDED, dom.name(), dom.UUIDString()))
+
         def on_close(_c: Any, reason: int, _opaque: Any) -> None:
             closed.append(reason)
 
-        handle = None
+        handle = added = None
         try:
             c.registerCloseCallback(on_close, None)
             c.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
             handle = c.domainEventRegisterAny(None, lv.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
                                               on_event, None)
+            added = c.domainEventRegisterAny(None, lv.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
+                                             on_device_added, None)
             first = self.connects == 0
             self.connects += 1
             self.note(("watching" if first else "reconnected to")
@@ -202,6 +215,8 @@ class Watcher:
                 self.note(f"libvirt error: {e}")
         finally:
             for undo in (lambda: c.domainEventDeregisterAny(handle) if handle is not None
+                         else None,
+                         lambda: c.domainEventDeregisterAny(added) if added is not None
                          else None,
                          c.unregisterCloseCallback, c.close):
                 try:
