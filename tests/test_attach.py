@@ -8,6 +8,7 @@ crash safety of the growth is ``tests/test_crash.py`` (``grow-live*``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import uuid
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lxml import etree
 
 from nvmgr.domain.device import parse_device
 from nvmgr.domain.elements import parse_domain
@@ -398,3 +400,30 @@ def test_detach_of_nothing_is_not_found(fake: dict[str, Any]) -> None:
 def test_attach_contents_for_a_section_the_device_does_not_bring(fake: dict[str, Any]) -> None:
     with pytest.raises(UsageError, match="brings no such section"):
         attach("vm", _section_xml(name="x", size="4K"), config=True, contents={"y": b"1"})
+
+
+def test_the_watcher_grows_a_running_domain_for_a_device_another_tool_added(
+        fake: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``virsh attach-device --persistent`` of a NIC to a running VM whose metadata
+    gives each NIC an EEPROM: the define event's reconcile grows the image beside
+    the running QEMU and keeps the definition wired; the live slices do not move."""
+    from nvmgr.virt.define import reconcile
+
+    dom = parse_domain(fake["dom"].xml)
+    meta = dom.nvmgr
+    assert meta is not None
+    dom.set_nvmgr(dataclasses.replace(meta, per_device=("nic-eeprom",)))
+    devices = dom._node.find("devices")
+    assert devices is not None
+    nic = etree.SubElement(devices, "interface", type="user")
+    etree.SubElement(nic, "mac", address="52:54:00:00:00:09")
+    fake["dom"].xml = dom.to_xml()
+    fake["dom"].active = True
+    with Image.open(str(fake["image"])) as img:
+        before = {s.name: s.offset for s in img.directory.sections}
+    monkeypatch.setattr(virt_conn, "domain_xml", lambda *_a, **_k: fake["dom"].xml)
+    r = reconcile("vm")
+    assert (r.status, r.added) == ("grown", ["eeprom-525400000009"])
+    with Image.open(str(fake["image"])) as img:
+        assert {s.name: s.offset for s in img.directory.sections if s.name in before} == before
+        assert img.section("eeprom-525400000009").capacity == 32 * KiB and img.check().ok

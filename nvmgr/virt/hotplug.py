@@ -14,7 +14,8 @@ QMP goes through libvirt's QEMU monitor passthrough (:func:`nvmgr.virt.conn.qmp`
 3. ``device_add`` of the section's device (``driver=``) with the slice as its
    drive, on a free PCI Express root port when the machine has one (q35's
    root bus takes no hot-plug); the highest free one, since libvirt gives the
-   lowest to its own hot-plugs and does not know about this device.
+   lowest to its own hot-plugs and does not know about this device (a port is
+   free when QOM shows no device on its bus).
 
 Anything that fails is undone (nodes deleted) before the error goes up.
 :func:`unplug` undoes a plug: ``device_del``, wait for the guest to let the
@@ -49,22 +50,24 @@ def block_nodes(dom: Any) -> dict[str, dict[str, Any]]:
 
 
 def _free_root_port(dom: Any) -> str | None:
-    """The id of the last PCI bridge / root port with nothing behind it (None: none)."""
-    free = []
+    """The id of the last PCI Express root port with no device on its bus (None: none).
 
-    def walk(devices: list[dict[str, Any]]) -> None:
-        for d in devices:
-            bridge = d.get("pci_bridge")
-            if bridge is None:
-                continue
-            below = bridge.get("devices") or []
-            if not below and d.get("qdev_id"):
-                free.append(str(d["qdev_id"]))
-            walk(below)
+    Read from QOM, not ``query-pci`` (which lists a port's devices only once
+    the firmware numbered its bus): a bus links each device on it as ``child[N]``.
+    """
+    ports = [p["name"] for p in qmp(dom, "qom-list", {"path": "/machine/peripheral"}) or []
+             if isinstance(p, dict) and p.get("type") == "child<pcie-root-port>"]
 
-    for bus in qmp(dom, "query-pci") or []:
-        walk(bus.get("devices") or [])
-    return free[-1] if free else None
+    def order(port: str) -> tuple[int, str]:
+        tail = port.rsplit(".", 1)[-1]
+        return (int(tail) if tail.isdigit() else -1, port)
+
+    for port in sorted(ports, key=order, reverse=True):
+        bus = qmp(dom, "qom-list", {"path": f"/machine/peripheral/{port}/{port}"}) or []
+        if not any(str(b.get("name", "")).startswith("child[") for b in bus
+                   if isinstance(b, dict)):
+            return str(port)
+    return None
 
 
 def _devices(dom: Any) -> set[str]:
@@ -76,7 +79,8 @@ def _devices(dom: Any) -> set[str]:
 def plug(dom: Any, image: str, s: PlannedSection) -> list[str]:
     """Give the running QEMU section *s* (placed: its offset in the image) and its device.
 
-    :return: the node names added (the slice last), then the device id if any.
+    :return: the QEMU names added: node names (the slice last), then the
+        device id if any (once, when it is the slice's name too).
     :raise NotHotpluggableError: QEMU has no nvmgr file node (it started
         without live sections), or no slot takes a hot-plugged device.
     :raise UsageError: the section's node is in QEMU already.
@@ -126,7 +130,7 @@ def plug(dom: Any, image: str, s: PlannedSection) -> list[str]:
             except ExternalError:
                 pass  # reported below: the original error is the one that counts
         raise
-    return added
+    return list(dict.fromkeys(added))
 
 
 def unplug(dom: Any, section: str, device: str | None, *, wait: float = UNPLUG_WAIT) -> bool:
