@@ -56,7 +56,7 @@ from lxml import etree  # noqa: E402
 
 from nvmgr.format.layout import SectionSpec  # noqa: E402
 from nvmgr.image.image import Image  # noqa: E402
-from nvmgr.provision.grow import grow  # noqa: E402
+from nvmgr.provision.prepare import grow  # noqa: E402
 from tests.e2e import vmlib  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"

@@ -31,7 +31,7 @@ from nvmgr.errors import (
 from nvmgr.format.layout import SectionSpec, extend, holes, layout
 from nvmgr.format.model import Binding
 from nvmgr.image.image import Image
-from nvmgr.provision.grow import grow
+from nvmgr.provision.prepare import grow
 from nvmgr.virt import attach as attach_mod
 from nvmgr.virt import conn as virt_conn
 from nvmgr.virt.attach import affect, attach, detach
@@ -105,7 +105,7 @@ def test_a_live_section_in_freed_space_reads_zeros_not_the_old_bytes(tmp_path: P
         img.put("secret", b"S" * 8192)
         img.put("secret", b"T" * 8192)  # both slots hold bytes
         img.remove("secret")
-        grow(img, [SectionSpec("disk2", 8 * KiB, Binding.BLOCK)], {"disk2": b"new"})
+        grow(img, [SectionSpec("disk2", 8 * KiB, Binding.BLOCK)], contents={"disk2": b"new"})
         s = img.section("disk2")
         raw = img.container.read(s.offset, s.reserved)
         assert raw == b"new" + bytes(s.reserved - 3)
@@ -119,7 +119,7 @@ def test_grow_contents_land_with_the_section_and_are_encrypted(tmp_path: Path) -
     p = str(tmp_path / "e.nvram")
     with Image.create(p, [SectionSpec("a", 4 * KiB)], kek=key) as img:
         grow(img, [SectionSpec("eeprom", 4 * KiB), SectionSpec("disk", 4 * KiB, Binding.BLOCK)],
-             {"eeprom": b"E" * 100, "disk": b"D" * 10})
+             contents={"eeprom": b"E" * 100, "disk": b"D" * 10})
         assert img.section("eeprom").encrypted and not img.section("disk").encrypted
         assert img.container.read(img.section("eeprom").offset, 100) != b"E" * 100
     with Image.open(p, kek=key) as img:
@@ -132,9 +132,9 @@ def test_grow_refuses_contents_that_do_not_fit_or_name_no_new_section(tmp_path: 
     with Image.create(p, [SectionSpec("a", 4 * KiB)]) as img:
         gen = img.directory.generation
         with pytest.raises(UsageError, match="not being added"):
-            grow(img, [SectionSpec("b", 4 * KiB)], {"a": b"x"})
+            grow(img, [SectionSpec("b", 4 * KiB)], contents={"a": b"x"})
         with pytest.raises(Exception, match="do not fit section b") as e:
-            grow(img, [SectionSpec("b", 4 * KiB)], {"b": bytes(5000)})
+            grow(img, [SectionSpec("b", 4 * KiB)], contents={"b": bytes(5000)})
         assert e.value.exit_code == ExitCode.NO_SPACE  # type: ignore[attr-defined]
         assert img.directory.generation == gen and img.directory.find("b") is None
 

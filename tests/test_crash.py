@@ -84,7 +84,7 @@ from nvmgr.errors import WrongKeyError
 from nvmgr.format.layout import SectionSpec
 from nvmgr.format.model import Binding, Directory, Section
 from nvmgr.image.image import CHUNK, Image, Progress
-from nvmgr.provision.grow import grow
+from nvmgr.provision.prepare import grow
 from nvmgr.storage.container import Container, RawContainer, probe_format
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -461,7 +461,7 @@ GROW_LIVE = [SectionSpec("state0", 16384, Binding.BLOCK), SectionSpec("fru", 409
 
 
 def _grow_live(img: Image) -> None:
-    grow(img, GROW_LIVE, {"state0": rand(10000, "state0"), "fru": rand(3000, "fru")})
+    grow(img, GROW_LIVE, contents={"state0": rand(10000, "state0"), "fru": rand(3000, "fru")})
 
 
 def build_in_use_with_hole(path: str, fmt: str) -> None:

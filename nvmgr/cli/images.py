@@ -323,11 +323,11 @@ MAX_SECTION_SIZE_READ = 256 << 20
          "reused first", "nvmgr grow vm1.nvram -s pci-vpd:32K:fwcfg --content pci-vpd=vpd.bin",
          render=_render_info)
 def cmd_grow(args: argparse.Namespace) -> Result:
-    from nvmgr.provision.grow import grow
+    from nvmgr.provision.prepare import grow
 
     contents = _contents(args.content)
     with _open(args, writable=True, with_key=bool(contents)) as img:
-        grow(img, [_section_spec(s) for s in args.section], contents)
+        grow(img, [_section_spec(s) for s in args.section], contents=contents)
         return _info(img)
 
 

@@ -8,6 +8,7 @@ libvirtd's start of the domain and uses these as much as ``nvmgr define``
   the plan, and refuses an image that belongs to another domain (a clone).
 - :func:`initial_content` says what an empty section starts with: the
   domain's libvirt varstore, its swtpm state, or the firmware's template.
+- :func:`grow` is the one way an image gains sections.
 - :func:`copy_for_clone` gives a clone its own image.
 """
 
@@ -17,6 +18,7 @@ import contextlib
 import dataclasses
 import os
 import uuid
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from nvmgr.domain.elements import Domain
@@ -25,11 +27,10 @@ from nvmgr.domain.plan import Plan, PlannedSection
 from nvmgr.domain.profiles import MAX_FLASH, open_flash_file
 from nvmgr.errors import BusyError, ForeignImageError, NotFoundError, UsageError
 from nvmgr.format.layout import SectionSpec, layout
-from nvmgr.format.model import Binding, Directory
+from nvmgr.format.model import Binding, Directory, Section
 from nvmgr.image.convert import convert
-from nvmgr.image.image import Image
+from nvmgr.image.image import Buffer, Image
 from nvmgr.provision import orphans, staging
-from nvmgr.provision.grow import grow
 from nvmgr.storage import image_exists, qemu
 from nvmgr.storage.container import open_container, probe_format
 from nvmgr.storage.rbd import is_rbd
@@ -132,6 +133,34 @@ def _open_existing(path: str, specs: list[SectionSpec], kek: Kek | None,
             raise
     os.unlink(path)
     return None
+
+
+def grow(img: Image, specs: list[SectionSpec], *,
+         contents: Mapping[str, Buffer] | None = None) -> list[Section]:
+    """Add *specs* to *img* (opened writable): the one growth path of define,
+    prepare, attach (offline and live), reconcile (the watcher included) and
+    ``nvmgr grow``, so a policy about growth has one place to live.
+
+    Whoever calls it, the VM running or not: nothing that exists moves (new
+    slots go first-fit into space the directory gives to nobody, then at the
+    end: :func:`nvmgr.format.layout.extend`); no byte of a section, of a live
+    slice QEMU reads in place or of the current header copy is written; one
+    directory commit adds the sections, after their *contents* are written
+    and flushed, so a crash leaves the image as it was or with the new
+    sections holding exactly those bytes (``tests/test_crash.py``, scenarios
+    ``grow-live*``).
+
+    :param contents: section name -> the bytes a new section starts with (a
+        device-state disk's image, an EEPROM blob); encrypted like any put
+        when the section is.
+    :return: the new sections as placed.
+    :raise NoSpaceError: the directory or the image is full, or contents do
+        not fit their section.
+    :raise UsageError: a name is taken, or contents name no new section.
+    """
+    if not specs:
+        return []
+    return img.add_sections(list(specs), contents)
 
 
 def prepare_image(plan: Plan, *, kek: Kek | None, fmt: str,

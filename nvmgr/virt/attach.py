@@ -10,7 +10,7 @@ attach, in this order, so that a failure leaves nothing half done:
 1. plan the domain with the device (:mod:`nvmgr.domain.device`): the
    sections it brings; refuse ``--live`` for what QEMU cannot hot-plug
    (``fwcfg``, ``pflash``, ``tpm``, a ``<tpm>``: exit 13) before any I/O;
-2. grow the image (:func:`nvmgr.provision.grow.grow`: first-fit, nothing
+2. grow the image (:func:`nvmgr.provision.prepare.grow`: first-fit, nothing
    moves, first bytes and sections in one commit), the VM running or not; a
    section the image still holds (a detach kept it) is used as it is;
 3. ``--live``: the libvirt device through libvirt, a ``block`` section
@@ -48,8 +48,7 @@ from nvmgr.errors import (
 from nvmgr.format.layout import SectionSpec
 from nvmgr.format.model import Binding
 from nvmgr.image.image import Image
-from nvmgr.provision.grow import grow
-from nvmgr.provision.prepare import plan_with_offsets
+from nvmgr.provision.prepare import grow, plan_with_offsets
 from nvmgr.virt import conn as virt
 from nvmgr.virt import hotplug, secrets
 from nvmgr.virt.define import LOCK_WAIT, _define, image_held, placed_from_args
@@ -245,7 +244,7 @@ def attach(name: str, device_xml: str, *, uri: str | None = None, live: bool = F
                 result.kept = _kept(img, brought, contents)
                 specs = [SectionSpec(ps.name, ps.capacity, ps.binding, ps.encrypted, ps.device)
                          for ps in brought if ps.name not in result.kept]
-                grow(img, specs, contents)
+                grow(img, specs, contents=contents)
                 result.added = [s.name for s in specs]
                 going_live = [ps.name for ps in brought if do_live and ps.live]
                 if going_live:

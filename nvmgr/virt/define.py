@@ -27,9 +27,9 @@ from nvmgr.errors import BusyError, InvalidInputError, KeyRequiredError, NvmgrEr
 from nvmgr.format.layout import SectionSpec
 from nvmgr.image.image import Image
 from nvmgr.provision import orphans
-from nvmgr.provision.grow import grow
 from nvmgr.provision.prepare import (
     copy_for_clone,
+    grow,
     initial_content,
     owner_of,
     plan_with_offsets,
@@ -324,7 +324,7 @@ def grow_running(name: str, dom: Domain, *, uri: str | None = None) -> Reconcile
 
     A device added to it by another tool (``virsh attach-device --persistent``,
     virt-manager) whose profile needs a section: the image grows now, beside
-    the running QEMU (:func:`nvmgr.provision.grow.grow`: nothing existing
+    the running QEMU (:func:`nvmgr.provision.prepare.grow`: nothing existing
     moves, no live slice is written), and the persistent definition gets the
     QEMU arguments for it; the next start uses it.  Nothing else of a running
     domain is touched ("running": nothing to do).  A qcow2 or RBD image
