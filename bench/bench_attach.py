@@ -83,8 +83,10 @@ def domain_xml(name: str, dom_uuid: str, ports: int) -> str:
     root = etree.fromstring(vmlib.domain_xml(name, dom_uuid).encode())
     devices = root.find("devices")
     assert devices is not None
-    for _ in range(ports):
-        etree.SubElement(devices, "controller", type="pci", model="pcie-root-port")
+    etree.SubElement(devices, "controller", type="pci", index="0", model="pcie-root")
+    for i in range(ports):
+        etree.SubElement(devices, "controller", type="pci", index=str(i + 1),
+                         model="pcie-root-port")
     return etree.tostring(root, encoding="unicode")
 
 

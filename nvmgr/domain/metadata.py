@@ -462,8 +462,13 @@ def section_from_element(node: etree._Element) -> SectionDecl:
 
 
 def to_text(meta: NvmgrMetadata) -> str:
-    """*meta* as the text of a ``<nvmgr:nvram>`` element (libvirt's ``setMetadata``)."""
-    return etree.tostring(to_element(meta), encoding="unicode")
+    """*meta* as the text of a ``<nvmgr:nvram>`` element for libvirt's ``setMetadata``.
+
+    libvirt puts its own ``xmlns:nvmgr`` on the root it is given and fails
+    ("failed to create a new XML namespace") when the root declares that
+    prefix already: the text binds the namespace to another prefix (``nv``).
+    """
+    return etree.tostring(to_element(meta, prefix="nv"), encoding="unicode")
 
 
 def written_sections(node: etree._Element, meta: NvmgrMetadata) -> dict[SectionDecl, etree._Element]:
@@ -472,14 +477,15 @@ def written_sections(node: etree._Element, meta: NvmgrMetadata) -> dict[SectionD
 
 
 def to_element(meta: NvmgrMetadata,
-               keep: Mapping[SectionDecl, etree._Element] | None = None) -> etree._Element:
+               keep: Mapping[SectionDecl, etree._Element] | None = None, *,
+               prefix: str = "nvmgr") -> etree._Element:
     """*meta* as a new ``<nvmgr:nvram>`` element.
 
     :param keep: elements already written for some sections; a section that
         says the same is copied from there, so a user's ``size='1M'`` stays
         ``1M`` when nvmgr rewrites the metadata.
     """
-    el = etree.Element(NVRAM_TAG, nsmap={"nvmgr": NVMGR_NS})
+    el = etree.Element(NVRAM_TAG, nsmap={prefix: NVMGR_NS})
     for attr, value in (
         ("image", meta.image),
         ("format", meta.format),

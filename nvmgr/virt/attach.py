@@ -28,6 +28,7 @@ reused by the next growth).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,6 +53,8 @@ from nvmgr.provision.prepare import grow, plan_with_offsets
 from nvmgr.virt import conn as virt
 from nvmgr.virt import hotplug, secrets
 from nvmgr.virt.define import LOCK_WAIT, _define, image_held, placed_from_args
+
+log = logging.getLogger(__name__)
 
 #: Why QEMU cannot take a section of each binding while it runs.
 _NOT_LIVE: Mapping[Binding, str] = {
@@ -133,6 +136,17 @@ def _set_live_metadata(d: Any, add: tuple[SectionDecl, ...] = (),
     except lv.libvirtError as e:
         raise ExternalError("libvirt could not update the running VM's metadata",
                             detail=str(e)) from e
+
+
+def _live_metadata(d: Any, name: str, *, add: tuple[SectionDecl, ...] = (),
+                   remove: frozenset[str] = frozenset()) -> None:
+    """:func:`_set_live_metadata`, after the device is in or out: a failure is
+    logged, not raised (the change itself is done; only ``virsh dumpxml``
+    of the running VM lags)."""
+    try:
+        _set_live_metadata(d, add, remove)
+    except ExternalError as e:
+        log.warning("%s: the running VM's metadata was not updated: %s", name, e)
 
 
 def _kept(img: Image, brought: list[PlannedSection],
@@ -262,7 +276,7 @@ def attach(name: str, device_xml: str, *, uri: str | None = None, live: bool = F
             for ps in placed.sections:
                 if ps.name in names and ps.binding is Binding.BLOCK:
                     result.plugged += hotplug.plug(d, path, ps)
-            _set_live_metadata(d, dev.sections)
+            _live_metadata(d, name, add=dev.sections)
     if do_config:
         if active:
             apply_plan(new, placed, path, fmt, image_uuid or "")
@@ -393,7 +407,7 @@ def detach(name: str, device_xml: str | None = None, *, section: str | None = No
                                        if s.name == n and s.driver), None)
                     if hotplug.unplug(d, n, device):
                         unplugged.add(n)
-            _set_live_metadata(d, remove=frozenset(names))
+            _live_metadata(d, name, remove=frozenset(names))
         result.unplugged = sorted(unplugged)
     if do_config:
         if active:

@@ -41,8 +41,11 @@ def _edit(v: vmlib.VM, *, root_ports: int = 0, per_device: str | None = None) ->
     root = etree.fromstring(v.xml.encode())
     devices = root.find("devices")
     assert devices is not None
-    for _ in range(root_ports):
-        etree.SubElement(devices, "controller", type="pci", model="pcie-root-port")
+    if root_ports:  # libvirt numbers controllers from pcie-root's index 0
+        etree.SubElement(devices, "controller", type="pci", index="0", model="pcie-root")
+    for i in range(root_ports):
+        etree.SubElement(devices, "controller", type="pci", index=str(i + 1),
+                         model="pcie-root-port")
     if per_device is not None:
         md = root.find("metadata")
         if md is None:
