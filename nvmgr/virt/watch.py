@@ -12,6 +12,11 @@ It follows libvirt's lifecycle events and, for domains with nvmgr metadata:
   gets it now: the image grows beside the running QEMU and the persistent
   definition gets its QEMU arguments (:func:`nvmgr.virt.define.grow_running`);
   the next start uses it;
+- changed without any event: libvirt 9.0 sends none for ``virsh
+  attach-device --config`` (measured), so every :data:`POLL` seconds the
+  persistent definition of each nvmgr domain is compared with the one last
+  reconciled, and reconciled when it differs (a definition that failed is
+  retried only once it changes again);
 - *undefined* behind nvmgr's back (virsh undefine, virt-manager's Delete):
   record its image as orphaned, in the image, with the time
   (:func:`nvmgr.provision.orphans.mark_orphaned`); ``nvmgr images --orphans``
@@ -42,6 +47,8 @@ Say = Callable[[str], None]
 
 #: The event tuple's kind for libvirt's device-added event (lifecycle events are >= 0).
 DEVICE_ADDED = -1
+#: Seconds between two looks at the nvmgr domains' persistent definitions.
+POLL = 2.0
 #: How often the event loop wakes to look at *stop()* (seconds).
 TICK = 0.25
 #: libvirt keepalive: a probe every INTERVAL s, the connection dropped after COUNT unanswered.
@@ -76,6 +83,7 @@ class Watcher:
     seen: dict[str, str] = dataclasses.field(default_factory=dict)
     connects: int = 0
     said_unreachable: bool = False
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def wanted(self, name: str) -> bool:
         return self.only is None or name in self.only
@@ -130,6 +138,22 @@ class Watcher:
         if done:
             self.say(f"{k.name}: undefined; its image {k.image} recorded as orphaned "
                      "(nvmgr images --orphans; nvmgr define --adopt or --fresh)")
+
+    def poll(self) -> None:
+        """Reconcile the nvmgr domains whose persistent definition changed with
+        no event (``virsh attach-device --config``)."""
+        for k in list(self.known.values()):
+            if not self.wanted(k.name):
+                continue
+            try:
+                xml = virt.domain_xml(k.name, self.uri)
+            except NvmgrError:
+                continue  # gone: the undefine event says so
+            if xml in (self.seen.get(k.name), self.failed.get(k.name)):
+                continue
+            self.reconciled(k.name)
+            if self.seen.get(k.name) != xml:
+                self.failed[k.name] = xml
 
     def catch_up(self, first: bool) -> None:
         """Every nvmgr domain once (at start and after a reconnect)."""
@@ -191,8 +215,12 @@ class Watcher:
             self.note(("watching" if first else "reconnected to")
                       + f" libvirt at {self.uri or virt.DEFAULT_URI}")
             self.catch_up(first)
+            polled = time.monotonic()
             while not self.stop() and not closed:
                 lv.virEventRunDefaultImpl()
+                if not pending and time.monotonic() - polled >= POLL:
+                    self.poll()
+                    polled = time.monotonic()
                 while pending and not self.stop():
                     event, name, dom_uuid = pending.pop(0)
                     if any(p[1] == name for p in pending):

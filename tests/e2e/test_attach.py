@@ -59,8 +59,11 @@ def _edit(v: vmlib.VM, *, root_ports: int = 0, per_device: str | None = None) ->
     v.xml_path.write_text(v.xml)
 
 
-def _offsets(image: Path) -> dict[str, int]:
-    return {s["name"]: s["offset"] for s in vmlib.info(image)["sections"]}  # type: ignore[index]
+def _offsets(image: Path) -> dict[str, tuple[int, ...]]:
+    """Where each section lives: its slot (live) or its two slots (a write
+    alternates between them: the TPM's collect at every stop flips it)."""
+    return {s["name"]: tuple(sorted(x for x in (s["offset"], s["spare"]) if x is not None))
+            for s in vmlib.info(image)["sections"]}  # type: ignore[index]
 
 
 def _write(tmp_path: Path, name: str, text: str) -> Path:
