@@ -427,3 +427,20 @@ def test_the_watcher_grows_a_running_domain_for_a_device_another_tool_added(
     with Image.open(str(fake["image"])) as img:
         assert {s.name: s.offset for s in img.directory.sections if s.name in before} == before
         assert img.section("eeprom-525400000009").capacity == 32 * KiB and img.check().ok
+
+
+def test_define_keeps_the_per_device_rule() -> None:
+    from nvmgr.domain.plan import plan_for
+    from nvmgr.domain.qemuargs import apply_plan, strip
+
+    dom = parse_domain(
+        f"<domain type='qemu'><name>n</name><uuid>{uuid.uuid4()}</uuid><metadata>"
+        f"<nvmgr:nvram xmlns:nvmgr='{NS}'><nvmgr:per-device kind='nic-eeprom'/></nvmgr:nvram>"
+        "</metadata><devices/></domain>")
+    apply_plan(dom, plan_for(dom), "/var/lib/libvirt/nvmgr/n.nvram", "raw", uuid.uuid4())
+    meta = dom.nvmgr
+    assert meta is not None and meta.per_device == ("nic-eeprom",)
+    again = parse_domain(dom.to_xml()).nvmgr
+    assert again is not None and again.per_device == ("nic-eeprom",)
+    strip(dom, keep_sections=True)
+    assert dom.nvmgr is not None and dom.nvmgr.per_device == ("nic-eeprom",)

@@ -420,6 +420,7 @@ def apply_plan(
             luks=luks,
             sections=old.sections if old else (),
             libvirt_nvram=record,
+            per_device=old.per_device if old else (),
         )
     )
 
@@ -476,8 +477,8 @@ def strip(dom: Domain, *, keep_sections: bool = False) -> None:
             os_.add_nvram(rec.path, rec.template, rec.format)
         if os_.loader is not None and os_.loader.is_empty:
             os_.remove_loader()
-    if meta is not None and keep_sections and meta.sections:
-        dom.set_nvmgr(NvmgrMetadata(sections=meta.sections))
+    if meta is not None and keep_sections and (meta.sections or meta.per_device):
+        dom.set_nvmgr(NvmgrMetadata(sections=meta.sections, per_device=meta.per_device))
     else:
         dom.set_nvmgr(None)
 
