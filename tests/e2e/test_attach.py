@@ -154,6 +154,8 @@ def test_watcher_gives_a_nic_added_by_virsh_its_section_before_the_next_start(
     nic = _write(tmp_path, "nic.xml", "<interface type='user'><mac address='52:54:00:7a:11:e1'/>"
                                       "<model type='virtio'/></interface>")
     with watchlib.watching() as w:
+        # Its first look at every domain done (a define racing it could be undone).
+        w.wait_line(f"{v.name}: unchanged", stream="out")
         vmlib.virsh("attach-device", v.name, str(nic), "--config")
         line = w.wait_line(f"{v.name}: reconciled (added eeprom-5254007a11e1)", stream="out")
     assert line
