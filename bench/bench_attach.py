@@ -102,7 +102,7 @@ def attach_rounds(work: Path, rounds: int) -> dict[str, list[float]]:
     try:
         vmlib.nvmgr("define", xml)
         vmlib.start(name)
-        vmlib.wait_for_shell(name, 90)
+        vmlib.wait_for_shell(name, 300)  # OVMF walks every root port under TCG
         for i in range(rounds):
             sec = work / f"state{i}.xml"
             sec.write_text(f"<nvmgr:section xmlns:nvmgr='{NS}' name='state{i}' size='1M' "
