@@ -229,7 +229,7 @@ class Load:
         lines = vmlib.hook_log_lines()[hook_mark:]
         counts = {}
         for d in self.sets["nvmgr"]:
-            mine = [ln for ln in lines if f" {d.name} " in ln]
+            mine = [ln for ln in lines if f" {d.name} " in ln and not ln.startswith("hook-server")]
             prep = sum(f" {d.name} prepare begin: " in ln for ln in mine)
             rel = sum(f" {d.name} release end: " in ln for ln in mine)
             refused = [ln for ln in mine if ": refused:" in ln or "internal error" in ln]
@@ -237,10 +237,13 @@ class Load:
             if prep != d.starts or rel != d.starts or refused:
                 problems.append(f"hook log for {d.name}: {d.starts} starts, {prep} prepare, "
                                 f"{rel} release, refusals {refused[:2]}")
+        served = sum(1 for ln in lines if ln.startswith("hook-server[") and ": exit " in ln)
+        handed_back = sum(1 for ln in lines if ln.startswith("hook-server[") and "fallback" in ln)
         plain_lines = sum(1 for ln in lines for d in self.sets["plain"] if f" {d.name} " in ln)
         if plain_lines:
             problems.append(f"the hook logged {plain_lines} lines for plain domains")
         return {"problems": problems, "check_exit": checks, "hook_counts": counts,
+                "hook_server_calls": served, "hook_server_fallbacks": handed_back,
                 "images_checked": len(checks), "staged_left": staged}
 
     def cleanup(self) -> None:
@@ -318,6 +321,8 @@ pays for the hook's sh front end, which returns at once). Raw samples:
   hook log: {starts} starts of (a) domains, each with exactly one `prepare begin` and one
   `release end` line and no refusal: {'yes' if not [p for p in v['problems'] if p.startswith('hook log')] else 'NO'}.
 - Start or destroy errors: {len(errors)}.{(chr(10) + '  ' + chr(10) + '  '.join(errors[:5])) if errors else ''}
+- Hook calls run by the hook server: {v.get('hook_server_calls', 'n/a')} (handed back to the
+  hook: {v.get('hook_server_fallbacks', 'n/a')}){'; no hook server was started' if getattr(args, 'no_hook_server', False) else ''}.
 - Verdict on the checks: {'all passed' if ok else 'FAILED: ' + '; '.join(v['problems'][:5])}.
 """
 
@@ -334,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-results", action="store_true",
                     help="do not append to bench/RESULTS.md (JSON is still written)")
     ap.add_argument("--keep", action="store_true", help="keep the domains and images")
+    ap.add_argument("--no-hook-server", action="store_true",
+                    help="do not start nvmgr hook-server (each hook call imports nvmgr itself)")
     ap.add_argument("--render", metavar="JSON",
                     help="print the RESULTS.md section of an earlier run's raw samples, run nothing")
     args = ap.parse_args(argv)
@@ -359,12 +366,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="nvmgr-bench-load-"))
     load = Load(args, work)
+    if not args.no_hook_server:
+        vmlib.start_hook_server()  # as nvmgr-hook.service would run it
     mark = len(vmlib.hook_log_lines())
     try:
         load.define()
         load.run()
         verify = load.verify(mark)
     finally:
+        if not args.no_hook_server:
+            vmlib.stop_hook_server()
         if not args.keep:
             load.cleanup()
         shutil.rmtree(work, ignore_errors=True)

@@ -12,6 +12,7 @@ messages and exit codes; library code raises and never exits.
      +-- CorruptError               exit 4   crc/MAC/structure mismatch
      |    +-- DERError              exit 4   malformed or non-canonical DER
      |    +-- ForeignImageError     exit 4   not an nvmgr image at all
+     |    +-- MemberError           exit 4   a member image missing, foreign or short
      +-- WrongKeyError              exit 5   a key was given and is not the one
      +-- KeyRequiredError           exit 6   the image is encrypted, no key given
      +-- BusyError                  exit 7   locked by another writer, VM running
@@ -115,6 +116,12 @@ class DERError(CorruptError):
 
 class ForeignImageError(CorruptError):
     """The file holds no nvmgr directory in either header copy."""
+
+
+class MemberError(CorruptError):
+    """A member image of a split image is missing, belongs to another image,
+    or does not hold what the directory says it holds (exit 4): the message
+    names the member and the section(s) it should hold."""
 
 
 class WrongKeyError(NvmgrError):

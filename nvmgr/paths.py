@@ -21,6 +21,8 @@ SECRETS_DIR = "/etc/libvirt/secrets"
 HOOK_DIR = "/etc/libvirt/hooks/qemu.d"
 #: The hook's name in :data:`HOOK_DIR`.
 HOOK_NAME = "nvmgr"
+#: The hook server's socket (``nvmgr hook-server``), root only.
+HOOK_SOCKET = "/run/nvmgr/hook.sock"
 #: One line per hook action or refusal.
 HOOK_LOG = "/var/log/nvmgr/hook.log"
 #: ``SOURCE-PREFIX DEST-PREFIX`` lines: image paths rewritten on incoming migration.
@@ -29,3 +31,5 @@ MIGRATE_MAP = "/etc/nvmgr/migrate.map"
 UNIT_DIR = "/etc/systemd/system"
 #: The watcher's unit (``nvmgr reconcile --all --watch``), shipped in nvmgr/data.
 WATCH_UNIT = "nvmgr-watch.service"
+#: The hook server's unit (``nvmgr hook-server``), shipped in nvmgr/data.
+HOOK_UNIT = "nvmgr-hook.service"

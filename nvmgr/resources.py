@@ -24,6 +24,8 @@ METADATA_SCHEMA = "nvmgr-metadata.rng"
 HOOK_FRONTEND = "hook-qemu"
 #: The watcher's systemd unit, installed by ``nvmgr install-hook --service``.
 WATCH_UNIT = "nvmgr-watch.service"
+#: The hook server's systemd unit (``nvmgr hook-server``).
+HOOK_UNIT = "nvmgr-hook.service"
 #: The manual page nvmgr(1), generated from the argument parser (committed;
 #: also installed as share/man/man1/nvmgr.1).
 MAN_PAGE = "nvmgr.1"

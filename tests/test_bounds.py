@@ -24,6 +24,7 @@ from nvmgr.errors import (
     DERError,
     ExitCode,
     InvalidInputError,
+    MemberError,
     NvmgrError,
     UsageError,
 )
@@ -252,8 +253,9 @@ def test_member_sections_get_the_layout_checks(field: str, value: int) -> None:
 
 
 def test_member_section_is_never_read_from_the_main_file(tmp_path: Path, nvmgr: RunCli) -> None:
-    """A section the code cannot serve is a clear error (get) and an error of
-    ``check``, never bytes of the main file read in its place."""
+    """A section whose member is missing is a clear error naming the member and
+    the section (get: exit 4; check reports it), never bytes of the main file
+    read in its place."""
     path = tmp_path / "m.nvram"
     with Image.create(str(path), [SectionSpec("uefi-vars", 8192, Binding.PFLASH),
                                   SectionSpec("tpm", 8192), SectionSpec("blob", 4096)]) as img:
@@ -261,14 +263,38 @@ def test_member_section_is_never_read_from_the_main_file(tmp_path: Path, nvmgr: 
         d = _with_member(img.directory, length=10, crc32=0)
         img._commit(d)
     with Image.open(str(path)) as img:
-        with pytest.raises(NvmgrError, match="member image 1") as e:
+        with pytest.raises(MemberError, match="member image 1 .*blob.* is missing"):
             img.get("blob")
-        assert not isinstance(e.value, CorruptError)
         report = img.check()
         assert not report.ok and "member image 1" in report.errors[0]
+        assert "blob" in report.errors[0]
     res = nvmgr("get", path, "blob")
-    assert res.returncode == ExitCode.ERROR and b"member image 1" in res.stderr
+    assert res.returncode == ExitCode.CORRUPT and b"member image 1" in res.stderr
     assert b"secret" not in res.stdout
+
+
+def test_a_tib_member_section_is_refused_against_the_members_file(tmp_path: Path,
+                                                                   nvmgr: RunCli) -> None:
+    """Row "sections stored in a member image": a crafted directory naming a
+    1 TiB section in a small member is refused against the member's own end
+    (exit 4, naming member and section), before anything is allocated."""
+    from nvmgr.image.members import split
+    path, member = tmp_path / "m.nvram", tmp_path / "other" / "m1.nvram"
+    member.parent.mkdir()
+    with Image.create(str(path), [SectionSpec("tpm", 8192), SectionSpec("blob", 4096)]) as img:
+        img.put("blob", b"payload")
+        split(img, ["blob"], str(member))
+        d = img._copy_dir()
+        stub = d.find("blob")
+        assert stub is not None
+        stub.capacity, stub.reserved = 1 << 40, 1 << 40
+        img._commit(d)
+    with Image.open(str(path)) as img:
+        with pytest.raises(MemberError, match=r"section blob .*beyond the end of member image 1"):
+            img.get("blob")
+    res = nvmgr("get", path, "blob")
+    assert res.returncode == ExitCode.CORRUPT
+    assert b"member image 1" in res.stderr and b"blob" in res.stderr
 
 
 # ----------------------------------------------------------------- get streams

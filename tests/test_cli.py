@@ -169,13 +169,15 @@ def test_install_hook_installs_the_shipped_front_end_for_this_python(
     shipped = resources.read_text(resources.HOOK_FRONTEND).splitlines()
     installed = hook.read_text().splitlines()
     # The shipped front end, line for line, but for the three settings.
-    settings = {"PYTHON", "PYTHON_FLAGS", "NVMGR_PATH"}
+    settings = {"PYTHON", "PYTHON_FLAGS", "NVMGR_PATH", "HOOK_CLIENT", "HOOK_SOCKET"}
     assert len(installed) == len(shipped)
     assert [a for a, b in zip(installed, shipped, strict=True) if a != b] == [
-        ln for ln in installed if ln.split("=", 1)[0] in settings]
+        ln for ln in installed if ln.split("=", 1)[0] in settings - {"HOOK_SOCKET"}]
     values = dict(ln.split("=", 1) for ln in installed if ln.split("=", 1)[0] in settings)
     assert values["PYTHON_FLAGS"] == "'-I -S'"
     assert values["NVMGR_PATH"].split(":")[0] == str(ROOT)  # this checkout's nvmgr first
+    assert values["HOOK_CLIENT"] == str(ROOT / "nvmgr" / "hook" / "client.py")
+    assert values["HOOK_SOCKET"] == "/run/nvmgr/hook.sock"
     assert not (hook_dir / ".nvmgr.tmp").exists()
     # (install-hook has run the hook's Python as the hook will, -I -S, and
     # seen it import this nvmgr; tests/test_wheel.py runs installed hooks.)

@@ -56,7 +56,10 @@ def directories(draw: st.DrawFn) -> Directory:
         d.key_slots = [KeySlot(os.urandom(8), os.urandom(40), draw(st.none() | st.just("file")))
                        for _ in range(draw(st.integers(1, 8)))]
     if draw(st.booleans()):
-        d.members = [Member(1, "/var/lib/nvmgr/m1.img", uuid.uuid4())]
+        d.members = [Member(1, "/var/lib/nvmgr/m1.img", uuid.uuid4(),
+                            draw(st.none() | st.sampled_from(["raw", "qcow2"])))]
+    else:  # a member image names its parent (members do not nest)
+        d.parent = draw(st.none() | st.uuids())
     runners = st.none() | st.builds(Runner, st.binary(min_size=16, max_size=16),
                                     st.text(min_size=1, max_size=40))
     d.runner, d.incoming = draw(runners), draw(runners)

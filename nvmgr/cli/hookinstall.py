@@ -12,6 +12,7 @@ from pathlib import Path
 import nvmgr
 from nvmgr import resources
 from nvmgr.errors import InstallationError
+from nvmgr.paths import HOOK_SOCKET
 
 #: Prints the directories that site would add to sys.path (site-packages and
 #: what their .pth files name), from an interpreter started without them.
@@ -25,7 +26,8 @@ _HOOK_IMPORTS = ("import sys; sys.path[:0] = sys.argv[1].split(':'); "
 
 
 def hook_values() -> dict[str, str]:
-    """The front end's PYTHON, PYTHON_FLAGS and NVMGR_PATH for this installation.
+    """The front end's PYTHON, PYTHON_FLAGS, NVMGR_PATH, HOOK_CLIENT and HOOK_SOCKET
+    for this installation.
 
     Starting Python isolated and without site initialisation (``-I -S``)
     saves most of its start-up time, which libvirtd waits for at every start
@@ -52,7 +54,11 @@ def hook_values() -> dict[str, str]:
     bad = [p for p in paths if ":" in p]
     if bad:
         raise InstallationError(f"the hook cannot use paths containing ':': {', '.join(bad)}")
-    return {"PYTHON": python, "PYTHON_FLAGS": "-I -S", "NVMGR_PATH": ":".join(paths)}
+    client = Path(nvmgr.__file__).resolve().parent / "hook" / "client.py"
+    if not client.is_file():
+        raise InstallationError(f"the hook client {client} is missing; reinstall nvmgr")
+    return {"PYTHON": python, "PYTHON_FLAGS": "-I -S", "NVMGR_PATH": ":".join(paths),
+            "HOOK_CLIENT": str(client), "HOOK_SOCKET": HOOK_SOCKET}
 
 
 def check_hook_python(values: dict[str, str]) -> str:
@@ -99,9 +105,10 @@ def hook_script(template: str, values: dict[str, str] | None = None) -> str:
     return "".join(out)
 
 
-def service_unit(template: str, python: str | None = None) -> str:
-    """The watcher's unit *template* (``nvmgr/data/nvmgr-watch.service``) with
-    ExecStart running this installation's nvmgr (this Python, ``-m nvmgr``,
+def service_unit(template: str, python: str | None = None,
+                 command: str = "reconcile --all --watch", name: str = resources.WATCH_UNIT) -> str:
+    """The unit *template* (``nvmgr/data/nvmgr-watch.service``, or *name*) with
+    ExecStart running this installation's nvmgr *command* (this Python, ``-m nvmgr``,
     with the directory holding this nvmgr on PYTHONPATH, so a checkout runs too).
 
     :raise InstallationError: the template has no ExecStart line, or a path
@@ -115,11 +122,11 @@ def service_unit(template: str, python: str | None = None) -> str:
     out, done = [], False
     for line in template.splitlines(keepends=True):
         if line.startswith("ExecStart=") and not done:
-            line = (f"ExecStart={python} -m nvmgr reconcile --all --watch\n"
+            line = (f"ExecStart={python} -m nvmgr {command}\n"
                     f"Environment=PYTHONPATH={pkg_parent}\n")
             done = True
         out.append(line)
     if not done:
-        raise InstallationError(f"the unit {resources.WATCH_UNIT} shipped with nvmgr has no "
+        raise InstallationError(f"the unit {name} shipped with nvmgr has no "
                                 "ExecStart line; reinstall nvmgr")
     return "".join(out)

@@ -33,11 +33,14 @@ if TYPE_CHECKING:
 
 
 def _sections_table(sections: list[dict[str, Any]]) -> str:
-    rows = [("NAME", "BINDING", "LENGTH", "CAPACITY", "CRC32", "FLAGS", "OFFSET")]
+    split = any(s.get("member") for s in sections)
+    rows = [("NAME", "BINDING", "LENGTH", "CAPACITY", "CRC32", "FLAGS", "OFFSET")
+            + (("MEMBER",) if split else ())]
     for s in sections:
         flags = ",".join(f for f in ("encrypted", "live", "dirty") if s[f]) or "-"
         rows.append((s["name"], s["binding"], str(s["length"]), str(s["capacity"]),
-                     s["crc32"], flags, str(s["offset"])))
+                     s["crc32"], flags, str(s["offset"]))
+                    + ((str(s["member"] or "-"),) if split else ()))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                      for r in rows)
@@ -80,6 +83,12 @@ def _info(img: Image) -> Result:
     d["path"] = img.path
     d["format"] = img.fmt
     d["file_size"] = img.container.size()
+    # Sections as stored (a member's entry for those in a member image), and
+    # each member as found: checked against this directory, or why not.
+    d["sections"] = [s.to_json() for s in img.sections()]
+    for m in d["members"]:
+        m["resolved_path"] = img.member_path(img.directory.member(m["index"]))  # type: ignore[arg-type]
+        m["sections"] = [s.name for s in img.member_sections(m["index"])]
     return d
 
 
@@ -99,6 +108,12 @@ def _render_info(r: Result) -> str:
         lines.insert(-1, "running: " + (f"run {who['run'][:8]} on host {who['host']}"
                                         if who else "a VM started before nvmgr recorded runs")
                      + (f", migrating to host {r['incoming']['host']}" if r["incoming"] else ""))
+    if r.get("parent"):
+        lines.insert(-1, f"member of: image {r['parent']}")
+    for m in r.get("members") or []:
+        lines.insert(-1, f"member {m['index']}: {m['resolved_path']} "
+                         f"({m['format'] or 'format probed'}, image {m['image_uuid']}): "
+                         f"{', '.join(m['sections']) or 'no sections'}")
     if r["sections"]:
         lines += ["", _sections_table(r["sections"])]
     return "\n".join(lines)
@@ -125,7 +140,7 @@ def _list_args(p: argparse.ArgumentParser) -> None:
          render=lambda r: _sections_table(r["sections"]))
 def cmd_list(args: argparse.Namespace) -> Result:
     with _open(args, with_key=False) as img:
-        return {"sections": [s.to_json() for s in img.directory.sections]}
+        return {"sections": [s.to_json() for s in img.sections()]}
 
 
 @arguments("put")
@@ -519,3 +534,88 @@ def cmd_convert(args: argparse.Namespace) -> Result:
     src = resolve_image(args)
     convert(src, args.output, args.format)
     return {"image": src, "output": args.output, "format": args.format}
+
+
+# ---------------------------------------------------------------- members
+
+def _member_render(r: Result) -> str:
+    verb = "split" if r["action"] == "split" else "merged"
+    where = "into" if r["action"] == "split" else "back from"
+    out = (f"{verb} {', '.join(r['sections'])} {where} member {r['index']} ({r['member']})"
+           + ("; member file removed" if r.get("removed") else ""))
+    if r.get("reconciled"):
+        out += f"\ndomain {r['reconciled']}: {r['reconcile_status']}"
+    elif r.get("hint"):
+        out += f"\n{r['hint']}"
+    return out
+
+
+def _after_move(args: argparse.Namespace, img_path: str, moved_live: list[str],
+                res: Result) -> Result:
+    """Rewire the domain whose live sections moved (QEMU's arguments name the file and
+    offset of each); without --domain, say what to run."""
+    if args.domain:
+        from nvmgr.virt.define import reconcile
+
+        rr = reconcile(args.domain, uri=args.connect)
+        res["reconciled"], res["reconcile_status"] = args.domain, rr.status
+    elif moved_live:
+        res["hint"] = (f"live section(s) {', '.join(moved_live)} moved: run 'nvmgr reconcile "
+                       "DOMAIN' for the domain that uses this image before its next start "
+                       "(the start is refused until its QEMU arguments name the new place)")
+    return res
+
+
+@arguments("split")
+def _split_args(p: argparse.ArgumentParser) -> None:
+    _add_image(p)
+    p.add_argument("sections", metavar="SECTION", nargs="+", help="the sections to move")
+    p.add_argument("--into", required=True, metavar="MEMBER",
+                   help="the member image: a new file (another directory, an rbd: location) "
+                        "or a member the image already has")
+    p.add_argument("--format", "-f", choices=("raw", "qcow2"),
+                   help="container format of a new member (default: the image's)")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for another nvmgr writer instead of failing at once")
+    p.add_argument("--force", action="store_true",
+                   help="move a live section the prepare hook marked in use (only when no VM "
+                        "runs on the image: a host crash left the mark)")
+    _add_key_args(p)
+
+
+@command("split", "move sections into a member image (crash-safe; VM stopped for live ones)",
+         "nvmgr split --domain vm1 uefi-vars --into /srv/fast/vm1-vars.nvram",
+         render=_member_render)
+def cmd_split(args: argparse.Namespace) -> Result:
+    from nvmgr.image.members import split
+
+    with _open(args, writable=True) as img:
+        r = split(img, args.sections, args.into, fmt=args.format, force=args.force)
+        live = [n for n in args.sections if img.directory.find(n) is not None
+                and img.section(n).live]
+        path = img.path
+    return _after_move(args, path, live, {"action": "split", **r.to_json()})
+
+
+@arguments("merge")
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    _add_image(p)
+    p.add_argument("member", metavar="MEMBER", help="the member image to bring back")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for another nvmgr writer instead of failing at once")
+    p.add_argument("--force", action="store_true",
+                   help="move a live section the prepare hook marked in use (only when no VM "
+                        "runs on the image: a host crash left the mark)")
+    _add_key_args(p)
+
+
+@command("merge", "bring a member image's sections back into the image, remove the member",
+         "nvmgr merge --domain vm1 /srv/fast/vm1-vars.nvram", render=_member_render)
+def cmd_merge(args: argparse.Namespace) -> Result:
+    from nvmgr.image.members import merge
+
+    with _open(args, writable=True) as img:
+        r = merge(img, args.member, force=args.force)
+        live = [n for n in r.sections if img.section(n).live]
+        path = img.path
+    return _after_move(args, path, live, {"action": "merge", **r.to_json()})

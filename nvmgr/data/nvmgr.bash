@@ -14,7 +14,7 @@ _nvmgr_files()
 _nvmgr()
 {
     local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]}
-    local commands="backup restore plan define undefine images install-hook reconcile attach detach create info list put get remove check grow resize rekey dump snapshot convert migrate-image"
+    local commands="backup restore plan define undefine images install-hook hook-server reconcile attach detach create info list put get remove check grow resize rekey dump snapshot convert split merge migrate-image"
     local cmd="" i=1
     # The command: the first word that is not an option.
     while [[ $i -lt $COMP_CWORD ]]; do
@@ -83,6 +83,14 @@ _nvmgr()
         install-hook)
             opts="-h --help --output -O --verbose -v --hook-dir --uninstall --service --systemd-dir"
             valued=" --output -O --hook-dir --systemd-dir "
+            case $prev in
+                --output|-O) _nvmgr_words "text json"; return ;;
+            esac
+            positional=()
+            ;;
+        hook-server)
+            opts="-h --help --output -O --verbose -v --socket --daemon --pidfile"
+            valued=" --output -O --socket --pidfile "
             case $prev in
                 --output|-O) _nvmgr_words "text json"; return ;;
             esac
@@ -215,6 +223,23 @@ _nvmgr()
             case $prev in
                 --output|-O) _nvmgr_words "text json"; return ;;
                 --format|-f) _nvmgr_words "raw qcow2"; return ;;
+            esac
+            positional=("" "")
+            ;;
+        split)
+            opts="-h --help --output -O --verbose -v --domain --connect -c --into --format -f --wait --force --key-file --key-secret --key-stdin"
+            valued=" --output -O --domain --connect -c --into --format -f --wait --key-file --key-secret "
+            case $prev in
+                --output|-O) _nvmgr_words "text json"; return ;;
+                --format|-f) _nvmgr_words "raw qcow2"; return ;;
+            esac
+            positional=("" "")
+            ;;
+        merge)
+            opts="-h --help --output -O --verbose -v --domain --connect -c --wait --force --key-file --key-secret --key-stdin"
+            valued=" --output -O --domain --connect -c --wait --key-file --key-secret "
+            case $prev in
+                --output|-O) _nvmgr_words "text json"; return ;;
             esac
             positional=("" "")
             ;;

@@ -53,9 +53,12 @@ from nvmgr.domain.namespaces import NVMGR_NS, clark
 from nvmgr.domain.xmlparse import parse_tree
 from nvmgr.errors import InstallationError, InvalidInputError, UsageError
 from nvmgr.format.layout import MAX_SECTION_SIZE
-from nvmgr.format.model import MAX_NAME, Binding
+from nvmgr.format.model import MAX_IMAGE_SIZE, MAX_NAME, Binding
 from nvmgr.storage.rbd import RbdLocation, is_rbd
 from nvmgr.units import parse_size
+
+#: The smallest ``max-image-size``: two 64 KiB header areas and room for sections.
+MIN_MAX_IMAGE_SIZE = 1 << 20
 
 #: Sum of all sizes declared in nvmgr metadata, a bound against absurd input.
 MAX_METADATA_TOTAL = 64 << 30
@@ -132,6 +135,9 @@ class NvmgrMetadata:
     sections: tuple[SectionDecl, ...] = ()
     libvirt_nvram: LibvirtNvram | None = None
     per_device: tuple[str, ...] = ()
+    #: The largest the image file may be (a storage pool's volume limit):
+    #: growth past it puts new sections into member images instead.
+    max_image_size: int | None = None
 
     @property
     def encrypted(self) -> bool:
@@ -162,6 +168,11 @@ def _schema() -> etree.RelaxNG:
     return _RNG
 
 
+def preload() -> None:
+    """Read and compile the schema now (the hook server, before it forks workers)."""
+    _schema()
+
+
 def meta_error(node: etree._Element, msg: str) -> InvalidInputError:
     """An :class:`InvalidInputError` about the metadata element *node* (with its line)."""
     line = f" (line {node.sourceline})" if node.sourceline else ""
@@ -185,6 +196,8 @@ _RULES: Mapping[tuple[str, str], str] = {
     ("nvram", "key-file"): _ABSOLUTE,
     ("nvram", "key-secret"): _UUID,
     ("nvram", "luks"): _YESNO,
+    ("nvram", "max-image-size"): "{attr}={v} is not a size: use a byte count with an "
+                                 "optional K, M, G or T suffix",
     ("section", "name"): _SECTION_NAME,
     ("section", "size"): "invalid size {v}: use a byte count with an optional K, M, G or T suffix",
     ("section", "kind"): "{attr}={v} is not a device kind (see nvmgr plan's profiles)",
@@ -438,6 +451,7 @@ def _decode(node: etree._Element) -> NvmgrMetadata:
         sections=sections,
         libvirt_nvram=_libvirt_nvram(lv) if lv is not None else None,
         per_device=tuple(per_device),
+        max_image_size=_max_image_size(node),
     )
 
 
@@ -455,6 +469,22 @@ def section_from_element(node: etree._Element) -> SectionDecl:
     if not valid:
         raise _schema_error(node, rng.error_log)
     return _section(node)
+
+
+def _max_image_size(node: etree._Element) -> int | None:
+    """``max-image-size``: at least 1 MiB (two header areas and a section),
+    at most the 256 TiB an image may span."""
+    text = node.get("max-image-size")
+    if text is None:
+        return None
+    try:
+        size = parse_size(text, what="max-image-size")
+    except UsageError as e:
+        raise meta_error(node, e.message) from e
+    if not MIN_MAX_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise meta_error(node, f"max-image-size={text!r} ({size:,} bytes) is outside "
+                               f"{MIN_MAX_IMAGE_SIZE >> 20} MiB .. 256 TiB")
+    return size
 
 
 # --------------------------------------------------------------------------
@@ -493,6 +523,7 @@ def to_element(meta: NvmgrMetadata,
         ("key-file", meta.key_file),
         ("key-secret", str(meta.key_secret) if meta.key_secret else None),
         ("luks", "yes" if meta.luks else None),
+        ("max-image-size", str(meta.max_image_size) if meta.max_image_size else None),
     ):
         if value is not None:
             el.set(attr, value)

@@ -56,6 +56,11 @@ class PlannedSection:
     driver: str | None = None
     fwcfg_name: str | None = None
     template: str | None = None
+    #: Stored in a member image: its file and format (set from the image,
+    #: :func:`nvmgr.provision.prepare.plan_with_offsets`); QEMU's slice of a
+    #: live section then points into that file.
+    member_path: str | None = None
+    member_format: str | None = None
 
     @property
     def live(self) -> bool:

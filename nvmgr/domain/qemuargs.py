@@ -143,7 +143,8 @@ def qemu_args(
     if fwcfg or (live and (luks or (rbd is not None and rbd.keyring))):
         _staging_uuid(dom_uuid)  # refused before any argument is made
     args: list[str] = []
-    if live:
+    main_live = [s for s in live if s.member_path is None]
+    if main_live:
         if luks:
             key = _keyval_path(key_path(_staging_uuid(dom_uuid)))
             args += ["-object", f"secret,id={KEY_SECRET_ID},format=raw,file={key}"]
@@ -164,6 +165,11 @@ def qemu_args(
                 q["encrypt"] = {"format": "luks", "key-secret": KEY_SECRET_ID}
             args += ["-blockdev", _json(q)]
             base = FORMAT_NODE
+    bases: dict[str | None, str] = {None: base} if main_live else {}
+    for s in live:  # member images, in the order their sections come
+        if s.member_path is not None and s.member_path not in bases:
+            n = len(bases) + (0 if main_live else 1)
+            bases[s.member_path] = _member_nodes(args, s, n)
     pflash = [s for s in live if s.binding is Binding.PFLASH]
     if len(pflash) > 1:
         raise InvalidInputError(
@@ -172,7 +178,7 @@ def qemu_args(
         )
     for s in live:
         slice_node = node_name(s.name)
-        args += ["-blockdev", _json(slice_props(s, base))]
+        args += ["-blockdev", _json(slice_props(s, bases[s.member_path]))]
         if s.binding is Binding.PFLASH:
             args += ["-machine", f"pflash1={slice_node}"]
         elif s.driver:
@@ -212,6 +218,63 @@ def device_props(s: PlannedSection) -> dict[str, object]:
     if s.driver in SHARE_RW_DRIVERS:
         dev["share-rw"] = True
     return dev
+
+
+def member_nodes(n: int) -> tuple[str, str]:
+    """The file and format node names of the *n*-th member file QEMU opens."""
+    return f"{PREFIX}m{n}-file", f"{PREFIX}m{n}-image"
+
+
+def _member_nodes(args: list[str], s: PlannedSection, n: int) -> str:
+    """Open member file *n* (where live section *s* is stored); return the node
+    its slices sit on."""
+    path, fmt = s.member_path or "", s.member_format or "raw"
+    file_node, format_node = member_nodes(n)
+    if is_rbd(path):
+        loc = RbdLocation.parse(path)
+        if loc.keyring or fmt != "raw":
+            raise UsageError(f"section {s.name}: a live section in an RBD member with a "
+                             "keyring is not supported; merge it back or use a file",
+                             image=path, section=s.name)
+        args += ["-blockdev", _json({**loc.node(), "node-name": file_node})]
+        return file_node
+    if not os.path.isabs(path):
+        raise UsageError("a member image path must be absolute for QEMU", image=path)
+    args += ["-blockdev", _json({"driver": "file", "filename": path, "node-name": file_node,
+                                 "discard": "unmap"})]
+    if fmt == "qcow2":
+        args += ["-blockdev", _json({"driver": "qcow2", "file": file_node,
+                                     "node-name": format_node})]
+        return format_node
+    return file_node
+
+
+def slice_files(args: list[str]) -> dict[str, tuple[int, str | None]]:
+    """Each of nvmgr's raw slices (node name) in *args*: its offset and the file
+    it lies in (through a qcow2 node to its file node; None: not a file)."""
+    nodes: dict[str, dict[str, object]] = {}
+    for opt, value in zip(args, args[1:], strict=False):
+        if opt != "-blockdev" or not value.startswith("{"):
+            continue
+        try:
+            obj = json.loads(value)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("node-name"), str):
+            nodes[obj["node-name"]] = obj
+    out: dict[str, tuple[int, str | None]] = {}
+    for node, obj in nodes.items():
+        offset = obj.get("offset")
+        if (obj.get("driver") != "raw" or not node.startswith(PREFIX)
+                or not isinstance(offset, int) or isinstance(offset, bool)):
+            continue
+        below = nodes.get(str(obj.get("file")))
+        if below is not None and below.get("driver") == "qcow2":
+            below = nodes.get(str(below.get("file")))
+        name = below.get("filename") if below is not None and below.get("driver") == "file" \
+            else None
+        out[node] = (offset, name if isinstance(name, str) else None)
+    return out
 
 
 def _staging_uuid(domain_uuid: uuid.UUID | str | None) -> uuid.UUID | str:
@@ -294,8 +357,15 @@ def nvmgr_args(args: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _without_offset(pair: tuple[str, str]) -> tuple[str, str]:
-    """A raw slice's ``-blockdev`` with its offset left out (checked against the image)."""
+_MEMBER_NODE = re.compile(rf'"node-name":"{re.escape(PREFIX)}m[0-9]+-(file|image)"')
+
+
+def _without_offset(pair: tuple[str, str], split: bool = False) -> tuple[str, str] | None:
+    """A raw slice's ``-blockdev`` with its offset left out (checked against the
+    image).  *split* (the arguments open member images): the slice's file
+    node is left out too, and the file and format nodes themselves (None):
+    which file a slice lies in, member or not, only the image knows, and the
+    prepare hook checks it (:func:`slice_files`)."""
     opt, value = pair
     if opt == "-blockdev" and value.startswith("{"):
         try:
@@ -304,7 +374,11 @@ def _without_offset(pair: tuple[str, str]) -> tuple[str, str]:
             return pair
         if isinstance(obj, dict) and obj.get("driver") == "raw":
             obj.pop("offset", None)
+            if split:
+                obj.pop("file", None)
             return opt, _json(obj)
+        if isinstance(obj, dict) and split:
+            return None
     return pair
 
 
@@ -331,8 +405,11 @@ def wiring_problems(dom: Domain, plan: Plan) -> list[str]:
     except (UsageError, InvalidInputError) as e:
         return [f"its QEMU arguments cannot be made: {e.message}"]
     # qemu_args makes (option, value) pairs, each option one of _OURS
-    want = [_without_offset(p) for p in zip(made[::2], made[1::2], strict=True)]
-    have = [_without_offset(p) for p in nvmgr_args(dom.qemu_args)]
+    ours = nvmgr_args(dom.qemu_args)
+    split = any(o == "-blockdev" and _MEMBER_NODE.search(v) for o, v in ours)
+    want = [q for p in zip(made[::2], made[1::2], strict=True)
+            if (q := _without_offset(p, split)) is not None]
+    have = [q for p in ours if (q := _without_offset(p, split)) is not None]
     missing = [f"{o} {v}" for o, v in want if (o, v) not in have]
     extra = [f"{o} {v}" for o, v in have if (o, v) not in want]
     if missing:
@@ -421,6 +498,7 @@ def apply_plan(
             sections=old.sections if old else (),
             libvirt_nvram=record,
             per_device=old.per_device if old else (),
+            max_image_size=old.max_image_size if old else None,
         )
     )
 

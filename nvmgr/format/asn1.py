@@ -202,6 +202,11 @@ class Orphaned(univ.Sequence):
     )
 
 
+class ContainerFormat(univ.Enumerated):
+    namedValues = namedval.NamedValues(("raw", 0), ("qcow2", 1))
+    subtypeSpec = constraint.SingleValueConstraint(0, 1)
+
+
 class Member(univ.Sequence):
     componentType = namedtype.NamedTypes(
         namedtype.NamedType(
@@ -214,6 +219,9 @@ class Member(univ.Sequence):
         namedtype.NamedType(
             "imageUUID",
             univ.OctetString().subtype(subtypeSpec=constraint.ValueSizeConstraint(16, 16)),
+        ),
+        namedtype.OptionalNamedType(
+            "format", ContainerFormat().subtype(implicitTag=_ctx(0))
         ),
     )
 
@@ -266,6 +274,12 @@ class Directory(univ.Sequence):
         ),
         namedtype.OptionalNamedType(
             "orphaned", Orphaned().subtype(implicitTag=_ctx(5, constructed=True))
+        ),
+        namedtype.OptionalNamedType(
+            "parent",
+            univ.OctetString().subtype(
+                implicitTag=_ctx(6), subtypeSpec=constraint.ValueSizeConstraint(16, 16)
+            ),
         ),
         namedtype.OptionalNamedType(
             "extensions", Extensions().subtype(implicitTag=_ctx(15, constructed=True))
@@ -363,6 +377,8 @@ def directory_to_asn1(d: model.Directory) -> Directory:
             ma["index"] = m.index
             ma["path"] = m.path
             ma["imageUUID"] = m.image_uuid.bytes
+            if m.fmt is not None:
+                ma["format"] = model.MEMBER_FORMATS.index(m.fmt)
             mem.append(ma)
     for field, who in (("runner", d.runner), ("incoming", d.incoming)):
         if who is not None:
@@ -372,6 +388,8 @@ def directory_to_asn1(d: model.Directory) -> Directory:
         a["orphaned"]["since"] = d.orphaned.since
         if d.orphaned.domain_name is not None:
             a["orphaned"]["domainName"] = d.orphaned.domain_name
+    if d.parent is not None:
+        a["parent"] = d.parent.bytes
     return a
 
 
@@ -429,7 +447,9 @@ def directory_from_asn1(a: Any) -> model.Directory:
     if a["members"].isValue:
         members = [
             model.Member(index=int(m["index"]), path=str(m["path"]),
-                         image_uuid=uuid.UUID(bytes=bytes(m["imageUUID"])))
+                         image_uuid=uuid.UUID(bytes=bytes(m["imageUUID"])),
+                         fmt=model.MEMBER_FORMATS[int(m["format"])] if m["format"].isValue
+                         else None)
             for m in a["members"]
         ]
     return model.Directory(
@@ -447,6 +467,7 @@ def directory_from_asn1(a: Any) -> model.Directory:
         runner=_runner_from_asn1(a["runner"]),
         incoming=_runner_from_asn1(a["incoming"]),
         orphaned=_orphaned_from_asn1(a["orphaned"]),
+        parent=uuid.UUID(bytes=bytes(a["parent"])) if a["parent"].isValue else None,
     )
 
 

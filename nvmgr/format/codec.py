@@ -148,6 +148,12 @@ def validate(d: Directory) -> None:
     if d.orphaned is not None and d.domain_uuid is None:
         raise DERError("an orphan record without an owner (domainUUID)")
     _check_bounds(d)
+    if d.members is not None:
+        indices = [m.index for m in d.members]
+        if len(set(indices)) != len(indices):
+            raise DERError("a member index appears twice")
+        if d.parent is not None:
+            raise DERError("a member image lists members of its own; members do not nest")
     if d.header_area not in HEADER_AREA_SIZES:
         raise DERError(f"header area size {d.header_area} is not a power of two in 64 KiB..16 MiB")
     names: set[str] = set()

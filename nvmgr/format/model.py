@@ -161,11 +161,28 @@ class KeySlot:
     label: str | None = None
 
 
+#: Container formats a member record may name (``ContainerFormat``), by value.
+MEMBER_FORMATS = ("raw", "qcow2")
+#: Members an image may have (``Member.index`` 1..64).
+MAX_MEMBERS = 64
+
+
 @dataclasses.dataclass
 class Member:
+    """A member image holding the sections that name :attr:`index`.
+
+    ``path`` is as recorded: absolute, an ``rbd:`` location, or relative to
+    the directory of the image that lists it.  ``fmt`` None: probed.
+    """
+
     index: int
     path: str
     image_uuid: uuid.UUID
+    fmt: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {"index": self.index, "path": self.path, "image_uuid": str(self.image_uuid),
+                "format": self.fmt}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,6 +230,8 @@ class Directory:
     runner: Runner | None = None
     incoming: Runner | None = None
     orphaned: Orphaned | None = None
+    #: A member image: the image UUID of the image whose sections it holds.
+    parent: uuid.UUID | None = None
     version: int = 1
     #: ``HeaderCopy.mac`` of the copy this directory was read from: the HMAC
     #: that authenticates it under the image's key (encrypted images), not
@@ -246,11 +265,25 @@ class Directory:
             if s.encrypted and s.crypto is not None:
                 out += [b"S", field(s.name.encode()), s.length.to_bytes(8, "big"),
                         field(s.crypto.iv), field(s.crypto.mac)]
+            elif s.member is not None:
+                # A section in a member: its bytes and crypto are sealed in the
+                # member's directory (same data key); here, where it is.
+                out += [b"M", field(s.name.encode()), s.member.to_bytes(1, "big")]
+        for m in self.members or []:
+            out += [b"U", m.index.to_bytes(1, "big"), field(m.image_uuid.bytes)]
+        if self.parent is not None:
+            out += [b"P", field(self.parent.bytes)]
         return b"".join(out)
 
     @property
     def data_start(self) -> int:
         return 2 * self.header_area
+
+    def member(self, index: int) -> Member | None:
+        for m in self.members or []:
+            if m.index == index:
+                return m
+        return None
 
     def find(self, name: str) -> Section | None:
         for s in self.sections:
@@ -264,6 +297,8 @@ class Directory:
         if self.scratch_length:
             end = max(end, self.scratch_offset + self.scratch_length)
         for s in self.sections:
+            if s.member is not None:  # its bytes are in the member's file
+                continue
             for off, n in s.extents():
                 end = max(end, off + n)
         return end
@@ -292,10 +327,8 @@ class Directory:
             "key_slots": [
                 {"key_id": k.key_id.hex(), "label": k.label} for k in (self.key_slots or [])
             ],
-            "members": [
-                {"index": m.index, "path": m.path, "image_uuid": str(m.image_uuid)}
-                for m in (self.members or [])
-            ],
+            "members": [m.to_json() for m in (self.members or [])],
+            "parent": str(self.parent) if self.parent else None,
             "runner": self.runner.to_json() if self.runner else None,
             "incoming": self.incoming.to_json() if self.incoming else None,
             "orphaned": self.orphaned.to_json() if self.orphaned else None,

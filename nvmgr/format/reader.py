@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from nvmgr.errors import DERError, ForeignImageError
 from nvmgr.format.der import integer_defect
 from nvmgr.format.model import (
+    MEMBER_FORMATS,
     Binding,
     Directory,
     KeySlot,
@@ -314,8 +315,13 @@ def read_header(body: bytes) -> tuple[Directory, bytes, bytes]:
         members = []
         while mem.peek() is not None:
             m = mem.sub(SEQUENCE, "member")
-            members.append(Member(m.integer("index", 1, 64), m.utf8("path", 1, 4096),
-                                  uuid.UUID(bytes=m.octets("imageUUID", 16))))
+            index, path = m.integer("index", 1, 64), m.utf8("path", 1, 4096)
+            image = uuid.UUID(bytes=m.octets("imageUUID", 16))
+            fmt = None
+            if m.peek() == ctx(0):
+                fmt = MEMBER_FORMATS[m.integer("member format", 0, len(MEMBER_FORMATS) - 1,
+                                               tag=ctx(0))]
+            members.append(Member(index, path, image, fmt))
             m.done()
         if not 1 <= len(members) <= 64:
             raise mem._fail(f"{len(members)} members; 1..64 allowed")
@@ -328,13 +334,17 @@ def read_header(body: bytes) -> tuple[Directory, bytes, bytes]:
         name = o.utf8("orphaned domainName", 1, 255) if o.peek() is not None else None
         o.done()
         orphaned = Orphaned(since, name)
+    parent = None
+    if r.peek() == ctx(6):
+        parent = uuid.UUID(bytes=r.octets("parent", 16, tag=ctx(6)))
     r.none_left("directory")
     r.done()
     d = Directory(version=1, image_uuid=image_uuid, generation=generation,
                   header_area=header_area, image_size=image_size,
                   scratch_offset=scratch_offset, scratch_length=scratch_length,
                   sections=sections, domain_uuid=domain_uuid, key_slots=key_slots,
-                  members=members, runner=runner, incoming=incoming, orphaned=orphaned, mac=mac)
+                  members=members, runner=runner, incoming=incoming, orphaned=orphaned,
+                  parent=parent, mac=mac)
     return d, directory_der, digest
 
 

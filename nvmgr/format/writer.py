@@ -10,7 +10,7 @@ start-up.
 
 from __future__ import annotations
 
-from nvmgr.format.model import Directory, Section
+from nvmgr.format.model import MEMBER_FORMATS, Directory, Section
 from nvmgr.format.reader import (
     BIT_STRING,
     ENUMERATED,
@@ -102,7 +102,8 @@ def encode_directory(d: Directory) -> bytes:
     if d.members is not None:
         members = b"".join(
             tlv(SEQUENCE, integer(m.index) + _utf8(m.path)
-                + tlv(OCTET_STRING, m.image_uuid.bytes))
+                + tlv(OCTET_STRING, m.image_uuid.bytes)
+                + (integer(MEMBER_FORMATS.index(m.fmt), ctx(0)) if m.fmt is not None else b""))
             for m in d.members)
         parts.append(tlv(ctx(2, True), members))
     for n, who in ((3, d.runner), (4, d.incoming)):
@@ -112,4 +113,6 @@ def encode_directory(d: Directory) -> bytes:
         o = d.orphaned
         parts.append(tlv(ctx(5, True), integer(o.since) + (
             _utf8(o.domain_name) if o.domain_name is not None else b"")))
+    if d.parent is not None:
+        parts.append(tlv(ctx(6), d.parent.bytes))
     return tlv(SEQUENCE, b"".join(parts))

@@ -25,6 +25,12 @@ from nvmgr.hook.lifecycle import ACTIONS, HookContext, migrate, not_wired
 from nvmgr.provision import staging
 
 LOG_FILE = paths.HOOK_LOG
+_HOSTILE = re.compile(rb"<!\s*(DOCTYPE|ENTITY)", re.I)
+
+
+def looks_hostile(raw: bytes) -> bool:
+    """A DTD or an entity declaration: nvmgr parses (and refuses) such XML whatever it is."""
+    return _HOSTILE.search(raw) is not None
 
 log = logging.getLogger("nvmgr.hook")
 
@@ -67,7 +73,7 @@ def main(argv: list[str], stdin: BinaryIO, stdout: TextIO, stderr: TextIO,
             log.info("%s %s %s %s: refused: no domain XML on stdin", stamp, name, op, sub)
             return int(ExitCode.INVALID_INPUT)
         return 0
-    if NVMGR_NS.encode() not in raw and not re.search(rb"<!\s*(DOCTYPE|ENTITY)", raw, re.I):
+    if NVMGR_NS.encode() not in raw and not looks_hostile(raw):
         # Not nvmgr's domain: whatever else its XML holds (another tool's deep
         # metadata, say) is libvirt's business, never a reason to refuse it.
         return 0

@@ -47,7 +47,7 @@ from nvmgr.domain.elements import Domain
 from nvmgr.domain.metadata import NvmgrMetadata
 from nvmgr.domain.plan import Plan, plan_for
 from nvmgr.domain.profiles import tpm_version
-from nvmgr.domain.qemuargs import node_name, slice_offsets, wiring_problems
+from nvmgr.domain.qemuargs import node_name, slice_files, wiring_problems
 from nvmgr.errors import (
     CorruptError,
     KeyRequiredError,
@@ -56,7 +56,7 @@ from nvmgr.errors import (
     NvmgrError,
     WrongKeyError,
 )
-from nvmgr.format.model import Binding
+from nvmgr.format.model import Binding, Section
 from nvmgr.hook import ownership
 from nvmgr.hook.ownership import Role
 from nvmgr.image.image import Image
@@ -179,16 +179,12 @@ def prepare(ctx: HookContext) -> str:
     incoming_note = ownership.take_incoming_note(runtime)
     # A CLI writer holding the image for a moment must not fail the start.
     img, _created, _added = prepare_image(plan, kek=kek, fmt=ctx.meta.format or "raw",
-                                          path=ctx.image, wait=LOCK_WAIT)
+                                          path=ctx.image, wait=LOCK_WAIT,
+                                          max_image_size=ctx.meta.max_image_size)
     with img:
         _verify_key(img, kek, ctx)
-        expected = slice_offsets(ctx.dom.qemu_args)
-        for s in img.directory.sections:  # QEMU's arguments were written for these offsets
-            want = expected.get(node_name(s.name))
-            if s.live and want is not None and want != s.offset:
-                raise CorruptError(f"section {s.name} is at offset {s.offset}, the domain's "
-                                   f"QEMU arguments say {want}; run nvmgr define again",
-                                   image=img.path)
+        sections = img.sections()  # members opened and checked (MemberError: refused)
+        _check_slices(ctx, img, sections)
         report = img.check()
         if not report.ok:
             hint = report.repair_hint()
@@ -220,7 +216,7 @@ def prepare(ctx: HookContext) -> str:
             recovered = _collect_tpm(
                 img, staging.read_tpm(state_dir, _tpm_files(img, version)), version)
         blobs = {staging.tpm_file_name(s.name, version): img.get(s.name)
-                 for s in staging.tpm_sections(img.directory.sections) if s.length}
+                 for s in staging.tpm_sections(img.sections()) if s.length}
         staged = staging.stage_tpm(state_dir, blobs, ctx.users) if blobs else []
         fw = {s.name: img.get(s.name) for s in img.directory.sections
               if s.binding is Binding.FWCFG}
@@ -233,10 +229,40 @@ def prepare(ctx: HookContext) -> str:
             _stage_rbd_key(ctx)
         else:
             staging.hand_to_qemu(img.path, ctx.users)
+        for _m, mi in img.members():  # QEMU opens a member holding a live section too
+            if not is_rbd(mi.path):
+                staging.hand_to_qemu(mi.path, ctx.users)
         n = len(img.directory.sections)
-        return (f"verified {n} section(s) of {img.path}; "
+        members = (f" and {len(img.directory.members)} member image(s)"
+                   if img.directory.members else "")
+        return (f"verified {n} section(s) of {img.path}{members}; "
                 + (f"recovered {recovered} left staged by an earlier run; " if recovered else "")
                 + f"staged tpm {staged or 'none'}, fw_cfg {sorted(fw) or 'none'}; {owner}")
+
+
+def _check_slices(ctx: HookContext, img: Image, sections: list[Section]) -> None:
+    """QEMU's arguments were written for where each live section is: its
+    file (the image, or the member image that holds it) and offset there.
+
+    :raise CorruptError: a live section moved (split, merged) or the
+        arguments were edited: the message names the section and the fix.
+    """
+    expected = slice_files(ctx.dom.qemu_args)
+    for s in sections:
+        got = expected.get(node_name(s.name))
+        if not s.live or got is None:
+            continue
+        want_file = img.image_path_of(s.name)
+        offset, path = got
+        if path is not None and not is_rbd(want_file) and path != want_file:
+            raise CorruptError(
+                f"section {s.name} is stored in {want_file}, the domain's QEMU arguments "
+                f"point at {path} (split or merged since it was defined?): run "
+                f"'nvmgr reconcile {ctx.name}'", image=img.path, section=s.name)
+        if offset != s.offset:
+            raise CorruptError(f"section {s.name} is at offset {s.offset}, the domain's "
+                               f"QEMU arguments say {offset}; run 'nvmgr reconcile "
+                               f"{ctx.name}'", image=img.path, section=s.name)
 
 
 def _tpm_files(img: Image, version: str) -> list[str]:
@@ -248,7 +274,7 @@ def _tpm_files(img: Image, version: str) -> list[str]:
 def _collect_tpm(img: Image, found: dict[str, bytes], version: str) -> list[str]:
     """Store staged swtpm files (by file name) in their sections where they differ."""
     collected = []
-    for s in staging.tpm_sections(img.directory.sections):
+    for s in staging.tpm_sections(img.sections()):
         data = found.get(staging.tpm_file_name(s.name, version))
         if data is not None and (not s.length or img.get(s.name) != data):
             img.put(s.name, data)
@@ -302,7 +328,7 @@ def release(ctx: HookContext) -> str:
             staging.remove_runtime(ctx.uuid, ctx.runtime_root)
             return f"{what}; wiped this host's staged tpm state"
         found = staging.read_tpm(state_dir, names)
-        in_use = [s.name for s in img.directory.sections if s.live and s.dirty]
+        in_use = [s.name for s in img.sections() if s.live and s.dirty]
         changed = img.reseal(in_use) if in_use else []
         if found:
             # Only writing state back needs the key.  Without it the staged

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 
 from nvmgr.errors import ExternalError, UsageError
@@ -33,7 +35,15 @@ def convert(src: str, dst: str, fmt: str) -> None:
         dst_name = dst
     src_fmt = probe_format(src)
     src_name = RbdLocation.parse(src).qemu_filename() if is_rbd(src) else src
-    with Image.open(src):
+    copies: list[str] = []
+    with Image.open(src) as img:
+        # Members are copied beside the copy (DST.mN.EXT), never shared with the source:
+        # each checked (UUID, parent link) and each target free before anything is copied.
+        members = [(m, mi.path, member_copy_path(dst, m.index)) for m, mi in img.members()]
+        for _m, _path, out_m in members:
+            if is_rbd(dst) or os.path.lexists(out_m):
+                raise UsageError(f"{out_m} (for member image {_m.index}) already exists or "
+                                 "cannot be made: nvmgr never overwrites an image", image=dst)
         try:
             qemu.img_convert(src_name, "raw" if src_fmt == "rbd" else src_fmt, dst_name, fmt)
         except ExternalError as e:
@@ -41,5 +51,29 @@ def convert(src: str, dst: str, fmt: str) -> None:
                 raise UsageError(f"{dst} already exists (nvmgr never overwrites an image)",
                                  image=dst) from e
             raise
+        try:
+            for _m, path, out_m in members:
+                m_fmt = probe_format(path)
+                name = RbdLocation.parse(path).qemu_filename() if is_rbd(path) else path
+                qemu.img_convert(name, "raw" if m_fmt == "rbd" else m_fmt, out_m, fmt)
+                copies.append(out_m)
+            if members:
+                with Image.open(dst, writable=True) as out:
+                    new = out._copy_dir()
+                    new.members = [dataclasses.replace(m, path=out_m, fmt=fmt)
+                                   for m, _path, out_m in members]
+                    out._commit(new)
+        except BaseException:
+            for f in [*copies, dst]:
+                if not is_rbd(f):
+                    with contextlib.suppress(OSError):
+                        os.unlink(f)
+            raise
     with Image.open(dst) as out:
         out.check()
+
+
+def member_copy_path(dst: str, index: int) -> str:
+    """Where a copy of image *dst* keeps its member *index*: ``DST-BASE.mINDEX.EXT``."""
+    base, ext = os.path.splitext(dst)
+    return f"{base}.m{index}{ext or '.nvram'}"

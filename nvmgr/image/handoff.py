@@ -41,6 +41,10 @@ def copy_for_migration(src: str, dst: str) -> dict[str, object]:
                        f".{os.path.basename(dst)}.nvmgr-tmp")
     with Image.open(src) as img:  # an nvmgr image; no nvmgr writer meanwhile
         runner = img.directory.runner
+        if img.directory.members:
+            raise UsageError(f"{src} is split into member images; migrate-image copies one "
+                             "file: merge the members back first (nvmgr merge, VM stopped) "
+                             "or put the members on shared storage", image=src)
         try:
             if fmt == "raw":
                 old = os.umask(0o077)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import mmap
+import os
 import uuid
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -34,6 +35,7 @@ from nvmgr.errors import (
     DERError,
     ForeignImageError,
     KeyRequiredError,
+    MemberError,
     NoSpaceError,
     NotFoundError,
     NvmgrError,
@@ -46,12 +48,15 @@ from nvmgr.format.model import (
     MIN_HEADER_AREA,
     Directory,
     KeySlot,
+    Member,
     Orphaned,
     Runner,
     Section,
     SectionCrypto,
 )
 from nvmgr.storage.container import Container, create_container, open_container, qemu_holds_write
+from nvmgr.storage.formats import image_exists
+from nvmgr.storage.rbd import is_rbd
 
 if TYPE_CHECKING:  # cryptography is imported when an encrypted image needs it
     from nvmgr.crypto.cipher import Kek, SectionCipher
@@ -290,6 +295,9 @@ class Image:
         self._unsealed = False
         self._cipher: SectionCipher | None = None
         self._data_key = b""
+        self._wait = 0.0
+        #: Member images opened so far (by index), checked against this directory.
+        self._members: dict[int, Image] = {}
 
     # ------------------------------------------------------------ lifecycle
 
@@ -339,6 +347,7 @@ class Image:
                 )
             img = cls(c, d, slot, states, kek)
             img._unsealed = unsealed
+            img._wait = wait
             if writable:
                 img._finish_pending()
             return img
@@ -357,20 +366,35 @@ class Image:
         domain_uuid: uuid.UUID | None = None,
         header_area: int | None = None,
         image_uuid: uuid.UUID | None = None,
+        parent: Image | None = None,
     ) -> Image:
         """Create a new image holding empty *specs* sections.
 
         With *kek*, the image gets a random data key wrapped by it, and every
         section QEMU does not read live is encrypted.
+
+        :param parent: make a member image of *parent*: its directory names
+            *parent*'s image UUID, and an encrypted parent's key slots (the
+            same data key, so its sections' ciphertext moves as it is; its
+            directory is sealed under that key, which *parent* must hold).
         """
-        if kek is not None:
+        if parent is not None:
+            kek = parent.kek
+            domain_uuid = parent.directory.domain_uuid
+        elif kek is not None:  # a member's sections keep their parent's flags
             specs = [
                 dataclasses.replace(s, encrypted=True) if not s.binding.live else s for s in specs
             ]
         d = layout(specs, image_uuid=image_uuid, domain_uuid=domain_uuid,
                    header_area=header_area)
         data_key = None
-        if kek is not None:
+        if parent is not None:
+            d.parent = parent.directory.image_uuid
+            if parent.directory.encrypted:
+                parent._get_cipher()
+                data_key = parent._data_key
+                d.key_slots = [dataclasses.replace(k) for k in parent.directory.key_slots or []]
+        elif kek is not None:
             from nvmgr.crypto.cipher import new_data_key
 
             data_key = new_data_key()
@@ -380,6 +404,8 @@ class Image:
         c = create_container(path, fmt, d.image_size)
         states = [HeaderState(0, 0, error="new"), HeaderState(1, d.header_area, error="new")]
         img = cls(c, d, 1, states, kek)
+        if parent is not None:
+            img._wait = parent._wait
         if data_key is not None:
             from nvmgr.crypto.cipher import SectionCipher
 
@@ -395,7 +421,12 @@ class Image:
         return img
 
     def close(self) -> None:
-        self.container.close()
+        members, self._members = self._members, {}
+        try:
+            for m in members.values():
+                m.close()
+        finally:
+            self.container.close()
 
     def __enter__(self) -> Image:
         return self
@@ -406,7 +437,13 @@ class Image:
     # ------------------------------------------------------------ reading
 
     def section(self, name: str) -> Section:
-        return self._find(self.directory, name)
+        """Section *name* as stored: its member's entry (``member`` set) when
+        a member image holds it."""
+        s = self._find(self.directory, name)
+        if s.member is None:
+            return s
+        holder, ms = self._where(name)
+        return dataclasses.replace(ms, member=s.member)
 
     def _keys(self) -> tuple[Kek, list[KeySlot]]:
         """The key given and the image's key slots.
@@ -439,17 +476,143 @@ class Image:
         return self._cipher
 
     def _local(self, s: Section) -> Section:
-        """*s*, if its bytes are in this file.
+        """*s*, if its bytes are in this file (a section of this directory
+        that names no member).
 
-        :raise NvmgrError: the section names a member image (a split image):
-            this version of nvmgr reads and writes only the main file, and
-            never reads a member's bytes from it.
+        :raise NvmgrError: *s* is stored in a member image: never read from
+            or written into this file (callers go through the member).
         """
         if s.member is not None:
             raise NvmgrError(
-                f"section {s.name} is stored in member image {s.member}; this version of "
-                "nvmgr does not open split images", image=self.path, section=s.name)
+                f"section {s.name} is stored in member image {s.member}, not in this file",
+                image=self.path, section=s.name)
         return s
+
+    # ------------------------------------------------------------ members
+
+    def member_path(self, m: Member) -> str:
+        """Where member *m* is: its recorded path, a relative one taken
+        relative to this image's directory."""
+        if is_rbd(m.path) or os.path.isabs(m.path) or is_rbd(self.path):
+            return m.path
+        return os.path.join(os.path.dirname(os.path.abspath(self.path)), m.path)
+
+    def member_sections(self, index: int) -> list[Section]:
+        """This directory's entries for the sections member *index* holds."""
+        return [s for s in self.directory.sections if s.member == index]
+
+    def member_image(self, index: int) -> Image:
+        """Member *index*, opened as this image is (writable, key, wait) and
+        checked against this directory before anything is read from it.
+
+        :raise MemberError: the member is not listed, missing, unreadable,
+            another image (UUID), another image's member (parent), holds
+            members itself, lacks a section this directory places there, or
+            a section of it lies beyond the member's end.  Each message names
+            the member and the section(s) it should hold.
+        """
+        got = self._members.get(index)
+        if got is not None:
+            return got
+        names = ", ".join(s.name for s in self.member_sections(index)) or "none"
+        m = self.directory.member(index)
+        if m is None:
+            raise MemberError(f"member image {index} (holding section(s) {names}) is not "
+                              "listed in the directory", image=self.path)
+        path = self.member_path(m)
+        what = f"member image {index} ({path}, holding section(s) {names})"
+        first = self.member_sections(index)[0].name if self.member_sections(index) else None
+        try:
+            exists = image_exists(path)
+        except NvmgrError as e:
+            raise MemberError(f"{what} cannot be looked up: {e.message}", image=self.path,
+                              section=first) from e
+        if not exists:
+            raise MemberError(f"{what} is missing", image=self.path, section=first)
+        try:
+            mi = Image.open(path, writable=self.container.writable, kek=self.kek,
+                            wait=self._wait, fmt=m.fmt if not is_rbd(path) else None,
+                            unsealed=self._unsealed)
+        except (CorruptError, NotFoundError) as e:
+            raise MemberError(f"{what} is unreadable: {e.message}", image=self.path,
+                              section=first) from e
+        except OSError as e:
+            raise MemberError(f"{what} cannot be opened: {e}", image=self.path,
+                              section=first) from e
+        try:
+            self._check_member(mi, m, what)
+        except BaseException:
+            mi.close()
+            raise
+        self._members[index] = mi
+        return mi
+
+    def _check_member(self, mi: Image, m: Member, what: str) -> None:
+        d = mi.directory
+        if d.image_uuid != m.image_uuid:
+            raise MemberError(f"{what} is image {d.image_uuid}, the directory names "
+                              f"{m.image_uuid}: another image's member, or an older copy",
+                              image=self.path)
+        if d.parent != self.directory.image_uuid:
+            whose = f"image {d.parent}" if d.parent else "no image (it is not a member)"
+            raise MemberError(f"{what} belongs to {whose}, not to this image "
+                              f"({self.directory.image_uuid})", image=self.path)
+        if d.members:
+            raise MemberError(f"{what} lists members of its own; members do not nest",
+                              image=self.path)
+        for s in self.member_sections(m.index):
+            ms = d.find(s.name)
+            if ms is None:
+                raise MemberError(f"section {s.name} is missing from {what}",
+                                  image=self.path, section=s.name)
+            if ms.binding is not s.binding:
+                raise MemberError(f"section {s.name} in {what} is bound "
+                                  f"{ms.binding.name.lower()}, the directory says "
+                                  f"{s.binding.name.lower()}", image=self.path, section=s.name)
+            for off, n in s.extents():
+                if off + n > d.image_size:
+                    raise MemberError(
+                        f"section {s.name} ([{off:,}, {off + n:,}), {s.capacity:,} bytes) lies "
+                        f"beyond the end of {what} ({d.image_size:,} bytes)",
+                        image=self.path, section=s.name)
+
+    def members(self) -> list[tuple[Member, Image]]:
+        """Every member, opened and checked (see :meth:`member_image`)."""
+        return [(m, self.member_image(m.index)) for m in self.directory.members or []]
+
+    def _where(self, name: str) -> tuple[Image, Section]:
+        """The image that holds section *name*'s bytes, and its entry there."""
+        s = self._find(self.directory, name)
+        if s.member is None:
+            return self, s
+        mi = self.member_image(s.member)
+        return mi, mi._find(mi.directory, name)
+
+    def image_path_of(self, name: str) -> str:
+        """The file section *name*'s bytes are in: this image's, or its member's."""
+        s = self._find(self.directory, name)
+        m = self.directory.member(s.member) if s.member is not None else None
+        return self.member_path(m) if m is not None else self.path
+
+    def sections(self) -> list[Section]:
+        """Every section as stored: a member's entry (``member`` set) for a
+        section in a member image, this directory's for the others."""
+        out = []
+        for s in self.directory.sections:
+            if s.member is None:
+                out.append(s)
+            else:
+                ms = self.member_image(s.member)._find(
+                    self.member_image(s.member).directory, s.name)
+                out.append(dataclasses.replace(ms, member=s.member))
+        return out
+
+    def _by_holder(self, names: Iterable[str]) -> dict[int | None, list[str]]:
+        """*names* grouped by member index (None: this file)."""
+        out: dict[int | None, list[str]] = {}
+        for name in names:
+            out.setdefault(self._find(self.directory, name).member, []).append(name)
+        return out
 
     def _stored_crc(self, s: Section, progress: Progress | None = None) -> int:
         self._local(s)
@@ -469,7 +632,11 @@ class Image:
 
         :raise CorruptError: "section NAME is corrupted", with the reason.
         :raise KeyRequiredError, WrongKeyError: an encrypted section without its key.
+        :raise MemberError: the member image that holds it is missing or foreign.
         """
+        holder, _ = self._where(name)
+        if holder is not self:
+            return holder.get(name)
         s = self._local(self.section(name))
         if s.crypto is not None:
             # The key first: the directory's MAC covers an encrypted section's
@@ -507,6 +674,9 @@ class Image:
 
         :raise CorruptError, KeyRequiredError, WrongKeyError: as :meth:`get`.
         """
+        holder, _ = self._where(name)
+        if holder is not self:
+            return holder.get_to(name, write)
         s = self._local(self.section(name))
         if s.crypto is not None or s.stored_length <= CHUNK:
             data = self.get(name)
@@ -680,6 +850,10 @@ class Image:
             or it is marked in use (without *force*).
         """
         self._require_writable()
+        holder, _ = self._where(name)
+        if holder is not self:
+            holder.put(name, data, progress=progress, force=force)
+            return self.section(name)
         s = self._local(self.section(name))
         if len(data) > s.capacity:
             raise NoSpaceError(
@@ -796,21 +970,47 @@ class Image:
         """Drop a section from the directory; its space is free for the next
         section added (:meth:`add_sections`).
 
+        A section in a member image leaves this directory first, then the
+        member's (a crash between leaves the member an entry nothing names:
+        ``check`` warns of it).  A member left holding nothing is dropped
+        from the directory in the same commit, and its file removed after.
+
         :param unplugged: the caller made sure no running QEMU reads the
             section any more (its node was hot-unplugged): the lock a running
             QEMU holds on the image does not stop the removal of this live
             section (the in-use mark still needs *force*).
         """
         self._require_writable()
-        s = self.section(name)
+        holder, s = self._where(name)
         if not unplugged:
-            self._refuse_if_running(s, force)
+            holder._refuse_if_running(s, force)
         elif s.dirty and not force:
             raise BusyError(f"section {name} is live and marked in use", image=self.path,
                             section=name)
+        index = self._find(self.directory, name).member
         new = self._copy_dir()
         new.sections = [x for x in new.sections if x.name != name]
+        emptied = index is not None and not any(x.member == index for x in new.sections)
+        if emptied:
+            new.members = [m for m in new.members or [] if m.index != index] or None
         self._commit(new)
+        if holder is not self and index is not None:
+            holder.remove(name, force=True)
+            if emptied:
+                self._drop_member_file(index, holder)
+
+    def _drop_member_file(self, index: int, mi: Image) -> None:
+        """Close member *index* (no longer listed) and remove its file (an RBD
+        image stays: Ceph's to delete)."""
+        self._members.pop(index, None)
+        path = mi.path
+        mi.close()
+        if not is_rbd(path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            log.info("%s: removed member image %s, which holds nothing now", self.path, path)
 
     def resize_section(self, name: str, capacity: int, *, force: bool = False) -> Section:
         """Give a section a new capacity.  Non-live sections move to new slots
@@ -819,6 +1019,15 @@ class Image:
         and not while a VM runs on them.
         """
         self._require_writable()
+        holder, _ = self._where(name)
+        if holder is not self:
+            ms = holder.resize_section(name, capacity, force=force)
+            new = self._copy_dir()
+            stub = self._find(new, name)
+            stub.capacity, stub.reserved, stub.offset, stub.spare = (
+                ms.capacity, ms.reserved, ms.home if ms.home is not None else ms.offset, ms.spare)
+            self._commit(new)
+            return self.section(name)
         s = self._local(self.section(name))
         self._refuse_if_running(s, force)
         spec = SectionSpec(name, capacity, s.binding, s.encrypted, s.device)
@@ -859,9 +1068,13 @@ class Image:
     def set_in_use(self, names: Iterable[str], in_use: bool) -> None:
         """Flag live sections as in use by a running VM (their crc goes stale)."""
         self._require_writable()
+        groups = self._by_holder(names)
+        for index, group in groups.items():
+            if index is not None:
+                self.member_image(index).set_in_use(group, in_use)
         new = self._copy_dir()
         changed = False
-        for name in names:
+        for name in groups.get(None, []):
             ns = new.find(name)
             if ns is None:
                 raise NotFoundError(f"no section named {name!r}", image=self.path, section=name)
@@ -886,14 +1099,21 @@ class Image:
         :return: the names of the sections whose content changed.
         """
         self._require_writable()
+        changed = []
+        for index in sorted({s.member for s in self.directory.sections
+                             if s.member is not None and s.live
+                             and (names is None or s.name in names)}):
+            mine = [s.name for s in self.member_sections(index) if s.live
+                    and (names is None or s.name in names)]
+            changed += self.member_image(index).reseal(mine)
         # QEMU's writes into the slices may still sit in the page cache (or
         # QEMU's): made durable first, so that a power loss can never keep
         # the crc computed over them while losing the bytes themselves.
         self.container.flush()
         new = self._copy_dir()
-        changed = []
         for ns in new.sections:
-            if not ns.live or (names is not None and ns.name not in names):
+            if not ns.live or ns.member is not None or (names is not None
+                                                          and ns.name not in names):
                 continue
             if not ns.length:
                 ns.length = ns.capacity
@@ -921,12 +1141,26 @@ class Image:
         fall back to, names the new owner too.
         """
         self._require_writable()
+        # Members first (opened and checked under the old identity): each a
+        # new image of its own whose parent is the new identity.
+        renamed = {}
+        for m, mi in self.members():
+            renamed[m.index] = uuid.uuid4()
+            for _copy in "AB":
+                nm = mi._copy_dir()
+                nm.image_uuid, nm.parent, nm.domain_uuid = renamed[m.index], image_uuid, domain_uuid
+                nm.runner = nm.incoming = nm.orphaned = None
+                mi._commit(nm)
         for _copy in "AB":
             new = self._copy_dir()
             new.image_uuid = image_uuid
             new.domain_uuid = domain_uuid
             new.runner = new.incoming = None  # a copy is nobody's running image
             new.orphaned = None  # it has an owner
+            if new.members:
+                new.members = [dataclasses.replace(m, image_uuid=renamed.get(m.index,
+                                                                             m.image_uuid))
+                               for m in new.members]
             self._commit(new)
 
     def set_orphaned(self, record: Orphaned | None) -> None:
@@ -946,16 +1180,34 @@ class Image:
         self._require_writable()
         kek, slots = self._keys()
         self._get_cipher()  # proves the key before anything changes
-        slots = [k for k in slots if k.key_id != new_kek.key_id]
-        if not keep_old:
-            slots = [k for k in slots if k.key_id != kek.key_id]
-        slots.append(KeySlot(new_kek.key_id, new_kek.wrap(self._data_key), new_kek.label))
-        if len(slots) > 8:
+        members = [mi for _m, mi in self.members()]
+        for mi in members:
+            mi._get_cipher()
+        added = [k for k in slots if k.key_id != new_kek.key_id]
+        added.append(KeySlot(new_kek.key_id, new_kek.wrap(self._data_key), new_kek.label))
+        final = added if keep_old else [k for k in added if k.key_id != kek.key_id]
+        if len(final) > 8 or (members and len(added) > 8):
             raise NoSpaceError("an image holds at most 8 key slots", image=self.path)
-        new = self._copy_dir()
-        new.key_slots = slots
-        self._commit(new)
+        # Members share the data key.  The new key is added everywhere (members
+        # first) before the old one leaves anywhere (this image first): a crash
+        # at any point leaves one key, old or new, that opens every file.
+        if members:
+            for mi in members:
+                mi._set_key_slots(added)
+            self._set_key_slots(added)
+        self._set_key_slots(final)
+        for mi in members:
+            mi._set_key_slots(final)
         self.kek = new_kek
+        for mi in members:
+            mi.kek = new_kek
+
+    def _set_key_slots(self, slots: list[KeySlot]) -> None:
+        if self.directory.key_slots == slots:
+            return
+        new = self._copy_dir()
+        new.key_slots = [dataclasses.replace(k) for k in slots]
+        self._commit(new)
 
     def remove_key(self, key_id: bytes) -> None:
         """Drop one key slot; the last slot cannot be removed."""
@@ -966,9 +1218,10 @@ class Image:
             raise NotFoundError(f"no key slot with id {key_id.hex()}", image=self.path)
         if not left:
             raise UsageError("refusing to remove the last key slot", image=self.path)
-        new = self._copy_dir()
-        new.key_slots = left
-        self._commit(new)
+        self._set_key_slots(left)  # this image first: what it lists, members still open
+        for _m, mi in self.members():
+            mi._set_key_slots([k for k in mi.directory.key_slots or [] if k.key_id != key_id]
+                              or left)
 
     # ------------------------------------------------------------ checking
 
@@ -985,7 +1238,8 @@ class Image:
             if h.error and h.error != "new":
                 warnings.append(f"header copy {'AB'[h.slot]} is unusable: {h.error}")
         results: list[SectionCheck] = []
-        total = sum(s.stored_length for s in self.directory.sections)
+        member_results = self._check_members(errors, warnings, repairable)
+        total = sum(s.stored_length for s in self.directory.sections if s.member is None)
         base = 0
 
         def sub(done: int, _n: int) -> None:
@@ -996,10 +1250,8 @@ class Image:
             if s.home is not None:
                 warnings.append(f"section {s.name}: a copy to its slot is pending")
             if s.member is not None:
-                msg = (f"section {s.name} is stored in member image {s.member}, which this "
-                       "version of nvmgr cannot open")
-                errors.append(msg)
-                results.append(SectionCheck(s.name, "unverified", msg))
+                results.append(member_results.get(s.name) or SectionCheck(
+                    s.name, "unverified", f"in member image {s.member}, which was not checked"))
                 continue
             if s.live and s.dirty:
                 results.append(SectionCheck(s.name, "unverified", "in use by a VM; crc is stale"))
@@ -1032,6 +1284,36 @@ class Image:
                 results.append(SectionCheck(s.name, "ok" if s.length else "empty", "crc32 ok"))
         return CheckReport(self.path, self.headers, results, errors, warnings, repairable)
 
+    def _check_members(self, errors: list[str], warnings: list[str],
+                       repairable: list[str]) -> dict[str, SectionCheck]:
+        """Check every member (UUID, parent link, the sections it must hold,
+        both its header copies, every crc and MAC); its findings join this
+        image's report, each naming the member.  :return: the results of the
+        sections members hold, by name."""
+        out: dict[str, SectionCheck] = {}
+        for m in self.directory.members or []:
+            names = [s.name for s in self.member_sections(m.index)]
+            try:
+                mi = self.member_image(m.index)
+            except MemberError as e:
+                errors.append(e.message)
+                for n in names:
+                    out[n] = SectionCheck(n, "corrupt", e.message)
+                continue
+            tag = f"member image {m.index} ({mi.path})"
+            r = mi.check()
+            errors += [f"{tag}: {e}" for e in r.errors]
+            warnings += [f"{tag}: {w}" for w in r.warnings]
+            repairable += [n for n in r.repairable if n in names]
+            for sc in r.sections:
+                if sc.name in names:
+                    out[sc.name] = dataclasses.replace(sc, detail=f"{sc.detail} (in {tag})")
+                else:
+                    warnings.append(f"{tag} holds section {sc.name}, which this image does "
+                                    "not place there (left by an interrupted split or "
+                                    "remove); it is ignored")
+        return out
+
     def repair(self) -> list[str]:
         """Reseal live sections with the bytes they hold; clear their in-use marks.
 
@@ -1050,10 +1332,14 @@ class Image:
         if self.fmt == "raw" and qemu_holds_write(self.path):
             raise BusyError("a running QEMU holds the image; stop the VM before repairing it",
                             image=self.path)
-        todo = [s.name for s in self.directory.sections
-                if s.live and (s.dirty or self._stored_crc(s) != s.crc32)]
+        done: list[str] = []
+        for _m, mi in self.members():
+            names = {s.name for s in self.member_sections(_m.index)}
+            done += [n for n in mi.repair() if n in names]
+        todo = [s.name for s in self.directory.sections if s.member is None
+                and s.live and (s.dirty or self._stored_crc(s) != s.crc32)]
         if todo:
             changed = self.reseal(todo)
             log.warning("%s: resealed live sections %s (content changed: %s)", self.path,
                         todo, changed or "none")
-        return todo
+        return done + todo

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import uuid
 from collections.abc import Mapping
@@ -26,10 +27,11 @@ from nvmgr.domain.metadata import NvmgrMetadata
 from nvmgr.domain.plan import Plan, PlannedSection
 from nvmgr.domain.profiles import MAX_FLASH, open_flash_file
 from nvmgr.errors import BusyError, ForeignImageError, NotFoundError, UsageError
-from nvmgr.format.layout import SectionSpec, layout
-from nvmgr.format.model import Binding, Directory, Section
+from nvmgr.format.layout import SectionSpec, extend, layout
+from nvmgr.format.model import Binding, Directory
 from nvmgr.image.convert import convert
 from nvmgr.image.image import Buffer, Image
+from nvmgr.image.members import MemberResult, place_in_member
 from nvmgr.provision import orphans, staging
 from nvmgr.storage import image_exists, qemu
 from nvmgr.storage.container import open_container, probe_format
@@ -37,6 +39,8 @@ from nvmgr.storage.rbd import is_rbd
 
 if TYPE_CHECKING:
     from nvmgr.crypto.cipher import Kek
+
+log = logging.getLogger(__name__)
 
 
 def refuse_luks(meta: NvmgrMetadata | None) -> None:
@@ -47,15 +51,25 @@ def refuse_luks(meta: NvmgrMetadata | None) -> None:
                          "encrypts sections itself (--key-file / --key-secret)")
 
 
-def plan_with_offsets(plan: Plan, d: Directory) -> Plan:
-    """The plan with each section's offsets as the image really has them."""
+def plan_with_offsets(plan: Plan, d: Directory, img: Image | None = None) -> Plan:
+    """The plan with each section's offsets as the image really has them;
+    with *img*, a section in a member image names the member's file and
+    format and its offset there (QEMU's slice of a live one points there)."""
     placed = []
     for ps in plan.sections:
         s = d.find(ps.name)
         if s is None:
             raise UsageError(f"section {ps.name} is planned but not in the image")
+        member_path = member_format = None
+        if s.member is not None and img is not None:
+            m = d.member(s.member)
+            if m is not None:
+                member_path, member_format = img.member_path(m), img.member_image(m.index).fmt
+                s = img.section(ps.name)
         placed.append(dataclasses.replace(ps, offset=s.home if s.home is not None else s.offset,
-                                          spare=s.spare, reserved=s.reserved))
+                                          spare=s.spare, reserved=s.reserved,
+                                          member_path=member_path,
+                                          member_format=member_format))
     return dataclasses.replace(plan, sections=tuple(placed), image_size=d.image_size,
                                header_area=d.header_area, image_uuid=d.image_uuid,
                                scratch_offset=d.scratch_offset, scratch_length=d.scratch_length,
@@ -136,41 +150,81 @@ def _open_existing(path: str, specs: list[SectionSpec], kek: Kek | None,
 
 
 def grow(img: Image, specs: list[SectionSpec], *,
-         contents: Mapping[str, Buffer] | None = None) -> list[Section]:
+         max_image_size: int | None = None,
+         contents: Mapping[str, Buffer] | None = None) -> list[MemberResult]:
     """Add *specs* to *img* (opened writable): the one growth path of define,
     prepare, attach (offline and live), reconcile (the watcher included) and
     ``nvmgr grow``, so a policy about growth has one place to live.
 
-    Whoever calls it, the VM running or not: nothing that exists moves (new
-    slots go first-fit into space the directory gives to nobody, then at the
-    end: :func:`nvmgr.format.layout.extend`); no byte of a section, of a live
-    slice QEMU reads in place or of the current header copy is written; one
-    directory commit adds the sections, after their *contents* are written
-    and flushed, so a crash leaves the image as it was or with the new
-    sections holding exactly those bytes (``tests/test_crash.py``, scenarios
-    ``grow-live*``).
+    In place while the image stays within *max_image_size* (a domain's
+    ``max-image-size``; None: no limit), the others into member images (the
+    last member while it has room, else new ones beside the image, each
+    within the limit too).
+
+    In place, whoever calls it, the VM running or not: nothing that exists
+    moves (new slots go first-fit into space the directory gives to nobody,
+    then at the end: :func:`nvmgr.format.layout.extend`); no byte of a
+    section, of a live slice QEMU reads in place or of the current header
+    copy is written; one directory commit adds the sections, after their
+    *contents* are written and flushed, so a crash leaves the image as it was
+    or with the new sections holding exactly those bytes
+    (``tests/test_crash.py``, scenarios ``grow-live*``).  A section placed in
+    a member gets its contents by a put after its placement (a crash between
+    leaves it empty).
 
     :param contents: section name -> the bytes a new section starts with (a
         device-state disk's image, an EEPROM blob); encrypted like any put
         when the section is.
-    :return: the new sections as placed.
-    :raise NoSpaceError: the directory or the image is full, or contents do
-        not fit their section.
+    :return: the placements in members (empty: the image grew in place).
+    :raise NoSpaceError: a section alone does not fit within the limit, the
+        directory is full, or contents do not fit their section.
     :raise UsageError: a name is taken, or contents name no new section.
     """
     if not specs:
         return []
-    return img.add_sections(list(specs), contents)
+    contents = dict(contents or {})
+    if max_image_size is None:
+        img.add_sections(list(specs), contents)
+        return []
+    d = img.directory
+    enc = [dataclasses.replace(s, encrypted=True) if d.encrypted and not s.binding.live else s
+           for s in specs]
+    stray = sorted(set(contents) - {s.name for s in enc})
+    if stray:
+        raise UsageError(f"contents given for {', '.join(stray)}, which is not being added",
+                         image=img.path, section=stray[0])
+    here: list[SectionSpec] = []
+    rest: list[SectionSpec] = []
+    for s in enc:
+        if not rest and extend(d, [*here, s]).image_size <= max_image_size:
+            here.append(s)
+        else:
+            rest.append(s)
+    if here:
+        img.add_sections(here, {k: v for k, v in contents.items()
+                                if k in {s.name for s in here}})
+    placed = place_in_member(img, rest, limit=max_image_size) if rest else []
+    for r in placed:
+        log.warning("%s: the image may not grow past %s bytes (max-image-size): sections %s "
+                    "placed in member image %s", img.path, f"{max_image_size:,}",
+                    ", ".join(r.sections), r.member)
+    for s in rest:
+        if s.name in contents:
+            img.put(s.name, contents[s.name])
+    return placed
 
 
 def prepare_image(plan: Plan, *, kek: Kek | None, fmt: str,
-                  path: str, wait: float = 0.0) -> tuple[Image, bool, list[str]]:
+                  path: str, wait: float = 0.0,
+                  max_image_size: int | None = None) -> tuple[Image, bool, list[str]]:
     """Open the domain's image, creating or growing it to hold the plan.
 
     ``plan.image_uuid`` is the image UUID the domain's metadata records (if
     any): an existing image must have it, a recreated one gets it.
 
     :param wait: seconds to wait for another nvmgr writer holding the image.
+    :param max_image_size: the largest the image may be; sections beyond it
+        go into member images (:func:`grow`).
     """
     specs = [SectionSpec(s.name, s.capacity, s.binding, s.encrypted, s.device)
              for s in plan.sections]
@@ -198,7 +252,7 @@ def prepare_image(plan: Plan, *, kek: Kek | None, fmt: str,
             if img.directory.orphaned is not None:  # its own domain is back
                 img.set_orphaned(None)
             missing = [s for s in specs if img.directory.find(s.name) is None]
-            grow(img, missing)
+            grow(img, missing, max_image_size=max_image_size)
             return img, False, [s.name for s in missing]
         except BaseException:
             img.close()
@@ -208,8 +262,21 @@ def prepare_image(plan: Plan, *, kek: Kek | None, fmt: str,
     # Recreated for a domain that names its image (prepare found the file
     # missing): keep the UUID the metadata records, or the next start would
     # take its own image for a foreign one.
-    img = Image.create(path, specs, fmt=fmt, kek=kek, domain_uuid=plan.domain_uuid,
+    first = specs
+    if max_image_size is not None:  # what fits, in plan order; the rest into members
+        made = [dataclasses.replace(s, encrypted=True) if kek and not s.binding.live else s
+                for s in specs]
+        n = 0
+        while n < len(made) and layout(made[:n + 1]).image_size <= max_image_size:
+            n += 1
+        first = specs[:n]
+    img = Image.create(path, first, fmt=fmt, kek=kek, domain_uuid=plan.domain_uuid,
                        image_uuid=plan.image_uuid)
+    try:
+        grow(img, specs[len(first):], max_image_size=max_image_size)
+    except BaseException:
+        img.close()
+        raise
     return img, True, [s.name for s in specs]
 
 
@@ -228,16 +295,22 @@ def copy_for_clone(src: str, dst: str, domain_uuid: uuid.UUID, kek: Kek | None) 
     per domain UUID, a clone gets a fresh TPM (its own endorsement key) at
     first start instead of a second copy of its original's identity.
     """
-    convert(src, dst, probe_format(src))
+    convert(src, dst, probe_format(src))  # members too, as DST.mN (convert's own names)
+    with Image.open(dst) as made:
+        copies = [made.member_path(m) for m in made.directory.members or []]
     new_uuid = uuid.uuid4()
     try:
         with Image.open(dst, writable=True, kek=kek) as img:
-            for s in img.directory.sections:
+            for s in img.sections():
                 if s.binding is Binding.TPM and s.length:
                     img.put(s.name, b"")
+            members = [mi.path for _m, mi in img.members()]
             img.reassign(image_uuid=new_uuid, domain_uuid=domain_uuid)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(dst)
+        for f in [dst, *copies]:
+            with contextlib.suppress(OSError):
+                os.unlink(f)
         raise
+    if members:
+        log.info("%s: the clone's copy has its own member images %s", dst, members)
     return new_uuid

@@ -43,6 +43,9 @@ def _fault(kind: str, path: Path | str) -> None:
         fault(kind, str(path))
 
 
+_QEMU_CONF_USER = re.compile(r'\s*(user|group|swtpm_user|swtpm_group)\s*=\s*"([^"]*)"')
+
+
 @dataclasses.dataclass(frozen=True)
 class Users:
     """Who QEMU and swtpm run as (``/etc/libvirt/qemu.conf``, Debian defaults)."""
@@ -57,7 +60,7 @@ class Users:
         values: dict[str, str] = {}
         with contextlib.suppress(OSError):
             for line in Path(path).read_text().splitlines():
-                m = re.match(r'\s*(user|group|swtpm_user|swtpm_group)\s*=\s*"([^"]*)"', line)
+                m = _QEMU_CONF_USER.match(line)
                 if m:
                     values[m.group(1)] = m.group(2)
         d = cls()

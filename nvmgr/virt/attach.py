@@ -258,12 +258,12 @@ def attach(name: str, device_xml: str, *, uri: str | None = None, live: bool = F
                 result.kept = _kept(img, brought, contents)
                 specs = [SectionSpec(ps.name, ps.capacity, ps.binding, ps.encrypted, ps.device)
                          for ps in brought if ps.name not in result.kept]
-                grow(img, specs, contents=contents)
+                grow(img, specs, max_image_size=meta.max_image_size, contents=contents)
                 result.added = [s.name for s in specs]
                 going_live = [ps.name for ps in brought if do_live and ps.live]
                 if going_live:
                     img.set_in_use(going_live, True)
-                placed = plan_with_offsets(plan, img.directory)
+                placed = plan_with_offsets(plan, img.directory, img)
                 image_uuid = img.directory.image_uuid
                 result.image_size = img.directory.image_size
         if do_live:
@@ -416,7 +416,8 @@ def detach(name: str, device_xml: str | None = None, *, section: str | None = No
                 image_uuid = meta.uuid
             else:
                 with Image.open(path) as img:
-                    placed = plan_with_offsets(plan_for(new, encrypted=enc), img.directory)
+                    placed = plan_with_offsets(plan_for(new, encrypted=enc), img.directory,
+                                               img)
                     image_uuid = img.directory.image_uuid
             apply_plan(new, placed, path, fmt, image_uuid or "")
             virt.define(new.to_xml(), uri)

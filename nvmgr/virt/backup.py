@@ -140,7 +140,12 @@ def backup(name: str, out: str, *, uri: str | None = None, kek: Kek | None = Non
         src_fmt = probe_format(path)
         tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{uuid.uuid4().hex}")
         try:
-            with Image.open(path):  # nvmgr's shared lock: no nvmgr writer until we are done
+            with Image.open(path) as held:  # nvmgr's shared lock: no nvmgr writer until done
+                if held.directory.members:
+                    raise UsageError(
+                        f"{path} is split into member images; nvmgr backup copies one file: "
+                        "merge the members back first (nvmgr merge), or snapshot the "
+                        "stopped VM's images with nvmgr convert", image=path, domain=name)
                 qemu.img_convert(path, src_fmt, tmp, fmt or src_fmt, force_share=running)
                 paused_ms = None
                 if running and vdom.state()[0] != _PAUSED:

@@ -23,7 +23,15 @@ from nvmgr.domain.metadata import NvmgrMetadata
 from nvmgr.domain.namespaces import NVMGR_NS
 from nvmgr.domain.plan import Plan, default_image_path, plan_for
 from nvmgr.domain.qemuargs import apply_plan, node_name, slice_offsets, wiring_problems
-from nvmgr.errors import BusyError, InvalidInputError, KeyRequiredError, NvmgrError, UsageError
+from nvmgr.errors import (
+    BusyError,
+    CorruptError,
+    InvalidInputError,
+    KeyRequiredError,
+    NotFoundError,
+    NvmgrError,
+    UsageError,
+)
 from nvmgr.format.layout import SectionSpec
 from nvmgr.image.image import Image
 from nvmgr.provision import orphans
@@ -63,6 +71,8 @@ class DefineResult:
     xml: str
     adopted: bool = False  # an orphan's state taken (--adopt)
     moved_aside: str | None = None  # where an orphan went (--fresh)
+    #: New sections placed in member images (the domain's max-image-size): name -> member.
+    in_members: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "xml"}
@@ -154,7 +164,8 @@ def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = No
                             dom.to_xml() if edited else xml_text)
     if virt.exists(name, uri):
         virt.require_inactive(name, uri, what="redefining it with nvmgr")
-    img, created, added = prepare_image(plan, kek=kek, fmt=fmt, path=path)
+    img, created, added = prepare_image(plan, kek=kek, fmt=fmt, path=path,
+                                        max_image_size=meta.max_image_size if meta else None)
     imported: dict[str, str] = {}
     try:
         if img.directory.encrypted and not (meta and meta.encrypted):
@@ -170,8 +181,11 @@ def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = No
                 # libvirt says the domain is not running: an in-use mark is stale.
                 img.put(ps.name, got[0], force=True)
                 imported[ps.name] = got[1]
-        placed = plan_with_offsets(plan, img.directory)
+        placed = plan_with_offsets(plan, img.directory, img)
         image_uuid = img.directory.image_uuid
+        in_members = {n: img.image_path_of(n) for n in added
+                      if img.directory.find(n) is not None
+                      and img.image_path_of(n) != img.path}
     finally:
         img.close()
     try:
@@ -189,7 +203,26 @@ def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = No
     if adopted:
         imported["*"] = f"adopted the orphaned image {path} (its vars and TPM)"
     return DefineResult(name, path, str(image_uuid), created or bool(cloned_from), added,
-                        imported, new_xml, adopted=adopted, moved_aside=moved_aside)
+                        imported, new_xml, adopted=adopted, moved_aside=moved_aside,
+                        in_members=in_members)
+
+
+def member_files(image: str) -> list[str]:
+    """The member image files of *image* that name it as their parent (an RBD
+    member is Ceph's to remove, and is left out); none when it cannot be read.
+
+    :raise BusyError: a member is busy (held by an nvmgr writer).
+    """
+    out = []
+    with contextlib.suppress(CorruptError, NotFoundError), Image.open(image) as img:
+        for m in img.directory.members or []:
+            path = img.member_path(m)
+            if is_rbd(path):
+                continue
+            with contextlib.suppress(CorruptError):
+                img.member_image(m.index)  # its parent link checked: never another's file
+                out.append(path)
+    return out
 
 
 def _set_key_source(dom: Domain, key_file: str | None, key_secret: str | None) -> None:
@@ -230,8 +263,10 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
     if remove_nvram and image and is_rbd(image):
         raise UsageError(f"the domain's image is in Ceph ({image}): undefine with --keep-nvram "
                          "and remove the RBD image with Ceph's tools (rbd rm)", domain=name)
+    members: list[str] = []
     if remove_nvram and image:
         virt.require_inactive(name, uri, what="removing its image")
+        members = member_files(image)
     # The image holds the TPM; libvirt's swtpm directory only stages it.  It
     # goes with the image, and stays (as virsh's --keep-tpm) otherwise.
     virt.undefine(name, uri, remove_tpm=remove_nvram)
@@ -239,6 +274,9 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
     if remove_nvram and image and os.path.exists(image):
         os.unlink(image)
         removed = True
+        for m in members:  # the image is gone: its members hold nothing anyone reads
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(m)
     # Its stored snapshots go with it: a new domain of the same name must not revert
     # into another machine's variables and TPM.
     snapshots = snapshot_dir(image) if remove_nvram and image else None
@@ -252,6 +290,7 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
         # transient, is recorded by the watcher when it stops).
         orphaned = orphans.mark_orphaned(image, str(dom.uuid), name)
     return {"domain": name, "image": image, "image_removed": removed,
+            "members_removed": members if removed else [],
             "snapshots_removed": snapshots, "orphaned": orphaned}
 
 
@@ -262,6 +301,8 @@ class ReconcileResult:
     added: list[str] = dataclasses.field(default_factory=list)
     adopted: bool = False  # an orphan's state taken (--adopt)
     moved_aside: str | None = None  # where an orphan went (--fresh)
+    #: New sections placed in member images (max-image-size): name -> member.
+    in_members: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -288,7 +329,7 @@ def reconcile(name: str, *, uri: str | None = None,
     after = virt.domain_xml(name, uri)
     changed = res.added or after != before
     return ReconcileResult(name, "reconciled" if changed else "unchanged", res.added,
-                           res.adopted, res.moved_aside)
+                           res.adopted, res.moved_aside, res.in_members)
 
 
 def image_held(path: str, fmt: str, active: bool) -> bool:
@@ -341,8 +382,8 @@ def grow_running(name: str, dom: Domain, *, uri: str | None = None) -> Reconcile
     with Image.open(path, writable=True, kek=kek, wait=LOCK_WAIT) as img:
         missing = [SectionSpec(ps.name, ps.capacity, ps.binding, ps.encrypted, ps.device)
                    for ps in plan.sections if img.directory.find(ps.name) is None]
-        grow(img, missing)
-        placed = plan_with_offsets(plan, img.directory)
+        grow(img, missing, max_image_size=meta.max_image_size)
+        placed = plan_with_offsets(plan, img.directory, img)
         image_uuid = img.directory.image_uuid
     if not missing and not wiring_problems(dom, placed):
         return ReconcileResult(name, "running")

@@ -97,12 +97,18 @@ def plug(dom: Any, image: str, s: PlannedSection) -> list[str]:
         raise UsageError(f"section {s.name} is plugged into the running QEMU already "
                          f"(node {slice_node})", section=s.name)
     known = int(nodes[FILE_NODE].get("image", {}).get("virtual-size", 0))
+    if s.member_path is not None and (s.member_format or "raw") != "raw":
+        raise NotHotpluggableError(
+            f"section {s.name} was placed in the {s.member_format} member image "
+            f"{s.member_path} (the domain's max-image-size): nvmgr hot-plugs slices of raw "
+            "files only; attach with --config (there at the next boot)", section=s.name)
     added: list[str] = []
     try:
         base = FILE_NODE
-        if s.offset + s.capacity > known:
+        if s.member_path is not None or s.offset + s.capacity > known:
+            # In a member (max-image-size), or past the size QEMU knows the image by.
             base = extra_file_node(s.name)
-            qmp(dom, "blockdev-add", file_node(image, base))
+            qmp(dom, "blockdev-add", file_node(s.member_path or image, base))
             added.append(base)
         qmp(dom, "blockdev-add", slice_props(s, base))
         added.append(slice_node)

@@ -262,7 +262,9 @@ def _sleep(seconds: float, stop: Callable[[], bool], lv: Any) -> None:
 
 
 def render(r: ReconcileResult) -> str:
-    return f"{r.domain}: {r.status}" + (f" (added {', '.join(r.added)})" if r.added else "")
+    return (f"{r.domain}: {r.status}" + (f" (added {', '.join(r.added)})" if r.added else "")
+            + "".join(f"; {n} placed in member image {w} (max-image-size)"
+                      for n, w in r.in_members.items()))
 
 
 def run(uri: str | None, *, only: set[str] | None, say: Say, note: Say,

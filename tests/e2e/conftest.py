@@ -50,7 +50,14 @@ def e2e_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         vmlib.ensure_services()
         work = tmp_path_factory.mktemp("e2e")
         vmlib.ensure_hook(work)
-        yield work
+        # The hook as a host with nvmgr-hook.service runs it: calls go to the hook
+        # server (tests/test_hook_server.py tests the hook without one, and the
+        # migration harness's hosts, in their own namespaces, run their calls themselves).
+        vmlib.start_hook_server()
+        try:
+            yield work
+        finally:
+            vmlib.stop_hook_server()
 
 
 @pytest.fixture

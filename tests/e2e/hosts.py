@@ -72,17 +72,20 @@ PRIVATE = (
 _SKELETON = ("var/lib/libvirt/qemu", "var/lib/libvirt/swtpm", "var/log/libvirt/qemu",
              "var/log/swtpm/libvirt/qemu")
 
+_REAPER = vmlib.ROOT / "scripts" / "subreaper"
+
 _SETUP = r"""
 set -e
 hostname "$1"
 root="$2"
-shift 2
+reaper="$3"  # scripts/subreaper: QEMU reaped at once when it exits, as systemd would
+shift 3
 for p in "$@"; do
   mount --bind "$root/$(printf %s "$p" | tr / _)" "$p"
 done
 ip link set lo up
-virtlogd -d
-libvirtd -d
+"$reaper" virtlogd -d
+"$reaper" libvirtd -d
 echo ready
 exec sleep infinity
 """
@@ -108,8 +111,9 @@ def _private(root: Path, path: str) -> Path:
 class Host:
     """One private libvirtd; :meth:`start` it, :meth:`stop` it (or use ``with``)."""
 
-    def __init__(self, name: str, base: Path) -> None:
+    def __init__(self, name: str, base: Path, *, hook_server: bool = True) -> None:
         self.name = name
+        self.hook_server = hook_server
         self.root = base / name
         self.host_uuid = str(uuid.uuid4())
         self._holder: subprocess.Popen[bytes] | None = None
@@ -199,7 +203,7 @@ class Host:
         paths = [p for p, _ in PRIVATE]
         self._holder = subprocess.Popen(
             ["unshare", "--mount", "--uts", "--net", "--propagation", "private",
-             "sh", "-c", _SETUP, "host-setup", self.name, str(self.root), *paths],
+             "sh", "-c", _SETUP, "host-setup", self.name, str(self.root), str(_REAPER), *paths],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             start_new_session=True)
         assert self._holder.stdout is not None
@@ -208,6 +212,11 @@ class Host:
             err = self._holder.stderr.read().decode() if self._holder.stderr else ""
             raise Failed(f"host {self.name} did not start: {line!r} {err}")
         self._wait_answer(timeout)
+        if self.hook_server:
+            # As a host with nvmgr-hook.service: the server runs in the host's own
+            # namespaces (a server outside them hands every call back).
+            self.enter(sys.executable, "-m", "nvmgr", "hook-server", "--daemon",
+                       "--pidfile", "/run/nvmgr/hook-server.pid")
 
     def _wait_answer(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -250,7 +259,7 @@ class Host:
             raise Failed(f"host {self.name}: no libvirtd to restart")
         os.kill(pid, signal.SIGTERM)
         _wait_gone(pid, timeout, f"libvirtd of host {self.name}")
-        self.enter("libvirtd", "-d")
+        self.enter(_REAPER, "libvirtd", "-d")
         self._wait_answer(timeout)
 
     def stop(self) -> list[str]:
@@ -278,7 +287,8 @@ class Host:
                 pid = self._pid("/run/libvirt/qemu/" + str(pidfile.relative_to(run_qemu)))
                 if pid is not None:
                     pids.append(pid)
-        for pidfile, comm in (("/run/libvirtd.pid", "libvirtd"), ("/run/virtlogd.pid", "virtlogd")):
+        for pidfile, comm in (("/run/libvirtd.pid", "libvirtd"), ("/run/virtlogd.pid", "virtlogd"),
+                              ("/run/nvmgr/hook-server.pid", "python")):
             pid = self._pid(pidfile, comm)
             if pid is not None:
                 pids.append(pid)

@@ -136,7 +136,7 @@ def restart_libvirtd(timeout: float = 30) -> None:
             time.sleep(0.05)
         else:
             raise Failed(f"libvirtd (pid {pid}) did not stop within {timeout} s")
-    run(["libvirtd", "-d"])
+    run([ROOT / "scripts" / "subreaper", "libvirtd", "-d"])  # see scripts/subreaper
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if run(["virsh", "-c", URI, "version"], check=False).returncode == 0:
@@ -160,6 +160,42 @@ def install_hook() -> bool:
     if was_empty:
         restart_libvirtd()
     return was_empty
+
+
+HOOK_SERVER_PIDFILE = RUNTIME_ROOT / "hook-server.pid"
+
+
+def hook_server_pid() -> int | None:
+    """The pid of the hook server started by :func:`start_hook_server`, if it runs."""
+    try:
+        pid = int(HOOK_SERVER_PIDFILE.read_text().strip())
+        os.kill(pid, 0)
+        if b"hook-server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def stop_hook_server(timeout: float = 30) -> None:
+    """Stop the hook server (any checkout's) and wait until it is gone."""
+    pid = hook_server_pid()
+    if pid is None:
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while hook_server_pid() == pid:
+        if time.monotonic() > deadline:
+            raise Failed(f"the hook server (pid {pid}) did not stop within {timeout} s")
+        time.sleep(0.05)
+
+
+def start_hook_server() -> int:
+    """This checkout's ``nvmgr hook-server --daemon`` on the socket the installed hook
+    asks (another one running is stopped first); returns its pid."""
+    stop_hook_server()
+    r = nvmgr("hook-server", "--daemon", "--pidfile", HOOK_SERVER_PIDFILE, "--output", "json")
+    return int(json.loads(r.stdout)["pid"])
 
 
 def uninstall_hook() -> bool:
