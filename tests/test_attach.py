@@ -444,3 +444,29 @@ def test_define_keeps_the_per_device_rule() -> None:
     assert again is not None and again.per_device == ("nic-eeprom",)
     strip(dom, keep_sections=True)
     assert dom.nvmgr is not None and dom.nvmgr.per_device == ("nic-eeprom",)
+
+
+def test_attach_past_max_image_size_places_the_section_in_a_member(
+        fake: dict[str, Any]) -> None:
+    """The domain's max-image-size holds for attach too (issue 7, section 2's
+    automatic split through the one grow): the live block section goes into a
+    member image, and QEMU gets its slice over that member's file."""
+    dom = parse_domain(fake["dom"].xml)
+    meta = dom.nvmgr
+    assert meta is not None
+    dom.set_nvmgr(dataclasses.replace(meta, max_image_size=1 << 20))  # the smallest allowed
+    fake["dom"].xml = dom.to_xml()
+    fake["dom"].active = True
+    with Image.open(str(fake["image"])) as img:
+        size = img.directory.image_size
+    r = attach("vm", _section_xml(name="big", size="448K", binding="block",
+                                  driver="virtio-blk-pci"),
+               live=True, config=True, contents={"big": b"B" * 512})
+    assert r.added == ["big"]
+    (ps,) = fake["plugged"]
+    assert ps.member_path is not None and ps.member_path != str(fake["image"])
+    with Image.open(str(fake["image"])) as img:
+        assert img.directory.image_size == size  # the main image did not grow
+        assert img.section("big").member is not None
+        assert img.get("big") == b"B" * 512 and img.check().ok
+    assert ps.member_path in fake["defined"][-1]  # the next boot opens the member too
