@@ -139,15 +139,16 @@ class Watcher:
             self.say(f"{k.name}: undefined; its image {k.image} recorded as orphaned "
                      "(nvmgr images --orphans; nvmgr define --adopt or --fresh)")
 
-    def poll(self) -> None:
+    def poll(self, lv: Any, c: Any) -> None:
         """Reconcile the nvmgr domains whose persistent definition changed with
-        no event (``virsh attach-device --config``)."""
+        no event (``virsh attach-device --config``); read over the watcher's
+        own connection *c* (one libvirt round trip per domain)."""
         for k in list(self.known.values()):
             if not self.wanted(k.name):
                 continue
             try:
-                xml = virt.domain_xml(k.name, self.uri)
-            except NvmgrError:
+                xml = c.lookupByUUIDString(k.uuid).XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE)
+            except lv.libvirtError:
                 continue  # gone: the undefine event says so
             if xml in (self.seen.get(k.name), self.failed.get(k.name)):
                 continue
@@ -219,7 +220,7 @@ class Watcher:
             while not self.stop() and not closed:
                 lv.virEventRunDefaultImpl()
                 if not pending and time.monotonic() - polled >= POLL:
-                    self.poll()
+                    self.poll(lv, c)
                     polled = time.monotonic()
                 while pending and not self.stop():
                     event, name, dom_uuid = pending.pop(0)
