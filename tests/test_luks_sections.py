@@ -469,3 +469,21 @@ def test_a_first_start_with_a_key_killed_at_every_io_of_prepare(tmp_path: Path) 
 
     outcomes = sweep(d, tmp_path, "prepare", "begin", judge)
     assert outcomes[-1] == "image"
+
+
+def test_a_luks_section_added_later_gets_its_volume_at_once(tmp_path: Path) -> None:
+    """add_sections (grow, attach): a new LUKS section holds a volume before
+    the commit that adds it (of its contents, or zeros): QEMU opens nothing else."""
+    path = tmp_path / "i.nvram"
+    disk = SectionSpec("disk", (64 << 10) + LUKS_HEADER_SIZE, Binding.BLOCK, encrypted=True)
+    empty = SectionSpec("disk2", (64 << 10) + LUKS_HEADER_SIZE, Binding.BLOCK, encrypted=True)
+    with _image(path) as img:
+        img.add_sections([disk, empty], {"disk": b"block data"})
+        assert img.get("disk") == b"block data" + bytes((64 << 10) - 10)
+        assert img.get("disk2") == bytes(64 << 10)
+        assert img.section("disk").luks and img.check().ok
+        with pytest.raises(NoSpaceError, match="capacity 65536"):
+            img.add_sections([SectionSpec("disk3", (64 << 10) + LUKS_HEADER_SIZE,
+                                          Binding.BLOCK, encrypted=True)],
+                             {"disk3": bytes((64 << 10) + 1)})
+    assert b"block data" not in path.read_bytes()
