@@ -247,6 +247,10 @@ def read_image(path: str, fmt: str) -> bytes:
 #: it buys nothing; 50 ms is what QEMU's own benchmark measures reliably on a
 #: loaded machine (below ~10 ms it failed with "Unable to get accurate CPU usage").
 LUKS_ITER_TIME_MS = 50
+#: Runs of ``qemu-img create -f luks`` before its PBKDF benchmark's failure
+#: ("Unable to get accurate CPU usage", a process starved of CPU on an
+#: overloaded machine: seen twice in a row at a load average of 90) is final.
+LUKS_CREATE_ATTEMPTS = 5
 #: What qemu-img says when a passphrase opens no key slot of a LUKS volume.
 _LUKS_BAD_PASSPHRASE = "Invalid password, cannot unlock any keyslot"
 #: ... when QEMU's PBKDF benchmark could not time itself (a loaded machine).
@@ -311,7 +315,8 @@ def luks_payload(volume: bytes, passphrase: bytes, *, image: str | None = None,
                              "-O", "raw", f"/dev/fd/{out}"],
                   image=image, pass_fds=(key, src, out))
         if res.returncode != 0:
-            raise _luks_failure(res, f"section {section}", image, section)
+            raise _luks_failure(res, f"section {section}" if section else "a LUKS volume",
+                                image, section)
         return _read_fd(out)
     finally:
         for fd in (key, src, out):
@@ -327,7 +332,8 @@ def luks_volume(payload: bytes, size: int, passphrase: bytes, *,
     when *passphrase* opens it: its header and master key stay, no key
     derivation benchmark runs.  Otherwise a new volume is made
     (``qemu-img create -f luks``, aes-256-xts, :data:`LUKS_ITER_TIME_MS`;
-    retried once when QEMU's PBKDF benchmark fails on a loaded machine).
+    retried (:data:`LUKS_CREATE_ATTEMPTS`) when QEMU's PBKDF benchmark fails on a
+    loaded machine).
     Everything passes through anonymous memory files (``/dev/fd/N``).
 
     :raise UsageError: *payload* is larger than *size*.
@@ -347,7 +353,7 @@ def luks_volume(payload: bytes, size: int, passphrase: bytes, *,
                 return _read_fd(out)
             os.close(out)
             out = -1
-        for attempt in (1, 2):
+        for attempt in range(1, LUKS_CREATE_ATTEMPTS + 1):
             out = _memfd("luks")
             res = run(QEMU_IMG, ["create", "-q", "-f", "luks",
                                  "--object", f"secret,id=k,file=/dev/fd/{key}",
@@ -358,12 +364,12 @@ def luks_volume(payload: bytes, size: int, passphrase: bytes, *,
                 break
             os.close(out)
             out = -1
-            if attempt == 2 or _LUKS_BENCHMARK not in res.stderr:
-                raise _luks_failure(res, f"section {section}: qemu-img create -f luks",
+            if attempt == LUKS_CREATE_ATTEMPTS or _LUKS_BENCHMARK not in res.stderr:
+                raise _luks_failure(res, f"section {section or '-'}: qemu-img create -f luks",
                                     image, section)
         failed = _luks_write(key, src, out, image)
         if failed is not None:
-            raise _luks_failure(failed, f"section {section}: writing its LUKS volume",
+            raise _luks_failure(failed, f"section {section or '-'}: writing its LUKS volume",
                                 image, section)
         return _read_fd(out)
     finally:
