@@ -12,32 +12,16 @@ from __future__ import annotations
 import html
 import json
 import os
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.ceph_cluster import PACKAGES, CephCluster, missing_tools
+from tests.ceph_cluster import CephCluster
 
 from . import vmlib
 from .conftest import MakeVM
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def ceph() -> Iterator[CephCluster]:
-    if os.geteuid() != 0:
-        pytest.skip("the Ceph harness runs its daemons as root")
-    missing = missing_tools()
-    if missing:
-        pytest.skip(f"Ceph is not installed ({', '.join(missing)} missing; scripts/setup "
-                    f"installs {' '.join(PACKAGES)})")
-    # Not under pytest's 0700 temp root: QEMU (libvirt-qemu) reads the conf.
-    root = Path(tempfile.mkdtemp(prefix="nvmgr-ceph-e2e-", dir="/var/tmp"))
-    with CephCluster(root) as c:
-        yield c
 
 
 def test_a_uefi_tpm_vm_with_its_image_on_rbd(vm: MakeVM, ceph: CephCluster,
