@@ -212,8 +212,8 @@ def img_convert(src: str, src_fmt: str, dst: str, dst_fmt: str, *,
 
 
 def _is_location(name: str) -> bool:
-    """A network location QEMU parses (``rbd:...``), not a file name."""
-    return name.startswith("rbd:")
+    """A network location QEMU parses (``rbd:...``, an NBD URI), not a file name."""
+    return name.startswith(("rbd:", "nbd://", "nbd+unix://"))
 
 
 def _name(name: str) -> str:
