@@ -200,6 +200,10 @@ def test_the_key_from_a_libvirt_secret_of_usage_type_ceph(
     assert main(["snapshot", loc, "list", "-O", "json"]) == 0
     assert "s1" in capsys.readouterr().out
     assert main(["create", loc, "-s", "x:4K"]) == 2  # exists: qemu-img reached Ceph
+    capsys.readouterr()
+    assert main(["convert", loc, str(tmp_path / "copy.nvram"), "-f", "raw"]) == 2  # not yet
+    assert "not supported yet" in capsys.readouterr().err
+    assert not (tmp_path / "copy.nvram").exists()
     # The secret's value gone: refused naming the secret (3), nothing asked of Ceph.
     (secrets / f"{uuid}.base64").unlink()
     capsys.readouterr()

@@ -28,13 +28,13 @@ def convert(src: str, dst: str, fmt: str) -> None:
     if is_rbd(dst):
         if fmt != "raw":
             raise UsageError(f"an RBD image holds nvmgr's layout raw, not as {fmt}", image=dst)
-        dst_name = RbdLocation.parse(dst).qemu_filename()
+        dst_name = _rbd_name(dst)
     elif os.path.lexists(dst):
         raise UsageError(f"{dst} already exists (nvmgr never overwrites an image)")
     else:
         dst_name = dst
     src_fmt = probe_format(src)
-    src_name = RbdLocation.parse(src).qemu_filename() if is_rbd(src) else src
+    src_name = _rbd_name(src) if is_rbd(src) else src
     copies: list[str] = []
     with Image.open(src) as img:
         # Members are copied beside the copy (DST.mN.EXT), never shared with the source:
@@ -54,7 +54,7 @@ def convert(src: str, dst: str, fmt: str) -> None:
         try:
             for _m, path, out_m in members:
                 m_fmt = probe_format(path)
-                name = RbdLocation.parse(path).qemu_filename() if is_rbd(path) else path
+                name = _rbd_name(path) if is_rbd(path) else path
                 qemu.img_convert(name, "raw" if m_fmt == "rbd" else m_fmt, out_m, fmt)
                 copies.append(out_m)
             if members:
@@ -71,6 +71,20 @@ def convert(src: str, dst: str, fmt: str) -> None:
             raise
     with Image.open(dst) as out:
         out.check()
+
+
+def _rbd_name(location: str) -> str:
+    """qemu-img's name of an RBD image for ``qemu-img convert``.
+
+    :raise UsageError: the key comes from a libvirt secret (``qemu-img convert``
+        would need it as a secret object of both its images; not done yet).
+    """
+    loc = RbdLocation.parse(location)
+    if loc.secret or loc.secret_usage:
+        raise UsageError("convert of an RBD image whose key comes from a libvirt secret is "
+                         "not supported yet: name the user's keyring (keyring=FILE) for it",
+                         image=location)
+    return loc.qemu_filename()
 
 
 def member_copy_path(dst: str, index: int) -> str:

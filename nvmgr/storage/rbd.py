@@ -372,13 +372,14 @@ def _secret_object(fd: int) -> list[str]:
 
 
 def _img(loc: RbdLocation, args: list[str], what: str, location: str, *,
-         check: bool = True) -> qemu.Result:
+         check: bool = True, raw: bool = True) -> qemu.Result:
     """``qemu-img ARGS... IMAGE``: the image as ``--image-opts`` with the key as a
     secret object when nvmgr has it from a libvirt secret; else the legacy
-    filename (librbd reads a keyring itself)."""
+    filename (librbd reads a keyring itself), ``-f raw`` where *raw* (``qemu-img
+    snapshot`` has no ``-f``: it probes the image as raw)."""
     with key_pipe(loc) if (loc.secret or loc.secret_usage) else contextlib.nullcontext() as fd:
         if fd is None:
-            argv = [*args, "-f", "raw", loc.qemu_filename()]
+            argv = [*args, *(["-f", "raw"] if raw else []), loc.qemu_filename()]
         else:
             argv = [args[0], *_secret_object(fd), *args[1:], "--image-opts",
                     image_opts(loc, KEY_ID)]
@@ -545,7 +546,8 @@ def _snapshot(path: str, name: str, op: str, wait: float) -> None:
         if op != "-c" and not known:
             raise NotFoundError(f"no snapshot named {name!r}", image=path)
         # A raw image named by its location: qemu-img probes it as raw (and says so).
-        _img(loc, ["snapshot", "-q", op, name], f"qemu-img snapshot {op} {name!r}", path)
+        _img(loc, ["snapshot", "-q", op, name], f"qemu-img snapshot {op} {name!r}", path,
+             raw=False)
 
 
 def snapshot_create(path: str, name: str, *, wait: float = 0) -> None:
