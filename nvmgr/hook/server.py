@@ -171,8 +171,10 @@ def read_call(conn: socket.socket) -> Call:
     return Call(meta[0], meta[1:], xml, call_fds)
 
 
-def _run_worker(conn: socket.socket, call: Call) -> int:
-    """In the forked worker: run *call* with the caller's stdout and stderr."""
+def _run_worker(conn: socket.socket, call: Call, say: Callable[[str], None]) -> int:
+    """In the forked worker: run *call* with the caller's stdout and stderr; its line
+    goes to *say* before the caller gets the exit code (the log is complete when the
+    hook returns)."""
     t0 = time.monotonic()
     os.dup2(call.fds[0], 1)
     os.dup2(call.fds[1], 2)
@@ -188,8 +190,10 @@ def _run_worker(conn: socket.socket, call: Call) -> int:
     finally:
         out.flush()
         err.flush()
-    conn.sendall(b"rc %d\n" % rc)
     call.elapsed = time.monotonic() - t0
+    say(f"{' '.join(call.argv[1:4])}: exit {rc} in {call.elapsed * 1000:.0f} ms "
+        f"(worker {os.getpid()})")
+    conn.sendall(b"rc %d\n" % rc)
     return rc
 
 
@@ -282,9 +286,7 @@ class Server:
                     signal.signal(signal.SIGINT, signal.SIG_DFL)
                     self.sock.close()
                     conn.settimeout(None)
-                    rc = _run_worker(conn, call)
-                    self.say(f"{' '.join(call.argv[1:4])}: exit {rc} in "
-                             f"{call.elapsed * 1000:.0f} ms (worker {os.getpid()})")
+                    _run_worker(conn, call, self.say)
                 except BaseException:  # the client sees EOF without rc: the worker died
                     code = 1
                 finally:
