@@ -200,10 +200,18 @@ def test_the_key_from_a_libvirt_secret_of_usage_type_ceph(
     assert main(["snapshot", loc, "list", "-O", "json"]) == 0
     assert "s1" in capsys.readouterr().out
     assert main(["create", loc, "-s", "x:4K"]) == 2  # exists: qemu-img reached Ceph
-    capsys.readouterr()
-    assert main(["convert", loc, str(tmp_path / "copy.nvram"), "-f", "raw"]) == 2  # not yet
-    assert "not supported yet" in capsys.readouterr().err
-    assert not (tmp_path / "copy.nvram").exists()
+    # convert to a file and back into another RBD image, both keyed by the secret.
+    copy = tmp_path / "copy.qcow2"
+    assert main(["convert", loc, str(copy), "-f", "qcow2"]) == 0
+    loc2 = f"rbd:{ceph.pool}/from-secret-2{where}"
+    assert main(["convert", str(copy), loc2, "-f", "raw"]) == 0
+    for image in (str(copy), loc2):
+        out = tmp_path / "out-conv"
+        out.unlink(missing_ok=True)
+        assert main(["get", image, "blob", "-o", str(out)]) == 0
+        assert out.read_bytes() == data
+        assert main(["check", image]) == 0
+    assert main(["convert", str(copy), loc2, "-f", "raw"]) == 2  # never over an image
     # The secret's value gone: refused naming the secret (3), nothing asked of Ceph.
     (secrets / f"{uuid}.base64").unlink()
     capsys.readouterr()
