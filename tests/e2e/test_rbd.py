@@ -16,7 +16,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from lxml import etree
 
+from nvmgr.domain.namespaces import NVMGR_NS
 from tests.ceph_cluster import CephCluster
 
 from . import vmlib
@@ -105,8 +107,11 @@ def test_a_source_element_with_the_key_in_a_libvirt_ceph_secret(vm: MakeVM, ceph
         loc = r["image"]
         assert loc.startswith(f"rbd:{ceph.pool}/{image}:") and f"secret_usage={usage}" in loc, r
         dumped = vmlib.virsh("dumpxml", v.name).stdout
-        assert "<nvmgr:source protocol=\"rbd\"" in dumped and "image=" not in dumped.split(
-            "<nvmgr:nvram")[1].split(">")[0]  # kept as the element it was
+        nvram = etree.fromstring(dumped.encode()).find(f"metadata/{{{NVMGR_NS}}}nvram")
+        assert nvram is not None and nvram.get("image") is None  # kept as the element it was
+        src = nvram.find(f"{{{NVMGR_NS}}}source")
+        assert src is not None and src.get("protocol") == "rbd", dumped
+        assert src.get("name") == f"{ceph.pool}/{image}"
         args = html.unescape(dumped)
         assert '"key-secret":"nvmgr-rbd-key"' in args and key not in args
         v.start()
