@@ -222,6 +222,23 @@ def test_qemu_gets_an_rbd_blockdev_with_the_monitors_and_a_key_secret() -> None:
     assert SECRET_UUID not in text and CEPH_KEY not in text
 
 
+def test_the_domain_rewrite_keeps_the_source_element() -> None:
+    """``nvmgr define`` rewrites the metadata: the element stays an element."""
+    xml = domain(SOURCE)
+    plan = plan_domain(xml)
+    assert plan.image is not None
+    out = qemuargs.rewrite_domain(xml, plan, plan.image, "raw",
+                                  "22222222-3333-4444-5555-666666666666")
+    meta = parse_domain(out).nvmgr
+    assert meta is not None and meta.image_element and meta.image == plan.image
+    assert "<nvmgr:source" in out and " image=" not in out.split("<nvmgr:nvram")[1].split(">")[0]
+    # Another location given for it (define --image): the element names that one.
+    other = qemuargs.rewrite_domain(xml, plan, "rbd:vms/other", "raw",
+                                    "22222222-3333-4444-5555-666666666666")
+    meta = parse_domain(other).nvmgr
+    assert meta is not None and meta.image_element and meta.image == "rbd:vms/other"
+
+
 def test_the_prepare_hook_stages_the_key_from_the_libvirt_secret(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     d = secret_store(tmp_path)

@@ -474,6 +474,8 @@ def apply_plan(
             sections=old.sections if old else (),
             libvirt_nvram=record,
             max_image_size=old.max_image_size if old else None,
+            # A <nvmgr:source> stays the element it was (an rbd: location still).
+            image_element=bool(old and old.image_element and is_rbd(image_path)),
         )
     )
 
