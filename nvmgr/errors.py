@@ -21,6 +21,7 @@ messages and exit codes; library code raises and never exits.
      +-- ExternalError              exit 10  qemu-img, qemu-storage-daemon, libvirt failed
      +-- InstallationError          exit 11  nvmgr itself is installed incompletely
      +-- NotWiredError              exit 12  the domain asks for nvmgr but is not wired for it
+     +-- NotHotpluggableError       exit 13  a live change QEMU cannot make (--config can)
 
 Each error carries the context it was raised in (``image``, ``section``,
 ``domain``) and names it in its message.
@@ -48,6 +49,7 @@ class ExitCode(enum.IntEnum):
     EXTERNAL = 10
     INSTALLATION = 11
     NOT_WIRED = 12
+    NOT_HOTPLUGGABLE = 13
 
 
 class NvmgrError(Exception):
@@ -177,6 +179,16 @@ class NotWiredError(NvmgrError):
     wires it."""
 
     exit_code = ExitCode.NOT_WIRED
+
+
+class NotHotpluggableError(NvmgrError):
+    """A live attach or detach (``--live``) that the running QEMU cannot do: a
+    binding QEMU reads only at start (``fwcfg``, ``pflash``, ``tpm``), a
+    ``<tpm>``, an image QEMU holds that nvmgr cannot grow beside it (qcow2,
+    RBD), no free hot-plug slot.  ``--config`` makes the change for the next
+    boot."""
+
+    exit_code = ExitCode.NOT_HOTPLUGGABLE
 
 
 #: How the operating system's errors read as nvmgr errors (errno -> class).

@@ -84,6 +84,7 @@ from nvmgr.errors import WrongKeyError
 from nvmgr.format.layout import SectionSpec
 from nvmgr.format.model import Binding, Directory, Section
 from nvmgr.image.image import CHUNK, Image, Progress
+from nvmgr.provision.prepare import grow
 from nvmgr.storage.container import Container, RawContainer, probe_format
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -453,6 +454,23 @@ def _commit_op(img: Image) -> None:
 
 
 GROW = [SectionSpec("vpd", 32768, Binding.FWCFG), SectionSpec("flash2", 16384, Binding.PFLASH)]
+#: A live grow (nvmgr attach --live, the watcher on a running VM): a block
+#: section and an opaque one, each with its first bytes, into an image whose
+#: live section a "running VM" holds (in use, rewritten in place as QEMU does).
+GROW_LIVE = [SectionSpec("state0", 16384, Binding.BLOCK), SectionSpec("fru", 4096)]
+
+
+def _grow_live(img: Image) -> None:
+    grow(img, GROW_LIVE, contents={"state0": rand(10000, "state0"), "fru": rand(3000, "fru")})
+
+
+def build_in_use_with_hole(path: str, fmt: str) -> None:
+    """A running VM's image (see :func:`build_in_use`) with a hole: a removed
+    section's two slots, full of its old bytes, which the live grow reuses."""
+    build_in_use(path, fmt)
+    with Image.open(path, writable=True) as img:
+        img.put("eeprom", rand(256, "eeprom2"))  # both slots hold bytes
+        img.remove("eeprom")
 ENC = {"old": K_OLD}
 BOTH = {"old": K_OLD, "new": K_NEW}
 
@@ -468,6 +486,9 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario("commit", build_small, _commit_op),
         Scenario("grow", build_small, lambda i: i.add_sections(GROW)),
         Scenario("grow-encrypted", _encrypted, lambda i: i.add_sections(GROW), ENC),
+        Scenario("grow-live", build_in_use, _grow_live),
+        Scenario("grow-live-reuse", build_in_use_with_hole, _grow_live),
+        Scenario("grow-live-encrypted", _encrypted, _grow_live, ENC, "old"),
         Scenario("resize-move", build_small, lambda i: i.resize_section("vtpm", 65536)),
         Scenario("resize-last", build_small, lambda i: i.resize_section("canary", 20000)),
         Scenario(
@@ -647,6 +668,30 @@ def test_expected_io_sequences(workdir: Path) -> None:
     assert kinds("rekey") == "w f"
     assert kinds("big-put") == "w w w f w f"  # three 4 MiB chunks, then the commit
     assert kinds("big-put-live") == "w w w f w f w w w f w f"
+
+
+@pytest.mark.parametrize("sid", ["grow-live", "grow-live-reuse"])
+def test_live_grow_never_writes_a_live_slice_or_the_current_header(sid: str,
+                                                                  workdir: Path) -> None:
+    """The live grow's I/O, one by one: none lands on a live section (QEMU
+    reads and writes those in place while the VM runs), on any existing
+    section, or on the header copy that is current when it starts; the
+    reuse case does go into the hole (first fit), not past the end."""
+    h = Harness(SCENARIOS[sid], workdir)
+    with Image.open(str(h.template)) as img:
+        d = img.directory
+        current = img._slot
+    taken = [(off, n, what) for off, n, what in d.extents()
+             if what.startswith("section") or what == f"header {'AB'[current]}"]
+    assert any(s.live for s in d.sections)
+    writes = [(off, n) for kind, off, n in h.trace if kind == "write" and n]
+    for off, n in writes:
+        for o, m, what in taken:
+            assert off + n <= o or o + m <= off, f"{sid}: a write at {off}+{n} hits {what}"
+    end = d.image_size
+    if sid == "grow-live-reuse":
+        assert any(off < end for off, _n in writes if off >= d.data_start), (
+            "the grow did not reuse the freed space")
 
 
 def test_crash_while_finishing_a_pending_live_copy(workdir: Path) -> None:
@@ -952,6 +997,48 @@ def test_kill_cli_grow(workdir: Path) -> None:
     outcomes = kill_sweep(case, workdir)
     POINTS["cli grow/kill"] = len(outcomes)
     print(f"cli grow: {len(outcomes)} kill points: {''.join(o[0] for o in outcomes)}")
+
+
+def test_kill_cli_grow_live(workdir: Path) -> None:
+    """``nvmgr grow --content`` on a running VM's image (live section in use),
+    SIGKILLed at every I/O: the new sections are absent, or present with
+    exactly their first bytes; everything else as it was."""
+    template = workdir / "template.raw"
+    build_in_use_with_hole(str(template), "raw")
+    state0, fru = workdir / "state0.bin", workdir / "fru.bin"
+    state0.write_bytes(rand(10000, "cli-state0"))
+    fru.write_bytes(rand(3000, "cli-fru"))
+    names = [s.name for s in SMALL if s.name != "eeprom"]
+
+    def command(p: Path) -> list[object]:
+        return ["grow", p, "-s", "state0:16K:block", "-s", "fru:4K",
+                "--content", f"state0={state0}", "--content", f"fru={fru}"]
+
+    shutil.copyfile(template, workdir / "dry")
+    total = io_count(faultrun(0, *command(workdir / "dry")))
+    vtpm = rand(6000, "vtpm")
+
+    def one(n: int) -> str:
+        img = workdir / f"kill{n}"
+        shutil.copyfile(template, img)
+        r = faultrun(n, *command(img))
+        assert r.returncode == -signal.SIGKILL, (n, r.returncode, r.stderr.decode())
+        c = cli("check", img, "-O", "json")
+        assert c.returncode == 0, c.stdout.decode() + c.stderr.decode()
+        got = [s["name"] for s in json.loads(c.stdout)["sections"]]
+        assert cli("get", img, "vtpm").stdout == vtpm
+        if got == names:
+            return "old"
+        assert got == [*names, "state0", "fru"], got
+        assert cli("get", img, "state0").stdout == state0.read_bytes()
+        assert cli("get", img, "fru").stdout == fru.read_bytes()
+        return "new"
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        outcomes = list(pool.map(one, range(1, total + 1)))
+    assert_monotone(outcomes + ["new"], [("kill", n, 0) for n in range(1, total + 2)])
+    POINTS["cli grow live/kill"] = len(outcomes)
+    print(f"cli grow live: {len(outcomes)} kill points: {''.join(o[0] for o in outcomes)}")
 
 
 def test_kill_cli_rekey(workdir: Path) -> None:

@@ -28,6 +28,8 @@ EXIT_CODES_TEXT = """exit codes:
      errors, bad DER,       11  nvmgr is installed incompletely
      foreign image)         12  the domain asks for nvmgr but is not
   5  wrong key                   wired for it: run nvmgr reconcile NAME
+                            13  cannot be done live (nvmgr attach/detach
+                                 --live): --config can
 """
 
 if TYPE_CHECKING:

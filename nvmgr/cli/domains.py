@@ -396,3 +396,117 @@ def _watch(args: argparse.Namespace) -> Result:
               stop=lambda: bool(stopping))
     note(f"stopped on {signal.Signals(stopping[0]).name}" if stopping else "stopped")
     return {"_silent": True}
+
+
+def _affect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--connect", "-c", metavar="URI", help="libvirt URI (qemu:///system)")
+    g = p.add_argument_group("what changes (virsh attach-device's flags; none: --live)")
+    g.add_argument("--live", action="store_true", help="the running VM")
+    g.add_argument("--config", action="store_true", help="the persistent definition (next boot)")
+    g.add_argument("--current", action="store_true",
+                   help="the running VM if it runs, else the persistent definition")
+    g.add_argument("--persistent", action="store_true",
+                   help="the persistent definition, and the running VM if it runs")
+
+
+@arguments("attach")
+def _attach_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
+    p.add_argument("device", metavar="DEVICE.xml",
+                   help="a <nvmgr:section> (name, size or kind, binding, driver...) or a libvirt "
+                        "device element carrying <nvmgr:section> children; - reads stdin")
+    p.add_argument("--data", action="append", default=[], metavar="[NAME=]FILE",
+                   help="the bytes a new section starts with, in the image before the device "
+                        "reaches the guest (NAME= when the device brings several sections)")
+    _affect_args(p)
+
+
+def _data(pairs: list[str], device_xml: str) -> dict[str, bytes]:
+    from nvmgr.domain.device import parse_device
+
+    out: dict[str, bytes] = {}
+    declared = [s.name for s in parse_device(device_xml).sections]
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or "/" in name or not os.path.exists(path):
+            if len(declared) != 1:
+                raise UsageError(f"--data {pair!r}: the device declares "
+                                 f"{len(declared)} sections; say which: --data NAME=FILE")
+            name, path = declared[0], pair
+        if name in out:
+            raise UsageError(f"--data for section {name} is given twice")
+        try:
+            with open(path, "rb") as f:
+                out[name] = f.read((1 << 30) + 1)
+        except FileNotFoundError as e:
+            raise NotFoundError(f"no such file: {path}") from e
+    return out
+
+
+def _render_attach(r: Result) -> str:
+    where = " and ".join(w for w, on in (("live", r["live"]), ("config", r["config"])) if on)
+    text = f"attached {r['device']} to {r['domain']} ({where})"
+    text += f"; sections: {', '.join(r['sections']) or 'none'}"
+    if r["added"]:
+        text += f"; image grew by {', '.join(r['added'])}"
+        if r.get("image_size_before") is not None:
+            text += f" ({r['image_size_before']:,} -> {r['image_size']:,} bytes)"
+    if r["kept"]:
+        text += f"; reused (kept in the image): {', '.join(r['kept'])}"
+    if r["deferred"]:
+        text += "; the image grows at the next start (the running QEMU holds it)"
+    if r["plugged"]:
+        text += f"; into the running QEMU: {', '.join(r['plugged'])}"
+    return text
+
+
+@command("attach", "attach a device and its sections to a domain, live (hot-plug) and/or for "
+         "the next boot; the image grows, nothing in it moves",
+         "nvmgr attach vm1 state0.xml --live --config --data state0.img",
+         render=_render_attach)
+def cmd_attach(args: argparse.Namespace) -> Result:
+    from nvmgr.virt.attach import attach
+
+    xml = _read_xml(args.device)
+    res = attach(args.domain, xml, uri=args.connect, live=args.live, config=args.config,
+                 current=args.current, persistent=args.persistent,
+                 contents=_data(args.data, xml))
+    return res.to_json()
+
+
+@arguments("detach")
+def _detach_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")
+    p.add_argument("device", metavar="DEVICE.xml", nargs="?",
+                   help="the device as given to nvmgr attach (or --section NAME)")
+    p.add_argument("--section", "-s", metavar="NAME", help="detach this section's device")
+    p.add_argument("--remove-section", action="store_true",
+                   help="also remove the section from the image (crash-safe; its space is "
+                        "reused); by default its bytes are kept for a later attach")
+    _affect_args(p)
+
+
+def _render_detach(r: Result) -> str:
+    where = " and ".join(w for w, on in (("live", r["live"]), ("config", r["config"])) if on)
+    text = f"detached {r['device']} from {r['domain']} ({where})"
+    if r["unplugged"]:
+        text += f"; out of the running QEMU: {', '.join(r['unplugged'])}"
+    if r["removed"]:
+        text += f"; removed from the image: {', '.join(r['removed'])}"
+    if r["kept"]:
+        text += f"; kept in the image: {', '.join(r['kept'])}"
+    return text
+
+
+@command("detach", "detach a device or section from a domain (virsh detach-device's flags); "
+         "the section's bytes stay in the image unless --remove-section",
+         "nvmgr detach vm1 --section state0 --live --config --remove-section",
+         render=_render_detach)
+def cmd_detach(args: argparse.Namespace) -> Result:
+    from nvmgr.virt.attach import detach
+
+    res = detach(args.domain, _read_xml(args.device) if args.device else None,
+                 section=args.section, uri=args.connect, live=args.live, config=args.config,
+                 current=args.current, persistent=args.persistent,
+                 remove_section=args.remove_section)
+    return res.to_json()

@@ -309,14 +309,40 @@ def _grow_args(p: argparse.ArgumentParser) -> None:
     _add_image(p)
     p.add_argument("--section", "-s", action="append", default=[], required=True,
                    metavar="NAME:SIZE[:BINDING]", help="a section to add (repeatable)")
+    p.add_argument("--content", action="append", default=[], metavar="NAME=FILE",
+                   help="the bytes a new section starts with, in the image before the section "
+                        "is (repeatable; encrypted sections need the key)")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS")
+    _add_key_args(p)
 
 
-@command("grow", "add sections, growing the image; nothing existing moves",
-         "nvmgr grow vm1.nvram -s pci-vpd:32K:fwcfg", render=_render_info)
+def _contents(pairs: list[str]) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"--content {pair!r}: use NAME=FILE")
+        with open(path, "rb") as f:
+            out[name] = f.read(MAX_SECTION_SIZE_READ + 1)
+        if len(out[name]) > MAX_SECTION_SIZE_READ:
+            raise UsageError(f"--content {pair!r}: more than {MAX_SECTION_SIZE_READ:,} bytes; "
+                             "grow the section empty and put the file with nvmgr put")
+    return out
+
+
+#: Largest --content file read into memory (nvmgr put streams larger ones).
+MAX_SECTION_SIZE_READ = 256 << 20
+
+
+@command("grow", "add sections, growing the image; nothing existing moves, freed space is "
+         "reused first", "nvmgr grow vm1.nvram -s pci-vpd:32K:fwcfg --content pci-vpd=vpd.bin",
+         render=_render_info)
 def cmd_grow(args: argparse.Namespace) -> Result:
-    with _open(args, writable=True, with_key=False) as img:
-        img.add_sections([_section_spec(s) for s in args.section])
+    from nvmgr.provision.prepare import grow
+
+    contents = _contents(args.content)
+    with _open(args, writable=True, with_key=bool(contents)) as img:
+        grow(img, [_section_spec(s) for s in args.section], contents=contents)
         return _info(img)
 
 

@@ -14,7 +14,7 @@ _nvmgr_files()
 _nvmgr()
 {
     local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]}
-    local commands="backup restore plan define undefine images install-hook hook-server reconcile create info list put get remove check grow resize rekey dump snapshot convert split merge migrate-image"
+    local commands="backup restore plan define undefine images install-hook hook-server reconcile attach detach create info list put get remove check grow resize rekey dump snapshot convert split merge migrate-image"
     local cmd="" i=1
     # The command: the first word that is not an option.
     while [[ $i -lt $COMP_CWORD ]]; do
@@ -104,6 +104,22 @@ _nvmgr()
             esac
             positional=("")
             ;;
+        attach)
+            opts="-h --help --output -O --verbose -v --data --connect -c --live --config --current --persistent"
+            valued=" --output -O --data --connect -c "
+            case $prev in
+                --output|-O) _nvmgr_words "text json"; return ;;
+            esac
+            positional=("" "")
+            ;;
+        detach)
+            opts="-h --help --output -O --verbose -v --section -s --remove-section --connect -c --live --config --current --persistent"
+            valued=" --output -O --section -s --connect -c "
+            case $prev in
+                --output|-O) _nvmgr_words "text json"; return ;;
+            esac
+            positional=("" "")
+            ;;
         create)
             opts="-h --help --output -O --verbose -v --section -s --format -f --domain-uuid --key-file --key-secret --key-stdin"
             valued=" --output -O --section -s --format -f --domain-uuid --key-file --key-secret "
@@ -162,8 +178,8 @@ _nvmgr()
             positional=("")
             ;;
         grow)
-            opts="-h --help --output -O --verbose -v --domain --connect -c --section -s --wait"
-            valued=" --output -O --domain --connect -c --section -s --wait "
+            opts="-h --help --output -O --verbose -v --domain --connect -c --section -s --content --wait --key-file --key-secret --key-stdin"
+            valued=" --output -O --domain --connect -c --section -s --content --wait --key-file --key-secret "
             case $prev in
                 --output|-O) _nvmgr_words "text json"; return ;;
             esac

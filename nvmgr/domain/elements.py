@@ -13,6 +13,8 @@ once per document and kept up to date by :meth:`Domain.set_nvmgr`, and the
 
 from __future__ import annotations
 
+import copy
+
 from lxml import etree
 
 from nvmgr.domain import metadata
@@ -146,6 +148,13 @@ class TPM(XMLObject):
     alias = Text("./alias/@name")
 
 
+class Interface(XMLObject):
+    """``<devices><interface>``: a NIC (its MAC names its per-device section)."""
+
+    mac = Text("./mac/@address")
+    alias = Text("./alias/@name")
+
+
 class Domain(XMLObject):
     """A parsed ``<domain>``; edits change the tree, :meth:`to_xml` writes it."""
 
@@ -155,6 +164,7 @@ class Domain(XMLObject):
     smm = OnOff("./features/smm/@state")
     os = Child(OS, "./os")
     tpms = Children(TPM, "./devices/tpm")
+    interfaces = Children(Interface, "./devices/interface")
 
     def __init__(self, node: etree._Element) -> None:
         super().__init__(node)
@@ -266,6 +276,34 @@ class Domain(XMLObject):
         if not len(cl):
             self._node.remove(cl)
 
+    # -- devices (nvmgr attach and detach)
+
+    def add_device(self, device: etree._Element) -> None:
+        """Append a copy of the libvirt device element *device* to ``<devices>``."""
+        devices = self._node.find("devices")
+        if devices is None:
+            devices = etree.SubElement(self._node, "devices")
+        devices.append(copy.deepcopy(device))
+
+    def matching_devices(self, device: etree._Element) -> list[etree._Element]:
+        """The ``<devices>`` children *device* names, as ``virsh detach-device`` would:
+        the same element; its ``<alias>``, ``<mac>``, ``<target dev>`` or
+        ``<source>`` when it gives one, else every attribute it gives.
+        """
+        devices = self._node.find("devices")
+        if devices is None:
+            return []
+        keys = [k for k in ("alias", "mac", "target", "source") if device.find(k) is not None]
+        found = []
+        for el in devices.findall(device.tag):
+            if keys:
+                same = all(_attrs_within(device.find(k), el.find(k)) for k in keys)
+            else:
+                same = _attrs_within(device, el)
+            if same:
+                found.append(el)
+        return found
+
     # -- output
 
     def to_xml(self) -> str:
@@ -278,6 +316,13 @@ class Domain(XMLObject):
         after = root.itersiblings()
         parts = [_tostring(n) for n in (*before, root, *after)]
         return "\n".join(parts) + "\n"
+
+
+def _attrs_within(want: etree._Element | None, have: etree._Element | None) -> bool:
+    """Every attribute *want* gives, *have* has with the same value."""
+    if want is None or have is None:
+        return want is None
+    return all(have.get(k) == v for k, v in want.attrib.items())
 
 
 def _tostring(node: etree._Element) -> str:

@@ -11,9 +11,17 @@ The metadata (namespace :data:`~nvmgr.domain.namespaces.NVMGR_NS`, schema
                        device="net0"/>
         <nvmgr:section name="vpd0" kind="pci-vpd" binding="fwcfg"
                        fwcfg-name="opt/org.example/vpd"/>
+        <nvmgr:per-device kind="nic-eeprom"/>
         <nvmgr:libvirt-nvram path="..." template="..." format="raw"/>
       </nvmgr:nvram>
     </metadata>
+
+``per-device`` gives every libvirt device of a kind's type its own section
+(:func:`nvmgr.domain.profiles.per_device_profiles`): ``nic-eeprom``, one per
+``<interface>``, named after its MAC address; a NIC another tool adds later
+(``virsh attach-device --config``) gets its section when the watcher
+reconciles the domain.  A ``<nvmgr:section>`` also stands alone, as the
+device ``nvmgr attach`` takes (:func:`section_from_element`).
 
 ``libvirt-nvram`` records the ``<nvram>`` element nvmgr replaced (and the
 firmware autoselection it turned off), so planning a rewritten domain gives
@@ -40,6 +48,7 @@ from uuid import UUID
 from lxml import etree
 
 from nvmgr import resources
+from nvmgr.domain import profiles
 from nvmgr.domain.namespaces import NVMGR_NS, clark
 from nvmgr.domain.xmlparse import parse_tree
 from nvmgr.errors import InstallationError, InvalidInputError, UsageError
@@ -66,6 +75,7 @@ SECTION_TAG = clark("nvmgr:section")
 LIBVIRT_NVRAM_TAG = clark("nvmgr:libvirt-nvram")
 FEATURE_TAG = clark("nvmgr:feature")
 SOURCE_TAG = clark("nvmgr:source")
+PER_DEVICE_TAG = clark("nvmgr:per-device")
 
 
 # --------------------------------------------------------------------------
@@ -125,6 +135,7 @@ class NvmgrMetadata:
     luks: bool = False
     sections: tuple[SectionDecl, ...] = ()
     libvirt_nvram: LibvirtNvram | None = None
+    per_device: tuple[str, ...] = ()
     #: The largest the image file may be (a storage pool's volume limit):
     #: growth past it puts new sections into member images instead.
     max_image_size: int | None = None
@@ -169,8 +180,8 @@ def _source_schema() -> etree.RelaxNG:
     global _SOURCE_RNG
     if _SOURCE_RNG is None:
         _schema()
-        text = resources.read_text(resources.METADATA_SCHEMA).replace(
-            '<start>\n    <ref name="nvram"/>', '<start>\n    <ref name="source"/>', 1)
+        text = re.sub(r"<start>.*?</start>", '<start><ref name="source"/></start>',
+                      resources.read_text(resources.METADATA_SCHEMA), count=1, flags=re.S)
         _SOURCE_RNG = etree.RelaxNG(parse_tree(text, what="the source pattern"))
     return _SOURCE_RNG
 
@@ -231,11 +242,14 @@ _RULES: Mapping[tuple[str, str], str] = {
     ("secret", "usage"): "source auth secret {attr}={v} is not a libvirt secret usage name",
     ("keyring", "file"): "source auth keyring " + _ABSOLUTE,
     ("feature", "name"): "feature {attr}={v} is not a firmware feature name",
+    ("per-device", "kind"): "per-device {attr}={v} is not a device kind (see nvmgr plan's "
+                            "profiles)",
     ("feature", "enabled"): "feature {attr}={v} must be 'yes' or 'no'",
 }
 #: The attributes the schema requires, per element.
 _REQUIRED: Mapping[str, tuple[str, ...]] = {
-    "section": ("name",), "feature": ("name", "enabled"), "source": ("protocol", "name"),
+    "section": ("name",), "feature": ("name", "enabled"), "per-device": ("kind",),
+    "source": ("protocol", "name"),
     "host": ("name",), "snapshot": ("name",), "config": ("file",),
     "secret": ("type",), "keyring": ("file",)}
 
@@ -496,6 +510,15 @@ def _decode(node: etree._Element) -> NvmgrMetadata:
             f"declared sections total {total:,} bytes, more than the "
             f"{MAX_METADATA_TOTAL >> 30} GiB limit for one image",
         )
+    per_device: list[str] = []
+    for pd in node.findall(PER_DEVICE_TAG):
+        kind = pd.get("kind", "")
+        if kind not in profiles.per_device_profiles():
+            raise meta_error(pd, f"per-device kind={kind!r}: sections per device exist for "
+                             + ", ".join(sorted(profiles.per_device_profiles())))
+        if kind in per_device:
+            raise meta_error(pd, f"per-device kind={kind!r} is given twice")
+        per_device.append(kind)
     lv = node.find(LIBVIRT_NVRAM_TAG)
     source = node.find(SOURCE_TAG)
     if source is not None and node.get("image") is not None:
@@ -510,6 +533,7 @@ def _decode(node: etree._Element) -> NvmgrMetadata:
         luks=node.get("luks") == "yes",
         sections=sections,
         libvirt_nvram=_libvirt_nvram(lv) if lv is not None else None,
+        per_device=tuple(per_device),
         max_image_size=_max_image_size(node),
     )
 
@@ -547,11 +571,11 @@ def _source(node: etree._Element) -> str:
         raise meta_error(node, e.message) from e
 
 
-def source_element(location: str) -> etree._Element:
-    """An ``rbd:`` location as a ``<nvmgr:source protocol='rbd'>`` element."""
+def source_element(location: str, parent: etree._Element) -> etree._Element:
+    """An ``rbd:`` location as a ``<nvmgr:source protocol='rbd'>`` element, the
+    first child of *parent*."""
     loc = RbdLocation.parse(location)
-    el = etree.Element(SOURCE_TAG, nsmap={"nvmgr": NVMGR_NS}, protocol="rbd",
-                       name=f"{loc.pool}/{loc.image}")
+    el = etree.SubElement(parent, SOURCE_TAG, protocol="rbd", name=f"{loc.pool}/{loc.image}")
     for host, port in loc.hosts:
         h = etree.SubElement(el, clark("nvmgr:host"), name=host)
         if port is not None:
@@ -571,6 +595,22 @@ def source_element(location: str) -> etree._Element:
         elif loc.secret_usage:
             etree.SubElement(auth, clark("nvmgr:secret"), type="ceph", usage=loc.secret_usage)
     return el
+
+
+def section_from_element(node: etree._Element) -> SectionDecl:
+    """Check one stand-alone ``<nvmgr:section>`` (a device for ``nvmgr attach``) and
+    return it as data, by the same schema and rules as one inside ``<nvmgr:nvram>``.
+
+    :raise InvalidInputError: see :func:`from_element`.
+    """
+    rng = _schema()
+    try:
+        valid = rng.validate(etree.ElementTree(node))
+    except etree.LxmlError as e:
+        raise meta_error(node, f"nvmgr metadata cannot be validated: {e}") from e
+    if not valid:
+        raise _schema_error(node, rng.error_log)
+    return _section(node)
 
 
 def _max_image_size(node: etree._Element) -> int | None:
@@ -593,23 +633,34 @@ def _max_image_size(node: etree._Element) -> int | None:
 # Writing
 
 
+def to_text(meta: NvmgrMetadata) -> str:
+    """*meta* as the text of a ``<nvmgr:nvram>`` element for libvirt's ``setMetadata``.
+
+    libvirt puts its own ``xmlns:nvmgr`` on the root it is given and fails
+    ("failed to create a new XML namespace") when the root declares that
+    prefix already: the text binds the namespace to another prefix (``nv``).
+    """
+    return etree.tostring(to_element(meta, prefix="nv"), encoding="unicode")
+
+
 def written_sections(node: etree._Element, meta: NvmgrMetadata) -> dict[SectionDecl, etree._Element]:
     """*node*'s ``<nvmgr:section>`` elements by what they say (*meta*, read from *node*)."""
     return dict(zip(meta.sections, node.findall(SECTION_TAG), strict=True))
 
 
 def to_element(meta: NvmgrMetadata,
-               keep: Mapping[SectionDecl, etree._Element] | None = None) -> etree._Element:
+               keep: Mapping[SectionDecl, etree._Element] | None = None, *,
+               prefix: str = "nvmgr") -> etree._Element:
     """*meta* as a new ``<nvmgr:nvram>`` element.
 
     :param keep: elements already written for some sections; a section that
         says the same is copied from there, so a user's ``size='1M'`` stays
         ``1M`` when nvmgr rewrites the metadata.
     """
-    el = etree.Element(NVRAM_TAG, nsmap={"nvmgr": NVMGR_NS})
+    el = etree.Element(NVRAM_TAG, nsmap={prefix: NVMGR_NS})
     as_element = meta.image_element and meta.image is not None and is_rbd(meta.image)
     if as_element:
-        el.append(source_element(str(meta.image)))
+        source_element(str(meta.image), el)
     for attr, value in (
         ("image", None if as_element else meta.image),
         ("format", meta.format),
@@ -640,6 +691,8 @@ def to_element(meta: NvmgrMetadata,
         ):
             if value is not None:
                 se.set(attr, value)
+    for kind in meta.per_device:
+        etree.SubElement(el, PER_DEVICE_TAG, kind=kind)
     rec = meta.libvirt_nvram
     if rec is not None:
         lv = etree.SubElement(el, LIBVIRT_NVRAM_TAG)

@@ -193,6 +193,23 @@ def _tpm_wants(dom: Domain) -> list[_Want]:
     return out
 
 
+def _per_device_wants(dom: Domain, meta: NvmgrMetadata | None) -> list[_Want]:
+    """One section per libvirt device of each ``<nvmgr:per-device kind>`` (a NIC's
+    EEPROM per ``<interface>``); a device without its MAC yet (libvirt gives one at
+    define) gets its section at the next reconcile or start."""
+    out: list[_Want] = []
+    for kind in meta.per_device if meta else ():
+        prof = profiles.device_profile(kind)
+        sp = prof.sections[0]
+        if prof.libvirt_device == "interface":
+            for nic in dom.interfaces:
+                if nic.mac:
+                    out.append(_Want(profiles.per_device_section(kind, nic.mac), sp.size,
+                                     sp.binding, f"per-device {kind}: {sp.source}",
+                                     device=nic.alias))
+    return out
+
+
 def _apply_decl(wants: dict[str, _Want], decl: SectionDecl) -> None:
     old = wants.get(decl.name)
     if old is not None:
@@ -248,7 +265,7 @@ def plan_for(dom: Domain, *, encrypted: bool = False) -> Plan:
     meta = dom.nvmgr
     wants: dict[str, _Want] = {}
     uefi = _uefi_want(dom, meta)
-    for w in ([uefi] if uefi else []) + _tpm_wants(dom):
+    for w in ([uefi] if uefi else []) + _tpm_wants(dom) + _per_device_wants(dom, meta):
         wants[w.name] = w
     for decl in meta.sections if meta else ():
         _apply_decl(wants, decl)

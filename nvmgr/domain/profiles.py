@@ -58,6 +58,9 @@ class DeviceProfile:
     sections: tuple[SectionProfile, ...]
     driver: str | None = None
     description: str = ""
+    #: The libvirt device element each of which gets a section of this kind
+    #: when the domain's metadata asks for it (``<nvmgr:per-device kind=...>``).
+    libvirt_device: str | None = None
 
 
 _TPM2_SOURCE = "libtpms 0.9 limits; measured with swtpm 0.7.1 (notes/measurements.md)"
@@ -104,6 +107,7 @@ PROFILES: Mapping[str, DeviceProfile] = {
             "nic-eeprom",
             (SectionProfile("", 32 * KiB, Binding.OPAQUE, "largest Intel NIC NVM image (82574)"),),
             description="NIC EEPROM/NVM image; no x86 NIC in QEMU 7.2 reads one, so kept only",
+            libvirt_device="interface",
         ),
         DeviceProfile(
             "ipmi-fru",
@@ -118,6 +122,17 @@ PROFILES: Mapping[str, DeviceProfile] = {
         ),
     )
 }
+
+
+def per_device_profiles() -> dict[str, DeviceProfile]:
+    """The kinds ``<nvmgr:per-device kind=...>`` may name: one section per libvirt device."""
+    return {k: p for k, p in PROFILES.items() if p.libvirt_device is not None}
+
+
+def per_device_section(kind: str, mac: str) -> str:
+    """The section name of a per-device kind's device: ``eeprom-525400a1b2c3`` for a NIC."""
+    stem = "eeprom" if kind == "nic-eeprom" else kind
+    return f"{stem}-{mac.replace(':', '').lower()}"
 
 
 def device_profile(kind: str) -> DeviceProfile:

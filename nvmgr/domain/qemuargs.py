@@ -157,8 +157,7 @@ def qemu_args(
                 node["key-secret"] = RBD_SECRET_ID
             args += ["-blockdev", _json(node)]
         else:
-            args += ["-blockdev", _json({"driver": "file", "filename": image_path,
-                                         "node-name": FILE_NODE, "discard": "unmap"})]
+            args += ["-blockdev", _json(file_node(image_path))]
         base = FILE_NODE
         if fmt == "qcow2":
             q: dict[str, object] = {"driver": "qcow2", "file": FILE_NODE, "node-name": FORMAT_NODE}
@@ -179,21 +178,46 @@ def qemu_args(
         )
     for s in live:
         slice_node = node_name(s.name)
-        args += ["-blockdev", _json({"driver": "raw", "file": bases[s.member_path],
-                                     "offset": s.offset,
-                                     "size": s.capacity, "node-name": slice_node})]
+        args += ["-blockdev", _json(slice_props(s, bases[s.member_path]))]
         if s.binding is Binding.PFLASH:
             args += ["-machine", f"pflash1={slice_node}"]
         elif s.driver:
-            dev: dict[str, object] = {"driver": s.driver, "drive": slice_node,
-                                      "id": s.device or slice_node}
-            if s.driver in SHARE_RW_DRIVERS:
-                dev["share-rw"] = True
-            args += ["-device", _json(dev)]
+            args += ["-device", _json(device_props(s))]
     for s in fwcfg:
         args += ["-fw_cfg", f"name={_fwcfg_name(s)},"
                  f"file={_keyval_path(staged_path(_staging_uuid(dom_uuid), s.name))}"]
     return args
+
+
+def file_node(image_path: str, node: str = FILE_NODE) -> dict[str, object]:
+    """The ``file`` node over a raw image file (``-blockdev`` or QMP ``blockdev-add``)."""
+    return {"driver": "file", "filename": image_path, "node-name": node, "discard": "unmap"}
+
+
+def extra_file_node(section: str) -> str:
+    """The node name of a second ``file`` node a live attach opens over the image
+    for *section* (QEMU knows the image's size from its start; a slice beyond it
+    needs a node opened after the image grew)."""
+    return f"{FILE_NODE}-{zlib.crc32(section.encode()):08x}"
+
+
+def slice_props(s: PlannedSection, base: str) -> dict[str, object]:
+    """A live section's raw offset/size slice over node *base*."""
+    return {"driver": "raw", "file": base, "offset": s.offset, "size": s.capacity,
+            "node-name": node_name(s.name)}
+
+
+def device_props(s: PlannedSection) -> dict[str, object]:
+    """The QEMU device a ``block`` section with a ``driver`` feeds (``-device``,
+    QMP ``device_add``)."""
+    if s.driver is None:
+        raise InvalidInputError(f"section {s.name} names no QEMU device (driver=)")
+    slice_node = node_name(s.name)
+    dev: dict[str, object] = {"driver": s.driver, "drive": slice_node,
+                              "id": s.device or slice_node}
+    if s.driver in SHARE_RW_DRIVERS:
+        dev["share-rw"] = True
+    return dev
 
 
 def member_nodes(n: int) -> tuple[str, str]:
@@ -473,6 +497,7 @@ def apply_plan(
             luks=luks,
             sections=old.sections if old else (),
             libvirt_nvram=record,
+            per_device=old.per_device if old else (),
             max_image_size=old.max_image_size if old else None,
             # A <nvmgr:source> stays the element it was (an rbd: location still).
             image_element=bool(old and old.image_element and is_rbd(image_path)),
@@ -532,8 +557,8 @@ def strip(dom: Domain, *, keep_sections: bool = False) -> None:
             os_.add_nvram(rec.path, rec.template, rec.format)
         if os_.loader is not None and os_.loader.is_empty:
             os_.remove_loader()
-    if meta is not None and keep_sections and meta.sections:
-        dom.set_nvmgr(NvmgrMetadata(sections=meta.sections))
+    if meta is not None and keep_sections and (meta.sections or meta.per_device):
+        dom.set_nvmgr(NvmgrMetadata(sections=meta.sections, per_device=meta.per_device))
     else:
         dom.set_nvmgr(None)
 

@@ -4,6 +4,13 @@ A :class:`SectionSpec` says what a section needs (name, worst-case size,
 binding, encryption); :func:`layout` places specs in a new directory and
 :func:`extend` places more specs in an existing one without moving anything.
 
+:func:`extend` allocates first-fit: each new slot goes into the first hole
+big enough (space a removed section, a moved section or an old scratch area
+left free, :func:`holes`), and after everything in use only when none is.
+A hole is only ever space the directory gives to nobody, so a new slot never
+overlaps a section, a live slice QEMU reads in place, the scratch area or a
+header copy.
+
 Placement (all offsets 4 KiB aligned)::
 
     [header A][header B][live sections ...][scratch][other sections, 2 slots each]
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Sequence
 
 from nvmgr.errors import NoSpaceError, UsageError
 from nvmgr.format.model import (
@@ -42,7 +50,10 @@ from nvmgr.format.model import (
     header_area_for,
 )
 
-__all__ = ["MAX_SECTION_SIZE", "SectionSpec", "extend", "layout"]
+__all__ = ["MAX_SECTION_SIZE", "SectionSpec", "extend", "holes", "layout"]
+
+#: A byte range of the image: (offset, length).
+Extent = tuple[int, int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,38 +127,72 @@ def layout(
     return d
 
 
-def extend(d: Directory, specs: list[SectionSpec]) -> Directory:
-    """A copy of *d* with *specs* added after everything in use.
+def holes(d: Directory, keep: Sequence[Extent] = ()) -> list[Extent]:
+    """The free byte ranges between the header copies and the end of *d*'s data.
+
+    Every extent the directory names (header copies, scratch, each section's
+    slots, a pending live copy's home) and every extent in *keep* is taken;
+    what lies between them is a hole (4 KiB aligned, as everything placed is).
+    Space after the last extent in use is not a hole: it is the tail.
+    """
+    taken = sorted([(off, n) for off, n, _what in d.extents()] + list(keep))
+    out: list[Extent] = []
+    pos = d.data_start
+    for off, n in taken:
+        if off > pos:
+            start = align_up(pos)
+            if off - start > 0:
+                out.append((start, off - start))
+        pos = max(pos, off + n)
+    return out
+
+
+def extend(d: Directory, specs: list[SectionSpec], *,
+           keep: Sequence[Extent] = ()) -> Directory:
+    """A copy of *d* with *specs* added, first-fit in its holes, then at the end.
 
     Existing sections keep their offsets (QEMU arguments point at live ones).
     A new live section larger than the scratch area gets a new, larger
-    scratch area at the end.
+    scratch area (first-fit too).
+
+    :param keep: extents that count as taken though *d* does not name them
+        (a section being moved still owns its old slots until the commit).
     """
     if len(d.sections) + len(specs) > MAX_SECTIONS:
         raise NoSpaceError(f"the directory is limited to {MAX_SECTIONS} sections")
     _check_unique(specs, {s.name for s in d.sections})
     new = dataclasses.replace(d, sections=[dataclasses.replace(s) for s in d.sections])
-    new.image_size = max(new.end_of_data(), new.data_start)
-    _place(new, specs)
+    new.image_size = max([new.end_of_data(), new.data_start, *(o + n for o, n in keep)])
+    _place(new, specs, holes(d, keep))
     return new
 
 
-def _place(d: Directory, specs: list[SectionSpec]) -> None:
-    off = align_up(d.image_size)
+def _place(d: Directory, specs: list[SectionSpec], free: list[Extent] | None = None) -> None:
+    free = list(free or [])
+    tail = [align_up(d.image_size)]
+
+    def take(n: int) -> int:
+        """First fit: the lowest hole of at least *n* bytes, else the tail."""
+        for i, (off, room) in enumerate(free):
+            if room >= n:
+                free[i] = (off + n, room - n)
+                return off
+        off = tail[0]
+        tail[0] += n
+        return off
+
     live = [s for s in specs if s.binding.live]
     other = [s for s in specs if not s.binding.live]
     for s in live:
-        d.sections.append(_section(s, off))
-        off += s.reserved
+        d.sections.append(_section(s, take(s.reserved)))
     need = max((s.reserved for s in live), default=0)
     if need > d.scratch_length:
-        d.scratch_offset, d.scratch_length = off, need
-        off += need
+        d.scratch_offset, d.scratch_length = take(need), need
     for s in other:
-        sec = _section(s, off)
-        sec.spare = off + s.reserved
+        sec = _section(s, take(s.reserved))
+        sec.spare = take(s.reserved)
         d.sections.append(sec)
-        off += 2 * s.reserved
+    off = tail[0]
     if off > MAX_IMAGE_SIZE:
         raise NoSpaceError(f"the sections need an image of {off:,} bytes, beyond the limit "
                            f"of {MAX_IMAGE_SIZE:,} (256 TiB)")

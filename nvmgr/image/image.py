@@ -26,7 +26,7 @@ import mmap
 import os
 import uuid
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from nvmgr.errors import (
@@ -901,33 +901,92 @@ class Image:
             ns.offset, ns.home = home, None
         self._commit(new)
 
-    def add_sections(self, specs: Iterable[SectionSpec]) -> list[Section]:
-        """Add sections, growing the image; existing sections do not move."""
+    def add_sections(self, specs: Iterable[SectionSpec],
+                     contents: Mapping[str, Buffer] | None = None) -> list[Section]:
+        """Add sections, growing the image; existing sections do not move.
+
+        New slots go first-fit into space nothing uses (see
+        :func:`nvmgr.format.layout.extend`), so no byte any section, live
+        slice or header copy holds is written.  A new live section that
+        reuses freed space gets zeros where no *contents* go (QEMU reads its
+        whole slice).  *contents* (section name -> bytes, encrypted where the
+        section is) are written into their new slots and flushed before the
+        one commit that adds the sections: a crash leaves the image without
+        them or with them and their bytes, never a section with other bytes.
+
+        :raise NoSpaceError: contents larger than their section, the
+            directory or the image full.
+        :raise UsageError: contents for a section that is not being added.
+        """
         self._require_writable()
         specs = list(specs)
+        contents = dict(contents or {})
         if self.directory.encrypted:
             specs = [
                 dataclasses.replace(s, encrypted=True) if not s.binding.live else s for s in specs
             ]
+        unknown = sorted(set(contents) - {s.name for s in specs})
+        if unknown:
+            raise UsageError(f"contents given for {', '.join(unknown)}, which is not being added",
+                             image=self.path, section=unknown[0])
+        for s in specs:
+            if s.name in contents and len(contents[s.name]) > s.capacity:
+                raise NoSpaceError(f"{len(contents[s.name])} bytes do not fit section {s.name} "
+                                   f"(capacity {s.capacity})", image=self.path, section=s.name)
         new = extend(self._copy_dir(), specs)
         codec.encode_header(dataclasses.replace(new, generation=new.generation + 1),
                             _mac_room if new.encrypted else None)
-        if new.image_size > self.container.size():
+        size = self.container.size()
+        if new.image_size > size:
             self.container.resize(new.image_size)
+        wrote = False
+        for spec in specs:
+            ns = self._find(new, spec.name)
+            data = contents.get(spec.name)
+            stored: Buffer = b""
+            if data is not None:
+                crypto = None
+                stored = data
+                if ns.encrypted:
+                    ct, iv, mac = self._get_cipher().encrypt(spec.name, bytes(data))
+                    stored, crypto = ct, SectionCrypto(iv=iv, mac=mac)
+                ns.length, ns.crc32, ns.crypto = len(data), zlib.crc32(stored), crypto
+                for done in range(0, len(stored), CHUNK):
+                    self.container.write(ns.offset + done,
+                                         memoryview(stored)[done:done + CHUNK])
+                wrote = True
+            if ns.live and ns.offset + len(stored) < size:
+                # Freed space may hold a removed section's bytes: QEMU would show them.
+                start, end = ns.offset + len(stored), min(ns.offset + ns.reserved, size)
+                for off in range(start, end, CHUNK):
+                    self.container.write(off, bytes(min(CHUNK, end - off)))
+                wrote = True
+        if wrote:
+            self.container.flush()
         self._commit(new)
         return [self.section(s.name) for s in specs]
 
-    def remove(self, name: str, *, force: bool = False) -> None:
-        """Drop a section from the directory (its space is not reused).
+    def remove(self, name: str, *, force: bool = False, unplugged: bool = False) -> None:
+        """Drop a section from the directory; its space is free for the next
+        section added (:meth:`add_sections`).
 
         A section in a member image leaves this directory first, then the
         member's (a crash between leaves the member an entry nothing names:
         ``check`` warns of it).  A member left holding nothing is dropped
         from the directory in the same commit, and its file removed after.
+
+        :param unplugged: the caller made sure no running QEMU reads the
+            section any more (its node was hot-unplugged): the lock a running
+            QEMU holds on the image does not stop the removal of this live
+            section (the in-use mark still needs *force*).
         """
         self._require_writable()
         holder, s = self._where(name)
-        holder._refuse_if_running(s, force)
+        if not unplugged:
+            holder._refuse_if_running(s, force)
+        elif s.dirty and not force:
+            raise BusyError(f"section {name} is live and marked in use", image=self.path,
+                            section=name)
         index = self._find(self.directory, name).member
         new = self._copy_dir()
         new.sections = [x for x in new.sections if x.name != name]
@@ -992,7 +1051,7 @@ class Image:
             )
         base = self._copy_dir()
         base.sections = [x for x in base.sections if x.name != name]
-        grown = extend(base, [spec])
+        grown = extend(base, [spec], keep=s.extents())
         moved = grown.sections[-1]
         moved.length, moved.crc32, moved.crypto = s.length, s.crc32, s.crypto
         if grown.image_size > self.container.size():

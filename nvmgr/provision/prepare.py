@@ -8,6 +8,7 @@ libvirtd's start of the domain and uses these as much as ``nvmgr define``
   the plan, and refuses an image that belongs to another domain (a clone).
 - :func:`initial_content` says what an empty section starts with: the
   domain's libvirt varstore, its swtpm state, or the firmware's template.
+- :func:`grow` is the one way an image gains sections.
 - :func:`copy_for_clone` gives a clone its own image.
 """
 
@@ -18,6 +19,7 @@ import dataclasses
 import logging
 import os
 import uuid
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from nvmgr.domain.elements import Domain
@@ -28,7 +30,7 @@ from nvmgr.errors import BusyError, ForeignImageError, NotFoundError, UsageError
 from nvmgr.format.layout import SectionSpec, extend, layout
 from nvmgr.format.model import Binding, Directory
 from nvmgr.image.convert import convert
-from nvmgr.image.image import Image
+from nvmgr.image.image import Buffer, Image
 from nvmgr.image.members import MemberResult, place_in_member
 from nvmgr.provision import orphans, staging
 from nvmgr.storage import image_exists, qemu
@@ -148,24 +150,49 @@ def _open_existing(path: str, specs: list[SectionSpec], kek: Kek | None,
 
 
 def grow(img: Image, specs: list[SectionSpec], *,
-         max_image_size: int | None = None) -> list[MemberResult]:
-    """Add *specs* to *img*: in place while the image stays within
-    *max_image_size* (a domain's ``max-image-size``; None: no limit), the
-    others into member images (the last member while it has room, else new
-    ones beside the image, each within the limit too).  The one growth path
-    of define, prepare, reconcile and attach.
+         max_image_size: int | None = None,
+         contents: Mapping[str, Buffer] | None = None) -> list[MemberResult]:
+    """Add *specs* to *img* (opened writable): the one growth path of define,
+    prepare, attach (offline and live), reconcile (the watcher included) and
+    ``nvmgr grow``, so a policy about growth has one place to live.
 
+    In place while the image stays within *max_image_size* (a domain's
+    ``max-image-size``; None: no limit), the others into member images (the
+    last member while it has room, else new ones beside the image, each
+    within the limit too).
+
+    In place, whoever calls it, the VM running or not: nothing that exists
+    moves (new slots go first-fit into space the directory gives to nobody,
+    then at the end: :func:`nvmgr.format.layout.extend`); no byte of a
+    section, of a live slice QEMU reads in place or of the current header
+    copy is written; one directory commit adds the sections, after their
+    *contents* are written and flushed, so a crash leaves the image as it was
+    or with the new sections holding exactly those bytes
+    (``tests/test_crash.py``, scenarios ``grow-live*``).  A section placed in
+    a member gets its contents by a put after its placement (a crash between
+    leaves it empty).
+
+    :param contents: section name -> the bytes a new section starts with (a
+        device-state disk's image, an EEPROM blob); encrypted like any put
+        when the section is.
     :return: the placements in members (empty: the image grew in place).
-    :raise NoSpaceError: a section alone does not fit within the limit.
+    :raise NoSpaceError: a section alone does not fit within the limit, the
+        directory is full, or contents do not fit their section.
+    :raise UsageError: a name is taken, or contents name no new section.
     """
     if not specs:
         return []
+    contents = dict(contents or {})
     if max_image_size is None:
-        img.add_sections(specs)
+        img.add_sections(list(specs), contents)
         return []
     d = img.directory
     enc = [dataclasses.replace(s, encrypted=True) if d.encrypted and not s.binding.live else s
            for s in specs]
+    stray = sorted(set(contents) - {s.name for s in enc})
+    if stray:
+        raise UsageError(f"contents given for {', '.join(stray)}, which is not being added",
+                         image=img.path, section=stray[0])
     here: list[SectionSpec] = []
     rest: list[SectionSpec] = []
     for s in enc:
@@ -174,12 +201,16 @@ def grow(img: Image, specs: list[SectionSpec], *,
         else:
             rest.append(s)
     if here:
-        img.add_sections(here)
+        img.add_sections(here, {k: v for k, v in contents.items()
+                                if k in {s.name for s in here}})
     placed = place_in_member(img, rest, limit=max_image_size) if rest else []
     for r in placed:
         log.warning("%s: the image may not grow past %s bytes (max-image-size): sections %s "
                     "placed in member image %s", img.path, f"{max_image_size:,}",
                     ", ".join(r.sections), r.member)
+    for s in rest:
+        if s.name in contents:
+            img.put(s.name, contents[s.name])
     return placed
 
 

@@ -174,3 +174,36 @@ def event_loop(tick: float = 0.25) -> None:
     lv = _libvirt()
     lv.virEventRegisterDefaultImpl()
     _EVENT_LOOP.append(lv.virEventAddTimeout(int(tick * 1000), lambda *_: None, None))
+
+
+def qmp(dom: Any, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    """One QMP command to the running QEMU of libvirt domain object *dom*, through
+    libvirt's QEMU monitor passthrough (``virDomainQemuMonitorCommand``); its ``return``.
+
+    libvirt marks the domain tainted (custom-monitor): it does not know the
+    nodes and devices added this way.  nvmgr uses it only for the block nodes
+    and devices of its own sections (``nvmgr-*`` names).
+
+    :raise ExternalError: libvirt could not pass the command on, or QEMU
+        answered with an error (its ``desc`` is the detail).
+    """
+    import json
+
+    try:
+        import libvirt_qemu
+    except ImportError as e:  # pragma: no cover - ships with libvirt-python
+        raise ExternalError("libvirt-python has no libvirt_qemu module", detail=str(e)) from e
+    lv = _libvirt()
+    msg = json.dumps({"execute": command, **({"arguments": arguments} if arguments else {})})
+    try:
+        reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, msg, 0))
+    except lv.libvirtError as e:
+        raise ExternalError(f"libvirt could not pass QMP {command} to QEMU",
+                            detail=e.get_error_message() or str(e)) from e
+    except ValueError as e:
+        raise ExternalError(f"QEMU's answer to {command} is not JSON", detail=str(e)) from e
+    if "error" in reply:
+        err = reply["error"]
+        desc = err.get("desc", "") if isinstance(err, dict) else str(err)
+        raise ExternalError(f"QEMU refused {command}", detail=str(desc))
+    return reply.get("return")

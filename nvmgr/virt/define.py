@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING
 from nvmgr.domain.elements import Domain, parse_domain
 from nvmgr.domain.metadata import NvmgrMetadata
 from nvmgr.domain.namespaces import NVMGR_NS
-from nvmgr.domain.plan import default_image_path, plan_for
-from nvmgr.domain.qemuargs import apply_plan
+from nvmgr.domain.plan import Plan, default_image_path, plan_for
+from nvmgr.domain.qemuargs import apply_plan, node_name, slice_offsets, wiring_problems
 from nvmgr.errors import (
+    BusyError,
     CorruptError,
     InvalidInputError,
     KeyRequiredError,
@@ -31,10 +32,12 @@ from nvmgr.errors import (
     NvmgrError,
     UsageError,
 )
+from nvmgr.format.layout import SectionSpec
 from nvmgr.image.image import Image
 from nvmgr.provision import orphans
 from nvmgr.provision.prepare import (
     copy_for_clone,
+    grow,
     initial_content,
     owner_of,
     plan_with_offsets,
@@ -52,6 +55,9 @@ if TYPE_CHECKING:
     from nvmgr.crypto.cipher import Kek
 
 log = logging.getLogger(__name__)
+
+#: Seconds a write to a domain's image waits for another nvmgr writer (the hook's).
+LOCK_WAIT = 30.0
 
 
 @dataclasses.dataclass
@@ -291,7 +297,7 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
 @dataclasses.dataclass
 class ReconcileResult:
     domain: str
-    status: str  # reconciled | unchanged | running | not-nvmgr
+    status: str  # reconciled | unchanged | running | grown (running) | not-nvmgr
     added: list[str] = dataclasses.field(default_factory=list)
     adopted: bool = False  # an orphan's state taken (--adopt)
     moved_aside: str | None = None  # where an orphan went (--fresh)
@@ -317,13 +323,75 @@ def reconcile(name: str, *, uri: str | None = None,
     if meta is None:  # <nvmgr:nvram/> alone asks for nvmgr: define wires it
         return ReconcileResult(name, "not-nvmgr")
     if virt.is_active(name, uri):
-        return ReconcileResult(name, "running")
+        return grow_running(name, dom, uri=uri)
     res = _define(dom, before, uri=uri, kek=secrets.domain_kek(meta, uri), orphan=orphan,
                   retry=f"nvmgr reconcile {name}")
     after = virt.domain_xml(name, uri)
     changed = res.added or after != before
     return ReconcileResult(name, "reconciled" if changed else "unchanged", res.added,
                            res.adopted, res.moved_aside, res.in_members)
+
+
+def image_held(path: str, fmt: str, active: bool) -> bool:
+    """Whether a running QEMU holds *path* so that nvmgr cannot open it beside it:
+    qcow2 goes through a qemu-storage-daemon, which QEMU's lock keeps out; RBD
+    images are locked by librbd.  Raw files are read and grown beside QEMU."""
+    return active and (fmt != "raw" or is_rbd(path))
+
+
+def placed_from_args(plan: Plan, dom: Domain) -> Plan:
+    """*plan* with its live sections where the domain's QEMU arguments put them
+    (the image itself cannot be read: :func:`image_held`).
+
+    :raise BusyError: a live section the arguments do not place yet.
+    """
+    offsets = slice_offsets(dom.qemu_args)
+    placed = []
+    for ps in plan.sections:
+        if ps.live:
+            off = offsets.get(node_name(ps.name))
+            if off is None:
+                raise BusyError(
+                    f"section {ps.name} is live and the image of the running VM is "
+                    f"{'on RBD' if is_rbd(plan.image) else 'qcow2'}: nvmgr places it once the VM "
+                    "has stopped (do it then)", section=ps.name, domain=plan.domain)
+            ps = dataclasses.replace(ps, offset=off)
+        placed.append(ps)
+    return dataclasses.replace(plan, sections=tuple(placed))
+
+
+def grow_running(name: str, dom: Domain, *, uri: str | None = None) -> ReconcileResult:
+    """Reconcile a running domain's persistent definition without stopping it.
+
+    A device added to it by another tool (``virsh attach-device --persistent``,
+    virt-manager) whose profile needs a section: the image grows now, beside
+    the running QEMU (:func:`nvmgr.provision.prepare.grow`: nothing existing
+    moves, no live slice is written), and the persistent definition gets the
+    QEMU arguments for it; the next start uses it.  Nothing else of a running
+    domain is touched ("running": nothing to do).  A qcow2 or RBD image
+    grows at the next start instead (the prepare hook).
+    """
+    meta = dom.nvmgr
+    if meta is None or not meta.image:
+        return ReconcileResult(name, "running")
+    kek = secrets.domain_kek(meta, uri)
+    plan = plan_for(dom, encrypted=kek is not None)
+    path, fmt = meta.image, meta.format or "raw"
+    if image_held(path, fmt, True):
+        return ReconcileResult(name, "running")
+    with Image.open(path, writable=True, kek=kek, wait=LOCK_WAIT) as img:
+        missing = [SectionSpec(ps.name, ps.capacity, ps.binding, ps.encrypted, ps.device)
+                   for ps in plan.sections if img.directory.find(ps.name) is None]
+        grow(img, missing, max_image_size=meta.max_image_size)
+        placed = plan_with_offsets(plan, img.directory, img)
+        image_uuid = img.directory.image_uuid
+    if not missing and not wiring_problems(dom, placed):
+        return ReconcileResult(name, "running")
+    apply_plan(dom, placed, path, fmt, image_uuid)
+    virt.define(dom.to_xml(), uri)
+    log.info("%s (running): grew %s for the next start", name,
+             ", ".join(s.name for s in missing) or "nothing")
+    return ReconcileResult(name, "grown", [s.name for s in missing])
 
 
 def nvmgr_domains(uri: str | None = None) -> list[str]:

@@ -6,6 +6,17 @@ It follows libvirt's lifecycle events and, for domains with nvmgr metadata:
   it (:func:`nvmgr.virt.define.reconcile`): new sections, the QEMU
   arguments, a clone's own image;
 - *stopped*: reconcile what was edited while it ran;
+- *defined* or *device added* while it runs (``virsh attach-device
+  --persistent``, virt-manager's Add Hardware): a device whose profile needs
+  a section (a ``<tpm>``, a NIC under ``<nvmgr:per-device kind='nic-eeprom'>``)
+  gets it now: the image grows beside the running QEMU and the persistent
+  definition gets its QEMU arguments (:func:`nvmgr.virt.define.grow_running`);
+  the next start uses it;
+- changed without any event: libvirt 9.0 sends none for ``virsh
+  attach-device --config`` (measured), so every :data:`POLL` seconds the
+  persistent definition of each nvmgr domain is compared with the one last
+  reconciled, and reconciled when it differs (a definition that failed is
+  retried only once it changes again);
 - *undefined* behind nvmgr's back (virsh undefine, virt-manager's Delete):
   record its image as orphaned, in the image, with the time
   (:func:`nvmgr.provision.orphans.mark_orphaned`); ``nvmgr images --orphans``
@@ -34,6 +45,10 @@ from nvmgr.virt.define import ReconcileResult, nvmgr_domains, reconcile
 
 Say = Callable[[str], None]
 
+#: The event tuple's kind for libvirt's device-added event (lifecycle events are >= 0).
+DEVICE_ADDED = -1
+#: Seconds between two looks at the nvmgr domains' persistent definitions.
+POLL = 2.0
 #: How often the event loop wakes to look at *stop()* (seconds).
 TICK = 0.25
 #: libvirt keepalive: a probe every INTERVAL s, the connection dropped after COUNT unanswered.
@@ -68,6 +83,7 @@ class Watcher:
     seen: dict[str, str] = dataclasses.field(default_factory=dict)
     connects: int = 0
     said_unreachable: bool = False
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def wanted(self, name: str) -> bool:
         return self.only is None or name in self.only
@@ -123,6 +139,23 @@ class Watcher:
             self.say(f"{k.name}: undefined; its image {k.image} recorded as orphaned "
                      "(nvmgr images --orphans; nvmgr define --adopt or --fresh)")
 
+    def poll(self, lv: Any, c: Any) -> None:
+        """Reconcile the nvmgr domains whose persistent definition changed with
+        no event (``virsh attach-device --config``); read over the watcher's
+        own connection *c* (one libvirt round trip per domain)."""
+        for k in list(self.known.values()):
+            if not self.wanted(k.name):
+                continue
+            try:
+                xml = c.lookupByUUIDString(k.uuid).XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE)
+            except lv.libvirtError:
+                continue  # gone: the undefine event says so
+            if xml in (self.seen.get(k.name), self.failed.get(k.name)):
+                continue
+            self.reconciled(k.name)
+            if self.seen.get(k.name) != xml:
+                self.failed[k.name] = xml
+
     def catch_up(self, first: bool) -> None:
         """Every nvmgr domain once (at start and after a reconnect)."""
         names = nvmgr_domains(self.uri)
@@ -164,22 +197,31 @@ class Watcher:
             if event in wanted:
                 pending.append((event, dom.name(), dom.UUIDString()))
 
+        def on_device_added(_c: Any, dom: Any, _alias: str, _opaque: Any) -> None:
+            pending.append((DEVICE_ADDED, dom.name(), dom.UUIDString()))
+
         def on_close(_c: Any, reason: int, _opaque: Any) -> None:
             closed.append(reason)
 
-        handle = None
+        handle = added = None
         try:
             c.registerCloseCallback(on_close, None)
             c.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
             handle = c.domainEventRegisterAny(None, lv.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
                                               on_event, None)
+            added = c.domainEventRegisterAny(None, lv.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
+                                             on_device_added, None)
             first = self.connects == 0
             self.connects += 1
             self.note(("watching" if first else "reconnected to")
                       + f" libvirt at {self.uri or virt.DEFAULT_URI}")
             self.catch_up(first)
+            polled = time.monotonic()
             while not self.stop() and not closed:
                 lv.virEventRunDefaultImpl()
+                if not pending and time.monotonic() - polled >= POLL:
+                    self.poll(lv, c)
+                    polled = time.monotonic()
                 while pending and not self.stop():
                     event, name, dom_uuid = pending.pop(0)
                     if any(p[1] == name for p in pending):
@@ -202,6 +244,8 @@ class Watcher:
                 self.note(f"libvirt error: {e}")
         finally:
             for undo in (lambda: c.domainEventDeregisterAny(handle) if handle is not None
+                         else None,
+                         lambda: c.domainEventDeregisterAny(added) if added is not None
                          else None,
                          c.unregisterCloseCallback, c.close):
                 try:

@@ -52,7 +52,7 @@ def test_reconcile_restores_arguments_and_adds_new_sections(vm: MakeVM, tmp_path
 
     out = json.loads(vmlib.nvmgr("reconcile", v.name, "--output", "json").stdout)
     assert out["domains"] == [{"domain": v.name, "status": "reconciled", "added": ["vpd0"],
-                               "adopted": False, "moved_aside": None}]
+                               "adopted": False, "moved_aside": None, "in_members": {}}]
     now = vmlib.virsh("dumpxml", "--inactive", v.name).stdout
     assert "pflash1=nvmgr-uefi-vars" in now and "opt/org.nvmgr/vpd" in now
     assert vmlib.section_info(v.image, "vpd0")["binding"] == "fwcfg"

@@ -1,0 +1,168 @@
+"""A ``block`` section into (and out of) a running QEMU, over QMP.
+
+QMP goes through libvirt's QEMU monitor passthrough (:func:`nvmgr.virt.conn.qmp`).
+:func:`plug`:
+
+1. ``query-named-block-nodes``: the image's ``file`` node (``nvmgr-file``)
+   and the size QEMU knows it by;
+2. ``blockdev-add`` of the section's raw offset/size slice over that node,
+   exactly as the ``-blockdev`` the domain's QEMU arguments give at boot.
+   QEMU 7.2 learns a file node's size when it opens it and its raw slices
+   forbid resizing it (``block_resize`` is refused, measured): a slice that
+   ends beyond that size (the image grew past it) goes over a second ``file``
+   node of the same image file, opened now (:func:`extra_file_node`);
+3. ``device_add`` of the section's device (``driver=``) with the slice as its
+   drive, on a free PCI Express root port when the machine has one (q35's
+   root bus takes no hot-plug); the highest free one, since libvirt gives the
+   lowest to its own hot-plugs and does not know about this device (a port is
+   free when QOM shows no device on its bus).
+
+Anything that fails is undone (nodes deleted) before the error goes up.
+:func:`unplug` undoes a plug: ``device_del``, wait for the guest to let the
+device go, ``blockdev-del``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from nvmgr.domain.plan import PlannedSection
+from nvmgr.domain.qemuargs import (
+    FILE_NODE,
+    device_props,
+    extra_file_node,
+    file_node,
+    node_name,
+    slice_props,
+)
+from nvmgr.errors import BusyError, ExternalError, NotHotpluggableError, UsageError
+from nvmgr.virt.conn import qmp
+
+#: How long :func:`unplug` waits for the guest to release a device (seconds).
+UNPLUG_WAIT = 10.0
+
+
+def block_nodes(dom: Any) -> dict[str, dict[str, Any]]:
+    """The running QEMU's named block nodes: node name -> QMP's description."""
+    nodes = qmp(dom, "query-named-block-nodes", {"flat": True}) or []
+    return {n["node-name"]: n for n in nodes if isinstance(n, dict) and "node-name" in n}
+
+
+def _free_root_port(dom: Any) -> str | None:
+    """The id of the last PCI Express root port with no device on its bus (None: none).
+
+    Read from QOM, not ``query-pci`` (which lists a port's devices only once
+    the firmware numbered its bus): a bus links each device on it as ``child[N]``.
+    """
+    ports = [p["name"] for p in qmp(dom, "qom-list", {"path": "/machine/peripheral"}) or []
+             if isinstance(p, dict) and p.get("type") == "child<pcie-root-port>"]
+
+    def order(port: str) -> tuple[int, str]:
+        tail = port.rsplit(".", 1)[-1]
+        return (int(tail) if tail.isdigit() else -1, port)
+
+    for port in sorted(ports, key=order, reverse=True):
+        bus = qmp(dom, "qom-list", {"path": f"/machine/peripheral/{port}/{port}"}) or []
+        if not any(str(b.get("name", "")).startswith("child[") for b in bus
+                   if isinstance(b, dict)):
+            return str(port)
+    return None
+
+
+def _devices(dom: Any) -> set[str]:
+    """Ids of the user-created devices (``/machine/peripheral``)."""
+    return {p["name"] for p in qmp(dom, "qom-list", {"path": "/machine/peripheral"}) or []
+            if isinstance(p, dict) and str(p.get("type", "")).startswith("child<")}
+
+
+def plug(dom: Any, image: str, s: PlannedSection) -> list[str]:
+    """Give the running QEMU section *s* (placed: its offset in the image) and its device.
+
+    :return: the QEMU names added: node names (the slice last), then the
+        device id if any (once, when it is the slice's name too).
+    :raise NotHotpluggableError: QEMU has no nvmgr file node (it started
+        without live sections), or no slot takes a hot-plugged device.
+    :raise UsageError: the section's node is in QEMU already.
+    :raise ExternalError: QEMU refused a step.
+    """
+    nodes = block_nodes(dom)
+    if FILE_NODE not in nodes:
+        raise NotHotpluggableError(
+            f"the running QEMU has no {FILE_NODE} node (it started without live sections "
+            "of its nvmgr image): attach the section with --config and restart the VM",
+            section=s.name)
+    slice_node = node_name(s.name)
+    if slice_node in nodes:
+        raise UsageError(f"section {s.name} is plugged into the running QEMU already "
+                         f"(node {slice_node})", section=s.name)
+    known = int(nodes[FILE_NODE].get("image", {}).get("virtual-size", 0))
+    if s.member_path is not None and (s.member_format or "raw") != "raw":
+        raise NotHotpluggableError(
+            f"section {s.name} was placed in the {s.member_format} member image "
+            f"{s.member_path} (the domain's max-image-size): nvmgr hot-plugs slices of raw "
+            "files only; attach with --config (there at the next boot)", section=s.name)
+    added: list[str] = []
+    try:
+        base = FILE_NODE
+        if s.member_path is not None or s.offset + s.capacity > known:
+            # In a member (max-image-size), or past the size QEMU knows the image by.
+            base = extra_file_node(s.name)
+            qmp(dom, "blockdev-add", file_node(s.member_path or image, base))
+            added.append(base)
+        qmp(dom, "blockdev-add", slice_props(s, base))
+        added.append(slice_node)
+        if s.driver:
+            dev = device_props(s)
+            if s.driver.endswith("-pci"):
+                port = _free_root_port(dom)
+                if port is not None:
+                    dev["bus"] = port
+            try:
+                qmp(dom, "device_add", dev)
+            except ExternalError as e:
+                if "hotplug" in e.detail.lower() or "slot" in e.detail.lower():
+                    raise NotHotpluggableError(
+                        f"QEMU cannot hot-plug {s.driver} for section {s.name} ({e.detail.strip()}): "
+                        "give the domain a free slot (<controller type='pci' "
+                        "model='pcie-root-port'/> on q35) or attach with --config",
+                        section=s.name) from e
+                raise
+            added.append(str(dev["id"]))
+    except BaseException:
+        for node in reversed([n for n in added if n in (base, slice_node)]):
+            try:
+                qmp(dom, "blockdev-del", {"node-name": node})
+            except ExternalError:
+                pass  # reported below: the original error is the one that counts
+        raise
+    return list(dict.fromkeys(added))
+
+
+def unplug(dom: Any, section: str, device: str | None, *, wait: float = UNPLUG_WAIT) -> bool:
+    """Take section *section*'s device and nodes out of the running QEMU.
+
+    :param device: the device id (``None``: the section feeds no device).
+    :return: False when QEMU had no node for the section (nothing to do).
+    :raise BusyError: the guest did not release the device within *wait*
+        seconds (its node stays; the section is kept).
+    """
+    nodes = block_nodes(dom)
+    slice_node = node_name(section)
+    if slice_node not in nodes:
+        return False
+    if device is not None and device in _devices(dom):
+        qmp(dom, "device_del", {"id": device})
+        deadline = time.monotonic() + wait
+        while device in _devices(dom):
+            if time.monotonic() > deadline:
+                raise BusyError(
+                    f"the guest has not released device {device} within {wait:g} s (an "
+                    "operating system must accept the unplug); section "
+                    f"{section} stays plugged and kept", section=section)
+            time.sleep(0.1)
+    qmp(dom, "blockdev-del", {"node-name": slice_node})
+    extra = extra_file_node(section)
+    if extra in nodes:
+        qmp(dom, "blockdev-del", {"node-name": extra})
+    return True
