@@ -87,10 +87,12 @@ def missing_tool(tool: str) -> ExternalError:
     return ExternalError(f"{tool} is not installed: nvmgr needs it for qcow2 images{hint}")
 
 
-def run(tool: str, args: Sequence[str], *, image: str | None = None) -> Result:
+def run(tool: str, args: Sequence[str], *, image: str | None = None,
+        pass_fds: Sequence[int] = ()) -> Result:
     """Run *tool* with *args* to completion; its result whatever its exit status.
 
-    stdin is empty; stdout and stderr are captured as text.
+    stdin is empty; stdout and stderr are captured as text; *pass_fds* are
+    inherited (a key handed over through a pipe).
 
     :raise ExternalError: the tool is not installed or cannot be started.
     """
@@ -105,6 +107,7 @@ def run(tool: str, args: Sequence[str], *, image: str | None = None) -> Result:
             text=True,
             errors="replace",
             check=False,
+            pass_fds=tuple(pass_fds),
         )
     except FileNotFoundError as e:
         raise missing_tool(tool) from e
@@ -209,8 +212,8 @@ def img_convert(src: str, src_fmt: str, dst: str, dst_fmt: str, *,
 
 
 def _is_location(name: str) -> bool:
-    """A network location QEMU parses (``rbd:...``), not a file name."""
-    return name.startswith("rbd:")
+    """A network location QEMU parses (``rbd:...``, an NBD URI), not a file name."""
+    return name.startswith(("rbd:", "nbd://", "nbd+unix://"))
 
 
 def _name(name: str) -> str:
