@@ -18,6 +18,7 @@ machine kind").
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -195,6 +196,20 @@ log file = {r}/client/$name.$pid.log
             time.sleep(0.25)
         raise CephError(f"timed out after {timeout:.0f} s waiting for {what}; "
                         f"see {self.root / 'log'}")
+
+    def client_ports(self) -> list[int]:
+        """The TCP ports on 127.0.0.1 a client (librbd) talks to: the monitor's, the
+        manager's and the OSDs' public ones (what a network bridge must carry)."""
+        ports = {self.port, self.port2}
+        dumps = (json.loads(self.run("ceph", "osd", "dump", "-f", "json"))["osds"],
+                 [json.loads(self.run("ceph", "mgr", "dump", "-f", "json"))])
+        for entry in (*dumps[0], *dumps[1]):
+            for field in ("public_addrs", "active_addrs"):
+                for a in entry.get(field, {}).get("addrvec", []):
+                    host, _, port = a["addr"].rpartition(":")
+                    if host == "127.0.0.1" and int(port):
+                        ports.add(int(port))
+        return sorted(ports)
 
     # ------------------------------------------------------------ users
 

@@ -159,3 +159,64 @@ def test_rbd_snapshots_of_an_image(ceph: CephCluster, tmp_path: Path) -> None:
     assert _nvmgr("snapshot", loc, "delete", "before").returncode == 0
     p = _nvmgr("snapshot", loc, "revert", "before")
     assert p.returncode == 3 and "no snapshot" in p.stderr, p.stderr
+
+
+def test_the_key_from_a_libvirt_secret_of_usage_type_ceph(
+        ceph: CephCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``secret=UUID`` / ``secret_usage=NAME``: nvmgr reads the key from libvirt's
+    secret store (as libvirt 9 keeps it: UUID.xml, and the value's base64 in
+    UUID.base64) and hands it to qemu-img and qemu-storage-daemon as a secret
+    object; the monitors come from ``mon_host`` (no conf file names them here)."""
+    from nvmgr.cli.main import main
+
+    _user, _keyring, key = ceph.client("nvmgr-secret")
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(mode=0o700)
+    uuid = "5f0e6c1d-2b3a-4c8d-9e7f-0a1b2c3d4e5f"
+    (secrets / f"{uuid}.xml").write_text(
+        f"<secret ephemeral='no' private='yes'><uuid>{uuid}</uuid>"
+        "<usage type='ceph'><name>client.nvmgr-secret secret</name></usage></secret>")
+    (secrets / f"{uuid}.base64").write_text(key)
+    monkeypatch.setattr("nvmgr.paths.SECRETS_DIR", str(secrets))
+    # A conf without the monitors: they come from the location.
+    conf = tmp_path / "client.conf"
+    conf.write_text("".join(line + "\n" for line in ceph.conf.read_text().splitlines()
+                            if not line.startswith("mon host")))
+    where = (rf":conf={conf}:id=nvmgr-secret:mon_host=127.0.0.1\:{ceph.port}"
+             f":secret={uuid}")
+    loc = f"rbd:{ceph.pool}/from-secret{where}"
+    assert main(["create", loc, "-s", "blob:64K"]) == 0
+    data = os.urandom(5000)
+    (tmp_path / "blob").write_bytes(data)
+    assert main(["put", loc, "blob", str(tmp_path / "blob")]) == 0
+    by_usage = (rf"rbd:{ceph.pool}/from-secret:conf={conf}:id=nvmgr-secret"
+                rf":mon_host=127.0.0.1\:{ceph.port}:secret_usage=client.nvmgr-secret secret")
+    assert main(["get", by_usage, "blob", "-o", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out").read_bytes() == data
+    assert main(["snapshot", loc, "create", "s1"]) == 0
+    assert main(["check", loc]) == 0
+    capsys.readouterr()
+    assert main(["snapshot", loc, "list", "-O", "json"]) == 0
+    assert "s1" in capsys.readouterr().out
+    assert main(["create", loc, "-s", "x:4K"]) == 2  # exists: qemu-img reached Ceph
+    # convert to a file and back into another RBD image, both keyed by the secret.
+    copy = tmp_path / "copy.qcow2"
+    assert main(["convert", loc, str(copy), "-f", "qcow2"]) == 0
+    loc2 = f"rbd:{ceph.pool}/from-secret-2{where}"
+    assert main(["convert", str(copy), loc2, "-f", "raw"]) == 0
+    for image in (str(copy), loc2):
+        out = tmp_path / "out-conv"
+        out.unlink(missing_ok=True)
+        assert main(["get", image, "blob", "-o", str(out)]) == 0
+        assert out.read_bytes() == data
+        assert main(["check", image]) == 0
+    assert main(["convert", str(copy), loc2, "-f", "raw"]) == 2  # never over an image
+    # The secret's value gone: refused naming the secret (3), nothing asked of Ceph.
+    (secrets / f"{uuid}.base64").unlink()
+    capsys.readouterr()
+    assert main(["info", loc]) == 3
+    assert f"libvirt secret {uuid} has no value" in capsys.readouterr().err
+    # A wrong key in the secret: Ceph refuses the user (external, 10).
+    (secrets / f"{uuid}.base64").write_text(ceph.client("other")[2])
+    assert main(["info", loc]) == 10

@@ -141,7 +141,9 @@ def _add_image(p: argparse.ArgumentParser) -> None:
     # (nvmgr.cli.main.parse_args).
     if IMAGE_POSITIONAL[0]:
         p.add_argument("image", metavar="IMAGE", nargs="?",
-                       help="the nvmgr image file (or give --domain)")
+                       help="the nvmgr image: a file, an rbd:POOL/IMAGE... location or an "
+                            "NBD URI (nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH); "
+                            "or give --domain")
     else:
         p.set_defaults(image=None)
     p.add_argument("--domain", metavar="NAME",

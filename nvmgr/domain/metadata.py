@@ -74,6 +74,7 @@ NVRAM_TAG = clark("nvmgr:nvram")
 SECTION_TAG = clark("nvmgr:section")
 LIBVIRT_NVRAM_TAG = clark("nvmgr:libvirt-nvram")
 FEATURE_TAG = clark("nvmgr:feature")
+SOURCE_TAG = clark("nvmgr:source")
 PER_DEVICE_TAG = clark("nvmgr:per-device")
 
 
@@ -138,6 +139,9 @@ class NvmgrMetadata:
     #: The largest the image file may be (a storage pool's volume limit):
     #: growth past it puts new sections into member images instead.
     max_image_size: int | None = None
+    #: The image was given as a ``<nvmgr:source protocol='rbd'>`` element (and
+    #: is written back as one); ``image`` holds it as an ``rbd:`` location.
+    image_element: bool = False
 
     @property
     def encrypted(self) -> bool:
@@ -150,6 +154,7 @@ class NvmgrMetadata:
 
 
 _RNG: etree.RelaxNG | None = None
+_SOURCE_RNG: etree.RelaxNG | None = None
 
 
 def _schema() -> etree.RelaxNG:
@@ -168,9 +173,23 @@ def _schema() -> etree.RelaxNG:
     return _RNG
 
 
+def _source_schema() -> etree.RelaxNG:
+    """The schema's ``source`` pattern alone: libxml2 says only "extra element in
+    interleave" of a bad ``<nvmgr:source>`` inside ``<nvmgr:nvram>``; checked on
+    its own, its refusal names the attribute."""
+    global _SOURCE_RNG
+    if _SOURCE_RNG is None:
+        _schema()
+        text = re.sub(r"<start>.*?</start>", '<start><ref name="source"/></start>',
+                      resources.read_text(resources.METADATA_SCHEMA), count=1, flags=re.S)
+        _SOURCE_RNG = etree.RelaxNG(parse_tree(text, what="the source pattern"))
+    return _SOURCE_RNG
+
+
 def preload() -> None:
     """Read and compile the schema now (the hook server, before it forks workers)."""
     _schema()
+    _source_schema()
 
 
 def meta_error(node: etree._Element, msg: str) -> InvalidInputError:
@@ -211,14 +230,46 @@ _RULES: Mapping[tuple[str, str], str] = {
     ("libvirt-nvram", "firmware-template"): _ABSOLUTE,
     ("libvirt-nvram", "format"): f"{{attr}}={{v}} is not one of {', '.join(FORMATS)}",
     ("libvirt-nvram", "firmware"): "{attr}={v} is not 'efi' or 'bios'",
+    ("source", "protocol"): "source {attr}={v} is not a network protocol nvmgr knows (rbd)",
+    ("source", "name"): "source {attr}={v} is not POOL/IMAGE",
+    ("host", "name"): "source host {attr}={v} is not a host name or address",
+    ("host", "port"): "source host {attr}={v} is not a port number",
+    ("snapshot", "name"): "source snapshot {attr}={v} is not an RBD snapshot name",
+    ("config", "file"): "source config " + _ABSOLUTE,
+    ("auth", "username"): "source auth {attr}={v} is not a Ceph user name",
+    ("secret", "type"): "source auth secret {attr}={v} is not 'ceph'",
+    ("secret", "uuid"): "source auth secret " + _UUID,
+    ("secret", "usage"): "source auth secret {attr}={v} is not a libvirt secret usage name",
+    ("keyring", "file"): "source auth keyring " + _ABSOLUTE,
     ("feature", "name"): "feature {attr}={v} is not a firmware feature name",
     ("per-device", "kind"): "per-device {attr}={v} is not a device kind (see nvmgr plan's "
                             "profiles)",
     ("feature", "enabled"): "feature {attr}={v} must be 'yes' or 'no'",
 }
 #: The attributes the schema requires, per element.
-_REQUIRED: Mapping[str, tuple[str, ...]] = {"section": ("name",), "feature": ("name", "enabled"),
-                                            "per-device": ("kind",)}
+_REQUIRED: Mapping[str, tuple[str, ...]] = {
+    "section": ("name",), "feature": ("name", "enabled"), "per-device": ("kind",),
+    "source": ("protocol", "name"),
+    "host": ("name",), "snapshot": ("name",), "config": ("file",),
+    "secret": ("type",), "keyring": ("file",)}
+
+#: The values the schema allows for the ``<nvmgr:source>`` subtree's attributes, as
+#: Python patterns: libxml2 reports only "failed to validate attributes" there, these
+#: find which one (``tests/test_rbd_location.py`` holds them to the schema's).
+_SOURCE_VALUES: Mapping[tuple[str, str], str] = {
+    ("source", "protocol"): r"rbd",
+    ("source", "name"): r"[A-Za-z0-9_][A-Za-z0-9_.+\-]{0,127}/[A-Za-z0-9_][A-Za-z0-9_.+\-]{0,127}",
+    ("host", "name"): r"[A-Za-z0-9][A-Za-z0-9.\-]{0,252}|\[[0-9A-Fa-f:.]{2,45}\]",
+    ("host", "port"): r"[0-9]{1,5}",
+    ("snapshot", "name"): r"[A-Za-z0-9_][A-Za-z0-9_.+\-]{0,127}",
+    ("config", "file"): r"/.{0,4095}",
+    ("auth", "username"): r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}",
+    ("secret", "type"): r"ceph",
+    ("secret", "uuid"): r"[a-fA-F0-9]{8}-?[a-fA-F0-9]{4}-?[a-fA-F0-9]{4}-?[a-fA-F0-9]{4}-?"
+                        r"[a-fA-F0-9]{12}",
+    ("secret", "usage"): r"[^:\\\n]{1,256}",
+    ("keyring", "file"): r"/.{0,4095}",
+}
 
 _INVALID_ATTR = re.compile(r"Invalid attribute (\S+) for element (\S+)")
 _ATTRS_FAILED = re.compile(r"Element (\S+) failed to validate attributes")
@@ -278,6 +329,15 @@ def _schema_error(node: etree._Element, log: etree._ListErrorLog) -> InvalidInpu
                 why = _explain(el, attr, "")
                 if why is not None:
                     return meta_error(el, why)
+        bad = _bad_source_value(el) if el is not None else None
+        if bad is not None:
+            return bad
+    for el in node.iter(SOURCE_TAG, *(clark(f"nvmgr:{t}") for t in
+                                       ("host", "snapshot", "config", "auth", "secret",
+                                        "keyring"))):
+        bad = _bad_source_value(el)
+        if bad is not None:
+            return bad
     first = errors[0] if errors else None
     line = (first.line if first is not None and first.line else None) or node.sourceline
     where = f"line {line}" if line else "metadata"
@@ -288,6 +348,20 @@ def _schema_error(node: etree._Element, log: etree._ListErrorLog) -> InvalidInpu
     return InvalidInputError(
         f"nvmgr metadata ({where}) does not match schemas/nvmgr-metadata.rng: {detail}"
     )
+
+
+def _bad_source_value(el: etree._Element) -> InvalidInputError | None:
+    """The first attribute of *el* (in the ``<nvmgr:source>`` subtree) whose value
+    the schema refuses, explained; ``None`` when they all fit."""
+    local = etree.QName(el).localname
+    for key in el.keys():
+        attr, value = str(key), str(el.get(key, ""))
+        pattern = _SOURCE_VALUES.get((local, attr))
+        if pattern is not None and not re.fullmatch(pattern, value):
+            why = _explain(el, attr, value)
+            if why is not None:
+                return meta_error(el, why)
+    return None
 
 
 def _start_tag(el: etree._Element) -> str:
@@ -321,7 +395,12 @@ def from_element(node: etree._Element) -> NvmgrMetadata:
     except etree.LxmlError as e:  # never escapes as lxml's own error
         raise meta_error(node, f"nvmgr metadata cannot be validated: {e}") from e
     if not valid:
-        raise _schema_error(node, rng.error_log)
+        log = rng.error_log
+        for src in node.findall(SOURCE_TAG):
+            sub = _source_schema()
+            if not sub.validate(etree.ElementTree(src)):
+                raise _schema_error(src, sub.error_log)
+        raise _schema_error(node, log)
     return _decode(node)
 
 
@@ -441,8 +520,12 @@ def _decode(node: etree._Element) -> NvmgrMetadata:
             raise meta_error(pd, f"per-device kind={kind!r} is given twice")
         per_device.append(kind)
     lv = node.find(LIBVIRT_NVRAM_TAG)
+    source = node.find(SOURCE_TAG)
+    if source is not None and node.get("image") is not None:
+        raise meta_error(node, "give the image attribute or a <nvmgr:source> element, not both")
     return NvmgrMetadata(
-        image=_path(node, "image"),
+        image=_path(node, "image") if source is None else _source(source),
+        image_element=source is not None,
         format=node.get("format"),
         uuid=_uuid(node, "uuid"),
         key_file=_path(node, "key-file"),
@@ -453,6 +536,65 @@ def _decode(node: etree._Element) -> NvmgrMetadata:
         per_device=tuple(per_device),
         max_image_size=_max_image_size(node),
     )
+
+
+def _source(node: etree._Element) -> str:
+    """``<nvmgr:source protocol='rbd' name='POOL/IMAGE'>`` as an ``rbd:`` location."""
+    pool, _, image = node.get("name", "").partition("/")
+    hosts = []
+    for h in node.findall(clark("nvmgr:host")):
+        port = h.get("port")
+        if port is not None and not 0 < int(port) < 65536:
+            raise meta_error(h, f"source host port={port!r} is not a port number (1-65535)")
+        hosts.append((h.get("name", ""), int(port) if port is not None else None))
+    snap = node.find(clark("nvmgr:snapshot"))
+    config = node.find(clark("nvmgr:config"))
+    auth = node.find(clark("nvmgr:auth"))
+    secret = auth.find(clark("nvmgr:secret")) if auth is not None else None
+    keyring = auth.find(clark("nvmgr:keyring")) if auth is not None else None
+    for el, attr in ((config, "file"), (keyring, "file")):
+        if el is not None and "/../" in el.get(attr, "") + "/":
+            raise meta_error(el, _ABSOLUTE.format(attr=attr, v=repr(el.get(attr))))
+    loc = RbdLocation(
+        pool=pool, image=image,
+        snapshot=snap.get("name") if snap is not None else None,
+        conf=config.get("file") if config is not None else None,
+        user=auth.get("username") if auth is not None else None,
+        keyring=keyring.get("file") if keyring is not None else None,
+        hosts=tuple(hosts),
+        secret=str(UUID(secret.get("uuid", ""))) if secret is not None
+        and secret.get("uuid") else None,
+        secret_usage=secret.get("usage") if secret is not None else None)
+    try:  # what the location string itself must satisfy (checked once, in one place)
+        return RbdLocation.parse(loc.spec()).spec()
+    except UsageError as e:
+        raise meta_error(node, e.message) from e
+
+
+def source_element(location: str, parent: etree._Element) -> etree._Element:
+    """An ``rbd:`` location as a ``<nvmgr:source protocol='rbd'>`` element, the
+    first child of *parent*."""
+    loc = RbdLocation.parse(location)
+    el = etree.SubElement(parent, SOURCE_TAG, protocol="rbd", name=f"{loc.pool}/{loc.image}")
+    for host, port in loc.hosts:
+        h = etree.SubElement(el, clark("nvmgr:host"), name=host)
+        if port is not None:
+            h.set("port", str(port))
+    if loc.snapshot:
+        etree.SubElement(el, clark("nvmgr:snapshot"), name=loc.snapshot)
+    if loc.conf:
+        etree.SubElement(el, clark("nvmgr:config"), file=loc.conf)
+    if loc.user or loc.has_key_source:
+        auth = etree.SubElement(el, clark("nvmgr:auth"))
+        if loc.user:
+            auth.set("username", loc.user)
+        if loc.keyring:
+            etree.SubElement(auth, clark("nvmgr:keyring"), file=loc.keyring)
+        elif loc.secret:
+            etree.SubElement(auth, clark("nvmgr:secret"), type="ceph", uuid=loc.secret)
+        elif loc.secret_usage:
+            etree.SubElement(auth, clark("nvmgr:secret"), type="ceph", usage=loc.secret_usage)
+    return el
 
 
 def section_from_element(node: etree._Element) -> SectionDecl:
@@ -516,8 +658,11 @@ def to_element(meta: NvmgrMetadata,
         ``1M`` when nvmgr rewrites the metadata.
     """
     el = etree.Element(NVRAM_TAG, nsmap={prefix: NVMGR_NS})
+    as_element = meta.image_element and meta.image is not None and is_rbd(meta.image)
+    if as_element:
+        source_element(str(meta.image), el)
     for attr, value in (
-        ("image", meta.image),
+        ("image", None if as_element else meta.image),
         ("format", meta.format),
         ("uuid", str(meta.uuid) if meta.uuid else None),
         ("key-file", meta.key_file),

@@ -154,7 +154,7 @@ def qemu_args(
     if not live and not fwcfg:
         return []  # QEMU does not open the image at all
     dom_uuid = domain_uuid or plan.domain_uuid
-    if fwcfg or (live and (luks or (rbd is not None and rbd.keyring))):
+    if fwcfg or (live and (luks or (rbd is not None and rbd.has_key_source))):
         _staging_uuid(dom_uuid)  # refused before any argument is made
     args: list[str] = []
     if luks:
@@ -165,7 +165,7 @@ def qemu_args(
         if rbd is not None:
             # QEMU's rbd driver; the cephx key from a runtime file the hooks stage and remove.
             node: dict[str, object] = {**rbd.node(), "node-name": FILE_NODE}
-            if rbd.keyring:
+            if rbd.has_key_source:
                 key = _keyval_path(rbd_key_path(_staging_uuid(dom_uuid)))
                 args += ["-object", f"secret,id={RBD_SECRET_ID},format=base64,file={key}"]
                 node["key-secret"] = RBD_SECRET_ID
@@ -254,9 +254,9 @@ def _member_nodes(args: list[str], s: PlannedSection, n: int) -> str:
     file_node, format_node = member_nodes(n)
     if is_rbd(path):
         loc = RbdLocation.parse(path)
-        if loc.keyring or fmt != "raw":
+        if loc.has_key_source or fmt != "raw":
             raise UsageError(f"section {s.name}: a live section in an RBD member with a "
-                             "keyring is not supported; merge it back or use a file",
+                             "key source is not supported; merge it back or use a file",
                              image=path, section=s.name)
         args += ["-blockdev", _json({**loc.node(), "node-name": file_node})]
         return file_node
@@ -515,6 +515,8 @@ def apply_plan(
             libvirt_nvram=record,
             per_device=old.per_device if old else (),
             max_image_size=old.max_image_size if old else None,
+            # A <nvmgr:source> stays the element it was (an rbd: location still).
+            image_element=bool(old and old.image_element and is_rbd(image_path)),
         )
     )
 

@@ -69,7 +69,7 @@ from nvmgr.provision.prepare import (
     refuse_luks,
 )
 from nvmgr.storage import image_exists
-from nvmgr.storage.rbd import RbdLocation, is_rbd, read_keyring_key
+from nvmgr.storage.rbd import RbdLocation, is_rbd
 
 MIGRATE_MAP = paths.MIGRATE_MAP
 #: The runtime file QEMU reads the LUKS passphrase from (``qemuargs.key_path``).
@@ -292,10 +292,10 @@ def _collect_tpm(img: Image, found: dict[str, bytes], version: str) -> list[str]
 
 def _stage_rbd_key(ctx: HookContext) -> None:
     """The cephx key of an image on RBD, for QEMU's rbd driver: a runtime file (tmpfs,
-    0600, the QEMU user's) that ``started`` removes; from the keyring the location names."""
-    loc = RbdLocation.parse(ctx.image)
-    if loc.keyring:
-        key = read_keyring_key(loc.keyring, loc.user)
+    0600, the QEMU user's) that ``started`` removes; from the keyring or the libvirt
+    secret (of usage type ceph, read from libvirt's store) the location names."""
+    key = RbdLocation.parse(ctx.image).key()
+    if key is not None:
         staging.stage_runtime(ctx.uuid, {"rbd.key": key.encode("ascii")}, ctx.users,
                               ctx.runtime_root)
 

@@ -58,7 +58,7 @@ from nvmgr.format.model import (
     SectionCrypto,
 )
 from nvmgr.storage.container import Container, create_container, open_container, qemu_holds_write
-from nvmgr.storage.formats import image_exists
+from nvmgr.storage.formats import image_exists, is_location
 from nvmgr.storage.rbd import is_rbd
 
 if TYPE_CHECKING:  # cryptography is imported when an encrypted image needs it
@@ -496,7 +496,7 @@ class Image:
     def member_path(self, m: Member) -> str:
         """Where member *m* is: its recorded path, a relative one taken
         relative to this image's directory."""
-        if is_rbd(m.path) or os.path.isabs(m.path) or is_rbd(self.path):
+        if is_location(m.path) or os.path.isabs(m.path) or is_location(self.path):
             return m.path
         return os.path.join(os.path.dirname(os.path.abspath(self.path)), m.path)
 

@@ -9,6 +9,8 @@ One module, one job::
               internal snapshots
     rbd       images in Ceph RBD (``rbd:POOL/IMAGE...`` locations) through a
               FUSE export of QEMU's rbd driver
+    nbd       images on an NBD server (``nbd://`` and ``nbd+unix://`` URIs)
+              through a FUSE export of QEMU's nbd driver
     fuse      a private qemu-storage-daemon FUSE export of an image, its
               mountpoint and the clean-up of those a killed nvmgr left
     qemu      the one seam that runs QEMU's tools, under one error policy
@@ -23,9 +25,10 @@ from nvmgr.storage.formats import (
     create_container,
     format_named,
     image_exists,
+    is_location,
     open_container,
     probe_format,
 )
 
 __all__ = ["FORMATS", "absolute", "create_container", "format_named", "image_exists",
-           "open_container", "probe_format"]
+           "is_location", "open_container", "probe_format"]

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from nvmgr.errors import UsageError
 from nvmgr.storage.base import Container, read_head
+from nvmgr.storage.nbd import NbdContainer, is_nbd, nbd_exists
 from nvmgr.storage.qcow2 import Qcow2Container
 from nvmgr.storage.raw import RawContainer
 from nvmgr.storage.rbd import RbdContainer, is_rbd, rbd_exists
@@ -60,6 +61,8 @@ def probe_format(path: str) -> str:
     """
     if is_rbd(path):  # a location, not a file: RBD images hold the layout raw
         return RbdContainer.fmt
+    if is_nbd(path):  # an NBD export likewise
+        return NbdContainer.fmt
     head = read_head(path, PROBE_BYTES)
     for f in REGISTRY:
         if f.probe(head):
@@ -67,16 +70,23 @@ def probe_format(path: str) -> str:
     return "raw"
 
 
+def is_location(name: str) -> bool:
+    """A network location (``rbd:``, ``nbd://``, ``nbd+unix://``), not a file name."""
+    return is_rbd(name) or is_nbd(name)
+
+
 def absolute(location: str) -> str:
-    """A file name made absolute; an ``rbd:`` location as it is."""
-    return location if is_rbd(location) else os.path.abspath(location)
+    """A file name made absolute; a network location as it is."""
+    return location if is_location(location) else os.path.abspath(location)
 
 
 def image_exists(location: str) -> bool:
-    """Whether the image file, or the RBD image, exists.
+    """Whether the image file, the RBD image or the NBD export exists.
 
-    :raise ExternalError: the cluster cannot be asked (an RBD location).
+    :raise ExternalError: the cluster or server cannot be asked (a network location).
     """
+    if is_nbd(location):
+        return nbd_exists(location)
     if not is_rbd(location):
         return os.path.exists(location)
     return rbd_exists(location)
@@ -86,9 +96,11 @@ def open_container(
     path: str, *, writable: bool = False, wait: float = 0, fmt: str | None = None
 ) -> Container:
     """Open an existing image in its own format (probed when *fmt* is None);
-    an ``rbd:`` location opens its RBD image."""
+    an ``rbd:`` location opens its RBD image, an NBD URI its export."""
     if is_rbd(path):
         return RbdContainer(path, writable=writable, wait=wait)
+    if is_nbd(path):
+        return NbdContainer(path, writable=writable, wait=wait)
     return format_named(fmt or probe_format(path))(path, writable=writable, wait=wait)
 
 
@@ -98,4 +110,6 @@ def create_container(path: str, fmt: str, size: int, *, wait: float = 0) -> Cont
         if fmt not in ("raw", RbdContainer.fmt):
             raise UsageError(f"an RBD image holds nvmgr's layout raw, not as {fmt}", image=path)
         return RbdContainer.create(path, size, wait=wait)
+    if is_nbd(path):
+        return NbdContainer.create(path, size, wait=wait)
     return format_named(fmt).create(path, size, wait=wait)

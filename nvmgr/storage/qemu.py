@@ -98,8 +98,9 @@ def run(tool: str, args: Sequence[str], *, image: str | None = None,
         pass_fds: Sequence[int] = ()) -> Result:
     """Run *tool* with *args* to completion; its result whatever its exit status.
 
-    stdin is empty; stdout and stderr are captured as text; *pass_fds* stay
-    open in the tool (``/dev/fd/N``: keys and plaintext never touch a file).
+    stdin is empty; stdout and stderr are captured as text; *pass_fds* are
+    inherited (``/dev/fd/N``: a key handed over through a pipe or a memfd, so
+    keys and plaintext never touch a file).
 
     :raise ExternalError: the tool is not installed or cannot be started.
     """
@@ -219,8 +220,8 @@ def img_convert(src: str, src_fmt: str, dst: str, dst_fmt: str, *,
 
 
 def _is_location(name: str) -> bool:
-    """A network location QEMU parses (``rbd:...``), not a file name."""
-    return name.startswith("rbd:")
+    """A network location QEMU parses (``rbd:...``, an NBD URI), not a file name."""
+    return name.startswith(("rbd:", "nbd://", "nbd+unix://"))
 
 
 def _name(name: str) -> str:

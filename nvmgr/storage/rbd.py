@@ -23,6 +23,8 @@ own in-use mark (set by the prepare hook) refuses writes to its live sections.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import os
 import re
@@ -30,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from nvmgr import paths
 from nvmgr.errors import ExternalError, NotFoundError, UsageError
 from nvmgr.storage import qemu
 from nvmgr.storage.base import lock_file
@@ -40,17 +43,75 @@ PREFIX = "rbd:"
 
 _NAME = r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}"
 _LOCATION = re.compile(rf"rbd:(?P<pool>{_NAME})/(?P<image>{_NAME})(?:@(?P<snap>{_NAME}))?"
-                       r"(?P<opts>(?::[a-z_]+=[^:\0]+)*)")
-_OPTIONS = ("conf", "id", "keyring")
+                       r"(?P<opts>(?::[a-z_]+=(?:[^:\\\0]|\\[:\\])+)*)")
+#: Options of a location: qemu-img's own, and nvmgr's key sources (never handed to QEMU).
+_OPTIONS = ("conf", "id", "keyring", "mon_host", "secret", "secret_usage")
+_KEY_SOURCES = ("keyring", "secret", "secret_usage")
+_HOST = re.compile(r"(?P<host>[A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:.]{2,45}\])"
+                   r"(?::(?P<port>[0-9]{1,5}))?")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_USAGE = re.compile(r"[^\0\n:\\]{1,256}")
+USAGE_HINT = ("rbd:POOL/IMAGE[@SNAP][:conf=FILE][:id=USER][:mon_host=HOST\\:PORT]"
+              "[:keyring=FILE|:secret=UUID|:secret_usage=NAME]")
 
 
 def is_rbd(location: str) -> bool:
     return isinstance(location, str) and location.startswith(PREFIX)
 
 
+def _split_options(text: str) -> list[str]:
+    """``:a=1:b=x\\:y`` -> ``["a=1", "b=x:y"]`` (qemu-img's ``\\:`` escape)."""
+    parts: list[str] = []
+    cur = ""
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and i + 1 < len(text):
+            cur += text[i + 1]
+            i += 2
+            continue
+        if c == ":":
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += c
+        i += 1
+    parts.append(cur)
+    return [p for p in parts if p]
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def parse_hosts(text: str, *, what: str) -> tuple[tuple[str, int | None], ...]:
+    """``HOST[:PORT]`` items separated by ``;`` or ``,``: the monitors to ask.
+
+    :raise UsageError: a bad host or port (*what* names the location).
+    """
+    hosts: list[tuple[str, int | None]] = []
+    for item in re.split(r"[;,]", text):
+        m = _HOST.fullmatch(item.strip())
+        port = int(m["port"]) if m and m["port"] else None
+        if m is None or (port is not None and not 0 < port < 65536):
+            raise UsageError(f"bad RBD location {what!r}: monitor {item!r} is not "
+                             "HOST or HOST:PORT")
+        hosts.append((m["host"], port))
+    if not hosts:
+        raise UsageError(f"bad RBD location {what!r}: mon_host names no monitor")
+    return tuple(hosts)
+
+
 @dataclass(frozen=True)
 class RbdLocation:
-    """A parsed ``rbd:`` location."""
+    """A parsed ``rbd:`` location.
+
+    The cephx key comes from at most one of: ``keyring`` (a Ceph keyring file),
+    ``secret`` (the UUID of a libvirt secret of usage type ceph) or
+    ``secret_usage`` (such a secret's usage name); without any, librbd finds it
+    the way every Ceph client does.  ``hosts`` are the monitors (``mon_host``);
+    without them, the conf file names them.
+    """
 
     pool: str
     image: str
@@ -58,33 +119,83 @@ class RbdLocation:
     conf: str | None = None
     user: str | None = None
     keyring: str | None = None
+    hosts: tuple[tuple[str, int | None], ...] = ()
+    secret: str | None = None
+    secret_usage: str | None = None
 
     @classmethod
     def parse(cls, location: str) -> RbdLocation:
-        """:raise UsageError: not ``rbd:POOL/IMAGE[@SNAP][:conf=F][:id=U][:keyring=F]``."""
+        """:raise UsageError: not ``rbd:POOL/IMAGE[@SNAP][:OPTION=VALUE]...``, an
+        unknown or repeated option, a relative path, a bad monitor, secret UUID or
+        usage name, or more than one key source."""
         m = _LOCATION.fullmatch(location)
         if m is None:
-            raise UsageError(f"bad RBD location {location!r}: expected "
-                             "rbd:POOL/IMAGE[@SNAP][:conf=FILE][:id=USER][:keyring=FILE]")
+            raise UsageError(f"bad RBD location {location!r}: expected {USAGE_HINT}")
         opts: dict[str, str] = {}
-        for part in filter(None, m["opts"].split(":")):
+        for part in _split_options(m["opts"]):
             key, _, value = part.partition("=")
             if key not in _OPTIONS or key in opts:
                 raise UsageError(f"bad RBD location {location!r}: option {key!r} "
                                  f"(known once each: {', '.join(_OPTIONS)})")
             if key in ("conf", "keyring") and not os.path.isabs(value):
                 raise UsageError(f"bad RBD location {location!r}: {key} must be an absolute path")
+            if key == "secret" and not _UUID.fullmatch(value):
+                raise UsageError(f"bad RBD location {location!r}: secret={value!r} is not "
+                                 "the UUID of a libvirt secret")
+            if key == "secret_usage" and not _USAGE.fullmatch(value):
+                raise UsageError(f"bad RBD location {location!r}: secret_usage={value!r} is "
+                                 "not a libvirt secret's usage name")
             opts[key] = value
+        sources = [k for k in _KEY_SOURCES if k in opts]
+        if len(sources) > 1:
+            raise UsageError(f"bad RBD location {location!r}: the key comes from one of "
+                             f"{', '.join(_KEY_SOURCES)}, not {' and '.join(sources)}")
+        hosts = parse_hosts(opts["mon_host"], what=location) if "mon_host" in opts else ()
         return cls(m["pool"], m["image"], m["snap"], opts.get("conf"), opts.get("id"),
-                   opts.get("keyring"))
+                   opts.get("keyring"), hosts, opts.get("secret"), opts.get("secret_usage"))
+
+    def spec(self) -> str:
+        """The location as nvmgr spells it (parses back to the same)."""
+        s = f"rbd:{self.pool}/{self.image}" + (f"@{self.snapshot}" if self.snapshot else "")
+        for key, value in (("conf", self.conf), ("id", self.user),
+                           ("mon_host", self._mon_host()), ("keyring", self.keyring),
+                           ("secret", self.secret), ("secret_usage", self.secret_usage)):
+            if value:
+                s += f":{key}={_escape(value)}"
+        return s
+
+    def _mon_host(self) -> str | None:
+        if not self.hosts:
+            return None
+        return ";".join(h if p is None else f"{h}:{p}" for h, p in self.hosts)
 
     def qemu_filename(self) -> str:
-        """The legacy filename ``qemu-img`` takes (key material never in it)."""
+        """The legacy filename ``qemu-img`` takes (key material never in it; a key
+        from a libvirt secret goes to QEMU as a secret object, see :func:`key`)."""
         s = f"rbd:{self.pool}/{self.image}" + (f"@{self.snapshot}" if self.snapshot else "")
-        for key, value in (("conf", self.conf), ("id", self.user), ("keyring", self.keyring)):
+        for key, value in (("conf", self.conf), ("id", self.user),
+                           ("mon_host", self._mon_host()), ("keyring", self.keyring)):
             if value:
-                s += f":{key}={value}"
+                s += f":{key}={_escape(value)}"
         return s
+
+    @property
+    def has_key_source(self) -> bool:
+        """nvmgr hands QEMU the key (from a keyring or a libvirt secret)."""
+        return bool(self.keyring or self.secret or self.secret_usage)
+
+    def key(self, secrets_dir: str | None = None) -> str | None:
+        """The base64 cephx key from the location's key source (``None``: librbd's own).
+
+        :raise NotFoundError: no such keyring, secret or key in it.
+        :raise UsageError: the secret is not of usage type ceph, or unreadable.
+        """
+        if self.keyring:
+            return read_keyring_key(self.keyring, self.user)
+        if self.secret or self.secret_usage:
+            return libvirt_ceph_key(uuid=self.secret, usage=self.secret_usage,
+                                    secrets_dir=secrets_dir)
+        return None
 
     def node(self) -> dict[str, object]:
         """The ``rbd`` blockdev node (without a key)."""
@@ -95,6 +206,9 @@ class RbdLocation:
             n["conf"] = self.conf
         if self.user:
             n["user"] = self.user
+        if self.hosts:
+            n["server"] = [{"host": h.strip("[]"), "port": str(p or 6789)}
+                           for h, p in self.hosts]
         return n
 
 
@@ -125,18 +239,177 @@ def read_keyring_key(path: str, user: str | None) -> str:
     raise NotFoundError(f"keyring {path} has no key for {want or 'a single user'}")
 
 
+#: Bytes read at most from a file of libvirt's secret store.
+_MAX_SECRET_FILE = 64 << 10
+
+
+def _read_small(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(_MAX_SECRET_FILE)
+
+
+def _secret_usage(path: str) -> tuple[str | None, str | None, str | None]:
+    """(uuid, usage type, usage name) of a libvirt secret definition file."""
+    # libvirtd writes these files (root's, 0600): no entities, small; read with
+    # the standard library's parser (no DTDs are loaded by it).
+    from xml.etree import ElementTree
+
+    try:
+        root = ElementTree.fromstring(_read_small(path))
+    except ElementTree.ParseError as e:
+        raise UsageError(f"libvirt secret file {path} is not XML ({e})") from e
+    usage = root.find("usage")
+    return (root.findtext("uuid"), usage.get("type") if usage is not None else None,
+            usage.findtext("name") if usage is not None else None)
+
+
+def libvirt_ceph_key(*, uuid: str | None = None, usage: str | None = None,
+                     secrets_dir: str | None = None) -> str:
+    """The cephx key in a libvirt secret of usage type ceph, read from libvirt's
+    own secret store (a hook must never call libvirt).
+
+    libvirt keeps a defined, non-ephemeral secret's value base64-encoded in
+    ``DIR/UUID.base64`` and its definition in ``DIR/UUID.xml``.  A ceph secret's
+    value is the key's bytes (``virsh secret-set-value UUID KEY`` decodes the
+    base64 key), so the file holds the key as Ceph spells it.
+
+    :param uuid: the secret's UUID; or
+    :param usage: its usage name (``<usage type='ceph'><name>``).
+    :param secrets_dir: libvirt's store (:data:`nvmgr.paths.SECRETS_DIR`, read
+        when called, so a test or another layout may change it).
+    :raise NotFoundError: no such secret, or it has no value (ephemeral).
+    :raise UsageError: the secret is not of usage type ceph, or its value is not base64.
+    """
+    secrets_dir = secrets_dir or paths.SECRETS_DIR
+    uuid = uuid.lower() if uuid else None
+    what = f"libvirt secret {uuid or usage!r}"
+    try:
+        if uuid is None:
+            found = None
+            for name in sorted(os.listdir(secrets_dir)):
+                if name.endswith(".xml"):
+                    u, kind, uname = _secret_usage(os.path.join(secrets_dir, name))
+                    if kind == "ceph" and uname == usage:
+                        found = u or name[:-4]
+                        break
+            if found is None:
+                raise NotFoundError(f"no libvirt secret of usage type ceph named {usage!r} "
+                                    f"in {secrets_dir}")
+            uuid = found
+        what = f"libvirt secret {uuid}" + (f" ({usage!r})" if usage else "")
+        try:
+            _u, kind, _n = _secret_usage(os.path.join(secrets_dir, f"{uuid}.xml"))
+        except FileNotFoundError as e:
+            raise NotFoundError(f"{what} is not defined (no {secrets_dir}/{uuid}.xml)") from e
+        if kind != "ceph":
+            raise UsageError(f"{what} is of usage type {kind or 'none'}, not ceph")
+        try:
+            data = _read_small(os.path.join(secrets_dir, f"{uuid}.base64")).strip()
+        except FileNotFoundError as e:
+            raise NotFoundError(f"{what} has no value (ephemeral, or never set: "
+                                f"virsh secret-set-value {uuid} KEY)") from e
+    except OSError as e:
+        if isinstance(e, FileNotFoundError) and uuid is None:
+            raise NotFoundError(f"no libvirt secret store at {secrets_dir}") from e
+        raise UsageError(f"cannot read libvirt's secret store {secrets_dir}: "
+                         f"{e.strerror or e}") from e
+    try:
+        key = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise UsageError(f"the value of {what} is not base64") from e
+    if len(key) < 16:
+        raise UsageError(f"the value of {what} is {len(key)} bytes, too short for a cephx key")
+    return data.decode("ascii")
+
+
+KEY_ID = "nvmgr-rbd-key"
+
+
+def _opts_value(value: str) -> str:
+    """A value in QEMU's ``key=value,...`` options: commas doubled."""
+    return value.replace(",", ",,")
+
+
+def image_opts(loc: RbdLocation, key_id: str | None) -> str:
+    """``--image-opts`` for the raw image on *loc* (the key as secret *key_id*)."""
+    pairs: list[tuple[str, str]] = [("driver", "rbd"), ("pool", loc.pool), ("image", loc.image)]
+    for name, value in (("snapshot", loc.snapshot), ("conf", loc.conf), ("user", loc.user),
+                        ("key-secret", key_id)):
+        if value:
+            pairs.append((name, value))
+    for i, (host, port) in enumerate(loc.hosts):
+        pairs += [(f"server.{i}.host", host.strip("[]")), (f"server.{i}.port", str(port or 6789))]
+    return ",".join(["driver=raw", *(f"file.{k}={_opts_value(v)}" for k, v in pairs)])
+
+
+@contextlib.contextmanager
+def key_pipe(loc: RbdLocation) -> Iterator[int | None]:
+    """A pipe's read end holding the location's key (``None``: librbd finds it).
+
+    The key never touches argv, the environment or a file: QEMU reads it as
+    ``secret,format=base64,file=/dev/fd/N``.
+    """
+    key = loc.key()
+    if key is None:
+        yield None
+        return
+    r, w = os.pipe()
+    try:
+        os.write(w, key.encode("ascii"))
+        os.close(w)
+        w = -1
+        os.set_inheritable(r, True)
+        yield r
+    finally:
+        for fd in (r, w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+def _secret_object(fd: int) -> list[str]:
+    return ["--object", f"secret,id={KEY_ID},format=base64,file=/dev/fd/{fd}"]
+
+
+def _img(loc: RbdLocation, args: list[str], what: str, location: str, *,
+         check: bool = True, raw: bool = True) -> qemu.Result:
+    """``qemu-img ARGS... IMAGE``: the image as ``--image-opts`` with the key as a
+    secret object when nvmgr has it from a libvirt secret; else the legacy
+    filename (librbd reads a keyring itself), ``-f raw`` where *raw* (``qemu-img
+    snapshot`` has no ``-f``: it probes the image as raw)."""
+    with key_pipe(loc) if (loc.secret or loc.secret_usage) else contextlib.nullcontext() as fd:
+        if fd is None:
+            argv = [*args, *(["-f", "raw"] if raw else []), loc.qemu_filename()]
+        else:
+            argv = [args[0], *_secret_object(fd), *args[1:], "--image-opts",
+                    image_opts(loc, KEY_ID)]
+        res = qemu.run(qemu.QEMU_IMG, argv, image=location, pass_fds=() if fd is None else (fd,))
+    return qemu.check(res, what, image=location) if check else res
+
+
 def rbd_exists(location: str) -> bool:
     """Whether the RBD image exists (``qemu-img info`` through librbd).
 
     :raise ExternalError: the cluster cannot be asked.
     """
     loc = RbdLocation.parse(location)
-    res = qemu.run(qemu.QEMU_IMG, ["info", "-U", "-f", "raw", loc.qemu_filename()],
-                   image=location)
+    res = _img(loc, ["info", "-U"], "qemu-img info", location, check=False)
     if res.returncode != 0 and "No such file or directory" in res.stderr:
         return False
     qemu.check(res, "qemu-img info", image=location)
     return True
+
+
+def _info(loc: RbdLocation, location: str) -> dict[str, Any]:
+    import json
+
+    out = _img(loc, ["info", "--output=json", "-U"], "qemu-img info", location).stdout
+    try:
+        info = json.loads(out)
+    except ValueError as e:
+        raise ExternalError("qemu-img info printed bad JSON", detail=str(e),
+                            image=location) from e
+    return info if isinstance(info, dict) else {}
 
 
 def lock_dir() -> str:
@@ -155,6 +428,16 @@ def _lock(loc: RbdLocation, *, writable: bool, wait: float, location: str) -> in
         os.close(fd)
         raise
     return fd
+
+
+def _create(loc: RbdLocation, size: int, path: str) -> qemu.Result:
+    """``qemu-img create`` of the raw RBD image (the key as a secret object when
+    nvmgr has it from a libvirt secret: ``-o password-secret``)."""
+    with key_pipe(loc) if (loc.secret or loc.secret_usage) else contextlib.nullcontext() as fd:
+        extra = [] if fd is None else [*_secret_object(fd), "-o", f"password-secret={KEY_ID}"]
+        return qemu.run(qemu.QEMU_IMG, ["create", "-q", "-f", "raw", *extra,
+                                        loc.qemu_filename(), str(size)], image=path,
+                        pass_fds=() if fd is None else (fd,))
 
 
 class RbdContainer(Qcow2Container):
@@ -195,8 +478,7 @@ class RbdContainer(Qcow2Container):
         _check_size(size, path)
         fd = _lock(loc, writable=True, wait=wait, location=path)
         try:
-            res = qemu.run(qemu.QEMU_IMG, ["create", "-q", "-f", "raw", loc.qemu_filename(),
-                                           str(size)], image=path)
+            res = _create(loc, size, path)
             if res.returncode != 0 and "exists" in res.stderr.lower():
                 raise UsageError(f"RBD image {loc.image} exists in pool {loc.pool} (nvmgr "
                                  "never overwrites an image)", image=path)
@@ -210,18 +492,11 @@ class RbdContainer(Qcow2Container):
         node = loc.node()
         objects: list[str] = []
         fds: list[int] = [self._lock_fd]
-        keep: list[int] = []
-        try:
-            if loc.keyring:
-                key = read_keyring_key(loc.keyring, loc.user)
-                r, w = os.pipe()
-                keep.append(r)
-                os.write(w, key.encode("ascii"))
-                os.close(w)
-                os.set_inheritable(r, True)
+        with key_pipe(loc) as r:
+            if r is not None:
                 # QEMU base64-encodes a secret for Ceph: hand it the key decoded.
-                objects.append(f"secret,id=nvmgr-rbd-key,format=base64,file=/dev/fd/{r}")
-                node["key-secret"] = "nvmgr-rbd-key"
+                objects.append(f"secret,id={KEY_ID},format=base64,file=/dev/fd/{r}")
+                node["key-secret"] = KEY_ID
                 fds.append(r)
             try:
                 export = FuseExport(self._abs, driver="raw", writable=self.writable,
@@ -233,10 +508,6 @@ class RbdContainer(Qcow2Container):
                                         image=self.path) from e
                 raise
             self._export = export
-        finally:
-            for fd in keep:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
         self._open_export(export)
 
 
@@ -256,12 +527,12 @@ def _held(path: str, exclusive: bool, wait: float) -> Iterator[RbdLocation]:
 def snapshot_list(path: str, *, wait: float = 0) -> list[dict[str, Any]]:
     """The RBD snapshots of the image (QEMU's records: ``id``, ``name``, ...)."""
     with _held(path, False, wait) as loc:
-        snaps = qemu.img_info(loc.qemu_filename(), "raw").get("snapshots", [])
+        snaps = _info(loc, path).get("snapshots", [])
     return [s for s in snaps if isinstance(s, dict)] if isinstance(snaps, list) else []
 
 
-def _names(loc: RbdLocation) -> set[str]:
-    snaps = qemu.img_info(loc.qemu_filename(), "raw").get("snapshots", [])
+def _names(loc: RbdLocation, path: str) -> set[str]:
+    snaps = _info(loc, path).get("snapshots", [])
     return {str(s.get("name")) for s in snaps if isinstance(s, dict)} \
         if isinstance(snaps, list) else set()
 
@@ -269,14 +540,14 @@ def _names(loc: RbdLocation) -> set[str]:
 def _snapshot(path: str, name: str, op: str, wait: float) -> None:
     check_snapshot_name(name)
     with _held(path, True, wait) as loc:
-        known = name in _names(loc)
+        known = name in _names(loc, path)
         if op == "-c" and known:
             raise UsageError(f"a snapshot named {name!r} exists", image=path)
         if op != "-c" and not known:
             raise NotFoundError(f"no snapshot named {name!r}", image=path)
         # A raw image named by its location: qemu-img probes it as raw (and says so).
-        qemu.qemu_img(["snapshot", "-q", op, name, loc.qemu_filename()],
-                      f"qemu-img snapshot {op} {name!r}", image=path)
+        _img(loc, ["snapshot", "-q", op, name], f"qemu-img snapshot {op} {name!r}", path,
+             raw=False)
 
 
 def snapshot_create(path: str, name: str, *, wait: float = 0) -> None:

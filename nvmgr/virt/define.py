@@ -252,7 +252,7 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
     dom = parse_domain(xml)
     meta = dom.nvmgr
     image = meta.image if meta else None
-    if image and image_exists(image) and not (keep_nvram or remove_nvram):
+    if not (keep_nvram or remove_nvram) and image and image_exists(image):
         raise UsageError(
             f"the domain's state is in {image}: undefine with --keep-nvram or --remove-nvram",
             domain=name)

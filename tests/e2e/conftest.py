@@ -15,10 +15,13 @@ import fcntl
 import os
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.ceph_cluster import PACKAGES, CephCluster, missing_tools
 
 from . import vmlib
 
@@ -75,3 +78,19 @@ def vm(e2e_env: Path, tmp_path: Path) -> Iterator[MakeVM]:
     for v in made:
         problems += v.cleanup()
     assert not problems, problems
+
+
+@pytest.fixture(scope="module")
+def ceph() -> Iterator[CephCluster]:
+    """A single-node Ceph cluster on 127.0.0.1 for the module (``tests/ceph_cluster.py``);
+    skipped, with the reason, without root or Ceph's packages."""
+    if os.geteuid() != 0:
+        pytest.skip("the Ceph harness runs its daemons as root")
+    missing = missing_tools()
+    if missing:
+        pytest.skip(f"Ceph is not installed ({', '.join(missing)} missing; scripts/setup "
+                    f"installs {' '.join(PACKAGES)})")
+    # Not under pytest's 0700 temp root: QEMU (libvirt-qemu) reads the conf.
+    root = Path(tempfile.mkdtemp(prefix="nvmgr-ceph-e2e-", dir="/var/tmp"))
+    with CephCluster(root) as c:
+        yield c

@@ -42,13 +42,16 @@ with the namespace.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -117,6 +120,7 @@ class Host:
         self.root = base / name
         self.host_uuid = str(uuid.uuid4())
         self._holder: subprocess.Popen[bytes] | None = None
+        self._bridges: list[TcpBridge] = []
 
     # ------------------------------------------------------------ paths
 
@@ -233,6 +237,15 @@ class Host:
         return run(["nsenter", "-t", str(self._holder.pid), "-m", "-u", "-n", *cmd],
                    check=check, timeout=timeout)
 
+    def forward_tcp(self, ports: Sequence[int]) -> TcpBridge:
+        """Make 127.0.0.1:PORT inside this host reach 127.0.0.1:PORT of the machine
+        (a service of the root network namespace, such as the Ceph cluster), for each
+        of *ports*; :meth:`stop` ends it."""
+        assert self._holder is not None
+        bridge = TcpBridge(f"/proc/{self._holder.pid}/ns/net", ports)
+        self._bridges.append(bridge)
+        return bridge
+
     def _pid(self, pidfile: str, comm: str | None = None) -> int | None:
         try:
             pid = int(self.path(pidfile).read_text().strip())
@@ -301,6 +314,9 @@ class Host:
             except Failed:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+        for bridge in self._bridges:
+            bridge.close()
+        self._bridges.clear()
         self._holder.kill()
         self._holder.wait(10)
         for stream in (self._holder.stdout, self._holder.stderr):
@@ -368,6 +384,106 @@ class Host:
                     return time.monotonic() - t0
             time.sleep(0.25)
         raise Failed(f"host {self.name}: OVMF of {name} did not reach its shell in {timeout} s")
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def _listen_in(netns: str, port: int) -> socket.socket:
+    """A socket listening on 127.0.0.1:*port* of the network namespace *netns*.
+
+    A socket belongs to the namespace of the thread that made it, for its
+    whole life: a short-lived thread enters *netns* (``setns`` changes only
+    the calling thread), makes the socket and ends.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    got: list[socket.socket | BaseException] = []
+
+    def make() -> None:
+        try:
+            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if libc.setns(fd, _CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise OSError(err, f"setns {netns}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen(64)
+            got.append(s)
+        except BaseException as e:  # handed to the caller's thread
+            got.append(e)
+
+    t = threading.Thread(target=make, name=f"netns-listen-{port}")
+    t.start()
+    t.join()
+    if isinstance(got[0], BaseException):
+        raise got[0]
+    return got[0]
+
+
+class TcpBridge:
+    """127.0.0.1:PORT in another network namespace -> 127.0.0.1:PORT here.
+
+    The hosts of this harness have network namespaces of their own (only ``lo``);
+    a service listening on the machine's loopback (the Ceph cluster of
+    ``tests/ceph_cluster.py``) is out of their reach, and a route cannot carry
+    127.0.0.0/8 between namespaces.  This carries each connection byte for byte,
+    in threads of the test process: the peers on both sides see 127.0.0.1 and the
+    same port, so addresses a service hands out (Ceph's OSD map) stay right.
+    """
+
+    def __init__(self, netns: str, ports: Sequence[int]) -> None:
+        self._closed = threading.Event()
+        self._listeners = [(_listen_in(netns, p), p) for p in ports]
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        for sock, port in self._listeners:
+            threading.Thread(target=self._accept, args=(sock, port), daemon=True,
+                             name=f"bridge-{port}").start()
+
+    def _accept(self, listener: socket.socket, port: int) -> None:
+        while not self._closed.is_set():
+            try:
+                inside, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                outside = socket.create_connection(("127.0.0.1", port), timeout=10)
+                outside.settimeout(None)
+            except OSError:
+                inside.close()
+                continue
+            with self._lock:
+                self._conns += [inside, outside]
+            for a, b in ((inside, outside), (outside, inside)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._closed.set()
+        for sock, _port in self._listeners:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        with self._lock:
+            for c in self._conns:
+                with contextlib.suppress(OSError):
+                    c.shutdown(socket.SHUT_RDWR)
+                c.close()
+            self._conns.clear()
 
 
 def _wait_gone(pid: int, timeout: float, what: str) -> None:

@@ -44,7 +44,7 @@ def cluster() -> Iterator[tuple[Host, Host, Path]]:
 class GuestVM:
     """A domain defined on one host, its image in *image*, a shell on its serial port."""
 
-    def __init__(self, what: str, image: Path, workdir: Path) -> None:
+    def __init__(self, what: str, image: Path | str, workdir: Path) -> None:
         self.name = vmlib.new_name(what)
         self.uuid = str(uuid.uuid4())
         self.image = image
@@ -78,7 +78,7 @@ class GuestVM:
             out = sh.command(f'setvar {var} -guid {GUID} -nv -bs ="{value}"')
             assert "rror" not in out, out
 
-    def info(self, image: Path | None = None) -> dict[str, object]:
+    def info(self, image: Path | str | None = None) -> dict[str, object]:
         return vmlib.nvmgr_json("info", image or self.image)
 
     def in_use(self, image: Path | None = None) -> bool:

@@ -12,32 +12,19 @@ from __future__ import annotations
 import html
 import json
 import os
-import tempfile
-from collections.abc import Iterator
+import uuid
 from pathlib import Path
 
 import pytest
+from lxml import etree
 
-from tests.ceph_cluster import PACKAGES, CephCluster, missing_tools
+from nvmgr.domain.namespaces import NVMGR_NS
+from tests.ceph_cluster import CephCluster
 
 from . import vmlib
 from .conftest import MakeVM
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def ceph() -> Iterator[CephCluster]:
-    if os.geteuid() != 0:
-        pytest.skip("the Ceph harness runs its daemons as root")
-    missing = missing_tools()
-    if missing:
-        pytest.skip(f"Ceph is not installed ({', '.join(missing)} missing; scripts/setup "
-                    f"installs {' '.join(PACKAGES)})")
-    # Not under pytest's 0700 temp root: QEMU (libvirt-qemu) reads the conf.
-    root = Path(tempfile.mkdtemp(prefix="nvmgr-ceph-e2e-", dir="/var/tmp"))
-    with CephCluster(root) as c:
-        yield c
 
 
 def test_a_uefi_tpm_vm_with_its_image_on_rbd(vm: MakeVM, ceph: CephCluster,
@@ -87,3 +74,62 @@ def test_a_uefi_tpm_vm_with_its_image_on_rbd(vm: MakeVM, ceph: CephCluster,
     p = v.start(check=False)
     assert p.returncode != 0 and "uefi-vars" in p.stderr, p.stderr
     vmlib.nvmgr("undefine", v.name, "--keep-nvram")
+
+
+def test_a_source_element_with_the_key_in_a_libvirt_ceph_secret(vm: MakeVM, ceph: CephCluster,
+                                                                 tmp_path: Path) -> None:
+    """The metadata names the image as libvirt's disks do, ``<nvmgr:source
+    protocol='rbd'>`` with ``<auth><secret type='ceph' usage=...>``; the key is a
+    secret of the system libvirtd, which the prepare hook reads from libvirt's own
+    store (never asking libvirtd) and stages for QEMU."""
+    _user, _keyring, key = ceph.client("qemu-secret")
+    sec_uuid = str(uuid.uuid4())
+    usage = f"nvmgr-e2e {sec_uuid[:8]}"
+    sec_xml = tmp_path / "secret.xml"
+    sec_xml.write_text(f"<secret ephemeral='no' private='yes'><uuid>{sec_uuid}</uuid>"
+                       f"<usage type='ceph'><name>{usage}</name></usage></secret>")
+    vmlib.virsh("secret-define", str(sec_xml))
+    try:
+        key_file = tmp_path / "key"
+        key_file.touch(mode=0o600)
+        key_file.write_text(key)  # virsh decodes it: the secret's value is the key's bytes
+        vmlib.virsh("secret-set-value", sec_uuid, "--file", str(key_file))
+        key_file.unlink()
+        image = os.path.basename(str(vmlib.new_name("img")))
+        v = vm("rbdsrc", metadata_attrs={"format": "raw"})
+        source = (f"<nvmgr:source protocol='rbd' name='{ceph.pool}/{image}'>"
+                  f"<nvmgr:config file='{ceph.conf}'/><nvmgr:auth username='qemu-secret'>"
+                  f"<nvmgr:secret type='ceph' usage='{usage}'/></nvmgr:auth></nvmgr:source>")
+        text = v.xml_path.read_text()
+        assert 'format="raw"/>' in text
+        v.xml_path.write_text(text.replace('format="raw"/>', f'format="raw">{source}</nvmgr:nvram>'))
+        r = json.loads(vmlib.nvmgr("define", v.xml_path, "--output", "json").stdout)
+        loc = r["image"]
+        assert loc.startswith(f"rbd:{ceph.pool}/{image}:") and f"secret_usage={usage}" in loc, r
+        dumped = vmlib.virsh("dumpxml", v.name).stdout
+        nvram = etree.fromstring(dumped.encode()).find(f"metadata/{{{NVMGR_NS}}}nvram")
+        assert nvram is not None and nvram.get("image") is None  # kept as the element it was
+        src = nvram.find(f"{{{NVMGR_NS}}}source")
+        assert src is not None and src.get("protocol") == "rbd", dumped
+        assert src.get("name") == f"{ceph.pool}/{image}"
+        args = html.unescape(dumped)
+        assert '"key-secret":"nvmgr-rbd-key"' in args and key not in args
+        v.start()
+        v.wait_for_shell(240)
+        assert not (v.runtime_dir / "rbd.key").exists()
+        v.destroy()
+        vmlib.wait_hook_log(rf"{v.name} release end: ", timeout=60)
+        vmlib.nvmgr("check", loc)
+        varstore = tmp_path / "vars.fd"
+        vmlib.nvmgr("get", loc, "uefi-vars", "-o", varstore)
+        assert vmlib.uefi_vars(varstore), "OVMF wrote no variables into the RBD image"
+        # The secret without its value: the start is refused, naming the secret.
+        vmlib.virsh("secret-undefine", sec_uuid)
+        p = v.start(check=False)
+        assert p.returncode != 0 and f"libvirt secret of usage type ceph named '{usage}'" \
+            in p.stderr, p.stderr
+        # undefine --keep-nvram needs nothing of the image (nor its key).
+        r = json.loads(vmlib.nvmgr("undefine", v.name, "--keep-nvram", "--output", "json").stdout)
+        assert r["image"] == loc and not r["image_removed"], r
+    finally:
+        vmlib.virsh("secret-undefine", sec_uuid, check=False)

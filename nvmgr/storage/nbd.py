@@ -1,0 +1,180 @@
+"""Images on an NBD server, through QEMU's own ``nbd`` driver: the generic
+network location.
+
+A location is an NBD URI, as QEMU spells it::
+
+    nbd+unix:///EXPORT?socket=/PATH/TO/SOCKET
+    nbd://HOST[:PORT]/EXPORT              (PORT defaults to 10809)
+
+The export holds nvmgr's layout directly (raw bytes, whatever the server keeps
+them in).  :class:`NbdContainer` reads and writes it like an RBD image: a
+private ``qemu-storage-daemon`` opens an ``nbd`` node (with a ``raw`` node on
+top) and exports it as one regular file through FUSE, which nvmgr uses with the
+raw-file code.  nvmgr never speaks NBD itself.
+
+An export has the size its server gives it: nvmgr cannot create one nor grow
+it (both are refused, naming the location).  nvmgr writers on one host exclude
+each other with ``flock`` on a lock file per location under :func:`lock_dir`;
+the server decides who else may write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+
+from nvmgr.errors import ExternalError, NotFoundError, UsageError
+from nvmgr.storage import qemu
+from nvmgr.storage.base import lock_file
+from nvmgr.storage.fuse import FuseExport
+from nvmgr.storage.qcow2 import Qcow2Container
+
+PREFIXES = ("nbd://", "nbd+unix://")
+DEFAULT_PORT = 10809
+USAGE_HINT = "nbd+unix:///EXPORT?socket=/PATH or nbd://HOST[:PORT]/EXPORT"
+
+_EXPORT = r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}"
+_UNIX = re.compile(rf"nbd\+unix:///(?P<export>{_EXPORT})?\?socket=(?P<socket>/[^?&#\0]{{0,4095}})")
+_TCP = re.compile(r"nbd://(?P<host>[A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:.]{2,45}\])"
+                  rf"(?::(?P<port>[0-9]{{1,5}}))?(?:/(?P<export>{_EXPORT})?)?")
+
+
+def is_nbd(location: str) -> bool:
+    return isinstance(location, str) and location.startswith(PREFIXES)
+
+
+@dataclass(frozen=True)
+class NbdLocation:
+    """A parsed NBD URI: a unix socket or a TCP server, and an export name."""
+
+    export: str
+    socket: str | None = None
+    host: str | None = None
+    port: int = DEFAULT_PORT
+
+    @classmethod
+    def parse(cls, location: str) -> NbdLocation:
+        """:raise UsageError: not one of the two URI forms, a relative socket path,
+        a port outside 1..65535."""
+        m = _UNIX.fullmatch(location)
+        if m is not None:
+            if "/../" in m["socket"] + "/":
+                raise UsageError(f"bad NBD location {location!r}: the socket path holds '..'")
+            return cls(m["export"] or "", socket=m["socket"])
+        m = _TCP.fullmatch(location)
+        if m is not None:
+            port = int(m["port"]) if m["port"] else DEFAULT_PORT
+            if not 0 < port < 65536:
+                raise UsageError(f"bad NBD location {location!r}: port {port} is not 1..65535")
+            return cls(m["export"] or "", host=m["host"], port=port)
+        raise UsageError(f"bad NBD location {location!r}: expected {USAGE_HINT}")
+
+    def node(self) -> dict[str, object]:
+        """The ``nbd`` blockdev node."""
+        server: dict[str, object] = (
+            {"type": "unix", "path": self.socket} if self.socket is not None else
+            {"type": "inet", "host": (self.host or "").strip("[]"), "port": str(self.port)})
+        n: dict[str, object] = {"driver": "nbd", "server": server}
+        if self.export:
+            n["export"] = self.export
+        return n
+
+    def uri(self) -> str:
+        """The location as a URI (what ``qemu-img`` takes)."""
+        if self.socket is not None:
+            return f"nbd+unix:///{self.export}?socket={self.socket}"
+        return f"nbd://{self.host}:{self.port}/{self.export}"
+
+
+def lock_dir() -> str:
+    """Where nvmgr's per-location lock files for NBD exports live on this host."""
+    return f"/run/lock/nvmgr-nbd-{os.getuid()}"
+
+
+def _lock(loc: NbdLocation, *, writable: bool, wait: float, location: str) -> int:
+    d = lock_dir()
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    name = hashlib.sha256(loc.uri().encode()).hexdigest()[:32]
+    fd = os.open(os.path.join(d, f"{name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        lock_file(fd, location, writable, wait)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def nbd_exists(location: str) -> bool:
+    """Whether the server serves the export (``qemu-img info`` through QEMU's nbd driver).
+
+    :raise ExternalError: the server cannot be asked (refused, no such socket).
+    """
+    loc = NbdLocation.parse(location)
+    res = qemu.run(qemu.QEMU_IMG, ["info", "-U", "-f", "raw", loc.uri()], image=location)
+    if res.returncode != 0 and _no_export(res.stderr):
+        return False
+    qemu.check(res, "qemu-img info", image=location)
+    return True
+
+
+def _no_export(stderr: str) -> bool:
+    low = stderr.lower()
+    return "export" in low and ("unknown" in low or "not available" in low
+                                or "not present" in low)
+
+
+class NbdContainer(Qcow2Container):
+    """An nvmgr image on an NBD export, through a private ``qemu-storage-daemon``.
+
+    :param path: the NBD URI.
+    :raise UsageError: a bad location.
+    :raise NotFoundError: the server has no such export.
+    :raise BusyError: another nvmgr on this host holds it.
+    :raise ExternalError: the server cannot be reached, or refused the connection.
+    """
+
+    fmt = "nbd"
+
+    @staticmethod
+    def probe(head: bytes) -> bool:
+        return False  # named by its location, never probed
+
+    def __init__(self, path: str, *, writable: bool = False, wait: float = 0) -> None:
+        self.location = NbdLocation.parse(path)
+        self._init_state(path, writable)
+        self._abs = path
+        try:
+            self._lock_fd = _lock(self.location, writable=writable, wait=wait, location=path)
+            self._open_locked()
+        except BaseException:
+            self.close()
+            raise
+
+    @classmethod
+    def create(cls, path: str, size: int, *, wait: float = 0) -> NbdContainer:
+        """:raise UsageError: always; an NBD server makes its exports, nvmgr cannot."""
+        NbdLocation.parse(path)
+        raise UsageError("nvmgr cannot create an image on an NBD server: create it as a "
+                         "file, then serve it (qemu-nbd, qemu-storage-daemon)", image=path)
+
+    def _open_locked(self) -> None:
+        try:
+            export = FuseExport(self._abs, driver="raw", writable=self.writable,
+                                pass_fds=(self._lock_fd,), image=self.path,
+                                protocol=self.location.node())
+        except ExternalError as e:
+            if _no_export(str(e)):
+                raise NotFoundError(f"the NBD server has no export {self.location.export!r}",
+                                    image=self.path) from e
+            raise
+        self._export = export
+        self._open_export(export)
+
+    def resize(self, size: int) -> None:
+        """:raise UsageError: an export has the size its server gives it."""
+        if size == self.size():
+            return
+        raise UsageError(f"an NBD export cannot be grown by nvmgr ({self.size()} bytes); "
+                         "grow it on the server, or convert the image to a file", image=self.path)
