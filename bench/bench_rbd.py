@@ -37,11 +37,10 @@ if _VENV_PY.exists() and Path(sys.prefix).resolve() != (ROOT / ".venv").resolve(
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_hook import machine_info  # noqa: E402
+from bench_hook import append_results, machine_info, machine_table  # noqa: E402
 
 from tests.ceph_cluster import CephCluster, missing_tools  # noqa: E402
 
-RESULTS = ROOT / "bench" / "RESULTS.md"
 OUT = ROOT / "bench" / "out"
 SIZES = {"4 KiB": 4 << 10, "512 KiB": 512 << 10, "64 MiB": 64 << 20}
 
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(f"| {op} {label} | {statistics.median(mine) * 1000:.0f} | "
                         f"{statistics.median(s[tools[0]]) * 1000:.0f} | "
                         f"{statistics.median(s[tools[1]]) * 1000:.0f} | {ratio:.2f}x |")
-    machine = "\n".join(f"| {k} | {str(v).replace('|', '/')} |" for k, v in info.items())
+    machine = machine_table(info)
     text = f"""## {info['date']}: nvmgr put/get on Ceph RBD against rbd and qemu-img
 
 Command: `bench/bench_rbd.py --rounds {args.rounds}` ({elapsed:.0f} s). A single-node cluster
@@ -141,8 +140,6 @@ machine's disk), a cephx client user. Whole processes, shuffled within each roun
 median over rounds of nvmgr / the faster tool of that round. Raw samples:
 `bench/out/rbd-{stamp}.json`.
 
-| machine | |
-|---|---|
 {machine}
 
 | operation | nvmgr ms | rbd import/export ms | qemu-img convert ms | nvmgr / faster tool |
@@ -154,9 +151,7 @@ median over rounds of nvmgr / the faster tool of that round. Raw samples:
 """
     print(text)
     if not args.no_results:
-        with RESULTS.open("a") as f:
-            f.write("\n" + text)
-        log(f"appended to {RESULTS}")
+        append_results(text)
     return 0
 
 

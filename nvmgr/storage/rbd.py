@@ -35,9 +35,9 @@ from typing import Any
 from nvmgr import paths
 from nvmgr.errors import ExternalError, NotFoundError, UsageError
 from nvmgr.storage import qemu
-from nvmgr.storage.base import lock_file
 from nvmgr.storage.fuse import FuseExport
-from nvmgr.storage.qcow2 import Qcow2Container, _check_size, check_snapshot_name
+from nvmgr.storage.network import LocationContainer, lock_location
+from nvmgr.storage.qcow2 import _check_size, check_snapshot_name
 
 PREFIX = "rbd:"
 
@@ -418,16 +418,8 @@ def lock_dir() -> str:
 
 
 def _lock(loc: RbdLocation, *, writable: bool, wait: float, location: str) -> int:
-    d = lock_dir()
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    path = os.path.join(d, f"{loc.pool}%{loc.image}.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        lock_file(fd, location, writable, wait)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return lock_location(lock_dir(), f"{loc.pool}%{loc.image}", writable=writable, wait=wait,
+                         location=location)
 
 
 def _create(loc: RbdLocation, size: int, path: str) -> qemu.Result:
@@ -440,7 +432,7 @@ def _create(loc: RbdLocation, size: int, path: str) -> qemu.Result:
                         pass_fds=() if fd is None else (fd,))
 
 
-class RbdContainer(Qcow2Container):
+class RbdContainer(LocationContainer):
     """An nvmgr image in an RBD image, through a private ``qemu-storage-daemon``.
 
     :param path: the ``rbd:`` location.
@@ -452,21 +444,15 @@ class RbdContainer(Qcow2Container):
     """
 
     fmt = "rbd"
+    location: RbdLocation
 
     @staticmethod
-    def probe(head: bytes) -> bool:
-        return False  # an RBD image is named by its location, never probed
+    def _parse(path: str) -> RbdLocation:
+        return RbdLocation.parse(path)
 
-    def __init__(self, path: str, *, writable: bool = False, wait: float = 0) -> None:
-        self.location = RbdLocation.parse(path)
-        self._init_state(path, writable)
-        self._abs = path
-        try:
-            self._lock_fd = _lock(self.location, writable=writable, wait=wait, location=path)
-            self._open_locked()
-        except BaseException:
-            self.close()
-            raise
+    @classmethod
+    def _lock(cls, path: str, *, writable: bool, wait: float) -> int:
+        return _lock(RbdLocation.parse(path), writable=writable, wait=wait, location=path)
 
     @classmethod
     def create(cls, path: str, size: int, *, wait: float = 0) -> RbdContainer:
