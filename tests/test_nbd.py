@@ -184,3 +184,34 @@ def test_errors_name_what_is_wrong(tmp_path: Path) -> None:
     assert p.returncode == 10 and "gone.sock" in p.stderr, p.stderr
     p = nvmgr("info", "nbd://127.0.0.1:0/vm1")
     assert p.returncode == 2 and "port 0" in p.stderr, p.stderr
+
+
+def test_orphans_on_an_nbd_export(tmp_path: Path) -> None:
+    """An orphan served over NBD is recorded, read and adopted through the export; it
+    cannot be moved aside (its server names it): refused, nothing written."""
+    import uuid
+
+    from nvmgr.errors import UsageError
+    from nvmgr.format.model import Orphaned
+    from nvmgr.image.image import Image
+    from nvmgr.provision import orphans
+
+    owner, new = uuid.uuid4(), uuid.uuid4()
+    image = tmp_path / "vm1.nvram"
+    assert nvmgr("create", str(image), "-s", "efivars:128K:pflash").returncode == 0
+    with Image.open(str(image), writable=True) as img:
+        img.reassign(image_uuid=img.directory.image_uuid, domain_uuid=owner)
+    sock = tmp_path / "nbd.sock"
+    with served_unix(image, sock) as uri:
+        assert not orphans.mark_orphaned(f"nbd+unix:///nope?socket={sock}", str(owner), "x")
+        assert orphans.mark_orphaned(uri, str(owner), "vm1", when=1_764_590_000)
+        assert orphans.record_of(uri) == Orphaned(1_764_590_000, "vm1")
+        [entry] = orphans.survey(orphans.candidates([], [uri]), {})
+        assert (entry.path, entry.state, entry.domain) == (uri, "orphaned", "vm1")
+        before = image.read_bytes()
+        with pytest.raises(UsageError, match="NBD export, which nvmgr cannot move aside"):
+            orphans.move_aside(uri, owner)
+        assert image.read_bytes() == before
+        orphans.adopt(uri, new)
+    with Image.open(str(image)) as img:  # the bytes went to the served file
+        assert img.directory.domain_uuid == new and img.directory.orphaned is None

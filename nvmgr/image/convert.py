@@ -152,8 +152,6 @@ def encrypt(path: str, kek: Kek) -> dict[str, object]:
     :raise WrongKeyError: the image is encrypted under another key.
     """
     from nvmgr.format.model import LUKS_HEADER_SIZE
-    from nvmgr.storage.container import qemu_holds_write
-
     if is_rbd(path):
         raise UsageError("an image on RBD is not encrypted in place; convert it to a file "
                          "first", image=path)
@@ -169,7 +167,7 @@ def encrypt(path: str, kek: Kek) -> dict[str, object]:
         if not todo:
             return {"image": path, "encrypted": [], "moved": []}
         busy = [s.name for s in d.sections if s.live and s.dirty]
-        if busy or (old.fmt == "raw" and qemu_holds_write(path)):
+        if busy or old.container.running_holder() is not None:
             raise BusyError(f"a VM runs on the image (live sections in use: "
                             f"{', '.join(busy) or 'none'}; or QEMU holds it): stop it first",
                             image=path)

@@ -45,7 +45,7 @@ from nvmgr.provision.prepare import (
     prepare_image,
     refuse_luks,
 )
-from nvmgr.storage import absolute, image_exists
+from nvmgr.storage import absolute, image_exists, is_location
 from nvmgr.storage.container import probe_format
 from nvmgr.storage.rbd import is_rbd
 from nvmgr.virt import conn as virt
@@ -283,8 +283,16 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
     orphaned = False
     if image and not removed and dom.uuid is not None and not virt.uuid_exists(str(dom.uuid), uri):
         # Kept, its domain gone: recorded as such (a running domain, now
-        # transient, is recorded by the watcher when it stops).
-        orphaned = orphans.mark_orphaned(image, str(dom.uuid), name)
+        # transient, is recorded by the watcher when it stops).  A network
+        # location that cannot be asked now (its cluster, server or key) keeps
+        # the undefine: the image still names its owner, so nvmgr images
+        # --orphans --image LOCATION lists it, unrecorded.
+        try:
+            orphaned = orphans.mark_orphaned(image, str(dom.uuid), name)
+        except NvmgrError as e:
+            if not is_location(image):
+                raise
+            log.warning("%s: undefined; could not record %s as orphaned: %s", name, image, e)
     return {"domain": name, "image": image, "image_removed": removed,
             "members_removed": members if removed else [],
             "snapshots_removed": snapshots, "orphaned": orphaned}
