@@ -136,8 +136,9 @@ def cmd_encrypt(args: argparse.Namespace) -> Result:
     if kek is None:
         raise UsageError("give the key to encrypt with: --key-file, --key-secret or --key-stdin")
     from nvmgr.image.convert import encrypt
+    from nvmgr.storage import absolute
 
-    return encrypt(os.path.abspath(args.image), kek)
+    return encrypt(absolute(args.image), kek)
 
 
 @arguments("undefine")

@@ -202,18 +202,20 @@ def img_create(path: str, fmt: str, size: int, *, options: Sequence[str] = ()) -
 
 
 def img_convert(src: str, src_fmt: str, dst: str, dst_fmt: str, *,
-                force_share: bool = False) -> None:
+                force_share: bool = False, existing: bool = False) -> None:
     """``qemu-img convert`` *src* into a new file *dst* (mode 0600).
 
     *force_share* (``-U``) reads an image a running QEMU holds; live slices
     in the copy may then be torn, which the caller must account for.
+    *existing* (``-n``): *dst* exists (an NBD export) and is written over.
     A partial *dst* is removed when the conversion fails.
     """
     old = os.umask(0o077)
     try:
         res = run(
             QEMU_IMG,
-            ["convert", "-q", *(["-U"] if force_share else []), "-f", src_fmt, "-O", dst_fmt,
+            ["convert", "-q", *(["-U"] if force_share else []), *(["-n"] if existing else []),
+             "-f", src_fmt, "-O", dst_fmt,
              _name(src), _name(dst)],
             image=src,
         )
