@@ -150,14 +150,15 @@ def _nbd_target(dst: str, size: int) -> None:
         with Image.open(dst):
             pass
     except (ForeignImageError, CorruptError):
-        with open_container(dst) as c:
-            have = c.size()
-        if have < size:
-            raise NoSpaceError(f"the NBD export holds {have:,} bytes, the image {size:,}",
-                               image=dst) from None
-        return  # not an nvmgr image (zeros, or anything else): it may be written
-    raise UsageError(f"{dst} holds an nvmgr image already (nvmgr never overwrites an image)",
-                     image=dst)
+        pass  # not an nvmgr image (zeros, or anything else): it may be written
+    else:
+        raise UsageError(f"{dst} holds an nvmgr image already (nvmgr never overwrites an "
+                         "image)", image=dst)
+    with open_container(dst) as c:
+        have = c.size()
+    if have < size:
+        raise NoSpaceError(f"the NBD export holds {have:,} bytes, the image {size:,}",
+                           image=dst)
 
 
 def member_copy_path(dst: str, index: int) -> str:

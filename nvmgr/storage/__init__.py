@@ -24,6 +24,7 @@ The registry's entry points are re-exported here.
 from nvmgr.storage.formats import (
     FORMATS,
     absolute,
+    begin_open,
     create_container,
     format_named,
     image_exists,
@@ -32,5 +33,5 @@ from nvmgr.storage.formats import (
     probe_format,
 )
 
-__all__ = ["FORMATS", "absolute", "create_container", "format_named", "image_exists",
+__all__ = ["FORMATS", "absolute", "begin_open", "create_container", "format_named", "image_exists",
            "is_location", "open_container", "probe_format"]
