@@ -323,29 +323,3 @@ def test_convert_a_file_to_an_nbd_export_and_back(tmp_path: Path) -> None:
                 assert nvmgr("get", image, name, "-o", str(out)).returncode == 0
                 assert out.read_bytes() == data, (image, name)
 
-
-def test_an_open_started_early_is_taken_over_once(tmp_path: Path) -> None:
-    """``begin_open`` starts a network image's daemon without waiting; the open of the
-    same location and mode takes it over, an open in the other mode drops it (its lock
-    would stand in the way), and a failure is left for the open that counts."""
-    from nvmgr.errors import NotFoundError
-    from nvmgr.storage import begin_open, formats, open_container
-
-    image = tmp_path / "vm1.nvram"
-    make_image(image)
-    with served_unix(image, tmp_path / "nbd.sock") as uri:
-        begin_open(uri, writable=True)
-        started = formats._PENDING[(uri, True)]
-        with open_container(uri, writable=True) as c:
-            assert c is started and c.read(0, 4096) == image.read_bytes()[:4096]
-        assert not formats._PENDING
-        begin_open(uri, writable=True)
-        pid = formats._PENDING[(uri, True)]._export.pid  # type: ignore[union-attr]
-        with open_container(uri) as c:  # read-only: the writable start is dropped
-            assert not formats._PENDING and c.read(0, 16) == image.read_bytes()[:16]
-        assert pid is not None and not os.path.exists(f"/proc/{pid}/cmdline")
-        nope = uri.replace("///vm1", "///nope")
-        begin_open(nope)
-        with pytest.raises(NotFoundError, match="no export 'nope'"):
-            open_container(nope)
-        assert not formats._PENDING

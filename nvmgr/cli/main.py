@@ -127,40 +127,7 @@ def _emit(args: argparse.Namespace, result: Result) -> int:
     return code
 
 
-#: Commands whose IMAGE is opened once, and whether for writing: an image at a network
-#: location starts opening (its qemu-storage-daemon) before the command's own imports.
-_OPENS = {"info": False, "list": False, "get": False, "dump": False, "check": False,
-          "put": True, "remove": True, "grow": True, "resize": True}
-
-
-def _begin_open(words: list[str]) -> None:
-    """``nvmgr COMMAND LOCATION ...``: start opening the network image before the parser
-    is even built (a guess from the words; the command's own open takes it over or the
-    end of :func:`main` drops it)."""
-    if (len(words) < 2 or words[0] not in _OPENS or any(w.startswith("--d") for w in words)
-            or not words[1].startswith(("rbd:", "nbd://", "nbd+unix://"))):
-        return
-    from nvmgr.storage import begin_open
-
-    begin_open(words[1], writable=_OPENS[words[0]] or "--repair" in words)
-
-
-def _end_open() -> None:
-    """Stop an early open that no command took over (a usage error, say)."""
-    formats = sys.modules.get("nvmgr.storage.formats")
-    if formats is not None:
-        formats._drop_pending()
-
-
 def main(argv: list[str] | None = None) -> int:
-    try:
-        _begin_open(list(sys.argv[1:] if argv is None else argv))
-        return _main(argv)
-    finally:
-        _end_open()
-
-
-def _main(argv: list[str] | None) -> int:
     parser = build_parser()
 
     def usage_error(message: str) -> None:

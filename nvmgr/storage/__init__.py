@@ -24,7 +24,6 @@ The registry's entry points are re-exported here.
 from nvmgr.storage.formats import (
     FORMATS,
     absolute,
-    begin_open,
     create_container,
     format_named,
     image_exists,
@@ -33,5 +32,5 @@ from nvmgr.storage.formats import (
     probe_format,
 )
 
-__all__ = ["FORMATS", "absolute", "begin_open", "create_container", "format_named", "image_exists",
+__all__ = ["FORMATS", "absolute", "create_container", "format_named", "image_exists",
            "is_location", "open_container", "probe_format"]

@@ -92,59 +92,11 @@ def image_exists(location: str) -> bool:
     return rbd_exists(location)
 
 
-#: Containers at network locations whose daemon :func:`begin_open` started, by
-#: (location, writable): :func:`open_container` finishes and hands out each once.
-_PENDING: dict[tuple[str, bool], RbdContainer | NbdContainer] = {}
-_AT_EXIT = False
-
-
-def begin_open(path: str, *, writable: bool = False) -> None:
-    """Start opening the image at a network location now, not waiting for it: its
-    ``qemu-storage-daemon`` starts and connects (librbd to the cluster, the nbd
-    driver to the server) while the caller does other work (a command imports
-    the rest of nvmgr); the :func:`open_container` of the same location and mode
-    takes it over.  Best effort: any failure (busy, no such image) is left for
-    that open to report, as it would have.  A file name: nothing to do.
-    """
-    if not is_location(path) or (path, writable) in _PENDING:
-        return
-    from nvmgr.errors import NvmgrError
-
-    try:
-        cls = RbdContainer if is_rbd(path) else NbdContainer
-        _PENDING[(path, writable)] = cls(path, writable=writable, wait=0, defer=True)
-    except NvmgrError:
-        return
-    global _AT_EXIT
-    if not _AT_EXIT:
-        import atexit
-
-        atexit.register(_drop_pending)
-        _AT_EXIT = True
-
-
-def _drop_pending(path: str | None = None) -> None:
-    """Stop the started opens (of *path*; all when None) nobody took over."""
-    for key in [k for k in _PENDING if path is None or k[0] == path]:
-        _PENDING.pop(key).close()
-
-
 def open_container(
     path: str, *, writable: bool = False, wait: float = 0, fmt: str | None = None
 ) -> Container:
     """Open an existing image in its own format (probed when *fmt* is None);
-    an ``rbd:`` location opens its RBD image, an NBD URI its export (taking over
-    the open :func:`begin_open` started, if any)."""
-    if _PENDING:
-        started = _PENDING.pop((path, writable), None)
-        _drop_pending(path)  # the other mode's lock would stand in this open's way
-        if started is not None:
-            try:
-                started.finish()
-            except BaseException:
-                started.close()
-                raise
-            return started
+    an ``rbd:`` location opens its RBD image, an NBD URI its export."""
     if is_rbd(path):
         return RbdContainer(path, writable=writable, wait=wait)
     if is_nbd(path):
@@ -154,8 +106,6 @@ def open_container(
 
 def create_container(path: str, fmt: str, size: int, *, wait: float = 0) -> Container:
     """Create a new, zero-filled image of *size* bytes and open it for writing."""
-    if _PENDING:
-        _drop_pending(path)
     if is_rbd(path):
         if fmt not in ("raw", RbdContainer.fmt):
             raise UsageError(f"an RBD image holds nvmgr's layout raw, not as {fmt}", image=path)

@@ -339,7 +339,6 @@ class FuseExport:
         image: str,
         protocol: dict[str, object] | None = None,
         objects: Sequence[str] = (),
-        defer: bool = False,
     ) -> None:
         self.image = image
         self.driver = driver
@@ -352,11 +351,8 @@ class FuseExport:
         self.start_latency = 0.0
         self._slot = _Slot()
         self.mountpoint = self._slot.mountpoint
-        self._pending: tuple[_MountWatch, IO[bytes], str, float] | None = None
         try:
-            self._spawn(image_path, writable, tuple(pass_fds))
-            if not defer:
-                self.ready()
+            self._start(image_path, writable, tuple(pass_fds))
         except BaseException:
             self.close()
             raise
@@ -393,46 +389,27 @@ class FuseExport:
         ]
         return args, fmt_arg
 
-    def _spawn(self, image_path: str, writable: bool, pass_fds: tuple[int, ...]) -> None:
-        """Start the daemon (in the calling thread: its parent-death signal is tied
-        to it); :meth:`ready` waits for its export."""
+    def _start(self, image_path: str, writable: bool, pass_fds: tuple[int, ...]) -> None:
         import tempfile
 
         args, fmt_arg = self._args(image_path, writable)
         watch = _MountWatch()
-        # Anonymous (O_TMPFILE or unlinked at once): the daemon's stderr.
-        log_file = tempfile.TemporaryFile()  # noqa: SIM115 - closed by ready()
         try:
-            t0 = time.monotonic()
-            self._proc = qemu.start_storage_daemon(
-                args,
-                pass_fds=(self._slot.lock_fd, *pass_fds),
-                log=log_file,
-                image=self.image,
-            )
-            watch.watch(self._proc.pid)
-        except BaseException:
-            watch.close()
-            log_file.close()
-            raise
-        self._pending = (watch, log_file, fmt_arg, t0)
-
-    def ready(self) -> None:
-        """Wait until the export is up (a no-op once it is).
-
-        :raise ExternalError: (and the like) the daemon exited or was not ready in time.
-        """
-        if self._pending is None:
-            return
-        watch, log_file, fmt_arg, t0 = self._pending
-        self._pending = None
-        try:
-            if self._proc is None or not watch.wait(self.mountpoint, self._proc, READY_TIMEOUT):
-                raise self._failure(log_file, fmt_arg)
-            self.start_latency = time.monotonic() - t0
+            # Anonymous (O_TMPFILE or unlinked at once): the daemon's stderr.
+            with tempfile.TemporaryFile() as log_file:
+                t0 = time.monotonic()
+                self._proc = qemu.start_storage_daemon(
+                    args,
+                    pass_fds=(self._slot.lock_fd, *pass_fds),
+                    log=log_file,
+                    image=self.image,
+                )
+                watch.watch(self._proc.pid)
+                if not watch.wait(self.mountpoint, self._proc, READY_TIMEOUT):
+                    raise self._failure(log_file, fmt_arg)
+                self.start_latency = time.monotonic() - t0
         finally:
             watch.close()
-            log_file.close()
 
     def _failure(self, log_file: IO[bytes], fmt_arg: str) -> NvmgrError:
         """The error for a daemon that did not get its export up; stops it."""
@@ -463,10 +440,6 @@ class FuseExport:
         it, remove the mountpoint (detaching it if the daemon died without
         unmounting) and release the slot.  Idempotent."""
         proc, self._proc = self._proc, None
-        if self._pending is not None:  # never waited for
-            self._pending[0].close()
-            self._pending[1].close()
-            self._pending = None
         try:
             if proc is not None:
                 qemu.stop_daemon(proc)

@@ -25,7 +25,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from nvmgr.errors import ExternalError, NotFoundError, NvmgrError, UsageError
+from nvmgr.errors import ExternalError, NotFoundError, UsageError
 from nvmgr.storage import qemu
 from nvmgr.storage.fuse import FuseExport
 from nvmgr.storage.network import LocationContainer, lock_location
@@ -144,16 +144,18 @@ class NbdContainer(LocationContainer):
         raise UsageError("nvmgr cannot create an image on an NBD server: create it as a "
                          "file, then serve it (qemu-nbd, qemu-storage-daemon)", image=path)
 
-    def _start_export(self) -> FuseExport:
-        return FuseExport(self._abs, driver="raw", writable=self.writable,
-                          pass_fds=(self._lock_fd,), image=self.path,
-                          protocol=self.location.node(), defer=True)
-
-    def _export_failed(self, e: ExternalError) -> NvmgrError:
-        if _no_export(str(e)):
-            return NotFoundError(f"the NBD server has no export {self.location.export!r}",
-                                 image=self.path)
-        return e
+    def _open_locked(self) -> None:
+        try:
+            export = FuseExport(self._abs, driver="raw", writable=self.writable,
+                                pass_fds=(self._lock_fd,), image=self.path,
+                                protocol=self.location.node())
+        except ExternalError as e:
+            if _no_export(str(e)):
+                raise NotFoundError(f"the NBD server has no export {self.location.export!r}",
+                                    image=self.path) from e
+            raise
+        self._export = export
+        self._open_export(export)
 
     def resize(self, size: int) -> None:
         """:raise UsageError: an export has the size its server gives it."""

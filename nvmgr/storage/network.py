@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import os
 
-from nvmgr.errors import ExternalError, NvmgrError, UsageError
 from nvmgr.storage.base import lock_file
-from nvmgr.storage.fuse import FuseExport
 from nvmgr.storage.qcow2 import Qcow2Container
 
 
@@ -41,13 +39,7 @@ class LocationContainer(Qcow2Container):
     FUSE export of QEMU's driver for it (read and written with the raw-file code).
 
     Subclasses give :meth:`_parse` (the location, or :class:`UsageError`),
-    :meth:`_lock` (this host's lock on it), :meth:`_start_export` (the daemon,
-    started and not waited for) and :meth:`_export_failed` (its failure in
-    nvmgr's words).
-
-    :param defer: start the daemon and return at once; :meth:`finish` waits for
-        its export (meanwhile the caller does other work: the daemon's start and
-        its client connect take ~0.1-0.2 s).
+    :meth:`_lock` (this host's lock on it) and :meth:`_open_locked` (the export).
     """
 
     @staticmethod
@@ -55,36 +47,16 @@ class LocationContainer(Qcow2Container):
         del head
         return False  # named by its location, never probed
 
-    def __init__(self, path: str, *, writable: bool = False, wait: float = 0,
-                 defer: bool = False) -> None:
+    def __init__(self, path: str, *, writable: bool = False, wait: float = 0) -> None:
         self.location = self._parse(path)
         self._init_state(path, writable)
         self._abs = path
         try:
             self._lock_fd = self._lock(path, writable=writable, wait=wait)
-            self._export = self._start_export()
-            if not defer:
-                self.finish()
+            self._open_locked()
         except BaseException:
             self.close()
             raise
-
-    def finish(self) -> None:
-        """Wait for the export and open its file (a no-op once done).
-
-        :raise NotFoundError: no such image or export.
-        :raise ExternalError: the daemon failed (the cluster or server, the user's rights).
-        """
-        if self._file is not None:
-            return
-        export = self._export
-        if export is None:
-            raise UsageError("the container is closed", image=self.path)
-        try:
-            export.ready()
-        except ExternalError as e:
-            raise self._export_failed(e) from e
-        self._open_export(export)
 
     @staticmethod
     def _parse(path: str) -> object:
@@ -93,9 +65,3 @@ class LocationContainer(Qcow2Container):
     @classmethod
     def _lock(cls, path: str, *, writable: bool, wait: float) -> int:
         raise NotImplementedError
-
-    def _start_export(self) -> FuseExport:
-        raise NotImplementedError
-
-    def _export_failed(self, e: ExternalError) -> NvmgrError:
-        return e

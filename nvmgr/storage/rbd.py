@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nvmgr import paths
-from nvmgr.errors import ExternalError, NotFoundError, NvmgrError, UsageError
+from nvmgr.errors import ExternalError, NotFoundError, UsageError
 from nvmgr.storage import qemu
 from nvmgr.storage.fuse import FuseExport
 from nvmgr.storage.network import LocationContainer, lock_location
@@ -618,26 +618,28 @@ class RbdContainer(LocationContainer):
             os.close(fd)
         return cls(path, writable=True, wait=wait)
 
-    def _start_export(self) -> FuseExport:
+    def _open_locked(self) -> None:
         loc = self.location
         node = loc.node()
         objects: list[str] = []
         fds: list[int] = [self._lock_fd]
-        with key_pipe(loc) as r:  # the daemon holds its own copy of the pipe
+        with key_pipe(loc) as r:
             if r is not None:
                 # QEMU base64-encodes a secret for Ceph: hand it the key decoded.
                 objects.append(f"secret,id={KEY_ID},format=base64,file=/dev/fd/{r}")
                 node["key-secret"] = KEY_ID
                 fds.append(r)
-            return FuseExport(self._abs, driver="raw", writable=self.writable,
-                              pass_fds=tuple(fds), image=self.path, protocol=node,
-                              objects=objects, defer=True)
-
-    def _export_failed(self, e: ExternalError) -> NvmgrError:
-        if "No such file or directory" in str(e):
-            loc = self.location
-            return NotFoundError(f"no RBD image {loc.image} in pool {loc.pool}", image=self.path)
-        return e
+            try:
+                export = FuseExport(self._abs, driver="raw", writable=self.writable,
+                                    pass_fds=tuple(fds), image=self.path, protocol=node,
+                                    objects=objects)
+            except ExternalError as e:
+                if "No such file or directory" in str(e):
+                    raise NotFoundError(f"no RBD image {loc.image} in pool {loc.pool}",
+                                        image=self.path) from e
+                raise
+            self._export = export
+        self._open_export(export)
 
 
 # ---------------------------------------------------------------- RBD snapshots
