@@ -85,6 +85,20 @@ def sh(cmd: list[str]) -> str:
         return ""
 
 
+def compile_bytecode(python: str, root: str) -> str:
+    """Write the bytecode of *root*'s nvmgr package, as ``pip install`` does.
+
+    The timed commands then start the way an installed nvmgr starts.  A tree whose
+    ``__pycache__`` is stale or missing (an edited checkout, or an environment with
+    ``PYTHONDONTWRITEBYTECODE`` set, where Python never rewrites it) would otherwise
+    compile its changed modules on every run, and an A/B would time the compiler.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([python, "-m", "compileall", "-q", os.path.join(root, "nvmgr")],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+    return f"bytecode of {root}/nvmgr written before timing (compileall)"
+
+
 def short(argv: list[str]) -> str:
     """A command line as the reader would type it (nvmgr for python -m nvmgr)."""
     if argv[: len(CLI)] == CLI:
@@ -688,6 +702,7 @@ class Tree:
         rev = sh(["git", "-C", root, "rev-parse", "--short", "HEAD"]) or "(not a git checkout)"
         if sh(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"]):
             rev += " + uncommitted changes"
+        log(f"[{label}] " + compile_bytecode(python, root))
         return cls(label, root, python, env, rev)
 
     @property
@@ -1138,6 +1153,7 @@ def main(argv: list[str] | None = None) -> int:
         if sh(["stat", "-f", "-c", "%T", work]) in ("tmpfs", "ramfs"):
             log(f"warning: {work} is on tmpfs, fsync costs nothing there")
         info = machine_info(work)
+        info["bytecode"] = compile_bytecode(sys.executable, ROOT)
         log("machine: " + json.dumps(info))
         key_file = os.path.join(work, "kek.bin")
         write_file(key_file, os.urandom(32), 0o600)
