@@ -762,6 +762,14 @@ def bench_ab(work: str, baseline: str, rng: random.Random, quick: bool) -> dict[
     trees = {"before": Tree.at("before", baseline), "after": Tree.at("after", ROOT)}
     if os.path.realpath(trees["before"].root) == os.path.realpath(ROOT):
         log("warning: --baseline-tree is this tree: both sides run the same code")
+    versions = {k: sh([t.python, "-c", "import sys; print(sys.version.split()[0])"])
+                for k, t in trees.items()}
+    if len(set(versions.values())) != 1:
+        # Each side runs its own .venv; another interpreter is another benchmark.
+        raise SystemExit("ab: the two trees' interpreters differ "
+                         + ", ".join(f"{k}: Python {v} ({trees[k].python})"
+                                     for k, v in versions.items())
+                         + "; make both .venv with one Python (PYTHON=... scripts/setup)")
     reps = 5 if quick else 15
     lib_k = 3 if quick else 5
     data_file: dict[str, str] = {}
