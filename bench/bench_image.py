@@ -10,8 +10,8 @@
    goes (interpreter start, imports, in-process work, cProfile).
 3. Peak RSS (``/usr/bin/time -v``) and throughput of ``nvmgr check`` on an
    image with one 1 GiB section, against ``nvmgr get`` of a 64 MiB section.
-4. ``--baseline-tree PATH`` (``--only ab``): this tree against another checkout
-   of nvmgr (before a change), side by side in one run: ``put``/``get`` of 4 KiB,
+4. ``--baseline-tree PATH`` (``--only ab``): this tree (or ``--after-tree
+   PATH``) against another checkout of nvmgr (before a change), side by side in one run: ``put``/``get`` of 4 KiB,
    512 KiB and 64 MiB sections and ``info``, on qcow2 and raw, as whole
    processes (each tree's own ``python -m nvmgr``) and in process
    (``Image.open`` + op + ``close`` in a child of each tree's interpreter).
@@ -758,10 +758,11 @@ def ab_lib(tree: Tree, op: str, path: str, name: str, data_file: str, k: int) ->
     return float(statistics.median(json.loads(p.stdout)))
 
 
-def bench_ab(work: str, baseline: str, rng: random.Random, quick: bool) -> dict[str, Any]:
-    trees = {"before": Tree.at("before", baseline), "after": Tree.at("after", ROOT)}
-    if os.path.realpath(trees["before"].root) == os.path.realpath(ROOT):
-        log("warning: --baseline-tree is this tree: both sides run the same code")
+def bench_ab(work: str, baseline: str, after: str, rng: random.Random,
+             quick: bool) -> dict[str, Any]:
+    trees = {"before": Tree.at("before", baseline), "after": Tree.at("after", after)}
+    if os.path.realpath(trees["before"].root) == os.path.realpath(after):
+        log("warning: --baseline-tree is the after tree: both sides run the same code")
     versions = {k: sh([t.python, "-c", "import sys; print(sys.version.split()[0])"])
                 for k, t in trees.items()}
     if len(set(versions.values())) != 1:
@@ -1135,6 +1136,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-tree", metavar="PATH", default=None,
                     help="another checkout of nvmgr (e.g. before a change) to compare with, "
                     "run through PATH/.venv/bin/python when it exists (benchmark ab)")
+    ap.add_argument("--after-tree", metavar="PATH", default=ROOT,
+                    help="the checkout on the after side of benchmark ab (default: this one), "
+                    "e.g. a worktree at the commit that ended a change")
     ap.add_argument("--no-results", action="store_true",
                     help="do not append to bench/RESULTS.md (JSON is still written)")
     ap.add_argument("--base", default="/var/tmp", help="where the temporary work directory goes")
@@ -1151,6 +1155,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline_tree and not os.path.isfile(
             os.path.join(args.baseline_tree, "nvmgr", "__init__.py")):
         ap.error(f"--baseline-tree {args.baseline_tree}: no nvmgr package there")
+    if not os.path.isfile(os.path.join(args.after_tree, "nvmgr", "__init__.py")):
+        ap.error(f"--after-tree {args.after_tree}: no nvmgr package there")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
     rng = random.Random(seed)
     cmdline = "bench/run" + ("" if not sys.argv[1:] else " " + shlex.join(sys.argv[1:]))
@@ -1173,7 +1179,8 @@ def main(argv: list[str] | None = None) -> int:
         if "mem" in only:
             results["memory"] = bench_memory(work, key_file, rng, args.quick)
         if "ab" in only:
-            results["ab"] = bench_ab(work, str(args.baseline_tree), rng, args.quick)
+            results["ab"] = bench_ab(work, str(args.baseline_tree), str(args.after_tree),
+                                     rng, args.quick)
     elapsed = time.perf_counter() - t_start
     info["loadavg_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     meta = {"command": cmdline, "quick": args.quick, "seed": seed, "machine": info,
