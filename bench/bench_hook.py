@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -79,6 +80,10 @@ LABELS = {
     "nvmgr-nohook": "(d) the (a) domain with no hook installed; prepare and release run "
                     "by hand outside the timed region",
 }
+
+
+#: The lock every end-to-end session holds (tests/e2e/conftest.py).
+E2E_LOCK = "/run/lock/nvmgr-e2e.lock"
 
 
 def log(msg: str) -> None:
@@ -388,23 +393,28 @@ def main(argv: list[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
     cmdline = "bench/bench_hook.py" + ("" if not sys.argv[1:] else " " + " ".join(sys.argv[1:]))
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-    vmlib.ensure_services()
-    info = machine_info()
-    log("machine: " + json.dumps(info))
-    t0 = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="nvmgr-bench-hook-"))
-    bench = Bench(work, cycles)
-    try:
-        bench.setup()
-        hook_dir = sorted(p.name for p in vmlib.HOOK_DIR.iterdir())
-        bench.run(random.Random(seed))
-        bench.set_hook(True)
-        hook_calls = time_hook_calls(bench.a[0], 10, server=True)
-        hook_calls_noserver = time_hook_calls(bench.a[0], 10, server=False)
-    finally:
-        vmlib.stop_hook_server()
-        bench.teardown(args.keep)
-        shutil.rmtree(work, ignore_errors=True)
+    # Never beside an end-to-end session: both install their hook into the one
+    # system libvirtd and restart it.
+    with open(E2E_LOCK, "w") as lock:
+        log(f"waiting for {E2E_LOCK}")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        vmlib.ensure_services()
+        info = machine_info()
+        log("machine: " + json.dumps(info))
+        t0 = time.perf_counter()
+        work = Path(tempfile.mkdtemp(prefix="nvmgr-bench-hook-"))
+        bench = Bench(work, cycles)
+        try:
+            bench.setup()
+            hook_dir = sorted(p.name for p in vmlib.HOOK_DIR.iterdir())
+            bench.run(random.Random(seed))
+            bench.set_hook(True)
+            hook_calls = time_hook_calls(bench.a[0], 10, server=True)
+            hook_calls_noserver = time_hook_calls(bench.a[0], 10, server=False)
+        finally:
+            vmlib.stop_hook_server()
+            bench.teardown(args.keep)
+            shutil.rmtree(work, ignore_errors=True)
     elapsed = time.perf_counter() - t0
     info["loadavg_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     summary = summarize(bench.samples)
