@@ -136,8 +136,9 @@ def cmd_encrypt(args: argparse.Namespace) -> Result:
     if kek is None:
         raise UsageError("give the key to encrypt with: --key-file, --key-secret or --key-stdin")
     from nvmgr.image.convert import encrypt
+    from nvmgr.storage import absolute
 
-    return encrypt(os.path.abspath(args.image), kek)
+    return encrypt(absolute(args.image), kek)
 
 
 @arguments("undefine")
@@ -171,6 +172,9 @@ def _images_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", action="append", metavar="DIR",
                    help=f"a directory to look in (default {IMAGE_DIR}; repeatable); images "
                         "that domains name elsewhere are listed too")
+    p.add_argument("--image", action="append", metavar="IMAGE", dest="extra",
+                   help="an image to look at too, a file or a network location (rbd:..., "
+                        "nbd://...; repeatable): no directory lists an RBD pool's images")
     p.add_argument("--connect", "-c", metavar="URI", help="libvirt URI (qemu:///system)")
 
 
@@ -193,7 +197,8 @@ def _render_images(r: Result) -> str:
 def cmd_images(args: argparse.Namespace) -> Result:
     from nvmgr.virt.inventory import images
 
-    found = images(args.dir or (IMAGE_DIR,), args.connect, orphans_only=args.orphans)
+    found = images(args.dir or (IMAGE_DIR,), args.connect, orphans_only=args.orphans,
+                   extra=args.extra or ())
     return {"images": [e.to_json() for e in found], "orphans_only": args.orphans}
 
 

@@ -81,8 +81,8 @@ _nvmgr()
             positional=("")
             ;;
         images)
-            opts="-h --help --output -O --verbose -v --orphans --dir --connect -c"
-            valued=" --output -O --dir --connect -c "
+            opts="-h --help --output -O --verbose -v --orphans --dir --image --connect -c"
+            valued=" --output -O --dir --image --connect -c "
             case $prev in
                 --output|-O) _nvmgr_words "text json"; return ;;
             esac

@@ -56,6 +56,7 @@ from nvmgr.domain.plan import Plan, PlannedSection
 from nvmgr.errors import InvalidInputError, UsageError
 from nvmgr.format.model import Binding
 from nvmgr.paths import RUNTIME_ROOT
+from nvmgr.storage.nbd import NbdLocation, is_nbd
 from nvmgr.storage.rbd import RbdLocation, is_rbd
 
 #: Where the prepare hook stages what QEMU reads as files (tmpfs), one
@@ -143,10 +144,11 @@ def qemu_args(
         domain UUID where one is needed.
     """
     rbd = RbdLocation.parse(image_path) if is_rbd(image_path) else None
-    if fmt not in ("raw", "qcow2") or (rbd is not None and fmt != "raw"):
-        raise UsageError(f"image format {fmt!r} is not raw or qcow2 (raw on RBD)",
+    nbd = NbdLocation.parse(image_path) if is_nbd(image_path) else None
+    if fmt not in ("raw", "qcow2") or ((rbd or nbd) is not None and fmt != "raw"):
+        raise UsageError(f"image format {fmt!r} is not raw or qcow2 (raw on RBD and NBD)",
                          image=image_path)
-    if rbd is None and not os.path.isabs(image_path):
+    if rbd is None and nbd is None and not os.path.isabs(image_path):
         raise UsageError("the image path must be absolute for QEMU", image=image_path)
     live = plan.live_sections
     luks = any(s.luks for s in live)
@@ -170,6 +172,8 @@ def qemu_args(
                 args += ["-object", f"secret,id={RBD_SECRET_ID},format=base64,file={key}"]
                 node["key-secret"] = RBD_SECRET_ID
             args += ["-blockdev", _json(node)]
+        elif nbd is not None:  # QEMU's nbd driver: the export as the image file
+            args += ["-blockdev", _json({**nbd.node(), "node-name": FILE_NODE})]
         else:
             args += ["-blockdev", _json(file_node(image_path))]
         base = FILE_NODE
@@ -259,6 +263,12 @@ def _member_nodes(args: list[str], s: PlannedSection, n: int) -> str:
                              "key source is not supported; merge it back or use a file",
                              image=path, section=s.name)
         args += ["-blockdev", _json({**loc.node(), "node-name": file_node})]
+        return file_node
+    if is_nbd(path):
+        if fmt != "raw":
+            raise UsageError(f"section {s.name}: an NBD member holds its layout raw",
+                             image=path, section=s.name)
+        args += ["-blockdev", _json({**NbdLocation.parse(path).node(), "node-name": file_node})]
         return file_node
     if not os.path.isabs(path):
         raise UsageError("a member image path must be absolute for QEMU", image=path)
@@ -516,7 +526,8 @@ def apply_plan(
             per_device=old.per_device if old else (),
             max_image_size=old.max_image_size if old else None,
             # A <nvmgr:source> stays the element it was (an rbd: location still).
-            image_element=bool(old and old.image_element and is_rbd(image_path)),
+            image_element=bool(old and old.image_element and (is_rbd(image_path)
+                                                              or is_nbd(image_path))),
         )
     )
 

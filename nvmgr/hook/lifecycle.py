@@ -68,7 +68,7 @@ from nvmgr.provision.prepare import (
     prepare_image,
     refuse_luks,
 )
-from nvmgr.storage import image_exists
+from nvmgr.storage import image_exists, is_location
 from nvmgr.storage.rbd import RbdLocation, is_rbd
 
 MIGRATE_MAP = paths.MIGRATE_MAP
@@ -234,10 +234,10 @@ def prepare(ctx: HookContext) -> str:
         owner = ownership.claim(img, runtime, incoming=incoming)
         if is_rbd(img.path):
             _stage_rbd_key(ctx)
-        else:
+        elif not is_location(img.path):  # an NBD export: its server's, QEMU connects
             staging.hand_to_qemu(img.path, ctx.users)
         for _m, mi in img.members():  # QEMU opens a member holding a live section too
-            if not is_rbd(mi.path):
+            if not is_location(mi.path):
                 staging.hand_to_qemu(mi.path, ctx.users)
         n = len(img.directory.sections)
         members = (f" and {len(img.directory.members)} member image(s)"
@@ -262,7 +262,7 @@ def _check_slices(ctx: HookContext, img: Image, sections: list[Section]) -> None
             continue
         want_file = img.image_path_of(s.name)
         offset, path = got
-        if path is not None and not is_rbd(want_file) and path != want_file:
+        if path is not None and not is_location(want_file) and path != want_file:
             raise CorruptError(
                 f"section {s.name} is stored in {want_file}, the domain's QEMU arguments "
                 f"point at {path} (split or merged since it was defined?): run "

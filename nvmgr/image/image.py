@@ -57,7 +57,7 @@ from nvmgr.format.model import (
     Section,
     SectionCrypto,
 )
-from nvmgr.storage.container import Container, create_container, open_container, qemu_holds_write
+from nvmgr.storage.container import Container, create_container, open_container
 from nvmgr.storage.formats import image_exists, is_location
 from nvmgr.storage.rbd import is_rbd
 
@@ -758,17 +758,17 @@ class Image:
     def _refuse_if_running(self, s: Section, force: bool = False) -> None:
         """Refuse to write live section *s* while a VM may be running on it.
 
-        Two signs count: QEMU's own image lock (a running QEMU that locks its
-        images: never overridden) and the in-use mark the prepare hook sets
+        Two signs count: the storage's own (QEMU's image lock on a file, RBD's
+        exclusive lock on an RBD image: never overridden) and the in-use mark the prepare hook sets
         (seen even where QEMU takes no lock: ``locking=off``, a private /dev
         without /dev/null); only *force* overrides the mark.
         """
         if not s.live:
             return
-        if self.fmt == "raw" and qemu_holds_write(self.path):
+        holder = self.container.running_holder()
+        if holder is not None:
             raise BusyError(
-                f"section {s.name} is live and a running QEMU holds the image; "
-                "stop the VM first",
+                f"section {s.name} is live and {holder}; stop the VM first",
                 image=self.path,
                 section=s.name,
             )
@@ -1420,8 +1420,9 @@ class Image:
         :raise BusyError: a running QEMU holds the image.
         """
         self._require_writable()
-        if self.fmt == "raw" and qemu_holds_write(self.path):
-            raise BusyError("a running QEMU holds the image; stop the VM before repairing it",
+        holder = self.container.running_holder()
+        if holder is not None:
+            raise BusyError(f"{holder}; stop the VM before repairing the image",
                             image=self.path)
         done: list[str] = []
         for _m, mi in self.members():

@@ -45,7 +45,7 @@ from nvmgr.provision.prepare import (
     prepare_image,
     refuse_luks,
 )
-from nvmgr.storage import absolute, image_exists
+from nvmgr.storage import absolute, image_exists, is_location
 from nvmgr.storage.container import probe_format
 from nvmgr.storage.rbd import is_rbd
 from nvmgr.virt import conn as virt
@@ -159,7 +159,7 @@ def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = No
     plan = plan_for(dom, encrypted=kek is not None)
     path = absolute(image or (meta.image if meta and meta.image else plan.image))
     fmt = fmt or (meta.format if meta and meta.format else None) or (
-        "raw" if is_rbd(path) else probe_format(path) if os.path.exists(path) else "raw")
+        "raw" if is_location(path) else probe_format(path) if os.path.exists(path) else "raw")
     if dry_run:
         return DefineResult(name, path, "", not image_exists(path), [], {},
                             dom.to_xml() if edited else xml_text)
@@ -213,7 +213,7 @@ def member_files(image: str) -> list[str]:
     with contextlib.suppress(CorruptError, NotFoundError), Image.open(image) as img:
         for m in img.directory.members or []:
             path = img.member_path(m)
-            if is_rbd(path):
+            if is_location(path):
                 continue
             with contextlib.suppress(CorruptError):
                 img.member_image(m.index)  # its parent link checked: never another's file
@@ -256,9 +256,10 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
         raise UsageError(
             f"the domain's state is in {image}: undefine with --keep-nvram or --remove-nvram",
             domain=name)
-    if remove_nvram and image and is_rbd(image):
-        raise UsageError(f"the domain's image is in Ceph ({image}): undefine with --keep-nvram "
-                         "and remove the RBD image with Ceph's tools (rbd rm)", domain=name)
+    if remove_nvram and image and is_location(image):
+        raise UsageError(f"the domain's image is on network storage ({image}): undefine with "
+                         "--keep-nvram and remove the image with the storage's own tools "
+                         "(rbd rm; the NBD server's file)", domain=name)
     members: list[str] = []
     if remove_nvram and image:
         virt.require_inactive(name, uri, what="removing its image")
@@ -283,8 +284,16 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
     orphaned = False
     if image and not removed and dom.uuid is not None and not virt.uuid_exists(str(dom.uuid), uri):
         # Kept, its domain gone: recorded as such (a running domain, now
-        # transient, is recorded by the watcher when it stops).
-        orphaned = orphans.mark_orphaned(image, str(dom.uuid), name)
+        # transient, is recorded by the watcher when it stops).  A network
+        # location that cannot be asked now (its cluster, server or key) keeps
+        # the undefine: the image still names its owner, so nvmgr images
+        # --orphans --image LOCATION lists it, unrecorded.
+        try:
+            orphaned = orphans.mark_orphaned(image, str(dom.uuid), name)
+        except NvmgrError as e:
+            if not is_location(image):
+                raise
+            log.warning("%s: undefined; could not record %s as orphaned: %s", name, image, e)
     return {"domain": name, "image": image, "image_removed": removed,
             "members_removed": members if removed else [],
             "snapshots_removed": snapshots, "orphaned": orphaned}
@@ -331,8 +340,9 @@ def reconcile(name: str, *, uri: str | None = None,
 def image_held(path: str, fmt: str, active: bool) -> bool:
     """Whether a running QEMU holds *path* so that nvmgr cannot open it beside it:
     qcow2 goes through a qemu-storage-daemon, which QEMU's lock keeps out; RBD
-    images are locked by librbd.  Raw files are read and grown beside QEMU."""
-    return active and (fmt != "raw" or is_rbd(path))
+    images are locked by librbd, and an NBD export never grows (its server may take
+    one client only).  Raw files are read and grown beside QEMU."""
+    return active and (fmt != "raw" or is_location(path))
 
 
 def placed_from_args(plan: Plan, dom: Domain) -> Plan:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from . import hosts, vmlib
-from .hosts import Host
+from .hosts import Host, destroy_checked, migrate_checked, runner_host
 
 pytestmark = pytest.mark.e2e
 
@@ -120,11 +120,6 @@ class GuestVM:
         return p
 
 
-def runner_host(info: dict[str, object], field: str = "runner") -> str | None:
-    who = info[field]
-    return who["host"] if isinstance(who, dict) else None
-
-
 def test_live_migration_on_shared_storage_completed_then_cancelled(
         cluster: tuple[Host, Host, Path], tmp_path: Path) -> None:
     a, b, shared = cluster
@@ -138,23 +133,13 @@ def test_live_migration_on_shared_storage_completed_then_cancelled(
     assert runner_host(info) == a.name and info["incoming"] is None and v.in_use()
 
     # Completed: the source's release (after the destination resumed) hands the image over.
-    mark_a, mark_b = len(a.hook_log_lines()), len(b.hook_log_lines())
-    v.migrate(a, b, shared)
-    assert b.state(v.name) == "running"
-    line = b.wait_hook_log(rf"{v.name} prepare begin: ", after=mark_b)
-    assert "incoming migration: run " in line and "stays with run" in line, line
-    line = a.wait_hook_log(rf"{v.name} release end: ", after=mark_a)
-    assert "handed the image to run" in line and f"on host {b.name}" in line, line
-    assert "collected nothing, resealed nothing" in line
-    info = v.info()
-    assert runner_host(info) == b.name and info["incoming"] is None
-    assert v.in_use()  # the destination's QEMU writes it: the in-use mark stays
-    assert not (a.swtpm_dir(v.uuid) / "tpm2-00.permall").exists()  # the source holds nothing
-    assert not a.runtime_dir(v.uuid).exists()
+    prepare, release = migrate_checked(v, a, b, shared)
+    assert "stays with run" in prepare, prepare
+    assert "collected nothing, resealed nothing" in release, release
     v.setvar(b, "AfterMigration", "written-on-destination")
 
     # Cancelled halfway, back towards the source: the destination withdraws.
-    mark_a, mark_b = len(a.hook_log_lines()), len(b.hook_log_lines())
+    mark_a = len(a.hook_log_lines())
     p = v.migrate(b, a, shared, "--bandwidth", "1", wait=False)
     try:
         a.wait_hook_log(rf"{v.name} prepare begin: .*incoming migration", after=mark_a, timeout=60)
@@ -179,15 +164,9 @@ def test_live_migration_on_shared_storage_completed_then_cancelled(
     v.setvar(b, "AfterCancel", "still-on-the-destination")
 
     # Stopped on the destination: everything the guest wrote, the same TPM, a clean image.
-    b.virsh("destroy", v.name)
-    line = b.wait_hook_log(rf"{v.name} release end: ", after=mark_b)
-    assert "collected ['tpm-permall']" in line and "resealed ['uefi-vars']" in line, line
-    info = v.info()
-    assert info["runner"] is None and info["incoming"] is None and not v.in_use()
-    assert v.vars() == {"BeforeMigration": "written-on-source",
-                        "AfterMigration": "written-on-destination",
-                        "AfterCancel": "still-on-the-destination"}
-    assert v.ek() == ek
+    destroy_checked(v, b, ek=ek, variables={"BeforeMigration": "written-on-source",
+                                            "AfterMigration": "written-on-destination",
+                                            "AfterCancel": "still-on-the-destination"})
     vmlib.nvmgr("check", v.image)
     assert not (b.swtpm_dir(v.uuid) / "tpm2-00.permall").exists()
 
