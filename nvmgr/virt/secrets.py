@@ -77,3 +77,69 @@ def domain_kek(meta: NvmgrMetadata | None, uri: str | None = None) -> Kek | None
     if meta.key_secret:
         return load_libvirt_secret(str(meta.key_secret), uri)
     return None
+
+
+# ---------------------------------------------------------------- vTPM secrets
+
+_VTPM_SECRET_XML = """<secret ephemeral='yes' private='yes'>
+  <uuid>{uuid}</uuid>
+  <description>nvmgr: swtpm state encryption of domain {domain}</description>
+  <usage type='vtpm'><name>{usage}</name></usage>
+</secret>
+"""
+
+
+def set_vtpm_secret(domain_uuid: str, passphrase: bytes, uri: str | None = None, *,
+                    runtime_root: str | None = None) -> str:
+    """Give libvirt the vTPM secret of a domain with a key (defined if missing),
+    its value *passphrase*; record it for the prepare hook
+    (:func:`nvmgr.provision.vtpm.record_secret`).  Ephemeral and private: the
+    value lives only in libvirtd's memory (never in ``/etc/libvirt/secrets``)
+    and no client can read it back.  Setting it again is harmless.
+
+    :return: the secret's UUID.
+    :raise ExternalError: libvirt refused.
+    """
+    from nvmgr.domain.qemuargs import vtpm_secret_uuid, vtpm_usage
+    from nvmgr.provision import vtpm
+    from nvmgr.virt import conn as virt
+
+    lv = virt._libvirt()
+    su = str(vtpm_secret_uuid(domain_uuid))
+    with virt.connect(uri) as c:
+        try:
+            try:
+                sec = c.secretLookupByUUIDString(su)
+            except lv.libvirtError as e:
+                if e.get_error_code() != lv.VIR_ERR_NO_SECRET:
+                    raise
+                sec = c.secretDefineXML(_VTPM_SECRET_XML.format(
+                    uuid=su, domain=domain_uuid, usage=vtpm_usage(domain_uuid)))
+            sec.setValue(passphrase)
+        except lv.libvirtError as e:
+            raise ExternalError(f"cannot give libvirt the vTPM secret {su} of domain "
+                                f"{domain_uuid}", detail=e.get_error_message()) from e
+    vtpm.record_secret(su, passphrase, runtime_root=runtime_root)
+    return su
+
+
+def remove_vtpm_secret(domain_uuid: str, uri: str | None = None, *,
+                       runtime_root: str | None = None) -> bool:
+    """Take a domain's vTPM secret out of libvirt (undefine); whether there was one."""
+    from nvmgr.domain.qemuargs import vtpm_secret_uuid
+    from nvmgr.provision import vtpm
+    from nvmgr.virt import conn as virt
+
+    lv = virt._libvirt()
+    su = str(vtpm_secret_uuid(domain_uuid))
+    removed = False
+    with virt.connect(uri) as c:
+        try:
+            c.secretLookupByUUIDString(su).undefine()
+            removed = True
+        except lv.libvirtError as e:
+            if e.get_error_code() != lv.VIR_ERR_NO_SECRET:
+                raise ExternalError(f"cannot remove the vTPM secret {su} of domain "
+                                    f"{domain_uuid}", detail=e.get_error_message()) from e
+    vtpm.forget_secret(su, runtime_root)
+    return removed
