@@ -353,3 +353,77 @@ def test_prepare_reencrypts_plaintext_tpm_state_before_staging_it(tmp_path: Path
     with Image.open(str(d.image), kek=kek) as img:  # type: ignore[attr-defined]
         assert img.get("tpm-permall") == staged
     assert _ek_name(staged, tmp_path, phrase) == _ek_name(plain, tmp_path, None)
+
+
+@pytest.mark.skipif(not HAVE_SWTPM or shutil.which("tpm2_readpublic") is None,
+                    reason="needs swtpm, swtpm-tools and tpm2-tools")
+def test_prepare_killed_at_every_io_of_a_start_that_reencrypts(tmp_path: Path) -> None:
+    """SIGKILL at each I/O of the prepare that re-encrypts plaintext TPM state
+    (its puts into the image, the wipe of the plaintext staged file, the staging
+    of the ciphertext): the image checks under the key, its TPM section and any
+    staged file are whole (the plaintext or swtpm's ciphertext, never torn), and
+    the start tried again stages ciphertext of the same TPM (its EK)."""
+    from test_hook_crash import ok, sweep
+
+    (tmp_path / "d").mkdir()
+    d, key = _hook_domain(tmp_path / "d")
+    kek = Kek(key.read_bytes())
+    ok(d.hook("prepare", "begin"))  # type: ignore[attr-defined]
+    ok(d.hook("release", "end"))  # type: ignore[attr-defined]
+    plain = _manufacture(tmp_path / "made")
+    ek = _ek_name(plain, tmp_path, None)
+    with Image.open(str(d.image), writable=True, kek=kek) as img:  # type: ignore[attr-defined]
+        img.put("tpm-permall", plain)
+        phrase = img.vtpm_passphrase()
+    d.tpm_dir.mkdir(parents=True)  # type: ignore[attr-defined]
+    (d.tpm_dir / "tpm2-00.permall").write_bytes(plain)  # type: ignore[attr-defined]
+
+    def judge(c: object, n: int) -> str:
+        staged_path = c.tpm_dir / "tpm2-00.permall"  # type: ignore[attr-defined]
+        with Image.open(str(c.image), kek=kek) as img:  # type: ignore[attr-defined]
+            assert img.check().ok
+            stored = img.get("tpm-permall")
+        kind = vtpm.blob_kind(stored)
+        assert stored == plain or kind == "encrypted", "the TPM section is torn"
+        if staged_path.exists():
+            left = staged_path.read_bytes()
+            assert left == plain or left == stored, "a staged file that is not the TPM"
+        ok(c.hook("release", "end"))  # type: ignore[attr-defined]
+        ok(c.hook("prepare", "begin"))  # type: ignore[attr-defined]
+        staged = staged_path.read_bytes()
+        assert vtpm.blob_kind(staged) == "encrypted"
+        with Image.open(str(c.image), kek=kek) as img:  # type: ignore[attr-defined]
+            assert img.get("tpm-permall") == staged
+        assert _ek_name(staged, c.image.parent, phrase) == ek  # type: ignore[attr-defined]
+        ok(c.hook("release", "end"))  # type: ignore[attr-defined]
+        return "plain" if stored == plain else "enc"
+
+    outcomes = sweep(d, tmp_path / "d", "prepare", "begin", judge)  # type: ignore[arg-type]
+    assert "plain" in outcomes and "enc" in outcomes
+
+
+def test_vtpm_secret_of_an_image_for_a_migrations_destination(
+        tmp_path: Path, testconn: object) -> None:
+    """The destination has the image's copy and the key, not the domain: the
+    secret's UUID and value come from the image (its directory names the domain)."""
+    from nvmgr.errors import UsageError
+    from nvmgr.virt.define import vtpm_secret_of_image
+
+    key = make_key(tmp_path / "k")
+    owner = uuid.uuid4()
+    path = tmp_path / "copy.nvram"
+    with Image.create(str(path), [SectionSpec("tpm-permall", 4096, Binding.TPM, True)],
+                      kek=Kek(key.read_bytes()), domain_uuid=owner) as img:
+        phrase = img.vtpm_passphrase()
+    got = vtpm_secret_of_image(str(path), Kek(key.read_bytes()), "test:///default")
+    su = str(qemuargs.vtpm_secret_uuid(owner))
+    assert got == {"domain_uuid": str(owner), "secret": su}
+    assert testconn.secretLookupByUUIDString(su)._value == phrase  # type: ignore[attr-defined]
+    with pytest.raises(Exception, match="wrong key|not one of"):
+        vtpm_secret_of_image(str(path), Kek(os.urandom(32)), "test:///default")
+    plain = tmp_path / "plain.nvram"
+    with Image.create(str(plain), [SectionSpec("tpm-permall", 4096, Binding.TPM)],
+                      domain_uuid=owner):
+        pass
+    with pytest.raises(UsageError, match="not encrypted"):
+        vtpm_secret_of_image(str(plain), Kek(key.read_bytes()), "test:///default")

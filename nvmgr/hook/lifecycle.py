@@ -311,9 +311,10 @@ def _check_vtpm_secret(ctx: HookContext, img: Image) -> bytes | None:
     if problem is not None:
         raise KeyRequiredError(
             f"refusing to start: swtpm encrypts this domain's TPM state with the libvirt "
-            f"secret {su} (usage vtpm), and {problem}. Run 'nvmgr reconcile {ctx.name}' "
-            "to give libvirt the secret again (keep 'nvmgr reconcile --all --watch' "
-            "running, nvmgr-watch.service, to have it done after every libvirtd restart)",
+            f"secret {su} (usage vtpm), and {problem}. Run 'nvmgr vtpm-secret --domain "
+            f"{ctx.name}' (or 'nvmgr reconcile {ctx.name}') to give libvirt the secret "
+            "again; keep 'nvmgr reconcile --all --watch' running (nvmgr-watch.service) to "
+            "have it done after every libvirtd restart",
             image=img.path, domain=ctx.name)
     return phrase
 

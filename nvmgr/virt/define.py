@@ -432,6 +432,26 @@ def restore_vtpm_secret(name: str, uri: str | None = None) -> str | None:
     return secrets.set_vtpm_secret(str(dom.uuid), phrase, uri)
 
 
+def vtpm_secret_of_image(image: str, kek: Kek, uri: str | None = None) -> dict[str, object]:
+    """Give libvirt the vTPM secret of the domain that owns *image* (its
+    directory records the domain's UUID), for a host where that domain is not
+    defined yet: a live migration's destination needs it before the migration
+    (libvirt starts the destination's swtpm with it).
+
+    :raise UsageError: the image records no domain, or is not encrypted.
+    """
+    with Image.open(image, kek=kek, wait=LOCK_WAIT) as img:
+        owner = img.directory.domain_uuid
+        if owner is None:
+            raise UsageError(f"{image} records no domain UUID: give --domain", image=image)
+        if not img.directory.encrypted:
+            raise UsageError(f"{image} is not encrypted: its TPM state needs no vTPM secret",
+                             image=image)
+        phrase = img.vtpm_passphrase()
+    su = secrets.set_vtpm_secret(str(owner), phrase, uri)
+    return {"domain_uuid": str(owner), "secret": su}
+
+
 def nvmgr_domains(uri: str | None = None) -> list[str]:
     """Names of the persistent domains that carry nvmgr metadata."""
     out = []

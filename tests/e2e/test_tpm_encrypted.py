@@ -152,8 +152,9 @@ def test_swtpm_encrypts_the_state_and_a_host_crash_loses_nothing(vm: MakeVM,
     # libvirtd restarted while the domain is stopped: refused until reconcile.
     vmlib.restart_libvirtd()
     r = v.start(check=False)
-    assert r.returncode != 0 and f"nvmgr reconcile {v.name}" in r.stderr, r.stderr
-    vmlib.nvmgr("reconcile", v.name)
+    assert r.returncode != 0 and f"nvmgr vtpm-secret --domain {v.name}" in r.stderr, r.stderr
+    got = vmlib.nvmgr_json("vtpm-secret", "--domain", v.name)
+    assert got["secret"] == su, got
     v.start()
     v.destroy()
     # undefine takes the secret out of libvirt
@@ -171,8 +172,9 @@ def _swtpm_pid(v: vmlib.VM) -> int:
 def test_a_tpm_1_2_and_a_tpm_2_0_domain_side_by_side(vm: MakeVM, tmp_path: Path) -> None:
     key = _key(tmp_path / "vm.key")
     v12 = vm("tpm12")
-    v12.xml = v12.xml.replace("<tpm model='tpm-crb'>", "<tpm model='tpm-tis'>").replace(
-        "version='2.0'", "version='1.2'")
+    v12.xml = v12.xml.replace('<tpm model="tpm-crb">', '<tpm model="tpm-tis">').replace(
+        'version="2.0"', 'version="1.2"')
+    assert 'version="1.2"' in v12.xml
     v12.xml_path.write_text(v12.xml)
     v20 = vm("tpm20")
     for v in (v12, v20):
