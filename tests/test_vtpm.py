@@ -427,3 +427,29 @@ def test_vtpm_secret_of_an_image_for_a_migrations_destination(
         pass
     with pytest.raises(UsageError, match="not encrypted"):
         vtpm_secret_of_image(str(plain), Kek(key.read_bytes()), "test:///default")
+
+
+def test_the_watcher_gives_the_secret_back_after_a_restart_and_takes_it_away(
+        tmp_path: Path, testconn: object, libvirt_secrets: dict[str, object]) -> None:
+    """After a reconnect (libvirtd restarted: ephemeral secrets gone) the watcher's
+    catch-up gives every keyed domain's vTPM secret again, even when its definition
+    did not change; a domain undefined behind nvmgr's back loses its secret."""
+    from nvmgr.virt.define import define
+    from nvmgr.virt.watch import Watcher
+
+    key = make_key(tmp_path / "k")
+    dom_uuid = str(uuid.uuid4())
+    define(_xml(tmp_path, key=key, dom_uuid=dom_uuid), uri="test:///default",
+           kek=Kek(key.read_bytes()), key_file=str(key))
+    su = str(qemuargs.vtpm_secret_uuid(dom_uuid))
+    lines: list[str] = []
+    w = Watcher("test:///default", None, lines.append, lambda _s: None, lambda: False)
+    w.catch_up(first=True)
+    libvirt_secrets.clear()  # what a libvirtd restart does to ephemeral secrets
+    w.catch_up(first=False)
+    assert su in libvirt_secrets, lines
+    assert f"vt: vTPM secret {su} given to libvirt" in lines
+    testconn.lookupByName("vt").undefine()  # type: ignore[attr-defined]
+    w.gone(dom_uuid, "vt")
+    assert su not in libvirt_secrets
+    assert "vt: undefined; removed its vTPM secret" in lines
