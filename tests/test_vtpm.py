@@ -270,6 +270,15 @@ def _manufacture(d: Path) -> bytes:
     return (d / "tpm2-00.permall").read_bytes()
 
 
+def _swtpm(d: Path, permall: bytes) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from e2e.vmlib import _swtpm_on
+
+    return _swtpm_on({"tpm2-00.permall": permall}, d, True, None)
+
+
 def _ek_name(permall: bytes, d: Path, phrase: bytes | None) -> str:
     """The EK's name, asked of a swtpm with *phrase* running on *permall*."""
     import sys
@@ -296,6 +305,25 @@ def test_swtpm_reencrypts_plaintext_state_keeping_the_tpm(tmp_path: Path) -> Non
     enc = out["tpm2-00.permall"]
     assert vtpm.blob_kind(enc) == "encrypted" and out["other"] == b"kept"
     assert _ek_name(enc, tmp_path, phrase) == _ek_name(plain, tmp_path, None)
+    # with volatile state (swtpm_ioctl -v of a running TPM): both come out encrypted
+    d = tmp_path / "vol"
+    d.mkdir()
+    proc, _sock, ctrl = _swtpm(d, plain)
+    try:
+        subprocess.run(["swtpm_ioctl", "--unix", str(ctrl), "-v"], check=True,
+                       capture_output=True)
+    finally:
+        subprocess.run(["swtpm_ioctl", "--unix", str(ctrl), "-s"], capture_output=True)
+        proc.wait(10)
+    vol = (d / "tpm2-00.volatilestate").read_bytes()
+    assert vtpm.blob_kind(vol) == "plain"
+    work = tempfile.mkdtemp(prefix="vt-")
+    try:
+        both = vtpm.encrypt_state({"tpm2-00.permall": plain, "tpm2-00.volatilestate": vol},
+                                  phrase, "2.0", work)
+    finally:
+        shutil.rmtree(work)
+    assert {vtpm.blob_kind(b) for b in both.values()} == {"encrypted"}
     # already encrypted: returned as it is, swtpm not even run
     assert vtpm.encrypt_state({"tpm2-00.permall": enc}, phrase, "2.0",
                               str(tmp_path / "nowhere")) == {"tpm2-00.permall": enc}

@@ -9,7 +9,9 @@ back deadlocks); everything it needs is in the XML, the image and files.
 prepare begin   create or grow the image to the XML's plan; verify every
                 crc32 and MAC, refusing the start (exit != 0, message on
                 stderr, which ``virsh start`` shows) on corruption, a missing
-                or a wrong key; stage tpm sections into swtpm's state
+                or a wrong key, or (a key and a TPM) libvirt lacking the
+                domain's vTPM secret; re-encrypt TPM state swtpm would find
+                in plaintext; stage tpm sections into swtpm's state
                 directory and fwcfg sections under /run/nvmgr; flag live
                 sections in use; hand the image to the QEMU user;
                 record this start as the image's runner (or, after
