@@ -498,4 +498,6 @@ def encrypt_domain(name: str, *, uri: str | None = None, kek: Kek | None,
     res = encrypt(absolute(meta.image), kek)
     out = _define(dom, xml, uri=uri, kek=kek, key_file=key_file, key_secret=key_secret,
                   retry=f"nvmgr encrypt --domain {name}")
-    return {**res, "domain": out.domain, "added": out.added}
+    # With a TPM: swtpm's own encryption is configured now (<encryption secret>, the
+    # secret given to libvirt); the next start re-encrypts the state swtpm left plain.
+    return {**res, "domain": out.domain, "added": out.added, "vtpm_secret": out.vtpm_secret}
