@@ -18,7 +18,7 @@ from nvmgr.domain.qemuargs import vtpm_secret_uuid
 from nvmgr.image.image import Image
 from nvmgr.provision.vtpm import blob_kind
 
-from . import vmlib
+from . import vmlib, watchlib
 from .conftest import MakeVM
 
 pytestmark = pytest.mark.e2e
@@ -157,6 +157,18 @@ def test_swtpm_encrypts_the_state_and_a_host_crash_loses_nothing(vm: MakeVM,
     assert got["secret"] == su, got
     v.start()
     v.destroy()
+    # With the watcher (nvmgr-watch.service): it gives the secret back when it reconnects.
+    said = f"{v.name}: vTPM secret {su} given to libvirt"
+    with watchlib.watching() as w:
+        w.wait_line(said, stream="out")  # at its start
+        vmlib.restart_libvirtd()
+        w.wait_line("reconnected to libvirt", stream="err")
+        deadline = time.monotonic() + 60
+        while w.out.count(said) < 2:  # again, after the reconnect
+            assert time.monotonic() < deadline, w.out
+            time.sleep(0.2)
+        v.start()
+        v.destroy()
     # undefine takes the secret out of libvirt
     vmlib.nvmgr("undefine", v.name, "--remove-nvram")
     assert su not in vmlib.virsh("secret-list").stdout
