@@ -68,8 +68,6 @@ _BLOB_TYPES = {"permall": "permanent", "volatilestate": "volatile", "savestate":
 RECORDS_ROOT = RUNTIME_ROOT
 #: Seconds swtpm and swtpm_ioctl get for each step of a conversion.
 STEP_TIMEOUT = 20.0
-#: The largest state file taken (libtpms' TPM 2 permall is < 200 KiB).
-MAX_STATE = 4 << 20
 
 
 def _fault(kind: str, path: Path | str) -> None:
