@@ -280,7 +280,7 @@ def _swtpm(d: Path, permall: bytes) -> tuple[subprocess.Popen[bytes], Path, Path
 
 
 def _ek_name(permall: bytes, d: Path, phrase: bytes | None) -> str:
-    """The EK's name, asked of a swtpm with *phrase* running on *permall*."""
+    """The EK's name and PEM, asked of a swtpm with *phrase* running on *permall*."""
     import sys
 
     sys.path.insert(0, str(Path(__file__).parent))
@@ -305,6 +305,12 @@ def test_swtpm_reencrypts_plaintext_state_keeping_the_tpm(tmp_path: Path) -> Non
     enc = out["tpm2-00.permall"]
     assert vtpm.blob_kind(enc) == "encrypted" and out["other"] == b"kept"
     assert _ek_name(enc, tmp_path, phrase) == _ek_name(plain, tmp_path, None)
+    # The end-to-end tests look for the EK's modulus on disk: plaintext state holds
+    # it (so the search can find it), swtpm's encrypted state does not.
+    from e2e.test_tpm_encrypted import _ek_modulus
+
+    modulus = _ek_modulus(_ek_name(plain, tmp_path, None))[:64]
+    assert modulus in plain and modulus not in enc
     # with volatile state (swtpm_ioctl -v of a running TPM): both come out encrypted
     d = tmp_path / "vol"
     d.mkdir()
