@@ -428,6 +428,13 @@ def cleanup_domain(name: str, dom_uuid: str | None, images: Sequence[Path] = ())
     if dom_uuid:
         for d in (SWTPM_ROOT / dom_uuid, RUNTIME_ROOT / dom_uuid):
             shutil.rmtree(d, ignore_errors=True)
+        # virsh undefine leaves nvmgr's vTPM secret (a domain with a key) and its record
+        from nvmgr.domain.qemuargs import vtpm_secret_uuid
+
+        su = str(vtpm_secret_uuid(dom_uuid))
+        virsh("secret-undefine", su, check=False)
+        with contextlib.suppress(FileNotFoundError):
+            (RUNTIME_ROOT / "vtpm-secrets" / su).unlink()
     return problems
 
 
