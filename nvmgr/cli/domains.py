@@ -141,6 +141,41 @@ def cmd_encrypt(args: argparse.Namespace) -> Result:
     return encrypt(absolute(args.image), kek)
 
 
+@arguments("vtpm-secret")
+def _vtpm_secret_args(p: argparse.ArgumentParser) -> None:
+    _add_image(p)  # --domain VM, or IMAGE (a migration's destination, the domain not defined)
+    _add_key_args(p)
+
+
+@command("vtpm-secret", "give libvirt the vTPM secret swtpm encrypts the TPM state of a domain "
+         "with a key with: after a libvirtd restart (ephemeral secret), or on a migration's "
+         "destination before migrating (the watcher does the first)",
+         "nvmgr vtpm-secret --domain vm1\n"
+         "  nvmgr vtpm-secret /var/lib/libvirt/nvmgr/vm1.nvram --key-file /etc/nvmgr/vm1.key",
+         render=lambda r: (f"vTPM secret {r['secret']} of domain {r['domain_uuid']} given to "
+                           "libvirt" if r["secret"] else
+                           f"domain {r['domain']} needs no vTPM secret (no key or no TPM)"))
+def cmd_vtpm_secret(args: argparse.Namespace) -> Result:
+    from nvmgr.virt import define as vdefine
+
+    if args.domain:
+        if args.image:
+            raise UsageError("name an IMAGE or give --domain, not both")
+        from nvmgr.domain.elements import parse_domain
+        from nvmgr.virt import conn as virt
+
+        su = vdefine.restore_vtpm_secret(args.domain, args.connect)
+        dom = parse_domain(virt.domain_xml(args.domain, args.connect))
+        return {"domain": args.domain, "domain_uuid": str(dom.uuid), "secret": su}
+    if not args.image:
+        raise UsageError("name an IMAGE or give --domain NAME")
+    kek = load_key(args)
+    if kek is None:
+        raise UsageError("give the image's key: --key-file, --key-secret or --key-stdin")
+    return {"domain": None, **vdefine.vtpm_secret_of_image(os.path.abspath(args.image), kek,
+                                                          args.connect)}
+
+
 @arguments("undefine")
 def _undefine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("domain", metavar="DOMAIN", help="domain name or UUID")

@@ -50,7 +50,7 @@ import zlib
 from collections.abc import Callable, Mapping
 
 from nvmgr.domain import profiles
-from nvmgr.domain.elements import Domain, parse_domain
+from nvmgr.domain.elements import TPM, Domain, parse_domain
 from nvmgr.domain.metadata import LibvirtNvram, NvmgrMetadata
 from nvmgr.domain.plan import Plan, PlannedSection
 from nvmgr.errors import InvalidInputError, UsageError
@@ -76,6 +76,34 @@ _NODE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
 SHARE_RW_DRIVERS = frozenset(
     {"virtio-blk-pci", "virtio-blk-device", "virtio-blk-ccw", "scsi-hd", "ide-hd", "usb-storage"}
 )
+
+
+#: The namespace of the UUIDs of the vTPM secrets nvmgr defines (uuid5 of a domain's UUID).
+VTPM_SECRET_NAMESPACE = uuid.UUID("cc6bc8c6-f077-4d7c-807e-878fc815e774")
+
+
+def vtpm_secret_uuid(domain_uuid: uuid.UUID | str) -> uuid.UUID:
+    """The UUID of the libvirt secret (usage ``vtpm``) whose value swtpm
+    encrypts a keyed domain's TPM state with: one per domain, derived from its
+    UUID, so every host and every nvmgr command names the same secret.
+
+    :raise InvalidInputError: *domain_uuid* is not a UUID.
+    """
+    try:
+        u = uuid.UUID(str(domain_uuid))
+    except ValueError as e:
+        raise InvalidInputError(f"{domain_uuid!r} is not a domain UUID") from e
+    return uuid.uuid5(VTPM_SECRET_NAMESPACE, str(u))
+
+
+def vtpm_usage(domain_uuid: uuid.UUID | str) -> str:
+    """The usage name of a domain's vTPM secret (libvirt wants it unique per usage type)."""
+    return f"nvmgr-vtpm-{uuid.UUID(str(domain_uuid))}"
+
+
+def swtpm_tpms(dom: Domain) -> list[TPM]:
+    """The domain's TPMs whose state libvirt keeps (``<backend type='emulator'>``: swtpm)."""
+    return [t for t in dom.tpms if t.backend_type == "emulator"]
 
 
 def runtime_dir(domain_uuid: uuid.UUID | str) -> str:
@@ -455,6 +483,13 @@ def wiring_problems(dom: Domain, plan: Plan) -> list[str]:
             problems.append("its UEFI <loader> is not stateless='yes'")
         if os_ is not None and os_.nvram is not None:
             problems.append("it has an <nvram> element (libvirt's own vars file)")
+    if plan.encrypted and dom.uuid is not None:
+        want_secret = vtpm_secret_uuid(dom.uuid)
+        for t in swtpm_tpms(dom):
+            if t.encryption_secret != want_secret:
+                problems.append(
+                    f"its <tpm> has no <encryption secret='{want_secret}'/> in its backend "
+                    "(the domain names a key: swtpm must write its state encrypted)")
     return problems
 
 
@@ -513,6 +548,11 @@ def apply_plan(
         record = _make_stateless(dom, record)
     args = qemu_args(plan, image_path, fmt, domain_uuid=dom.uuid or plan.domain_uuid)
     dom.qemu_args = args + user_args(dom.qemu_args)
+    if plan.encrypted and dom.uuid is not None:
+        # A domain with a key: swtpm keeps the TPM state encrypted with the
+        # value of nvmgr's vTPM secret (any other <encryption> is replaced).
+        for t in swtpm_tpms(dom):
+            t.encryption_secret = vtpm_secret_uuid(dom.uuid)
     dom.set_nvmgr(
         NvmgrMetadata(
             image=image_path,
@@ -566,6 +606,10 @@ def strip(dom: Domain, *, keep_sections: bool = False) -> None:
     """
     meta = dom.nvmgr
     dom.qemu_args = user_args(dom.qemu_args)
+    if dom.uuid is not None:  # nvmgr's vTPM secret goes with nvmgr
+        for t in swtpm_tpms(dom):
+            if t.encryption_secret == vtpm_secret_uuid(dom.uuid):
+                t.remove_encryption()
     rec = meta.libvirt_nvram if meta else None
     os_ = dom.os
     if rec is not None and os_ is not None:

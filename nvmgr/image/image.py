@@ -708,6 +708,15 @@ class Image:
         """
         return self._get_cipher().luks_passphrase()
 
+    def vtpm_passphrase(self) -> bytes:
+        """The passphrase swtpm encrypts this image's TPM state with while the
+        VM runs: the value of the domain's libvirt ``vtpm`` secret
+        (:meth:`nvmgr.crypto.cipher.SectionCipher.vtpm_passphrase`).
+
+        :raise KeyRequiredError, WrongKeyError: no key, or not one of the image's.
+        """
+        return self._get_cipher().vtpm_passphrase()
+
     def _luks_payload(self, s: Section, raw: bytes) -> bytes:
         """The payload of LUKS section *s* whose stored bytes are *raw* (the
         key already proven by the key slots: a volume that does not open with

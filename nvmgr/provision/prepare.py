@@ -147,12 +147,11 @@ def initial_content(dom: Domain, plan: Plan, ps: PlannedSection) -> tuple[bytes,
         if ps.template and os.path.isfile(ps.template):
             return _read_firmware_file(ps.template, None), f"template {ps.template}"
         return None
-    if ps.binding is Binding.TPM and plan.domain_uuid is not None:
-        for version in ("2.0", "1.2"):
-            d = staging.tpm_state_dir(str(plan.domain_uuid), version)
-            name = staging.tpm_file_name(ps.name, version)
-            if (d / name).is_file():
-                return (d / name).read_bytes(), f"imported {d / name}"
+    if ps.binding is Binding.TPM and plan.domain_uuid is not None and dom.uuid is not None:
+        # The state libvirt's swtpm keeps for this TPM (its own version's file only).
+        f = staging.tpm_state_files(dom, [ps.name]).get(ps.name)
+        if f is not None and f.is_file() and not f.is_symlink():
+            return f.read_bytes(), f"imported {f}"
     return None
 
 

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from nvmgr.crypto.cipher import Kek
+from nvmgr.image.image import Image
+
 from . import hosts, vmlib
 from .hosts import Host, destroy_checked, migrate_checked, runner_host
 
@@ -47,6 +50,8 @@ class GuestVM:
     def __init__(self, what: str, image: Path | str, workdir: Path) -> None:
         self.name = vmlib.new_name(what)
         self.uuid = str(uuid.uuid4())
+        #: swtpm's state passphrase (a domain with a key: its state is swtpm's ciphertext)
+        self.passphrase: bytes | None = None
         self.image = image
         self.socket = f"{SERIAL_DIR}/{self.name}.serial"
         self.xml = workdir / f"{self.name}.xml"
@@ -101,12 +106,12 @@ class GuestVM:
         out = self.workdir / f"{self.name}.permall"
         out.unlink(missing_ok=True)
         vmlib.nvmgr("get", image or self.image, "tpm-permall", "-o", out, *key)
-        return vmlib.read_ek(out.read_bytes(), self.workdir)
+        return vmlib.read_ek(out.read_bytes(), self.workdir, self.passphrase)
 
     def staged_ek(self, host: Host) -> tuple[str, bytes | None]:
         """The endorsement key of the TPM swtpm runs on *host* now."""
         return vmlib.read_ek((host.swtpm_dir(self.uuid) / "tpm2-00.permall").read_bytes(),
-                             self.workdir)
+                             self.workdir, self.passphrase)
 
     def migrate(self, src: Host, dst: Host, shared: Path, *extra: str,
                 wait: bool = True) -> subprocess.Popen[str]:
@@ -189,6 +194,8 @@ def test_live_migration_without_shared_storage(
     try:
         v.define(a, "--key-file", str(key))
         assert vmlib.section_info(v.image, "tpm-permall")["encrypted"] is True
+        with Image.open(str(v.image), kek=Kek(key.read_bytes())) as img:
+            v.passphrase = img.vtpm_passphrase()
         v.start(a)
         v.boot_to_shell(a)
         v.setvar(a, "BeforeCopy", "in-the-copy")
@@ -198,6 +205,11 @@ def test_live_migration_without_shared_storage(
         vmlib.nvmgr("check", copy, "--key-file", key)
         assert v.vars(copy, "--key-file", str(key)) == {"BeforeCopy": "in-the-copy"}
         v.setvar(a, "AfterCopy", "from-the-stream")  # only the migration stream carries it
+        # swtpm encrypts the TPM state with the domain's vTPM secret: the destination's
+        # libvirtd needs it before the migration starts its swtpm (derived from the copy).
+        got = json.loads(vmlib.nvmgr("vtpm-secret", copy, "--key-file", key, "--connect",
+                                     b.uri, "--output", "json").stdout)
+        assert got["domain_uuid"] == v.uuid, got
 
         mark_a, mark_b = len(a.hook_log_lines()), len(b.hook_log_lines())
         v.migrate(a, b, shared)
