@@ -167,7 +167,8 @@ class ExternalError(NvmgrError):
 
 class InstallationError(NvmgrError):
     """A file nvmgr ships (a schema, the hook front end) is missing: a broken
-    installation, not a mistake of the user's."""
+    installation, not a mistake of the user's; or the host lacks what nvmgr
+    needs (``/run/nvmgr`` on tmpfs for QEMU's key files)."""
 
     exit_code = ExitCode.INSTALLATION
 

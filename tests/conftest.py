@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -81,6 +81,17 @@ def nvmgr() -> RunCli:
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def _volatile_dirs_removed() -> Iterator[None]:
+    """The tmpfs directories a test's hook domains used as their runtime root
+    (tests/hookdom.py: volatile_dir) go when the test ends."""
+    yield
+    for name in ("hookdom", "tests.hookdom"):  # imported both ways by the tests
+        module = sys.modules.get(name)
+        if module is not None:
+            module.remove_volatile_dirs()
 
 
 @pytest.fixture(autouse=True)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -40,6 +42,24 @@ DOMAIN = """<domain type='qemu'>
     <tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>
   </devices>
 </domain>"""
+
+
+#: Where a test's runtime root goes: a tmpfs, as ``/run`` is on a host (the hook
+#: writes key files only onto one: ``staging.require_volatile``).
+VOLATILE_BASE = Path("/dev/shm")
+_volatile: list[Path] = []
+
+
+def volatile_dir(tag: str) -> Path:
+    """A new directory on tmpfs; ``remove_volatile_dirs`` (after every test) removes it."""
+    p = Path(tempfile.mkdtemp(prefix=f"nvmgr-test-{tag}-", dir=VOLATILE_BASE))
+    _volatile.append(p)
+    return p
+
+
+def remove_volatile_dirs() -> None:
+    while _volatile:
+        shutil.rmtree(_volatile.pop(), ignore_errors=True)
 
 
 @dataclasses.dataclass
@@ -89,7 +109,8 @@ def wired_domain(work: Path, tag: str, fmt: str = "raw", *,
     if key_file is not None:
         xml = xml.replace(f"image='{image}'", f"image='{image}' key-file='{key_file}'", 1)
     wired = qemuargs.rewrite_domain(xml, plan_domain(xml), str(image), fmt, str(uuid.uuid4()))
-    d = HookDomain(name, dom_uuid, wired, image, work / "swtpm", work / "run", work / "hook.log")
+    d = HookDomain(name, dom_uuid, wired, image, work / "swtpm", volatile_dir("run"),
+                   work / "hook.log")
     d.swtpm_root.mkdir(exist_ok=True)
     d.runtime_root.mkdir(exist_ok=True)
     return d

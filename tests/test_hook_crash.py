@@ -29,6 +29,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import hookdom
 import pytest
 from hookdom import HookDomain, wired_domain
 
@@ -95,7 +96,7 @@ def clone(d: HookDomain, work: Path, n: int) -> HookDomain:
     w.mkdir()
     image = w / d.image.name
     return HookDomain(d.name, d.uuid, d.xml.replace(str(d.image), str(image)), image,
-                      w / "swtpm", w / "run", w / "hook.log")
+                      w / "swtpm", hookdom.volatile_dir(f"run-p{n}"), w / "hook.log")
 
 
 def finish_and_verify(d: HookDomain, newest: bytes, vars_: bytes, *,

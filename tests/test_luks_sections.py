@@ -14,6 +14,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -270,6 +271,35 @@ def test_the_hook_stages_the_passphrase_for_qemu_and_started_removes_it(tmp_path
     assert r.returncode == 0, r.stderr.decode()
     with Image.open(str(d.image), kek=kek) as img:  # type: ignore[attr-defined]
         assert img.check().ok and not img.section("uefi-vars").dirty
+
+
+def test_no_key_file_is_written_onto_a_disk(tmp_path: Path) -> None:
+    """A runtime root on a filesystem that reaches a disk (here /var/tmp): the
+    start is refused with exit 11 naming the fix before anything is written;
+    the same domain with its runtime root on tmpfs stages it."""
+    from nvmgr.provision import staging
+    from tests import hookdom
+
+    disk = Path(tempfile.mkdtemp(prefix="nvmgr-test-disk-run-", dir="/var/tmp"))
+    try:
+        if staging.filesystem_of(disk) in staging.VOLATILE_FILESYSTEMS:
+            pytest.skip("/var/tmp is a tmpfs on this machine")
+        assert staging.filesystem_of(hookdom.volatile_dir("probe")) == "tmpfs"
+        d, _key = _hook_domain(tmp_path)
+        d.runtime_root = disk  # type: ignore[attr-defined]
+        r = d.hook("prepare", "begin")  # type: ignore[attr-defined]
+        assert r.returncode == ExitCode.INSTALLATION, r.stderr.decode()
+        err = r.stderr.decode()
+        assert f"refusing to write a key under {disk}" in err and "mount -t tmpfs" in err
+        assert not list(disk.rglob("*")) and not d.image.exists()  # type: ignore[attr-defined]
+        r = d.hook("release", "end")  # libvirtd's answer to the refused start
+        assert r.returncode == 0, r.stderr.decode()
+        d.runtime_root = hookdom.volatile_dir("run")  # type: ignore[attr-defined]
+        r = d.hook("prepare", "begin")  # type: ignore[attr-defined]
+        assert r.returncode == 0, r.stderr.decode()
+        assert (d.runtime_root / d.uuid / "image.key").exists()  # type: ignore[attr-defined]
+    finally:
+        shutil.rmtree(disk, ignore_errors=True)
 
 
 def test_a_plaintext_live_section_under_a_key_is_refused_with_the_fix(tmp_path: Path) -> None:

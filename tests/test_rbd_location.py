@@ -245,7 +245,9 @@ def test_the_prepare_hook_stages_the_key_from_the_libvirt_secret(
     monkeypatch.setattr("nvmgr.paths.SECRETS_DIR", str(d))
     staged: dict[str, bytes] = {}
 
-    def stage_runtime(uuid: str, files: dict[str, bytes], users: object, root: str) -> None:
+    def stage_runtime(uuid: str, files: dict[str, bytes], users: object, root: str, *,
+                      secret: bool = False) -> None:
+        assert secret, "a cephx key is staged as a secret: onto tmpfs only"
         staged.update(files)
 
     monkeypatch.setattr(lifecycle.staging, "stage_runtime", stage_runtime)

@@ -25,8 +25,9 @@ EXIT_CODES_TEXT = """exit codes:
   2  usage: bad arguments    8  no space: data larger than a section, image full
   3  not found               9  invalid input: hostile or malformed domain XML
   4  corrupted (check found 10  an external tool failed (qemu-img, libvirt)
-     errors, bad DER,       11  nvmgr is installed incompletely
-     foreign image)         12  the domain asks for nvmgr but is not
+     errors, bad DER,       11  nvmgr is installed incompletely, or the
+     foreign image)             host lacks /run/nvmgr on tmpfs
+                            12  the domain asks for nvmgr but is not
   5  wrong key                   wired for it: run nvmgr reconcile NAME
                             13  cannot be done live (nvmgr attach/detach
                                  --live): --config can

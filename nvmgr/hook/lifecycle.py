@@ -185,6 +185,8 @@ def prepare(ctx: HookContext) -> str:
     problems = wiring_problems(ctx.dom, plan)
     if problems:  # checked before anything is created, grown or staged
         raise not_wired(ctx.name, problems)
+    if kek is not None or is_rbd(ctx.image):  # a key file for QEMU ahead: tmpfs only
+        staging.require_volatile(ctx.runtime_root)
     runtime = staging.runtime_dir(ctx.uuid, ctx.runtime_root)
     incoming_note = ownership.take_incoming_note(runtime)
     # A CLI writer holding the image for a moment must not fail the start.
@@ -233,7 +235,7 @@ def prepare(ctx: HookContext) -> str:
         if luks:
             # QEMU's secret object reads the LUKS passphrase from here; started removes it.
             staging.stage_runtime(ctx.uuid, {KEY_FILE: img.luks_passphrase()}, ctx.users,
-                                  ctx.runtime_root)
+                                  ctx.runtime_root, secret=True)
         if not incoming:
             img.set_in_use([s.name for s in img.directory.sections if s.live], True)
         owner = ownership.claim(img, runtime, incoming=incoming)
@@ -351,7 +353,7 @@ def _stage_rbd_key(ctx: HookContext) -> None:
     key = RbdLocation.parse(ctx.image).key()
     if key is not None:
         staging.stage_runtime(ctx.uuid, {"rbd.key": key.encode("ascii")}, ctx.users,
-                              ctx.runtime_root)
+                              ctx.runtime_root, secret=True)
 
 
 def started(ctx: HookContext) -> str:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from nvmgr.domain.elements import Domain
 from nvmgr.domain.profiles import tpm_prefix, tpm_version
-from nvmgr.errors import InvalidInputError
+from nvmgr.errors import InstallationError, InvalidInputError
 from nvmgr.format.model import Binding, Section
 from nvmgr.paths import QEMU_CONF, RUNTIME_ROOT, SWTPM_STATE_ROOT
 
@@ -251,12 +251,57 @@ def runtime_dir(domain_uuid: str, root: str = RUNTIME_ROOT) -> Path:
     return Path(root) / domain_uuid
 
 
+#: Filesystems whose files never reach a disk.
+VOLATILE_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
+
+
+def filesystem_of(path: Path | str) -> str:
+    """The type of the filesystem *path* lives on (the deepest mount that holds
+    it, from ``/proc/self/mountinfo``), e.g. ``tmpfs`` or ``ext4``."""
+    target = os.path.realpath(path)
+    best, fstype = "", "unknown"
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            fields = pre.split()
+            if len(fields) < 5 or not post:
+                continue
+            # octal escapes (a space is \040) as the kernel writes them
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            inside = target == point or target.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):
+                best, fstype = point, post.split()[0]
+    return fstype
+
+
+def require_volatile(path: Path | str) -> None:
+    """Refuse to write a key under *path* unless it is on tmpfs (or ramfs).
+
+    QEMU reads an image's LUKS passphrase and a cephx key from a runtime file;
+    nvmgr never puts a key on persistent storage, so that file must be in
+    memory.  ``/run`` is a tmpfs on every distribution's init (systemd's and
+    sysvinit's alike); a host where it is not (some minimal containers and
+    microVMs) needs one mounted on ``/run/nvmgr`` first.
+
+    :raise InstallationError: *path* is on a filesystem that reaches a disk.
+    """
+    fstype = filesystem_of(path)
+    if fstype not in VOLATILE_FILESYSTEMS:
+        raise InstallationError(
+            f"refusing to write a key under {path}: it is on {fstype}, not on tmpfs, and "
+            "nvmgr never writes a key to persistent storage; mount a tmpfs there first "
+            f"(mount -t tmpfs -o mode=0755,nosuid,nodev,noexec nvmgr {path})")
+
+
 def stage_runtime(domain_uuid: str, files: dict[str, bytes], users: Users,
-                  root: str = RUNTIME_ROOT) -> list[str]:
-    """Files QEMU reads at start (fw_cfg blobs), 0600, owned by the QEMU user."""
+                  root: str = RUNTIME_ROOT, *, secret: bool = False) -> list[str]:
+    """Files QEMU reads at start (fw_cfg blobs; with *secret*, key files, which
+    only a tmpfs may hold: :func:`require_volatile`), 0600, owned by the QEMU user."""
     owner = _ids(users.qemu_user, users.qemu_group)
     d = runtime_dir(domain_uuid, root)
     _ensure_dir(Path(root), (0, 0), 0o755)
+    if secret:
+        require_volatile(root)
     _ensure_dir(d, owner, 0o700)
     for name, data in files.items():
         write_atomic(d / name, data, owner=owner)

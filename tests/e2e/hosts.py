@@ -87,6 +87,9 @@ shift 3
 for p in "$@"; do
   mount --bind "$root/$(printf %s "$p" | tr / _)" "$p"
 done
+# nvmgr's runtime files (key files among them) on a tmpfs, as a host's /run is
+mkdir -p /run/nvmgr
+mount -t tmpfs -o mode=0755,nosuid,nodev,noexec nvmgr /run/nvmgr
 ip link set lo up
 "$reaper" virtlogd -d
 "$reaper" libvirtd -d
@@ -126,7 +129,12 @@ class Host:
     # ------------------------------------------------------------ paths
 
     def path(self, system_path: str) -> Path:
-        """Where *system_path* (inside the host) is seen from outside."""
+        """Where *system_path* (inside the host) is seen from outside: its private
+        copy, or for ``/run/nvmgr`` (a tmpfs mounted inside the host) through
+        the host's own view of its mounts (``/proc/PID/root``) while it runs."""
+        if (system_path == "/run/nvmgr" or system_path.startswith("/run/nvmgr/")) \
+                and self._holder is not None and self._holder.poll() is None:
+            return Path(f"/proc/{self._holder.pid}/root{system_path}")
         for p, _copy in sorted(PRIVATE, key=lambda x: -len(x[0])):
             if system_path == p or system_path.startswith(p + "/"):
                 return _private(self.root, p) / system_path[len(p) + 1:]
