@@ -72,6 +72,8 @@ PRIVATE = (
     ("/var/log/nvmgr", False),
     ("/etc/nvmgr", False),
 )
+#: Of those, the ones that are a tmpfs on a host.
+VOLATILE = ("/run",)
 #: Directories libvirt expects under /var/lib/libvirt, /var/log/swtpm, /var/log/libvirt.
 _SKELETON = ("var/lib/libvirt/qemu", "var/lib/libvirt/swtpm", "var/log/libvirt/qemu",
              "var/log/swtpm/libvirt/qemu")
@@ -87,9 +89,6 @@ shift 3
 for p in "$@"; do
   mount --bind "$root/$(printf %s "$p" | tr / _)" "$p"
 done
-# nvmgr's runtime files (key files among them) on a tmpfs, as a host's /run is
-mkdir -p /run/nvmgr
-mount -t tmpfs -o mode=0755,nosuid,nodev,noexec nvmgr /run/nvmgr
 ip link set lo up
 "$reaper" virtlogd -d
 "$reaper" libvirtd -d
@@ -129,12 +128,7 @@ class Host:
     # ------------------------------------------------------------ paths
 
     def path(self, system_path: str) -> Path:
-        """Where *system_path* (inside the host) is seen from outside: its private
-        copy, or for ``/run/nvmgr`` (a tmpfs mounted inside the host) through
-        the host's own view of its mounts (``/proc/PID/root``) while it runs."""
-        if (system_path == "/run/nvmgr" or system_path.startswith("/run/nvmgr/")) \
-                and self._holder is not None and self._holder.poll() is None:
-            return Path(f"/proc/{self._holder.pid}/root{system_path}")
+        """Where *system_path* (inside the host) is seen from outside."""
         for p, _copy in sorted(PRIVATE, key=lambda x: -len(x[0])):
             if system_path == p or system_path.startswith(p + "/"):
                 return _private(self.root, p) / system_path[len(p) + 1:]
@@ -176,6 +170,11 @@ class Host:
                 shutil.copytree(p, dest, symlinks=True, ignore=_not_copied)
             else:
                 dest.mkdir(mode=0o755)
+            if p in VOLATILE:
+                # a tmpfs, as a host's /run is (nvmgr writes QEMU's key files only
+                # onto one), mounted out here so tests see into it
+                subprocess.run(["mount", "-t", "tmpfs", "-o", "nosuid,nodev",
+                                f"nvmgr-{self.name}-run", str(dest)], check=True)
             st = os.stat(p)
             os.chown(dest, st.st_uid, st.st_gid)
             os.chmod(dest, st.st_mode & 0o7777)
@@ -291,7 +290,7 @@ class Host:
         """
         problems: list[str] = []
         if self._holder is None:
-            shutil.rmtree(self.root, ignore_errors=True)
+            self._remove()
             return problems
         if self.libvirtd_pid is not None:
             listed = self.virsh("list", "--all", "--name", check=False).stdout.split()
@@ -332,8 +331,15 @@ class Host:
             if stream is not None:
                 stream.close()
         self._holder = None
-        shutil.rmtree(self.root, ignore_errors=True)
+        self._remove()
         return problems
+
+    def _remove(self) -> None:
+        for p in VOLATILE:
+            dest = _private(self.root, p)
+            if os.path.ismount(dest):
+                subprocess.run(["umount", "-l", str(dest)], check=False)
+        shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> Host:
         self.start()
