@@ -30,7 +30,7 @@ import dataclasses
 import logging
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from nvmgr.errors import (
     BusyError,
@@ -217,6 +217,27 @@ def _sync_dir(path: str) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _new_member_cleanup(mi: Image, created: bool) -> Iterator[list[bool]]:
+    """Undo a member made for a split or placement that fails: closed, and its
+    file removed while nothing names it yet.
+
+    The body appends to the list it gets just before the parent's commit:
+    from that commit's first write on, the parent may name the member, and
+    its file stays (a retry, or ``check``, finds it).
+    """
+    committing: list[bool] = []
+    try:
+        yield committing
+    except BaseException:
+        if created:
+            mi.close()
+            if not committing and not is_rbd(mi.path):  # named by nothing: gone
+                with contextlib.suppress(OSError):
+                    os.unlink(mi.path)
+        raise
+
+
 def _stub(s: Section, ms: Section, index: int) -> Section:
     """This directory's entry for section *s*, now stored as *ms* in member *index*."""
     return dataclasses.replace(
@@ -280,8 +301,7 @@ def split(img: Image, names: Sequence[str], into: str, *, fmt: str | None = None
     moving = _prepare_move(img, names, force)
     specs = [SectionSpec(s.name, s.capacity, s.binding, s.encrypted, s.device) for s in moving]
     mi, record, created = _open_target(img, into, fmt, specs)
-    committing = False
-    try:
+    with _new_member_cleanup(mi, created) as committing:
         staged = mi._copy_dir()
         for s in moving:
             ms = mi._find(staged, s.name)
@@ -294,15 +314,8 @@ def split(img: Image, names: Sequence[str], into: str, *, fmt: str | None = None
         for s in moving:
             stub = _stub(s, mi._find(mi.directory, s.name), record.index)
             new.sections = [stub if x.name == s.name else x for x in new.sections]
-        committing = True  # from its first write on, the commit may have landed
+        committing.append(True)  # from its first write on, the commit may have landed
         img._commit(new)
-    except BaseException:
-        if created:
-            mi.close()
-            if not committing and not is_rbd(mi.path):  # named by nothing: gone
-                with contextlib.suppress(OSError):
-                    os.unlink(mi.path)
-        raise
     img._members[record.index] = mi
     log.info("%s: split %s into member %s", img.path, ", ".join(names), mi.path)
     return MemberResult(img.path, mi.path, record.index, list(names), created=created)
@@ -404,8 +417,7 @@ def place_in_member(img: Image, specs: Sequence[SectionSpec], *, limit: int,
 
 def _place(img: Image, specs: list[SectionSpec], into: str) -> MemberResult:
     mi, record, created = _open_target(img, into, None, specs)
-    committing = False
-    try:
+    with _new_member_cleanup(mi, created) as committing:
         new = img._copy_dir()
         if created:
             new.members = [*(new.members or []), record]
@@ -414,15 +426,8 @@ def _place(img: Image, specs: list[SectionSpec], into: str) -> MemberResult:
             new.sections.append(_stub(Section(s.name, s.binding, s.capacity, s.reserved, 0,
                                               encrypted=s.encrypted, device=s.device),
                                       ms, record.index))
-        committing = True
+        committing.append(True)
         img._commit(new)
-    except BaseException:
-        if created:
-            mi.close()
-            if not committing and not is_rbd(mi.path):  # named by nothing: gone
-                with contextlib.suppress(OSError):
-                    os.unlink(mi.path)
-        raise
     img._members[record.index] = mi
     log.info("%s: placed %s in member %s", img.path, ", ".join(s.name for s in specs), mi.path)
     return MemberResult(img.path, mi.path, record.index, [s.name for s in specs],
