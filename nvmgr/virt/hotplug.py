@@ -150,6 +150,8 @@ def unplug(dom: Any, section: str, device: str | None, *, wait: float = UNPLUG_W
 
     :param device: the device id (``None``: the section feeds no device).
     :return: False when QEMU had no node for the section (nothing to do).
+    :raise NotHotpluggableError: the device sits on a bus without hot-unplug
+        (q35's root bus ``pcie.0``, where the VM's start put it): nothing changed.
     :raise BusyError: the guest did not release the device within *wait*
         seconds (its node stays; the section is kept).
     """
@@ -158,7 +160,17 @@ def unplug(dom: Any, section: str, device: str | None, *, wait: float = UNPLUG_W
     if slice_node not in nodes:
         return False
     if device is not None and device in _devices(dom):
-        qmp(dom, "device_del", {"id": device})
+        try:
+            qmp(dom, "device_del", {"id": device})
+        except ExternalError as e:
+            if "does not support hotplugging" not in e.detail:
+                raise
+            raise NotHotpluggableError(
+                f"device {device} of section {section} cannot be unplugged from the running "
+                f"VM ({e.detail.strip()}): it was plugged when the VM started, on the root "
+                "bus, which takes no hot-unplug (a device nvmgr hot-plugs goes on a PCIe root "
+                "port); detach it with --config, it is gone at the next boot",
+                section=section) from e
         deadline = time.monotonic() + wait
         while device in _devices(dom):
             if time.monotonic() > deadline:
@@ -167,9 +179,18 @@ def unplug(dom: Any, section: str, device: str | None, *, wait: float = UNPLUG_W
                     "operating system must accept the unplug); section "
                     f"{section} stays plugged and kept", section=section)
             time.sleep(0.1)
-    if luks_node_name(section) in nodes:  # a LUKS section's node on its slice goes first
-        qmp(dom, "blockdev-del", {"node-name": luks_node_name(section)})
-    qmp(dom, "blockdev-del", {"node-name": slice_node})
+    deadline = time.monotonic() + wait
+    top = luks_node_name(section) if luks_node_name(section) in nodes else slice_node
+    while True:  # the device's hold on its node goes when QEMU finalizes it, a moment later
+        try:
+            qmp(dom, "blockdev-del", {"node-name": top})
+            break
+        except ExternalError as e:
+            if "is in use" not in e.detail or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    if top != slice_node:  # a LUKS section's node on its slice went first
+        qmp(dom, "blockdev-del", {"node-name": slice_node})
     extra = extra_file_node(section)
     if extra in nodes:
         qmp(dom, "blockdev-del", {"node-name": extra})
