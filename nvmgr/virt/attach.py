@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from nvmgr.domain.device import Device, parse_device
 from nvmgr.domain.elements import Domain, parse_domain
-from nvmgr.domain.metadata import NvmgrMetadata, SectionDecl, to_text
+from nvmgr.domain.metadata import NvmgrMetadata, SectionDecl, from_text, to_text
 from nvmgr.domain.namespaces import NVMGR_NS
 from nvmgr.domain.plan import Plan, PlannedSection, plan_for
 from nvmgr.domain.qemuargs import apply_plan, node_name
@@ -187,9 +187,11 @@ def _set_live_metadata(d: Any, add: tuple[SectionDecl, ...] = (),
     """The running VM's nvmgr metadata, with *add* declared and *remove* gone
     (``virsh dumpxml`` shows what runs; a migration's prepare sees it)."""
     lv = virt._libvirt()
-    live = parse_domain(d.XMLDesc(0)).nvmgr
-    if live is None:
-        return
+    try:  # the metadata element alone: no whole live XML to fetch and parse
+        text = d.metadata(lv.VIR_DOMAIN_METADATA_ELEMENT, NVMGR_NS, lv.VIR_DOMAIN_AFFECT_LIVE)
+    except lv.libvirtError:
+        return  # the running VM has none
+    live = from_text(text)
     have = {s.name for s in live.sections}
     secs = tuple(s for s in live.sections if s.name not in remove) + tuple(
         s for s in add if s.name not in have)
@@ -208,7 +210,7 @@ def _live_metadata(d: Any, name: str, *, add: tuple[SectionDecl, ...] = (),
     of the running VM lags)."""
     try:
         _set_live_metadata(d, add, remove)
-    except ExternalError as e:
+    except NvmgrError as e:
         log.warning("%s: the running VM's metadata was not updated: %s", name, e)
 
 
@@ -316,11 +318,14 @@ def attach(name: str, device_xml: str, *, uri: str | None = None, live: bool = F
                 result.kept = _kept(img, brought, contents)
                 specs = [SectionSpec(ps.name, ps.capacity, ps.binding, ps.encrypted, ps.device)
                          for ps in brought if ps.name not in result.kept]
-                grow(img, specs, max_image_size=meta.max_image_size, contents=contents)
-                result.added = [s.name for s in specs]
                 going_live = [ps.name for ps in brought if do_live and ps.live]
-                if going_live:
-                    img.set_in_use(going_live, True)
+                # New sections are marked in use in the commit that adds them.
+                grow(img, specs, max_image_size=meta.max_image_size, contents=contents,
+                     in_use=going_live)
+                result.added = [s.name for s in specs]
+                kept_live = [n for n in going_live if n in result.kept]
+                if kept_live:
+                    img.set_in_use(kept_live, True)
                 placed = plan_with_offsets(plan, img.directory, img)
                 image_uuid = img.directory.image_uuid
                 result.image_size = img.directory.image_size

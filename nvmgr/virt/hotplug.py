@@ -10,12 +10,18 @@ QMP goes through libvirt's QEMU monitor passthrough (:func:`nvmgr.virt.conn.qmp`
    QEMU 7.2 learns a file node's size when it opens it and its raw slices
    forbid resizing it (``block_resize`` is refused, measured): a slice that
    ends beyond that size (the image grew past it) goes over a second ``file``
-   node of the same image file, opened now (:func:`extra_file_node`);
+   node of the same image file (:func:`extra_file_node`), opened in the same
+   ``blockdev-add`` as the slice's own child (it goes when the slice goes);
 3. ``device_add`` of the section's device (``driver=``) with the slice as its
    drive, on a free PCI Express root port when the machine has one (q35's
    root bus takes no hot-plug); the highest free one, since libvirt gives the
    lowest to its own hot-plugs and does not know about this device (a port is
-   free when QOM shows no device on its bus).
+   free when QOM shows no device on its bus; :func:`_free_root_port`).
+
+Round trips of a plug with a device (libvirt's monitor passthrough, each one
+through libvirtd): ``query-named-block-nodes``, one ``blockdev-add`` (two
+with a LUKS node), ``qom-list`` of the peripherals, ``query-pci``, ``qom-list``
+of the chosen port, ``device_add``.
 
 Anything that fails is undone (nodes deleted) before the error goes up.
 :func:`unplug` undoes a plug: ``device_del``, wait for the guest to let the
@@ -51,23 +57,64 @@ def block_nodes(dom: Any) -> dict[str, dict[str, Any]]:
     return {n["node-name"]: n for n in nodes if isinstance(n, dict) and "node-name" in n}
 
 
+def _occupied_by_pci(dom: Any) -> dict[str, bool]:
+    """Root port id -> whether ``query-pci`` shows a device behind it, for the
+    ports whose secondary bus the firmware has numbered (``query-pci`` lists
+    a bus's devices only by its number; an unnumbered port is left out)."""
+    out: dict[str, bool] = {}
+
+    def walk(devices: list[Any]) -> None:
+        for d in devices:
+            if not isinstance(d, dict):
+                continue
+            bridge = d.get("pci_bridge")
+            if not isinstance(bridge, dict):
+                continue
+            bus = bridge.get("bus")
+            if not isinstance(bus, dict):
+                bus = {}
+            children = bridge.get("devices") or []
+            if d.get("qdev_id") and int(bus.get("secondary", 0) or 0) > 0:
+                out[str(d["qdev_id"])] = bool(children)
+            walk(children)
+
+    for b in qmp(dom, "query-pci") or []:
+        if isinstance(b, dict):
+            walk(b.get("devices") or [])
+    return out
+
+
+def _port_is_free(dom: Any, port: str) -> bool:
+    """QOM's word on *port* (a bus links each device on it as ``child[N]``)."""
+    bus = qmp(dom, "qom-list", {"path": f"/machine/peripheral/{port}/{port}"}) or []
+    return not any(str(b.get("name", "")).startswith("child[") for b in bus
+                   if isinstance(b, dict))
+
+
 def _free_root_port(dom: Any) -> str | None:
     """The id of the last PCI Express root port with no device on its bus (None: none).
 
-    Read from QOM, not ``query-pci`` (which lists a port's devices only once
-    the firmware numbered its bus): a bus links each device on it as ``child[N]``.
+    QOM is the authority (a bus links each device on it), one ``qom-list``
+    per port; ``query-pci`` answers for every port at once where the firmware
+    numbered its bus, so the ports it shows occupied are skipped without
+    asking QOM, and the one chosen is confirmed by QOM (a guest programs bus
+    numbers, so ``query-pci`` alone is not trusted to say a port is free).
+    Three QMP commands when the firmware has run, instead of one per taken port.
     """
     ports = [p["name"] for p in qmp(dom, "qom-list", {"path": "/machine/peripheral"}) or []
              if isinstance(p, dict) and p.get("type") == "child<pcie-root-port>"]
+    if not ports:
+        return None
 
     def order(port: str) -> tuple[int, str]:
         tail = port.rsplit(".", 1)[-1]
         return (int(tail) if tail.isdigit() else -1, port)
 
+    occupied = _occupied_by_pci(dom)
     for port in sorted(ports, key=order, reverse=True):
-        bus = qmp(dom, "qom-list", {"path": f"/machine/peripheral/{port}/{port}"}) or []
-        if not any(str(b.get("name", "")).startswith("child[") for b in bus
-                   if isinstance(b, dict)):
+        if occupied.get(port):
+            continue
+        if _port_is_free(dom, port):
             return str(port)
     return None
 
@@ -106,13 +153,14 @@ def plug(dom: Any, image: str, s: PlannedSection) -> list[str]:
             "files only; attach with --config (there at the next boot)", section=s.name)
     added: list[str] = []
     try:
-        base = FILE_NODE
+        props = slice_props(s, FILE_NODE)
         if s.member_path is not None or s.offset + s.capacity > known:
-            # In a member (max-image-size), or past the size QEMU knows the image by.
-            base = extra_file_node(s.name)
-            qmp(dom, "blockdev-add", file_node(s.member_path or image, base))
-            added.append(base)
-        qmp(dom, "blockdev-add", slice_props(s, base))
+            # In a member (max-image-size), or past the size QEMU knows the image by:
+            # the slice over a file node of its own, opened now, in the same command
+            # (the slice owns it: deleting the slice closes it).
+            props["file"] = file_node(s.member_path or image, extra_file_node(s.name))
+            added.append(extra_file_node(s.name))
+        qmp(dom, "blockdev-add", props)
         added.append(slice_node)
         if s.luks:  # QEMU's nvmgr-key secret object holds the passphrase since its start
             qmp(dom, "blockdev-add", luks_props(s))
@@ -135,8 +183,7 @@ def plug(dom: Any, image: str, s: PlannedSection) -> list[str]:
                 raise
             added.append(str(dev["id"]))
     except BaseException:
-        for node in reversed([n for n in added
-                              if n in (base, slice_node, luks_node_name(s.name))]):
+        for node in reversed([n for n in added if n in (slice_node, luks_node_name(s.name))]):
             try:
                 qmp(dom, "blockdev-del", {"node-name": node})
             except ExternalError:
@@ -192,6 +239,10 @@ def unplug(dom: Any, section: str, device: str | None, *, wait: float = UNPLUG_W
     if top != slice_node:  # a LUKS section's node on its slice went first
         qmp(dom, "blockdev-del", {"node-name": slice_node})
     extra = extra_file_node(section)
-    if extra in nodes:
-        qmp(dom, "blockdev-del", {"node-name": extra})
+    if extra in nodes:  # gone with its slice, unless a plug of its own added it
+        try:
+            qmp(dom, "blockdev-del", {"node-name": extra})
+        except ExternalError as e:
+            if "not owned by the monitor" not in e.detail and "find" not in e.detail:
+                raise
     return True
