@@ -24,6 +24,7 @@ import fcntl
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench/count_attach.py", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--profile-cli", action="store_true",
+                    help="then one `nvmgr attach --live` process under cProfile (top 60 lines)")
     args = ap.parse_args(argv)
     with open("/run/lock/nvmgr-e2e.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -129,6 +132,14 @@ def main(argv: list[str] | None = None) -> int:
                 for key in sorted(c.n):
                     print(f"  {c.n[key]:3d} x {key:40s} {c.t[key] * 1000:7.1f} ms")
             print(f"median {statistics.median(times) * 1000:.1f} ms over {len(times)}")
+            if args.profile_cli:  # one `nvmgr attach --live` process under cProfile
+                sec = work / "cli.xml"
+                sec.write_text(f"<nvmgr:section xmlns:nvmgr='{NS}' name='cli0' size='1M' "
+                               "binding='block' driver='virtio-blk-pci' device='nvmgr-cli0'/>")
+                out = subprocess.run([sys.executable, "-m", "cProfile", "-s", "cumtime", "-m",
+                                      "nvmgr", "attach", name, str(sec), "--live"],
+                                     capture_output=True, text=True, check=True)
+                print("\n".join(out.stdout.splitlines()[:60]))
             vmlib.destroy(name)
         finally:
             vmlib.cleanup_domain(name, str(dom_uuid), [])

@@ -3,25 +3,23 @@
 QMP goes through libvirt's QEMU monitor passthrough (:func:`nvmgr.virt.conn.qmp`).
 :func:`plug`:
 
-1. ``query-named-block-nodes``: the image's ``file`` node (``nvmgr-file``)
-   and the size QEMU knows it by;
-2. ``blockdev-add`` of the section's raw offset/size slice over that node,
-   exactly as the ``-blockdev`` the domain's QEMU arguments give at boot.
-   QEMU 7.2 learns a file node's size when it opens it and its raw slices
-   forbid resizing it (``block_resize`` is refused, measured): a slice that
-   ends beyond that size (the image grew past it) goes over a second ``file``
-   node of the same image file (:func:`extra_file_node`), opened in the same
-   ``blockdev-add`` as the slice's own child (it goes when the slice goes);
-3. ``device_add`` of the section's device (``driver=``) with the slice as its
+1. ``blockdev-add`` of the section's raw offset/size slice, as the
+   ``-blockdev`` the domain's QEMU arguments give at boot but over a ``file``
+   node of its own (:func:`extra_file_node`), opened in the same command as
+   the slice's child (it goes when the slice goes): QEMU 7.2 learns a file
+   node's size when it opens it and its raw slices forbid resizing it
+   (``block_resize`` is refused, measured), so the image's ``nvmgr-file``
+   node does not reach a slice the growth just added;
+2. ``device_add`` of the section's device (``driver=``) with the slice as its
    drive, on a free PCI Express root port when the machine has one (q35's
    root bus takes no hot-plug); the highest free one, since libvirt gives the
    lowest to its own hot-plugs and does not know about this device (a port is
    free when QOM shows no device on its bus; :func:`_free_root_port`).
 
 Round trips of a plug with a device (libvirt's monitor passthrough, each one
-through libvirtd): ``query-named-block-nodes``, one ``blockdev-add`` (two
-with a LUKS node), ``qom-list`` of the peripherals, ``query-pci``, ``qom-list``
-of the chosen port, ``device_add``.
+through libvirtd): one ``blockdev-add`` (two with a LUKS node), ``qom-list``
+of the peripherals, ``query-pci``, ``qom-list`` of the chosen port,
+``device_add``.
 
 Anything that fails is undone (nodes deleted) before the error goes up.
 :func:`unplug` undoes a plug: ``device_del``, wait for the guest to let the
@@ -128,40 +126,35 @@ def _devices(dom: Any) -> set[str]:
 def plug(dom: Any, image: str, s: PlannedSection) -> list[str]:
     """Give the running QEMU section *s* (placed: its offset in the image) and its device.
 
+    The slice goes over a ``file`` node of its own, opened in the same
+    ``blockdev-add`` (:func:`extra_file_node`; the slice owns it): QEMU knows
+    its ``nvmgr-file`` node's size from its start, and the image has just
+    grown, so no query of QEMU's nodes is needed first.
+
     :return: the QEMU names added: node names (the slice last), then the
         device id if any (once, when it is the slice's name too).
-    :raise NotHotpluggableError: QEMU has no nvmgr file node (it started
-        without live sections), or no slot takes a hot-plugged device.
+    :raise NotHotpluggableError: no slot takes a hot-plugged device.
     :raise UsageError: the section's node is in QEMU already.
     :raise ExternalError: QEMU refused a step.
     """
-    nodes = block_nodes(dom)
-    if FILE_NODE not in nodes:
-        raise NotHotpluggableError(
-            f"the running QEMU has no {FILE_NODE} node (it started without live sections "
-            "of its nvmgr image): attach the section with --config and restart the VM",
-            section=s.name)
     slice_node = node_name(s.name)
-    if slice_node in nodes:
-        raise UsageError(f"section {s.name} is plugged into the running QEMU already "
-                         f"(node {slice_node})", section=s.name)
-    known = int(nodes[FILE_NODE].get("image", {}).get("virtual-size", 0))
     if s.member_path is not None and (s.member_format or "raw") != "raw":
         raise NotHotpluggableError(
             f"section {s.name} was placed in the {s.member_format} member image "
             f"{s.member_path} (the domain's max-image-size): nvmgr hot-plugs slices of raw "
             "files only; attach with --config (there at the next boot)", section=s.name)
     added: list[str] = []
+    props = slice_props(s, FILE_NODE)
+    props["file"] = file_node(s.member_path or image, extra_file_node(s.name))
     try:
-        props = slice_props(s, FILE_NODE)
-        if s.member_path is not None or s.offset + s.capacity > known:
-            # In a member (max-image-size), or past the size QEMU knows the image by:
-            # the slice over a file node of its own, opened now, in the same command
-            # (the slice owns it: deleting the slice closes it).
-            props["file"] = file_node(s.member_path or image, extra_file_node(s.name))
-            added.append(extra_file_node(s.name))
         qmp(dom, "blockdev-add", props)
-        added.append(slice_node)
+    except ExternalError as e:
+        if "Duplicate" in e.detail:
+            raise UsageError(f"section {s.name} is plugged into the running QEMU already "
+                             f"({e.detail.strip()})", section=s.name) from e
+        raise
+    added += [extra_file_node(s.name), slice_node]
+    try:
         if s.luks:  # QEMU's nvmgr-key secret object holds the passphrase since its start
             qmp(dom, "blockdev-add", luks_props(s))
             added.append(luks_node_name(s.name))
