@@ -83,6 +83,7 @@ def counting(c: Counter) -> Iterator[None]:
         c.wrap(libvirt.virDomain, "isActive", "libvirt isActive"),
         c.wrap(libvirt.virDomain, "isPersistent", "libvirt isPersistent"),
         c.wrap(libvirt.virDomain, "setMetadata", "libvirt setMetadata"),
+        c.wrap(libvirt.virDomain, "metadata", "libvirt metadata (get)"),
         c.wrap(libvirt.virDomain, "attachDeviceFlags", "libvirt attachDeviceFlags"),
         c.wrap(hotplug, "qmp", "QMP", lambda _d, cmd, *_a, **_k: cmd),
         c.wrap(attach_mod, "parse_domain", "domain XML parse"),
