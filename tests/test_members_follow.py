@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from nvmgr.crypto.cipher import Kek
 from nvmgr.domain.elements import parse_domain
 from nvmgr.image import members
 from nvmgr.image.handoff import copy_for_migration
@@ -49,13 +50,24 @@ class FakeDomain:
 
 
 @pytest.fixture
-def split_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+def split_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+             request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     """A defined domain (three sections) whose image keeps fru0 and the live
-    block section state0 in a member in another directory; libvirt faked."""
+    block section state0 in a member in another directory; libvirt faked.
+    Parametrized indirectly with "key": the domain names a key file (its
+    sections encrypted, state0 a LUKS volume)."""
     image = tmp_path / "img" / "vm.nvram"
     image.parent.mkdir()
+    key: Kek | None = None
+    key_attr = ""
+    if getattr(request, "param", None) == "key":
+        raw = os.urandom(32)
+        kf = tmp_path / "key"
+        kf.write_bytes(raw)
+        kf.chmod(0o600)
+        key, key_attr = Kek(raw, "file"), f" key-file='{kf}'"
     xml = (f"<domain type='qemu'><name>vm</name><uuid>{uuid.uuid4()}</uuid><metadata>"
-           f"<nvmgr:nvram xmlns:nvmgr='{NS}' image='{image}' format='raw'>"
+           f"<nvmgr:nvram xmlns:nvmgr='{NS}' image='{image}' format='raw'{key_attr}>"
            "<nvmgr:section name='fru0' size='4K'/>"
            "<nvmgr:section name='vpd0' size='8K'/>"
            "<nvmgr:section name='state0' size='64K' binding='block'/>"
@@ -78,20 +90,39 @@ def split_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[s
     monkeypatch.setattr(virt_conn, "uuid_exists", lambda *_a, **_k: True)
     from nvmgr.virt.define import _define
 
-    _define(parse_domain(xml), xml, uri=None, kek=None)
+    _define(parse_domain(xml), xml, uri=None, kek=key)
     member = tmp_path / "fast" / "vm-m.nvram"
     member.parent.mkdir()
     data = {"fru0": b"F" * 3000, "vpd0": b"V" * 5000, "state0": os.urandom(64 * KiB)}
-    with Image.open(str(image), writable=True) as img:
+    with Image.open(str(image), writable=True, kek=key) as img:
         for n, b in data.items():
             img.put(n, b)
         members.split(img, ["fru0", "state0"], str(member))
-    yield {"image": image, "member": member, "dom": dom, "data": data, "tmp": tmp_path}
+    yield {"image": image, "member": member, "dom": dom, "data": data, "tmp": tmp_path,
+           "key": key}
 
 
-def _stored(path: Path) -> dict[str, bytes]:
-    with Image.open(str(path)) as img:
+def _stored(path: Path, key: Kek | None = None) -> dict[str, bytes]:
+    with Image.open(str(path), kek=key) as img:
         return {s.name: img.get(s.name) for s in img.directory.sections}
+
+
+@pytest.mark.parametrize("split_vm", ["key"], indirect=True)
+def test_backup_and_restore_of_an_encrypted_split_image(split_vm: dict[str, Any]) -> None:
+    image, data, key = split_vm["image"], split_vm["data"], split_vm["key"]
+    with Image.open(str(image), kek=key) as img:
+        assert img.directory.encrypted and img.section("state0").luks
+        assert img.section("state0").member == 1
+    out = split_vm["tmp"] / "backup.nvram"
+    bk.backup("vm", str(out), kek=key)
+    with Image.open(str(out), kek=key) as b:
+        assert not b.directory.members and b.check().ok and b.directory.encrypted
+    assert _stored(out, key) == data
+    with Image.open(str(image), writable=True, kek=key) as img:
+        for n in data:
+            img.put(n, b"changed")
+    bk.restore("vm", str(out), kek=key)
+    assert _stored(image, key) == data
 
 
 @pytest.mark.parametrize("running", [False, True])
