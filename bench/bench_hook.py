@@ -124,6 +124,22 @@ def machine_info() -> dict[str, str]:
     }
 
 
+def machine_table(info: dict[str, str]) -> str:
+    """The machine as a two-column Markdown table (RESULTS.md's form)."""
+    rows = "\n".join(f"| {k} | {str(v).replace('|', '/')} |" for k, v in info.items())
+    return f"| machine | |\n|---|---|\n{rows}"
+
+
+def append_results(text: str, results: Path = RESULTS) -> None:
+    """Append a dated section to ``bench/RESULTS.md`` (its title first, when new)."""
+    new = not results.exists()
+    with open(results, "a") as f:
+        if new:
+            f.write("# nvmgr benchmark results\n\nEach run appends a dated section.\n\n")
+        f.write("\n" + text.lstrip("\n"))
+    print(f"appended to {results}", file=sys.stderr, flush=True)
+
+
 class Bench:
     def __init__(self, work: Path, cycles: int) -> None:
         self.work = work
@@ -333,7 +349,7 @@ def report(info: dict[str, str], summary: dict[str, Any], cmdline: str, elapsed:
                     f"{s['median_start_s'] * 1000:.0f} | {s['median_destroy_s'] * 1000:.0f} | "
                     f"{s['min_s'] * 1000:.0f}-{s['max_s'] * 1000:.0f} | "
                     f"{s['ratio_to_plain']:.3f} |")
-    machine = "\n".join(f"| {k} | {str(v).replace('|', '/')} |" for k, v in info.items())
+    machine = machine_table(info)
     return f"""## {info['date']}: libvirt hook, start + destroy cycle
 
 Command: `{cmdline}` (`bench/bench_hook.py`; {elapsed:.0f} s; {cycles} rounds, set-ups
@@ -342,8 +358,6 @@ timed region). Guest: `examples/uefi-tpm.xml` (q35, OVMF 4M, TPM 2.0 CRB via swt
 256 MiB, no disk). Raw samples: `bench/out/hook-{stamp}.json`. Hook directory during (a)/(c):
 {', '.join(hook_dir) or '(empty)'}.
 
-| machine | |
-|---|---|
 {machine}
 
 | set-up | cycles | median ms | start ms | destroy ms | range ms | ratio to (b) |
@@ -432,12 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     md = report(info, summary, cmdline, elapsed, stamp, cycles, bench.restarts, seed, hook_dir)
     print(md)
     if not args.no_results:
-        new = not RESULTS.exists()
-        with open(RESULTS, "a") as f:
-            if new:
-                f.write("# nvmgr benchmark results\n\nEach run appends a dated section.\n\n")
-            f.write("\n" + md)
-        log(f"appended to {RESULTS}")
+        append_results(md)
     return 0
 
 
