@@ -615,3 +615,47 @@ def test_a_live_block_section_hot_plugged_on_a_keyed_domain_stacks_a_luks_node(
     assert adds[2][1]["drive"] == lnode and adds[2][1]["driver"] == "virtio-blk-pci"
     # The device id is the slice's node name (device='nvmgr-state0'): named once.
     assert added == [qemuargs.node_name("state0"), lnode] and lnode != "nvmgr-state0"
+
+
+def test_a_later_start_with_a_key_killed_at_every_io_of_prepare(tmp_path: Path) -> None:
+    """A domain with a key that ran before: its prepare (the key's check against
+    the image, the in-use marks, the runtime key file's write, fsync and rename)
+    SIGKILLed at each I/O.  The runtime key file is absent or the whole
+    passphrase, never a part; the image checks under the key; the start tried
+    again (after libvirtd's release, or not) stages it, ``started`` removes it."""
+    from test_hook_crash import ok, sweep
+
+    from tests import hookdom
+
+    key = make_key(tmp_path / "vm.key")
+    d = hookdom.wired_domain(tmp_path, "klater", key_file=key)
+    kek = Kek(key.read_bytes())
+    template = Path(hookdom.OVMF_VARS).read_bytes()
+    ok(d.hook("prepare", "begin"))  # the first start: image, volume, TPM section
+    ok(d.hook("started", "begin"))
+    ok(d.hook("release", "end"))
+    with Image.open(str(d.image), kek=kek) as img:
+        phrase = img.luks_passphrase()
+        assert img.section("uefi-vars").luks and img.check().ok
+
+    def judge(c: hookdom.HookDomain, n: int) -> str:
+        keyfile = c.runtime_root / c.uuid / "image.key"
+        left = keyfile.read_bytes() if keyfile.exists() else None
+        assert left in (None, phrase), "a runtime key file that is not the whole passphrase"
+        with Image.open(str(c.image), kek=kek) as img:
+            assert img.check().ok and img.get("uefi-vars") == template
+        if n % 2:
+            ok(c.hook("release", "end"))  # libvirtd's answer to the failed start
+            assert not keyfile.exists()
+        ok(c.hook("prepare", "begin"))
+        assert keyfile.read_bytes() == phrase
+        ok(c.hook("started", "begin"))
+        assert not keyfile.exists()
+        ok(c.hook("release", "end"))
+        with Image.open(str(c.image), kek=kek) as img:
+            assert img.check().ok and not any(s.dirty for s in img.directory.sections)
+            assert img.get("uefi-vars") == template
+        return "key" if left else "-"
+
+    outcomes = sweep(d, tmp_path, "prepare", "begin", judge)
+    assert "key" in outcomes and outcomes[0] == "-", outcomes  # killed after the rename, and before
