@@ -102,9 +102,10 @@ def log(msg: str) -> None:
     print(f"[bench_crypt] {msg}", file=sys.stderr, flush=True)
 
 
-def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
+def timed(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> float:
     t0 = time.perf_counter()
-    p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                       cwd=cwd)
     dt = time.perf_counter() - t0
     if p.returncode != 0:
         raise RuntimeError(f"{shlex.join(argv)} failed ({p.returncode}): {p.stderr.decode()[-2000:]}")
@@ -134,7 +135,16 @@ class Tree:
         return float(statistics.median(json.loads(p.stdout)))
 
     def cli(self, *args: str) -> float:
-        return timed([sys.executable, "-m", "nvmgr", *args], env=self.env)
+        # cwd: the tree, which ``-m`` puts first on sys.path (before PYTHONPATH).
+        return timed([sys.executable, "-m", "nvmgr", *args], env=self.env, cwd=self.path)
+
+    def check(self) -> None:
+        """This tree's nvmgr is the one its commands import."""
+        p = subprocess.run([sys.executable, "-c", "import nvmgr; print(nvmgr.__file__)"],
+                           capture_output=True, text=True, env=self.env, cwd=self.path,
+                           check=True)
+        if not p.stdout.strip().startswith(str(self.path) + os.sep):
+            raise RuntimeError(f"[{self.label}] imports {p.stdout.strip()}, not {self.path}")
 
 
 def export_tree(rev: str, where: Path) -> Tree:
@@ -163,10 +173,9 @@ def bench_cipher(work: Path, baseline: str, rounds: int, rng: random.Random) -> 
              "after": Tree("after", ROOT, head + (" + uncommitted changes" if dirty else ""))}
     images: dict[str, Path] = {}
     for side, tree in trees.items():
+        tree.check()
         images[side] = work / f"{side}.img"
-        subprocess.run([sys.executable, "-m", "nvmgr", "create", str(images[side]),
-                        "-s", "s:65M", "--key-file", str(key)],
-                       check=True, env=tree.env, stdout=subprocess.DEVNULL)
+        tree.cli("create", str(images[side]), "-s", "s:65M", "--key-file", str(key))
         tree.cli("put", str(images[side]), "s", str(data), "--key-file", str(key))
     # OpenSSL: the same key material for both commands (hex in argv: a bench key).
     aes, ivx, mackey = os.urandom(32).hex(), os.urandom(16).hex(), os.urandom(32).hex()
