@@ -53,7 +53,7 @@ if _VENV_PY.exists() and Path(sys.prefix).resolve() != (ROOT / ".venv").resolve(
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_hook import machine_info  # noqa: E402
+from bench_hook import append_results, machine_info, machine_table  # noqa: E402
 from lxml import etree  # noqa: E402
 
 from nvmgr.format.layout import SectionSpec  # noqa: E402
@@ -62,7 +62,6 @@ from nvmgr.provision.prepare import grow  # noqa: E402
 from nvmgr.virt.attach import attach  # noqa: E402
 from tests.e2e import vmlib  # noqa: E402
 
-RESULTS = ROOT / "bench" / "RESULTS.md"
 OUT = ROOT / "bench" / "out"
 NS = vmlib.NVMGR_NS
 SIZE = 1 << 20
@@ -194,9 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"\n## nvmgr attach --live vs virsh attach-device --live; grow of 1,024 sections "
         f"({info['date']})\n",
-        f"Machine: {info['host']}, {info['nproc']} CPUs ({info['cpu']}), {info['memory']}, "
-        f"kernel {info['kernel']}; {info['libvirt']}; {info['qemu']}; git {info['git']}; "
-        f"load average at start {info['loadavg_at_start']}.",
+        machine_table(info) + "\n",
         f"Command: `bench/bench_attach.py{' --quick' if args.quick else ''}` "
         f"({time.monotonic() - t0:.0f} s).\n",
         "| step | n | median ms | min ms | max ms |",
@@ -227,8 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     (OUT / f"attach-{stamp}.json").write_text(json.dumps(
         {"info": info, "attach": hot, "grow": grows, "ratio": ratio}, indent=1))
     if not args.no_results:
-        with open(RESULTS, "a") as f:
-            f.write(text)
+        append_results(text)
     return 0
 
 

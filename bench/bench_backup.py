@@ -36,11 +36,10 @@ if _VENV_PY.exists() and Path(sys.prefix).resolve() != (ROOT / ".venv").resolve(
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_hook import machine_info  # noqa: E402
+from bench_hook import append_results, machine_info, machine_table  # noqa: E402
 
 from tests.e2e import vmlib  # noqa: E402
 
-RESULTS = ROOT / "bench" / "RESULTS.md"
 OUT = ROOT / "bench" / "out"
 GUID = "6e766d67-7262-6b00-8000-000000000002"
 
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         verdicts.append(med < 50)
         rows.append(f"| {state} | {len(p)} | {med:.1f} | {pct(p, 95):.1f} | {max(p):.1f} | "
                     f"{statistics.median(w):.0f} |")
-    machine = "\n".join(f"| {k} | {str(val).replace('|', '/')} |" for k, val in info.items())
+    machine = machine_table(info)
     text = f"""## {info['date']}: the pause of nvmgr backup on a running guest
 
 Command: `bench/bench_backup.py --rounds {args.rounds}` ({elapsed:.0f} s). Guest:
@@ -127,8 +126,6 @@ Command: `bench/bench_backup.py --rounds {args.rounds}` ({elapsed:.0f} s). Guest
 `setvar` in a loop meanwhile. Pause = suspend requested .. resume returned (libvirt round
 trips included). Raw samples: `bench/out/backup-{stamp}.json`.
 
-| machine | |
-|---|---|
 {machine}
 
 | guest | backups | pause median ms | p95 ms | max ms | whole `nvmgr backup` median ms |
@@ -139,9 +136,7 @@ trips included). Raw samples: `bench/out/backup-{stamp}.json`.
 """
     print(text)
     if not args.no_results:
-        with RESULTS.open("a") as f:
-            f.write("\n" + text)
-        log(f"appended to {RESULTS}")
+        append_results(text)
     return 0
 
 

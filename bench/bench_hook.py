@@ -2,7 +2,7 @@
 """What the nvmgr libvirt hook costs a VM's start and stop.
 
 The same UEFI + TPM 2.0 guest (``examples/uefi-tpm.xml``, TCG) is started and
-destroyed ``--cycles`` times (default 20) in each of three set-ups, in one
+destroyed ``--cycles`` times (default 20) in each of five set-ups, in one
 run, interleaved:
 
 (a) **nvmgr**: the hook installed, the domain defined by ``nvmgr define``
@@ -15,7 +15,11 @@ run, interleaved:
     restarted so it runs no hooks at all), the domain as the example is,
     with libvirt's own ``<nvram>`` file and swtpm state directory;
 (c) **plain + hook**: (b)'s domain with the hook installed; the hook runs
-    for it at every step and returns at once (no nvmgr metadata).
+    for it at every step and returns at once (no nvmgr metadata);
+(d) **nvmgr, no hook**: (a)'s domain with the hook directory empty; its
+    prepare and release run by hand, in process, before and after the timed
+    cycle, so swtpm finds the same staged state.  (a) / (d) is the hook's own
+    cost; (d) / (b) what the domain's shape costs libvirt and QEMU.
 
 libvirtd reads its hook directory only when it starts, so switching between
 "installed" and "empty" restarts it; restarts (and a warm-up call after each)
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -72,7 +77,13 @@ LABELS = {
     "nvmgr-noserver": "(a') as (a), no hook server (each call imports nvmgr)",
     "plain": "(b) plain libvirt: no hooks, libvirt's <nvram> file and swtpm state",
     "plain+hook": "(c) plain libvirt domain, nvmgr hook installed (returns at once)",
+    "nvmgr-nohook": "(d) the (a) domain with no hook installed; prepare and release run "
+                    "by hand outside the timed region",
 }
+
+
+#: The lock every end-to-end session holds (tests/e2e/conftest.py).
+E2E_LOCK = "/run/lock/nvmgr-e2e.lock"
 
 
 def log(msg: str) -> None:
@@ -111,6 +122,22 @@ def machine_info() -> dict[str, str]:
         "git": git + (" + uncommitted changes" if dirty else ""),
         "loadavg_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
+
+
+def machine_table(info: dict[str, str]) -> str:
+    """The machine as a two-column Markdown table (RESULTS.md's form)."""
+    rows = "\n".join(f"| {k} | {str(v).replace('|', '/')} |" for k, v in info.items())
+    return f"| machine | |\n|---|---|\n{rows}"
+
+
+def append_results(text: str, results: Path = RESULTS) -> None:
+    """Append a dated section to ``bench/RESULTS.md`` (its title first, when new)."""
+    new = not results.exists()
+    with open(results, "a") as f:
+        if new:
+            f.write("# nvmgr benchmark results\n\nEach run appends a dated section.\n\n")
+        f.write("\n" + text.lstrip("\n"))
+    print(f"appended to {results}", file=sys.stderr, flush=True)
 
 
 class Bench:
@@ -152,6 +179,26 @@ class Bench:
             vmlib.start_hook_server()
         elif not running and vmlib.hook_server_pid() is not None:
             vmlib.stop_hook_server()
+
+    def hook_by_hand(self, name: str, op: str, sub: str) -> None:
+        """Run one hook call of this checkout in process, untimed: (d) gets the
+        TPM state staged and collected as (a) does, with no hook in libvirtd."""
+        import io
+
+        from nvmgr.hook import entry
+
+        xml = self.conn.lookupByName(name).XMLDesc(0).encode()
+        err = io.StringIO()
+        rc = entry.main(["qemu", name, op, sub, "-"], io.BytesIO(xml), io.StringIO(), err)
+        if rc:
+            raise RuntimeError(f"hook {op} {sub} by hand exited {rc}: {err.getvalue()}")
+
+    def cycle_without_hook(self, name: str) -> tuple[float, float]:
+        self.hook_by_hand(name, "prepare", "begin")
+        try:
+            return self.cycle(name)
+        finally:
+            self.hook_by_hand(name, "release", "end")
 
     def cycle(self, name: str) -> tuple[float, float]:
         dom = self.conn.lookupByName(name)
@@ -197,7 +244,7 @@ class Bench:
         a_name, b_name = self.a[0], self.b[0]
         phases = [("installed", True, [("nvmgr", a_name), ("plain+hook", b_name)]),
                   ("installed", False, [("nvmgr-noserver", a_name)]),
-                  ("empty", False, [("plain", b_name)])]
+                  ("empty", False, [("plain", b_name), ("nvmgr-nohook", a_name)])]
         for i in range(self.cycles):
             for hook_state, server, runs in (phases if i % 2 == 0 else phases[::-1]):
                 self.set_hook(hook_state == "installed")
@@ -205,7 +252,8 @@ class Bench:
                 runs = list(runs)
                 rng.shuffle(runs)
                 for label, name in runs:
-                    s, d = self.cycle(name)
+                    s, d = (self.cycle_without_hook(name) if label == "nvmgr-nohook"
+                            else self.cycle(name))
                     self.samples[label].append((s, d))
             line = ", ".join(f"{k} {sum(v[-1]):.2f} s" for k, v in self.samples.items())
             log(f"round {i + 1}/{self.cycles}: {line}")
@@ -277,6 +325,18 @@ def report(info: dict[str, str], summary: dict[str, Any], cmdline: str, elapsed:
     destroy_d = summary["nvmgr"]["median_destroy_s"] - summary["plain"]["median_destroy_s"]
     added = summary["nvmgr"]["median_s"] - summary["plain"]["median_s"]
     verdict = "MET" if ratio < 1.05 else "NOT MET"
+    nohook = summary.get("nvmgr-nohook")
+    if nohook:
+        own = summary["nvmgr"]["median_s"] / nohook["median_s"]
+        shape = nohook["ratio_to_plain"]
+        split = (f"- (a) / (d) = {own:.3f}: the hook's own cost to this domain's cycle "
+                 f"({(summary['nvmgr']['median_s'] - nohook['median_s']) * 1000:+.0f} ms; "
+                 f"{'under' if own < 1.05 else 'not under'} 5%).  (d) / (b) = {shape:.3f}: what "
+                 "the nvmgr domain's shape costs libvirt and QEMU with no hook at all (no "
+                 "`<nvram>` of libvirt's: pflash and the TPM state through nvmgr's "
+                 "`<qemu:commandline>` and staging).\n")
+    else:
+        split = ""
     hook_ns = summary.get("hook_calls_noserver_median_s", {})
     calls_ns = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in hook_ns.items())
     ratio_ns = summary.get("nvmgr-noserver", {}).get("ratio_to_plain", float("nan"))
@@ -289,7 +349,7 @@ def report(info: dict[str, str], summary: dict[str, Any], cmdline: str, elapsed:
                     f"{s['median_start_s'] * 1000:.0f} | {s['median_destroy_s'] * 1000:.0f} | "
                     f"{s['min_s'] * 1000:.0f}-{s['max_s'] * 1000:.0f} | "
                     f"{s['ratio_to_plain']:.3f} |")
-    machine = "\n".join(f"| {k} | {str(v).replace('|', '/')} |" for k, v in info.items())
+    machine = machine_table(info)
     return f"""## {info['date']}: libvirt hook, start + destroy cycle
 
 Command: `{cmdline}` (`bench/bench_hook.py`; {elapsed:.0f} s; {cycles} rounds, set-ups
@@ -298,8 +358,6 @@ timed region). Guest: `examples/uefi-tpm.xml` (q35, OVMF 4M, TPM 2.0 CRB via swt
 256 MiB, no disk). Raw samples: `bench/out/hook-{stamp}.json`. Hook directory during (a)/(c):
 {', '.join(hook_dir) or '(empty)'}.
 
-| machine | |
-|---|---|
 {machine}
 
 | set-up | cycles | median ms | start ms | destroy ms | range ms | ratio to (b) |
@@ -311,15 +369,14 @@ timed region). Guest: `examples/uefi-tpm.xml` (q35, OVMF 4M, TPM 2.0 CRB via swt
   per-round differences {summary['paired_nvmgr_minus_plain_median_s'] * 1000:+.0f} ms).  The hook's
   own calls alone take {hook_sum / summary['plain']['median_s'] * 100:.1f}% of (b)'s cycle (below).
   Without the hook server, (a') / (b) = {ratio_ns:.3f}.
-- (c) / (b) = {summary['plain+hook']['ratio_to_plain']:.3f}: what the installed hook costs
+{split}- (c) / (b) = {summary['plain+hook']['ratio_to_plain']:.3f}: what the installed hook costs
   domains nvmgr does not manage.
 - The hook's own calls for (a), run by hand with the live XML, VM stopped (median of 10),
   with the hook server: {calls}; {hook_sum * 1000:.0f} ms per cycle,
   {hook_sum / summary['plain']['median_s'] * 100:.1f}% of (b)'s cycle.  Without it: {calls_ns or 'not measured'}.
   Against (b), (a)'s start takes {start_d * 1000:+.0f} ms and its destroy {destroy_d * 1000:+.0f} ms
   (the nvmgr domain has no `<nvram>` file of libvirt's, its swtpm state is staged, and its
-  QEMU has a `<qemu:commandline>`); the rest beyond the hook's own calls is libvirt's and
-  QEMU's part, not broken down here.
+  QEMU has a `<qemu:commandline>`); (d) above separates the hook from that part.
 """
 
 
@@ -350,23 +407,28 @@ def main(argv: list[str] | None = None) -> int:
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
     cmdline = "bench/bench_hook.py" + ("" if not sys.argv[1:] else " " + " ".join(sys.argv[1:]))
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
-    vmlib.ensure_services()
-    info = machine_info()
-    log("machine: " + json.dumps(info))
-    t0 = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="nvmgr-bench-hook-"))
-    bench = Bench(work, cycles)
-    try:
-        bench.setup()
-        hook_dir = sorted(p.name for p in vmlib.HOOK_DIR.iterdir())
-        bench.run(random.Random(seed))
-        bench.set_hook(True)
-        hook_calls = time_hook_calls(bench.a[0], 10, server=True)
-        hook_calls_noserver = time_hook_calls(bench.a[0], 10, server=False)
-    finally:
-        vmlib.stop_hook_server()
-        bench.teardown(args.keep)
-        shutil.rmtree(work, ignore_errors=True)
+    # Never beside an end-to-end session: both install their hook into the one
+    # system libvirtd and restart it.
+    with open(E2E_LOCK, "w") as lock:
+        log(f"waiting for {E2E_LOCK}")
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        vmlib.ensure_services()
+        info = machine_info()
+        log("machine: " + json.dumps(info))
+        t0 = time.perf_counter()
+        work = Path(tempfile.mkdtemp(prefix="nvmgr-bench-hook-"))
+        bench = Bench(work, cycles)
+        try:
+            bench.setup()
+            hook_dir = sorted(p.name for p in vmlib.HOOK_DIR.iterdir())
+            bench.run(random.Random(seed))
+            bench.set_hook(True)
+            hook_calls = time_hook_calls(bench.a[0], 10, server=True)
+            hook_calls_noserver = time_hook_calls(bench.a[0], 10, server=False)
+        finally:
+            vmlib.stop_hook_server()
+            bench.teardown(args.keep)
+            shutil.rmtree(work, ignore_errors=True)
     elapsed = time.perf_counter() - t0
     info["loadavg_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     summary = summarize(bench.samples)
@@ -384,12 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     md = report(info, summary, cmdline, elapsed, stamp, cycles, bench.restarts, seed, hook_dir)
     print(md)
     if not args.no_results:
-        new = not RESULTS.exists()
-        with open(RESULTS, "a") as f:
-            if new:
-                f.write("# nvmgr benchmark results\n\nEach run appends a dated section.\n\n")
-            f.write("\n" + md)
-        log(f"appended to {RESULTS}")
+        append_results(md)
     return 0
 
 

@@ -42,12 +42,10 @@ if _VENV_PY.exists() and Path(sys.prefix).resolve() != (ROOT / ".venv").resolve(
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_hook import machine_info  # noqa: E402
+from bench_hook import append_results, machine_info, machine_table  # noqa: E402
 
 from tests.ceph_cluster import CephCluster, missing_tools  # noqa: E402
 from tests.e2e import vmlib  # noqa: E402
-
-RESULTS = ROOT / "bench" / "RESULTS.md"
 
 
 def log(msg: str) -> None:
@@ -138,13 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = "\n".join(
             f"| {label} | {s['start']:.3f} | {s['destroy']:.3f} | {s['cycle']:.3f} | {s['n']} |"
             for label, s in summary.items() if isinstance(s, dict))
-        with RESULTS.open("a") as f:
-            f.write(f"\n## Hook cost with the image on RBD ({info['date']})\n\n"
-                    f"`bench/bench_hook_rbd.py --cycles {args.cycles}` on {info['host']} "
-                    f"({info['nproc']} CPUs, load {info['loadavg_at_start']} at start, "
-                    f"git {info['git']}), {time.monotonic() - t0:.0f} s. Medians in seconds.\n\n"
-                    "| image | start | destroy | cycle | n |\n|---|---|---|---|---|\n"
-                    f"{rows}\n\nRatio rbd/file of the cycle: {summary['ratio']:.3f}.\n")
+        append_results(
+            f"## Hook cost with the image on RBD ({info['date']})\n\n"
+            f"Command: `bench/bench_hook_rbd.py --cycles {args.cycles}` "
+            f"({time.monotonic() - t0:.0f} s). Medians in seconds.\n\n"
+            f"{machine_table(info)}\n\n"
+            "| image | start | destroy | cycle | n |\n|---|---|---|---|---|\n"
+            f"{rows}\n\nRatio rbd/file of the cycle: {summary['ratio']:.3f}.\n")
     log(f"ratio rbd/file {summary['ratio']:.3f}")
     return 0
 

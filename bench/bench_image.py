@@ -10,8 +10,8 @@
    goes (interpreter start, imports, in-process work, cProfile).
 3. Peak RSS (``/usr/bin/time -v``) and throughput of ``nvmgr check`` on an
    image with one 1 GiB section, against ``nvmgr get`` of a 64 MiB section.
-4. ``--baseline-tree PATH`` (``--only ab``): this tree against another checkout
-   of nvmgr (before a change), side by side in one run: ``put``/``get`` of 4 KiB,
+4. ``--baseline-tree PATH`` (``--only ab``): this tree (or ``--after-tree
+   PATH``) against another checkout of nvmgr (before a change), side by side in one run: ``put``/``get`` of 4 KiB,
    512 KiB and 64 MiB sections and ``info``, on qcow2 and raw, as whole
    processes (each tree's own ``python -m nvmgr``) and in process
    (``Image.open`` + op + ``close`` in a child of each tree's interpreter).
@@ -83,6 +83,20 @@ def sh(cmd: list[str]) -> str:
         return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip()
     except OSError:
         return ""
+
+
+def compile_bytecode(python: str, root: str) -> str:
+    """Write the bytecode of *root*'s nvmgr package, as ``pip install`` does.
+
+    The timed commands then start the way an installed nvmgr starts.  A tree whose
+    ``__pycache__`` is stale or missing (an edited checkout, or an environment with
+    ``PYTHONDONTWRITEBYTECODE`` set, where Python never rewrites it) would otherwise
+    compile its changed modules on every run, and an A/B would time the compiler.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    subprocess.run([python, "-m", "compileall", "-q", os.path.join(root, "nvmgr")],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+    return f"bytecode of {root}/nvmgr written before timing (compileall)"
 
 
 def short(argv: list[str]) -> str:
@@ -688,6 +702,7 @@ class Tree:
         rev = sh(["git", "-C", root, "rev-parse", "--short", "HEAD"]) or "(not a git checkout)"
         if sh(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"]):
             rev += " + uncommitted changes"
+        log(f"[{label}] " + compile_bytecode(python, root))
         return cls(label, root, python, env, rev)
 
     @property
@@ -743,10 +758,19 @@ def ab_lib(tree: Tree, op: str, path: str, name: str, data_file: str, k: int) ->
     return float(statistics.median(json.loads(p.stdout)))
 
 
-def bench_ab(work: str, baseline: str, rng: random.Random, quick: bool) -> dict[str, Any]:
-    trees = {"before": Tree.at("before", baseline), "after": Tree.at("after", ROOT)}
-    if os.path.realpath(trees["before"].root) == os.path.realpath(ROOT):
-        log("warning: --baseline-tree is this tree: both sides run the same code")
+def bench_ab(work: str, baseline: str, after: str, rng: random.Random,
+             quick: bool) -> dict[str, Any]:
+    trees = {"before": Tree.at("before", baseline), "after": Tree.at("after", after)}
+    if os.path.realpath(trees["before"].root) == os.path.realpath(after):
+        log("warning: --baseline-tree is the after tree: both sides run the same code")
+    versions = {k: sh([t.python, "-c", "import sys; print(sys.version.split()[0])"])
+                for k, t in trees.items()}
+    if len(set(versions.values())) != 1:
+        # Each side runs its own .venv; another interpreter is another benchmark.
+        raise SystemExit("ab: the two trees' interpreters differ "
+                         + ", ".join(f"{k}: Python {v} ({trees[k].python})"
+                                     for k, v in versions.items())
+                         + "; make both .venv with one Python (PYTHON=... scripts/setup)")
     reps = 5 if quick else 15
     lib_k = 3 if quick else 5
     data_file: dict[str, str] = {}
@@ -1112,6 +1136,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-tree", metavar="PATH", default=None,
                     help="another checkout of nvmgr (e.g. before a change) to compare with, "
                     "run through PATH/.venv/bin/python when it exists (benchmark ab)")
+    ap.add_argument("--after-tree", metavar="PATH", default=ROOT,
+                    help="the checkout on the after side of benchmark ab (default: this one), "
+                    "e.g. a worktree at the commit that ended a change")
     ap.add_argument("--no-results", action="store_true",
                     help="do not append to bench/RESULTS.md (JSON is still written)")
     ap.add_argument("--base", default="/var/tmp", help="where the temporary work directory goes")
@@ -1128,6 +1155,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline_tree and not os.path.isfile(
             os.path.join(args.baseline_tree, "nvmgr", "__init__.py")):
         ap.error(f"--baseline-tree {args.baseline_tree}: no nvmgr package there")
+    if not os.path.isfile(os.path.join(args.after_tree, "nvmgr", "__init__.py")):
+        ap.error(f"--after-tree {args.after_tree}: no nvmgr package there")
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
     rng = random.Random(seed)
     cmdline = "bench/run" + ("" if not sys.argv[1:] else " " + shlex.join(sys.argv[1:]))
@@ -1138,6 +1167,7 @@ def main(argv: list[str] | None = None) -> int:
         if sh(["stat", "-f", "-c", "%T", work]) in ("tmpfs", "ramfs"):
             log(f"warning: {work} is on tmpfs, fsync costs nothing there")
         info = machine_info(work)
+        info["bytecode"] = compile_bytecode(sys.executable, ROOT)
         log("machine: " + json.dumps(info))
         key_file = os.path.join(work, "kek.bin")
         write_file(key_file, os.urandom(32), 0o600)
@@ -1149,7 +1179,8 @@ def main(argv: list[str] | None = None) -> int:
         if "mem" in only:
             results["memory"] = bench_memory(work, key_file, rng, args.quick)
         if "ab" in only:
-            results["ab"] = bench_ab(work, str(args.baseline_tree), rng, args.quick)
+            results["ab"] = bench_ab(work, str(args.baseline_tree), str(args.after_tree),
+                                     rng, args.quick)
     elapsed = time.perf_counter() - t_start
     info["loadavg_at_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     meta = {"command": cmdline, "quick": args.quick, "seed": seed, "machine": info,

@@ -12,7 +12,9 @@ a shuffled order:
   of an RBD image of that size to a file.
 
 Ratio = nvmgr / the faster of the two tools, the median of the per-round ratios.
-Target (issue 12): within 2x.  Results are appended to ``bench/RESULTS.md`` with
+Target (issue 12): within 2x.  ``--baseline CHECKOUT`` times that checkout's nvmgr
+(its ``.venv``) in the same shuffled rounds too: a before/after in one run.  Both
+trees' modules are byte-compiled first, as an installed package's are.  Results are appended to ``bench/RESULTS.md`` with
 the machine and the date.  Needs root and Ceph's packages (``scripts/setup``).
 """
 
@@ -37,11 +39,10 @@ if _VENV_PY.exists() and Path(sys.prefix).resolve() != (ROOT / ".venv").resolve(
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_hook import machine_info  # noqa: E402
+from bench_hook import append_results, machine_info, machine_table  # noqa: E402
 
 from tests.ceph_cluster import CephCluster, missing_tools  # noqa: E402
 
-RESULTS = ROOT / "bench" / "RESULTS.md"
 OUT = ROOT / "bench" / "out"
 SIZES = {"4 KiB": 4 << 10, "512 KiB": 512 << 10, "64 MiB": 64 << 20}
 
@@ -62,11 +63,22 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--no-results", action="store_true", help="do not append to RESULTS.md")
+    ap.add_argument("--baseline", metavar="CHECKOUT",
+                    help="another checkout (with its .venv) whose nvmgr is timed alongside")
     args = ap.parse_args(argv)
     if os.geteuid() != 0 or missing_tools():
         log(f"needs root and Ceph ({', '.join(missing_tools()) or 'root'} missing)")
         return 2
     info = machine_info()
+    trees = {"": ROOT}
+    if args.baseline:
+        base = Path(args.baseline).resolve()
+        trees[" (baseline)"] = base
+        info["baseline"] = subprocess.run(["git", "-C", str(base), "rev-parse", "--short", "HEAD"],
+                                          capture_output=True, text=True).stdout.strip()
+    for tree in trees.values():  # bytecode, as an installed package has it
+        subprocess.run([str(tree / ".venv" / "bin" / "python"), "-m", "compileall", "-q",
+                        str(tree / "nvmgr")], check=True, stdout=subprocess.DEVNULL)
     work = Path(tempfile.mkdtemp(prefix="nvmgr-bench-rbd-"))
     t_start = time.monotonic()
     rng = random.Random(1)
@@ -75,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         info["ceph"] = c.run("ceph", "--version").strip()
         _u, keyring, _k = c.client("bench")
         where = f":conf={c.conf}:id=bench:keyring={keyring}"
-        nvmgr = [sys.executable, "-m", "nvmgr"]
+        nvmgrs = {tag: [str(tree / ".venv" / "bin" / "python"), "-m", "nvmgr"]
+                  for tag, tree in trees.items()}
+        nvmgr = nvmgrs[""]
         pool = c.pool
         for label, size in SIZES.items():
             data = work / f"data-{size}"
@@ -89,19 +103,21 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(data),
                             f"rbd:{pool}/plain-{size}{where}"], check=True)
             s: dict[str, list[float]] = {k: [] for k in (
-                "nvmgr put", "rbd import", "qemu-img convert in",
-                "nvmgr get", "rbd export", "qemu-img convert out")}
+                *(f"nvmgr {op}{tag}" for tag in trees for op in ("put", "get")),
+                "rbd import", "qemu-img convert in", "rbd export", "qemu-img convert out")}
             for r in range(args.rounds):
                 out = work / "out"
                 jobs = [
-                    ("nvmgr put", [*nvmgr, "put", img, "s", str(data)], None),
+                    *((f"nvmgr put{tag}", [*cmd, "put", img, "s", str(data)], None)
+                      for tag, cmd in nvmgrs.items()),
+                    *((f"nvmgr get{tag}", [*cmd, "get", img, "s", "-o", str(out)], out)
+                      for tag, cmd in nvmgrs.items()),
                     ("rbd import", ["rbd", "-c", str(c.conf), "--id", "bench", "--keyring",
                                     str(keyring), "import", str(data),
                                     f"{pool}/imp-{size}-{r}"], None),
                     ("qemu-img convert in", ["qemu-img", "convert", "-n", "-f", "raw", "-O",
                                              "raw", str(data),
                                              f"rbd:{pool}/plain-{size}{where}"], None),
-                    ("nvmgr get", [*nvmgr, "get", img, "s", "-o", str(out)], out),
                     ("rbd export", ["rbd", "-c", str(c.conf), "--id", "bench", "--keyring",
                                     str(keyring), "export", f"{pool}/plain-{size}",
                                     str(out)], out),
@@ -125,24 +141,24 @@ def main(argv: list[str] | None = None) -> int:
     for label, s in samples.items():
         for op, tools in (("put", ("rbd import", "qemu-img convert in")),
                           ("get", ("rbd export", "qemu-img convert out"))):
-            mine = s[f"nvmgr {op}"]
             best = [min(a, b) for a, b in zip(s[tools[0]], s[tools[1]], strict=True)]
-            ratio = statistics.median(m / b for m, b in zip(mine, best, strict=True))
-            worst = max(worst, ratio)
-            rows.append(f"| {op} {label} | {statistics.median(mine) * 1000:.0f} | "
-                        f"{statistics.median(s[tools[0]]) * 1000:.0f} | "
-                        f"{statistics.median(s[tools[1]]) * 1000:.0f} | {ratio:.2f}x |")
-    machine = "\n".join(f"| {k} | {str(v).replace('|', '/')} |" for k, v in info.items())
+            for tag in trees:
+                mine = s[f"nvmgr {op}{tag}"]
+                ratio = statistics.median(m / b for m, b in zip(mine, best, strict=True))
+                if not tag:
+                    worst = max(worst, ratio)
+                rows.append(f"| {op} {label}{tag} | {statistics.median(mine) * 1000:.0f} | "
+                            f"{statistics.median(s[tools[0]]) * 1000:.0f} | "
+                            f"{statistics.median(s[tools[1]]) * 1000:.0f} | {ratio:.2f}x |")
+    machine = machine_table(info)
     text = f"""## {info['date']}: nvmgr put/get on Ceph RBD against rbd and qemu-img
 
-Command: `bench/bench_rbd.py --rounds {args.rounds}` ({elapsed:.0f} s). A single-node cluster
+Command: `bench/bench_rbd.py --rounds {args.rounds}{' --baseline ' + str(args.baseline) if args.baseline else ''}` ({elapsed:.0f} s). A single-node cluster
 (`tests/ceph_cluster.py`: one mon, one mgr, one bluestore OSD on a sparse file on this
 machine's disk), a cephx client user. Whole processes, shuffled within each round; ratio =
 median over rounds of nvmgr / the faster tool of that round. Raw samples:
 `bench/out/rbd-{stamp}.json`.
 
-| machine | |
-|---|---|
 {machine}
 
 | operation | nvmgr ms | rbd import/export ms | qemu-img convert ms | nvmgr / faster tool |
@@ -154,9 +170,7 @@ median over rounds of nvmgr / the faster tool of that round. Raw samples:
 """
     print(text)
     if not args.no_results:
-        with RESULTS.open("a") as f:
-            f.write("\n" + text)
-        log(f"appended to {RESULTS}")
+        append_results(text)
     return 0
 
 

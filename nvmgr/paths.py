@@ -17,6 +17,12 @@ SWTPM_STATE_ROOT = "/var/lib/libvirt/swtpm"
 QEMU_CONF = "/etc/libvirt/qemu.conf"
 #: libvirt's persistent secret values (read by the hook, which must not call libvirt).
 SECRETS_DIR = "/etc/libvirt/secrets"
+#: The pid file of the daemon that runs libvirt's secret driver (libvirtd, or
+#: virtsecretd with modular daemons): ephemeral secrets live in its memory only.
+LIBVIRT_SECRETS_PIDFILE = "/run/libvirt/secrets/driver.pid"
+#: Under :data:`RUNTIME_ROOT`: one record per vTPM secret nvmgr gave libvirt
+#: (which daemon holds it, a fingerprint of its value), read by the prepare hook.
+VTPM_RECORDS = "vtpm-secrets"
 #: libvirt's directory of qemu hooks (libvirt >= 6.5), where nvmgr's hook goes.
 HOOK_DIR = "/etc/libvirt/hooks/qemu.d"
 #: The hook's name in :data:`HOOK_DIR`.

@@ -48,6 +48,8 @@ def _hook_main(args: list[str], swtpm: str, runtime: str, log_file: str) -> int:
         ctx = of(cls, *a)
         if ctx is not None:
             ctx.swtpm_root, ctx.runtime_root = swtpm, runtime
+            # The daemon holding libvirt's secrets, as the test says (none: not checked).
+            ctx.secrets_pidfile = os.path.join(runtime, "libvirt-secrets.pid")
         return ctx  # type: ignore[no-any-return]
 
     lifecycle.HookContext.of = classmethod(moved)  # type: ignore[assignment,method-assign]
@@ -69,7 +71,7 @@ def main(argv: list[str]) -> int:
     kill_at = int(argv[0])
 
     from nvmgr import cli
-    from nvmgr.provision import staging
+    from nvmgr.provision import staging, vtpm
     from nvmgr.storage import container
 
     trace: list[tuple[str, int | str, int]] = []
@@ -87,6 +89,7 @@ def main(argv: list[str]) -> int:
     # Every container class inherits _fault; none overrides it.
     container.Container._fault = fault  # type: ignore[method-assign]
     staging.fault = lambda kind, path: count(f"staged-{kind}", path, 0)
+    vtpm.fault = lambda kind, path: count(f"vtpm-{kind}", path, 0)
     if hook is not None:
         rc = _hook_main(argv[2:], *hook)
     else:

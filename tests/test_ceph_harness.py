@@ -6,10 +6,13 @@ installs them).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -220,3 +223,117 @@ def test_the_key_from_a_libvirt_secret_of_usage_type_ceph(
     # A wrong key in the secret: Ceph refuses the user (external, 10).
     (secrets / f"{uuid}.base64").write_text(ceph.client("other")[2])
     assert main(["info", loc]) == 10
+
+
+@contextlib.contextmanager
+def guest_on_rbd(ceph: CephCluster, user: str, key: str, image: str, offset: int,
+                 size: int, sock: Path) -> Iterator[str]:
+    """What a running VM's QEMU does with its vars on RBD: an ``rbd`` node opened by
+    QEMU's own driver (as the cephx *user*), a raw slice over it, here exported over
+    NBD so that the test can play the guest writing its variables through it."""
+    r, w = os.pipe()
+    os.write(w, key.encode())
+    os.close(w)
+    node = {"driver": "rbd", "pool": ceph.pool, "image": image, "conf": str(ceph.conf),
+            "user": user, "key-secret": "k", "node-name": "f"}
+    p = subprocess.Popen(
+        ["qemu-storage-daemon", "--object", f"secret,id=k,format=base64,file=/dev/fd/{r}",
+         "--blockdev", json.dumps(node),
+         "--blockdev", json.dumps({"driver": "raw", "file": "f", "offset": offset,
+                                   "size": size, "node-name": "vars"}),
+         "--nbd-server", f"addr.type=unix,addr.path={sock}",
+         "--export", "type=nbd,id=e,node-name=vars,name=vars,writable=on"],
+        pass_fds=(r,), stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    os.close(r)
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert p.poll() is None, p.stderr.read() if p.stderr else ""
+            assert time.monotonic() < deadline, "qemu-storage-daemon did not come up"
+            time.sleep(0.05)
+        yield f"nbd+unix:///vars?socket={sock}"
+    finally:
+        p.terminate()
+        p.wait(30)
+
+
+def test_a_running_qemu_on_rbd_is_told_by_the_exclusive_lock(ceph: CephCluster,
+                                                              tmp_path: Path) -> None:
+    """A live section is never written while a QEMU holds the RBD image's exclusive lock
+    (librbd takes it at QEMU's first write): refused busy (7) even with --force, which
+    overrides only nvmgr's own in-use mark (not set here); the lock is the only sign."""
+    _user, keyring, key = ceph.client("nvmgr-lock")
+    loc = f"rbd:{ceph.pool}/locked:conf={ceph.conf}:id=nvmgr-lock:keyring={keyring}"
+    assert _nvmgr("create", loc, "-s", "efivars:528K:pflash", "-s", "blob:16K").returncode == 0
+    vars_ = json.loads(_nvmgr("info", loc, "-O", "json").stdout)["sections"][0]
+    assert vars_["name"] == "efivars" and not vars_["dirty"]
+    new = tmp_path / "new"
+    new.write_bytes(os.urandom(4096))
+    with guest_on_rbd(ceph, "nvmgr-lock", key, "locked", vars_["offset"], 540672,
+                      tmp_path / "vars.sock") as guest:
+        # Open, not written yet: librbd holds no lock, nvmgr cannot tell (the mark does).
+        assert "auto " not in ceph.run("rbd", "lock", "ls", f"{ceph.pool}/locked")
+        _run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 4096", guest)  # the guest writes
+        assert "auto " in ceph.run("rbd", "lock", "ls", f"{ceph.pool}/locked")
+        before = _nvmgr("info", loc, "-O", "json").stdout
+        for extra in ((), ("--force",)):
+            p = _nvmgr("put", loc, "efivars", str(new), *extra)
+            assert p.returncode == 7, p.stderr
+            assert "efivars is live" in p.stderr and "exclusive lock: client." in p.stderr
+        p = _nvmgr("check", loc, "--repair", "--yes")
+        assert p.returncode == 7 and "exclusive lock" in p.stderr, p.stderr
+        assert _nvmgr("info", loc, "-O", "json").stdout == before  # nothing written
+        # A section QEMU does not read may change beside it, as on a file.
+        p = _nvmgr("put", loc, "blob", str(new))
+        assert p.returncode == 0, p.stderr
+    # QEMU gone: the lock with it, the write goes through.
+    assert "auto " not in ceph.run("rbd", "lock", "ls", f"{ceph.pool}/locked")
+    p = _nvmgr("put", loc, "efivars", str(new))
+    assert p.returncode == 0, p.stderr
+    out = tmp_path / "out"
+    assert _nvmgr("get", loc, "efivars", "-o", str(out)).returncode == 0
+    assert out.read_bytes() == new.read_bytes()
+
+
+def test_orphans_on_rbd_recorded_listed_adopted_and_moved_aside(ceph: CephCluster,
+                                                                  tmp_path: Path) -> None:
+    """An image on RBD whose domain is gone: recorded in the image, listed by ``nvmgr
+    images --image LOCATION`` (no directory lists a pool), adopted (same image, new
+    owner) or moved aside under a new name in its pool (Ceph's rename: kept)."""
+    from nvmgr.format.layout import SectionSpec
+    from nvmgr.format.model import Binding, Orphaned
+    from nvmgr.image.image import Image
+    from nvmgr.provision import orphans
+    from nvmgr.storage import image_exists
+
+    owner, new = uuid.uuid4(), uuid.uuid4()
+    _user, keyring, _key = ceph.client("nvmgr-orphan")
+    where = f":conf={ceph.conf}:id=nvmgr-orphan:keyring={keyring}"
+    loc = f"rbd:{ceph.pool}/vm-orphan{where}"
+    specs = [SectionSpec("uefi-vars", 8192, Binding.PFLASH),
+             SectionSpec("tpm-permall", 8192, Binding.TPM)]
+    with Image.create(loc, specs, domain_uuid=owner) as img:
+        img.put("uefi-vars", b"vars" * 100)
+    assert not orphans.mark_orphaned(f"rbd:{ceph.pool}/gone{where}", str(owner), "vm1")
+    assert orphans.mark_orphaned(loc, str(owner), "vm1", when=1_764_590_000)
+    assert orphans.record_of(loc) == Orphaned(1_764_590_000, "vm1")
+    p = _nvmgr("images", "--orphans", "--connect", "test:///default", "--dir", str(tmp_path),
+               "--image", loc, "-O", "json")
+    assert p.returncode == 0, p.stderr
+    [entry] = json.loads(p.stdout)["images"]
+    assert (entry["path"], entry["state"], entry["domain"]) == (loc, "orphaned", "vm1")
+    assert entry["orphaned_since"] == "2025-12-01T11:53:20Z"
+
+    image_uuid = orphans.adopt(loc, new)
+    with Image.open(loc) as img:
+        d = img.directory
+        assert (d.domain_uuid, d.orphaned, d.image_uuid) == (new, None, image_uuid)
+        assert img.get("uefi-vars") == b"vars" * 100
+
+    moved = orphans.move_aside(loc, new)  # recorded first, then renamed in its pool
+    assert moved.startswith(f"rbd:{ceph.pool}/vm-orphan.orphan-") and moved.endswith(where)
+    assert not image_exists(loc) and image_exists(moved)
+    assert moved.split("/", 1)[1].split(":", 1)[0] in ceph.run("rbd", "ls", ceph.pool).split()
+    with Image.open(moved) as img:
+        assert img.get("uefi-vars") == b"vars" * 100
+        assert img.directory.orphaned is not None and img.directory.domain_uuid == new

@@ -70,7 +70,7 @@ def test_the_hook_refuses_a_luks_domain_without_a_key_at_prepare(tmp_path: Path)
                     or shutil.which("qemu-img") is None, reason="needs OVMF and qemu-img")
 @pytest.mark.parametrize("luks", ["", " luks='yes'"])
 def test_define_with_a_key_makes_the_vars_a_luks_volume_holding_the_template(
-        tmp_path: Path, luks: str) -> None:
+        tmp_path: Path, luks: str, libvirt_secrets: dict[str, object]) -> None:
     image = tmp_path / "uefi.nvram"
     key = make_key(tmp_path / "k.key")
     xml = UEFI_XML.format(image=image).replace('"/>', f'"{luks}/>', 1)

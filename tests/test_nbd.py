@@ -184,3 +184,142 @@ def test_errors_name_what_is_wrong(tmp_path: Path) -> None:
     assert p.returncode == 10 and "gone.sock" in p.stderr, p.stderr
     p = nvmgr("info", "nbd://127.0.0.1:0/vm1")
     assert p.returncode == 2 and "port 0" in p.stderr, p.stderr
+
+
+def test_orphans_on_an_nbd_export(tmp_path: Path) -> None:
+    """An orphan served over NBD is recorded, read and adopted through the export; it
+    cannot be moved aside (its server names it): refused, nothing written."""
+    import uuid
+
+    from nvmgr.errors import UsageError
+    from nvmgr.format.model import Orphaned
+    from nvmgr.image.image import Image
+    from nvmgr.provision import orphans
+
+    owner, new = uuid.uuid4(), uuid.uuid4()
+    image = tmp_path / "vm1.nvram"
+    assert nvmgr("create", str(image), "-s", "efivars:128K:pflash").returncode == 0
+    with Image.open(str(image), writable=True) as img:
+        img.reassign(image_uuid=img.directory.image_uuid, domain_uuid=owner)
+    sock = tmp_path / "nbd.sock"
+    with served_unix(image, sock) as uri:
+        assert not orphans.mark_orphaned(f"nbd+unix:///nope?socket={sock}", str(owner), "x")
+        assert orphans.mark_orphaned(uri, str(owner), "vm1", when=1_764_590_000)
+        assert orphans.record_of(uri) == Orphaned(1_764_590_000, "vm1")
+        [entry] = orphans.survey(orphans.candidates([], [uri]), {})
+        assert (entry.path, entry.state, entry.domain) == (uri, "orphaned", "vm1")
+        before = image.read_bytes()
+        with pytest.raises(UsageError, match="NBD export, which nvmgr cannot move aside"):
+            orphans.move_aside(uri, owner)
+        assert image.read_bytes() == before
+        orphans.adopt(uri, new)
+    with Image.open(str(image)) as img:  # the bytes went to the served file
+        assert img.directory.domain_uuid == new and img.directory.orphaned is None
+
+
+# -- NBD in a domain's metadata and QEMU's arguments -------------------------------------
+
+def _domain(meta: str) -> str:
+    from nvmgr.domain.namespaces import NVMGR_NS
+
+    xml = (ROOT / "tests" / "data" / "uefi-tpm2-in.xml").read_text()
+    meta = meta.replace("<nvmgr:nvram", f"<nvmgr:nvram xmlns:nvmgr='{NVMGR_NS}'", 1)
+    return xml.replace("<metadata>", f"<metadata>{meta}") if "<metadata>" in xml else \
+        xml.replace("</domain>", f"<metadata>{meta}</metadata></domain>")
+
+
+@pytest.mark.parametrize("meta,uri", [
+    ("<nvmgr:nvram image='nbd+unix:///vm1?socket=/run/nbd/vm1.sock'/>",
+     "nbd+unix:///vm1?socket=/run/nbd/vm1.sock"),
+    ("<nvmgr:nvram image='nbd://10.0.0.5:10900/vm1'/>", "nbd://10.0.0.5:10900/vm1"),
+    ("<nvmgr:nvram><nvmgr:source protocol='nbd' name='vm1'><nvmgr:host transport='unix' "
+     "socket='/run/nbd/vm1.sock'/></nvmgr:source></nvmgr:nvram>",
+     "nbd+unix:///vm1?socket=/run/nbd/vm1.sock"),
+    ("<nvmgr:nvram><nvmgr:source protocol='nbd' name='vm1'><nvmgr:host name='nbd.example'/>"
+     "</nvmgr:source></nvmgr:nvram>", "nbd://nbd.example:10809/vm1"),
+], ids=["unix-attr", "tcp-attr", "unix-source", "tcp-source"])
+def test_an_nbd_image_in_the_metadata_and_qemus_nbd_blockdev(meta: str, uri: str) -> None:
+    """The metadata names the image as an NBD URI (the ``image`` attribute) or as libvirt
+    spells an NBD disk (``<nvmgr:source protocol='nbd'>``, kept an element when nvmgr
+    rewrites it); QEMU's live slices sit on an ``nbd`` blockdev of that export."""
+    from nvmgr.domain import metadata, qemuargs
+    from nvmgr.domain.elements import parse_domain
+    from nvmgr.domain.plan import plan_domain
+
+    xml = _domain(meta)
+    m = parse_domain(xml).nvmgr
+    assert m is not None and m.image == uri and m.image_element == ("<nvmgr:source" in meta)
+    assert metadata.from_element(metadata.to_element(m)) == m  # round trip, same form
+    plan = plan_domain(xml)
+    args = qemuargs.qemu_args(plan, uri, "raw", domain_uuid=plan.domain_uuid)
+    nodes = [json.loads(a) for a in args if a.startswith("{")]
+    file_node = next(n for n in nodes if n.get("node-name") == qemuargs.FILE_NODE)
+    assert file_node["driver"] == "nbd" and file_node["export"] == "vm1"
+    want = ({"type": "unix", "path": "/run/nbd/vm1.sock"} if "unix" in uri else
+            {"type": "inet", "host": uri.split("//")[1].split(":")[0],
+             "port": uri.split(":")[2].split("/")[0]})
+    assert file_node["server"] == want
+    vars_ = next(n for n in nodes if n.get("node-name") == qemuargs.node_name("uefi-vars"))
+    assert vars_["file"] == qemuargs.FILE_NODE and vars_["driver"] == "raw"
+    assert qemuargs.slice_offsets(args)[qemuargs.node_name("uefi-vars")] == vars_["offset"]
+    out = qemuargs.rewrite_domain(xml, plan, uri, "raw", str(plan.domain_uuid))
+    again = parse_domain(out).nvmgr
+    assert again is not None and again.image == uri and again.image_element == m.image_element
+    with pytest.raises(UsageError, match="raw on RBD and NBD"):
+        qemuargs.qemu_args(plan, uri, "qcow2", domain_uuid=plan.domain_uuid)
+
+
+@pytest.mark.parametrize("meta,needle", [
+    ("<nvmgr:nvram image='nbd://127.0.0.1:0/vm1'/>", "port 0 is not 1..65535"),
+    ("<nvmgr:nvram image='nbd+unix:///vm1?socket=rel.sock'/>", "image="),
+    ("<nvmgr:nvram><nvmgr:source protocol='nbd' name='vm1'/></nvmgr:nvram>",
+     "source protocol='nbd' takes"),
+    ("<nvmgr:nvram><nvmgr:source protocol='nbd'><nvmgr:host transport='unix' "
+     "socket='/a/../b'/></nvmgr:source></nvmgr:nvram>", "socket='/a/../b'"),
+])
+def test_a_bad_nbd_image_in_the_metadata_is_invalid_input(meta: str, needle: str,
+                                                          tmp_path: Path) -> None:
+    (tmp_path / "d.xml").write_text(_domain(meta))
+    p = nvmgr("plan", str(tmp_path / "d.xml"))
+    assert p.returncode == 9 and needle in p.stderr, p.stderr
+
+
+def test_convert_a_file_to_an_nbd_export_and_back(tmp_path: Path) -> None:
+    """``nvmgr convert FILE nbd+unix://...`` writes the copy over an export that holds no
+    nvmgr image (its server made it: never created, never an image overwritten); back to
+    a file, every section is byte-identical."""
+    src = tmp_path / "vm1.nvram"
+    make_image(src)
+    payloads = {"efivars": os.urandom(100000), "blob": os.urandom(50000)}
+    for name, data in payloads.items():
+        (tmp_path / name).write_bytes(data)
+        assert nvmgr("put", str(src), name, str(tmp_path / name)).returncode == 0
+    size = src.stat().st_size
+    target = tmp_path / "export.raw"
+    with open(target, "wb") as f:
+        f.truncate(size + (1 << 20))  # zeros, and room to spare
+    small = tmp_path / "small.raw"
+    with open(small, "wb") as f:
+        f.truncate(size // 2)
+    with served_unix(small, tmp_path / "small.sock") as uri:
+        p = nvmgr("convert", str(src), uri, "-f", "raw")
+        assert p.returncode == 8 and "the NBD export holds" in p.stderr, p.stderr
+    assert small.read_bytes() == bytes(size // 2)  # nothing written
+    with served_unix(target, tmp_path / "nbd.sock") as uri:
+        p = nvmgr("convert", str(src), uri, "-f", "qcow2")
+        assert p.returncode == 2 and "raw" in p.stderr, p.stderr
+        p = nvmgr("convert", str(src), uri, "-f", "raw")
+        assert p.returncode == 0, p.stderr
+        p = nvmgr("convert", str(src), uri, "-f", "raw")  # an image there now: refused
+        assert p.returncode == 2 and "holds an nvmgr image already" in p.stderr, p.stderr
+        back = tmp_path / "back.qcow2"
+        p = nvmgr("convert", uri, str(back), "-f", "qcow2")
+        assert p.returncode == 0, p.stderr
+        for image in (uri, str(back)):
+            assert nvmgr("check", image).returncode == 0
+            for name, data in payloads.items():
+                out = tmp_path / f"out-{name}"
+                out.unlink(missing_ok=True)
+                assert nvmgr("get", image, name, "-o", str(out)).returncode == 0
+                assert out.read_bytes() == data, (image, name)
+

@@ -90,12 +90,14 @@ def _progress(args: argparse.Namespace, what: str) -> Callable[[int, int], None]
 
 def load_key(args: argparse.Namespace) -> Kek | None:
     """The key-encryption key from --key-file, --key-secret or --key-stdin, or None."""
-    from nvmgr.crypto import keys
-    from nvmgr.virt import secrets
-
     given = [x for x in ("key_file", "key_secret", "key_stdin") if getattr(args, x, None)]
     if len(given) > 1:
         raise UsageError("give the key one way only: --key-file, --key-secret or --key-stdin")
+    if not given:
+        return None  # and cryptography never imported: a plaintext image needs none of it
+    from nvmgr.crypto import keys
+    from nvmgr.virt import secrets
+
     if getattr(args, "key_file", None):
         return keys.load_key_file(args.key_file)
     if getattr(args, "key_secret", None):

@@ -136,8 +136,44 @@ def cmd_encrypt(args: argparse.Namespace) -> Result:
     if kek is None:
         raise UsageError("give the key to encrypt with: --key-file, --key-secret or --key-stdin")
     from nvmgr.image.convert import encrypt
+    from nvmgr.storage import absolute
 
-    return encrypt(os.path.abspath(args.image), kek)
+    return encrypt(absolute(args.image), kek)
+
+
+@arguments("vtpm-secret")
+def _vtpm_secret_args(p: argparse.ArgumentParser) -> None:
+    _add_image(p)  # --domain VM, or IMAGE (a migration's destination, the domain not defined)
+    _add_key_args(p)
+
+
+@command("vtpm-secret", "give libvirt the vTPM secret swtpm encrypts the TPM state of a domain "
+         "with a key with: after a libvirtd restart (ephemeral secret), or on a migration's "
+         "destination before migrating (the watcher does the first)",
+         "nvmgr vtpm-secret --domain vm1\n"
+         "  nvmgr vtpm-secret /var/lib/libvirt/nvmgr/vm1.nvram --key-file /etc/nvmgr/vm1.key",
+         render=lambda r: (f"vTPM secret {r['secret']} of domain {r['domain_uuid']} given to "
+                           "libvirt" if r["secret"] else
+                           f"domain {r['domain']} needs no vTPM secret (no key or no TPM)"))
+def cmd_vtpm_secret(args: argparse.Namespace) -> Result:
+    from nvmgr.virt import define as vdefine
+
+    if args.domain:
+        if args.image:
+            raise UsageError("name an IMAGE or give --domain, not both")
+        from nvmgr.domain.elements import parse_domain
+        from nvmgr.virt import conn as virt
+
+        su = vdefine.restore_vtpm_secret(args.domain, args.connect)
+        dom = parse_domain(virt.domain_xml(args.domain, args.connect))
+        return {"domain": args.domain, "domain_uuid": str(dom.uuid), "secret": su}
+    if not args.image:
+        raise UsageError("name an IMAGE or give --domain NAME")
+    kek = load_key(args)
+    if kek is None:
+        raise UsageError("give the image's key: --key-file, --key-secret or --key-stdin")
+    return {"domain": None, **vdefine.vtpm_secret_of_image(os.path.abspath(args.image), kek,
+                                                          args.connect)}
 
 
 @arguments("undefine")
@@ -171,6 +207,9 @@ def _images_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", action="append", metavar="DIR",
                    help=f"a directory to look in (default {IMAGE_DIR}; repeatable); images "
                         "that domains name elsewhere are listed too")
+    p.add_argument("--image", action="append", metavar="IMAGE", dest="extra",
+                   help="an image to look at too, a file or a network location (rbd:..., "
+                        "nbd://...; repeatable): no directory lists an RBD pool's images")
     p.add_argument("--connect", "-c", metavar="URI", help="libvirt URI (qemu:///system)")
 
 
@@ -193,7 +232,8 @@ def _render_images(r: Result) -> str:
 def cmd_images(args: argparse.Namespace) -> Result:
     from nvmgr.virt.inventory import images
 
-    found = images(args.dir or (IMAGE_DIR,), args.connect, orphans_only=args.orphans)
+    found = images(args.dir or (IMAGE_DIR,), args.connect, orphans_only=args.orphans,
+                   extra=args.extra or ())
     return {"images": [e.to_json() for e in found], "orphans_only": args.orphans}
 
 

@@ -85,6 +85,7 @@ _ENC_INFO = b"nvmgr-v1 section encryption"
 _MAC_INFO = b"nvmgr-v1 section mac"
 _DIR_INFO = b"nvmgr-v1 directory mac"
 _LUKS_INFO = b"nvmgr-v1 luks passphrase"
+_VTPM_INFO = b"nvmgr-v1 vtpm passphrase"
 _DIR_PREFIX = b"nvmgr-v1 directory\0"
 _MAC_PREFIX = b"nvmgr-v1\0"
 
@@ -207,7 +208,7 @@ class SectionCipher:
     :raise UsageError: *data_key* is not 32 bytes.
     """
 
-    __slots__ = ("__dir_key", "__enc_key", "__luks", "__mac_key", "image")
+    __slots__ = ("__dir_key", "__enc_key", "__luks", "__mac_key", "__vtpm", "image")
 
     def __init__(self, data_key: bytes, *, image: str | None = None) -> None:
         if len(data_key) != DATA_KEY_LEN:
@@ -216,6 +217,7 @@ class SectionCipher:
         self.__mac_key = _hkdf(bytes(data_key), _MAC_INFO)
         self.__dir_key = _hkdf(bytes(data_key), _DIR_INFO)
         self.__luks = _hkdf(bytes(data_key), _LUKS_INFO)
+        self.__vtpm = _hkdf(bytes(data_key), _VTPM_INFO)
         self.image = image
 
     def __repr__(self) -> str:
@@ -420,6 +422,19 @@ class SectionCipher:
         file and QEMU's ``secret`` object read it the same way everywhere.
         """
         return self.__luks.hex().encode("ascii")
+
+    def vtpm_passphrase(self) -> bytes:
+        """The passphrase swtpm encrypts the image's TPM state with while the VM runs.
+
+        64 hexadecimal digits (ASCII) of HKDF-SHA256(data key, info
+        ``"nvmgr-v1 vtpm passphrase"``): the value of the domain's libvirt
+        secret of usage type ``vtpm``, which libvirt hands to swtpm over a
+        pipe (``--key pwdfd=N,mode=aes-256-cbc``).  Its own HKDF output, so
+        it tells nothing about the LUKS passphrase or the section keys; from
+        the data key, so ``rekey`` leaves it (and swtpm's encrypted state) as
+        it is.
+        """
+        return self.__vtpm.hex().encode("ascii")
 
     # -- the directory --------------------------------------------------
 

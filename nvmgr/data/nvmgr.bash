@@ -14,7 +14,7 @@ _nvmgr_files()
 _nvmgr()
 {
     local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]}
-    local commands="backup restore plan define encrypt undefine images install-hook hook-server reconcile attach detach create info list put get remove check grow resize rekey dump snapshot convert split merge migrate-image"
+    local commands="backup restore plan define encrypt vtpm-secret undefine images install-hook hook-server reconcile attach detach create info list put get remove check grow resize rekey dump snapshot convert split merge migrate-image"
     local cmd="" i=1
     # The command: the first word that is not an option.
     while [[ $i -lt $COMP_CWORD ]]; do
@@ -72,6 +72,14 @@ _nvmgr()
             esac
             positional=("")
             ;;
+        vtpm-secret)
+            opts="-h --help --output -O --verbose -v --domain --connect -c --key-file --key-secret --key-stdin"
+            valued=" --output -O --domain --connect -c --key-file --key-secret "
+            case $prev in
+                --output|-O) _nvmgr_words "text json"; return ;;
+            esac
+            positional=("")
+            ;;
         undefine)
             opts="-h --help --output -O --verbose -v --connect -c --keep-nvram --remove-nvram"
             valued=" --output -O --connect -c "
@@ -81,8 +89,8 @@ _nvmgr()
             positional=("")
             ;;
         images)
-            opts="-h --help --output -O --verbose -v --orphans --dir --connect -c"
-            valued=" --output -O --dir --connect -c "
+            opts="-h --help --output -O --verbose -v --orphans --dir --image --connect -c"
+            valued=" --output -O --dir --image --connect -c "
             case $prev in
                 --output|-O) _nvmgr_words "text json"; return ;;
             esac

@@ -147,6 +147,16 @@ class TPM(XMLObject):
     encryption_secret = UUIDProp("./backend/encryption/@secret")
     alias = Text("./alias/@name")
 
+    def remove_encryption(self) -> None:
+        """Drop ``<backend><encryption>``, leaving ``<backend/>`` as it was written before."""
+        backend = self._node.find("backend")
+        if backend is None:
+            return
+        for enc in backend.findall("encryption"):
+            backend.remove(enc)
+        if not len(backend):
+            backend.text = None
+
 
 class Interface(XMLObject):
     """``<devices><interface>``: a NIC (its MAC names its per-device section)."""

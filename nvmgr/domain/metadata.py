@@ -54,6 +54,8 @@ from nvmgr.domain.xmlparse import parse_tree
 from nvmgr.errors import InstallationError, InvalidInputError, UsageError
 from nvmgr.format.layout import MAX_SECTION_SIZE
 from nvmgr.format.model import MAX_IMAGE_SIZE, MAX_NAME, Binding
+from nvmgr.storage.nbd import DEFAULT_PORT as NBD_PORT
+from nvmgr.storage.nbd import NbdLocation, is_nbd
 from nvmgr.storage.rbd import RbdLocation, is_rbd
 from nvmgr.units import parse_size
 
@@ -174,13 +176,13 @@ def _schema() -> etree.RelaxNG:
 
 
 def _source_schema() -> etree.RelaxNG:
-    """The schema's ``source`` pattern alone: libxml2 says only "extra element in
+    """The schema's ``rbdSource`` pattern alone: libxml2 says only "extra element in
     interleave" of a bad ``<nvmgr:source>`` inside ``<nvmgr:nvram>``; checked on
-    its own, its refusal names the attribute."""
+    its own, its refusal names the attribute (an NBD source gets its own message)."""
     global _SOURCE_RNG
     if _SOURCE_RNG is None:
         _schema()
-        text = re.sub(r"<start>.*?</start>", '<start><ref name="source"/></start>',
+        text = re.sub(r"<start>.*?</start>", '<start><ref name="rbdSource"/></start>',
                       resources.read_text(resources.METADATA_SCHEMA), count=1, flags=re.S)
         _SOURCE_RNG = etree.RelaxNG(parse_tree(text, what="the source pattern"))
     return _SOURCE_RNG
@@ -209,7 +211,9 @@ _SECTION_NAME = (f"invalid section name {{v}}: 1-{MAX_NAME} characters from A-Z 
 #: What each value the schema checks must look like, for messages:
 #: (element, attribute) -> template with ``{attr}`` and ``{v}`` (the value's repr).
 _RULES: Mapping[tuple[str, str], str] = {
-    ("nvram", "image"): _ABSOLUTE + " or an rbd:POOL/IMAGE[:conf=F][:id=U][:keyring=F] location",
+    ("nvram", "image"): _ABSOLUTE + ", an rbd:POOL/IMAGE[:conf=F][:id=U][:keyring=F] location "
+                                    "or an NBD URI (nbd://HOST[:PORT]/EXPORT, "
+                                    "nbd+unix:///EXPORT?socket=/PATH)",
     ("nvram", "format"): f"{{attr}}={{v}} is not one of {', '.join(FORMATS)}",
     ("nvram", "uuid"): _UUID,
     ("nvram", "key-file"): _ABSOLUTE,
@@ -230,7 +234,7 @@ _RULES: Mapping[tuple[str, str], str] = {
     ("libvirt-nvram", "firmware-template"): _ABSOLUTE,
     ("libvirt-nvram", "format"): f"{{attr}}={{v}} is not one of {', '.join(FORMATS)}",
     ("libvirt-nvram", "firmware"): "{attr}={v} is not 'efi' or 'bios'",
-    ("source", "protocol"): "source {attr}={v} is not a network protocol nvmgr knows (rbd)",
+    ("source", "protocol"): "source {attr}={v} is not a network protocol nvmgr knows (rbd, nbd)",
     ("source", "name"): "source {attr}={v} is not POOL/IMAGE",
     ("host", "name"): "source host {attr}={v} is not a host name or address",
     ("host", "port"): "source host {attr}={v} is not a port number",
@@ -399,6 +403,10 @@ def from_element(node: etree._Element) -> NvmgrMetadata:
         for src in node.findall(SOURCE_TAG):
             sub = _source_schema()
             if not sub.validate(etree.ElementTree(src)):
+                if src.get("protocol") == "nbd":  # the value rules below are RBD's
+                    raise meta_error(src, "source protocol='nbd' takes name='EXPORT' (optional) "
+                                     "and one <nvmgr:host name='HOST' [port='PORT']/> or "
+                                     "<nvmgr:host transport='unix' socket='/PATH'/>")
                 raise _schema_error(src, sub.error_log)
         raise _schema_error(node, log)
     return _decode(node)
@@ -406,11 +414,11 @@ def from_element(node: etree._Element) -> NvmgrMetadata:
 
 def _path(node: etree._Element, attr: str) -> str | None:
     """An absolute path attribute (the schema checked the leading '/'): no '..' step;
-    an image may also be an ``rbd:`` location (checked whole)."""
+    an image may also be an ``rbd:`` location or an NBD URI (checked whole)."""
     value = node.get(attr)
-    if value is not None and attr == "image" and is_rbd(value):
+    if value is not None and attr == "image" and (is_rbd(value) or is_nbd(value)):
         try:
-            RbdLocation.parse(value)
+            (RbdLocation if is_rbd(value) else NbdLocation).parse(value)
         except UsageError as e:
             raise meta_error(node, e.message) from e
         return value
@@ -538,8 +546,32 @@ def _decode(node: etree._Element) -> NvmgrMetadata:
     )
 
 
+def _nbd_source(node: etree._Element) -> str:
+    """``<nvmgr:source protocol='nbd' name='EXPORT'><nvmgr:host .../>`` as an NBD URI."""
+    host = node.find(clark("nvmgr:host"))
+    if host is None:  # the schema requires it
+        raise meta_error(node, "source protocol='nbd' needs a <nvmgr:host>")
+    if host.get("transport") == "unix":
+        socket = host.get("socket", "")
+        if "/../" in socket + "/":
+            raise meta_error(host, _ABSOLUTE.format(attr="socket", v=repr(socket)))
+        loc = NbdLocation(node.get("name", ""), socket=socket)
+    else:
+        port = int(host.get("port", str(NBD_PORT)))
+        if not 0 < port < 65536:
+            raise meta_error(host, f"source host port={port!r} is not a port number (1-65535)")
+        loc = NbdLocation(node.get("name", ""), host=host.get("name", ""), port=port)
+    try:
+        return NbdLocation.parse(loc.uri()).uri()
+    except UsageError as e:
+        raise meta_error(node, e.message) from e
+
+
 def _source(node: etree._Element) -> str:
-    """``<nvmgr:source protocol='rbd' name='POOL/IMAGE'>`` as an ``rbd:`` location."""
+    """``<nvmgr:source protocol='rbd' name='POOL/IMAGE'>`` as an ``rbd:`` location;
+    ``protocol='nbd'`` as an NBD URI."""
+    if node.get("protocol") == "nbd":
+        return _nbd_source(node)
     pool, _, image = node.get("name", "").partition("/")
     hosts = []
     for h in node.findall(clark("nvmgr:host")):
@@ -572,8 +604,18 @@ def _source(node: etree._Element) -> str:
 
 
 def source_element(location: str, parent: etree._Element) -> etree._Element:
-    """An ``rbd:`` location as a ``<nvmgr:source protocol='rbd'>`` element, the
-    first child of *parent*."""
+    """An ``rbd:`` location as a ``<nvmgr:source protocol='rbd'>`` element, an NBD URI
+    as ``<nvmgr:source protocol='nbd'>``, the first child of *parent*."""
+    if is_nbd(location):
+        nbd = NbdLocation.parse(location)
+        el = etree.SubElement(parent, SOURCE_TAG, protocol="nbd")
+        if nbd.export:
+            el.set("name", nbd.export)
+        if nbd.socket is not None:
+            etree.SubElement(el, clark("nvmgr:host"), transport="unix", socket=nbd.socket)
+        else:
+            etree.SubElement(el, clark("nvmgr:host"), name=nbd.host or "", port=str(nbd.port))
+        return el
     loc = RbdLocation.parse(location)
     el = etree.SubElement(parent, SOURCE_TAG, protocol="rbd", name=f"{loc.pool}/{loc.image}")
     for host, port in loc.hosts:
@@ -658,7 +700,8 @@ def to_element(meta: NvmgrMetadata,
         ``1M`` when nvmgr rewrites the metadata.
     """
     el = etree.Element(NVRAM_TAG, nsmap={prefix: NVMGR_NS})
-    as_element = meta.image_element and meta.image is not None and is_rbd(meta.image)
+    as_element = meta.image_element and meta.image is not None and (is_rbd(meta.image)
+                                                                     or is_nbd(meta.image))
     if as_element:
         source_element(str(meta.image), el)
     for attr, value in (

@@ -50,12 +50,13 @@ import zlib
 from collections.abc import Callable, Mapping
 
 from nvmgr.domain import profiles
-from nvmgr.domain.elements import Domain, parse_domain
+from nvmgr.domain.elements import TPM, Domain, parse_domain
 from nvmgr.domain.metadata import LibvirtNvram, NvmgrMetadata
 from nvmgr.domain.plan import Plan, PlannedSection
 from nvmgr.errors import InvalidInputError, UsageError
 from nvmgr.format.model import Binding
 from nvmgr.paths import RUNTIME_ROOT
+from nvmgr.storage.nbd import NbdLocation, is_nbd
 from nvmgr.storage.rbd import RbdLocation, is_rbd
 
 #: Where the prepare hook stages what QEMU reads as files (tmpfs), one
@@ -75,6 +76,34 @@ _NODE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
 SHARE_RW_DRIVERS = frozenset(
     {"virtio-blk-pci", "virtio-blk-device", "virtio-blk-ccw", "scsi-hd", "ide-hd", "usb-storage"}
 )
+
+
+#: The namespace of the UUIDs of the vTPM secrets nvmgr defines (uuid5 of a domain's UUID).
+VTPM_SECRET_NAMESPACE = uuid.UUID("cc6bc8c6-f077-4d7c-807e-878fc815e774")
+
+
+def vtpm_secret_uuid(domain_uuid: uuid.UUID | str) -> uuid.UUID:
+    """The UUID of the libvirt secret (usage ``vtpm``) whose value swtpm
+    encrypts a keyed domain's TPM state with: one per domain, derived from its
+    UUID, so every host and every nvmgr command names the same secret.
+
+    :raise InvalidInputError: *domain_uuid* is not a UUID.
+    """
+    try:
+        u = uuid.UUID(str(domain_uuid))
+    except ValueError as e:
+        raise InvalidInputError(f"{domain_uuid!r} is not a domain UUID") from e
+    return uuid.uuid5(VTPM_SECRET_NAMESPACE, str(u))
+
+
+def vtpm_usage(domain_uuid: uuid.UUID | str) -> str:
+    """The usage name of a domain's vTPM secret (libvirt wants it unique per usage type)."""
+    return f"nvmgr-vtpm-{uuid.UUID(str(domain_uuid))}"
+
+
+def swtpm_tpms(dom: Domain) -> list[TPM]:
+    """The domain's TPMs whose state libvirt keeps (``<backend type='emulator'>``: swtpm)."""
+    return [t for t in dom.tpms if t.backend_type == "emulator"]
 
 
 def runtime_dir(domain_uuid: uuid.UUID | str) -> str:
@@ -143,10 +172,11 @@ def qemu_args(
         domain UUID where one is needed.
     """
     rbd = RbdLocation.parse(image_path) if is_rbd(image_path) else None
-    if fmt not in ("raw", "qcow2") or (rbd is not None and fmt != "raw"):
-        raise UsageError(f"image format {fmt!r} is not raw or qcow2 (raw on RBD)",
+    nbd = NbdLocation.parse(image_path) if is_nbd(image_path) else None
+    if fmt not in ("raw", "qcow2") or ((rbd or nbd) is not None and fmt != "raw"):
+        raise UsageError(f"image format {fmt!r} is not raw or qcow2 (raw on RBD and NBD)",
                          image=image_path)
-    if rbd is None and not os.path.isabs(image_path):
+    if rbd is None and nbd is None and not os.path.isabs(image_path):
         raise UsageError("the image path must be absolute for QEMU", image=image_path)
     live = plan.live_sections
     luks = any(s.luks for s in live)
@@ -170,6 +200,8 @@ def qemu_args(
                 args += ["-object", f"secret,id={RBD_SECRET_ID},format=base64,file={key}"]
                 node["key-secret"] = RBD_SECRET_ID
             args += ["-blockdev", _json(node)]
+        elif nbd is not None:  # QEMU's nbd driver: the export as the image file
+            args += ["-blockdev", _json({**nbd.node(), "node-name": FILE_NODE})]
         else:
             args += ["-blockdev", _json(file_node(image_path))]
         base = FILE_NODE
@@ -259,6 +291,12 @@ def _member_nodes(args: list[str], s: PlannedSection, n: int) -> str:
                              "key source is not supported; merge it back or use a file",
                              image=path, section=s.name)
         args += ["-blockdev", _json({**loc.node(), "node-name": file_node})]
+        return file_node
+    if is_nbd(path):
+        if fmt != "raw":
+            raise UsageError(f"section {s.name}: an NBD member holds its layout raw",
+                             image=path, section=s.name)
+        args += ["-blockdev", _json({**NbdLocation.parse(path).node(), "node-name": file_node})]
         return file_node
     if not os.path.isabs(path):
         raise UsageError("a member image path must be absolute for QEMU", image=path)
@@ -445,6 +483,13 @@ def wiring_problems(dom: Domain, plan: Plan) -> list[str]:
             problems.append("its UEFI <loader> is not stateless='yes'")
         if os_ is not None and os_.nvram is not None:
             problems.append("it has an <nvram> element (libvirt's own vars file)")
+    if plan.encrypted and dom.uuid is not None:
+        want_secret = vtpm_secret_uuid(dom.uuid)
+        for t in swtpm_tpms(dom):
+            if t.encryption_secret != want_secret:
+                problems.append(
+                    f"its <tpm> has no <encryption secret='{want_secret}'/> in its backend "
+                    "(the domain names a key: swtpm must write its state encrypted)")
     return problems
 
 
@@ -503,6 +548,11 @@ def apply_plan(
         record = _make_stateless(dom, record)
     args = qemu_args(plan, image_path, fmt, domain_uuid=dom.uuid or plan.domain_uuid)
     dom.qemu_args = args + user_args(dom.qemu_args)
+    if plan.encrypted and dom.uuid is not None:
+        # A domain with a key: swtpm keeps the TPM state encrypted with the
+        # value of nvmgr's vTPM secret (any other <encryption> is replaced).
+        for t in swtpm_tpms(dom):
+            t.encryption_secret = vtpm_secret_uuid(dom.uuid)
     dom.set_nvmgr(
         NvmgrMetadata(
             image=image_path,
@@ -516,7 +566,8 @@ def apply_plan(
             per_device=old.per_device if old else (),
             max_image_size=old.max_image_size if old else None,
             # A <nvmgr:source> stays the element it was (an rbd: location still).
-            image_element=bool(old and old.image_element and is_rbd(image_path)),
+            image_element=bool(old and old.image_element and (is_rbd(image_path)
+                                                              or is_nbd(image_path))),
         )
     )
 
@@ -555,6 +606,10 @@ def strip(dom: Domain, *, keep_sections: bool = False) -> None:
     """
     meta = dom.nvmgr
     dom.qemu_args = user_args(dom.qemu_args)
+    if dom.uuid is not None:  # nvmgr's vTPM secret goes with nvmgr
+        for t in swtpm_tpms(dom):
+            if t.encryption_secret == vtpm_secret_uuid(dom.uuid):
+                t.remove_encryption()
     rec = meta.libvirt_nvram if meta else None
     os_ = dom.os
     if rec is not None and os_ is not None:

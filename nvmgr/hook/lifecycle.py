@@ -9,7 +9,9 @@ back deadlocks); everything it needs is in the XML, the image and files.
 prepare begin   create or grow the image to the XML's plan; verify every
                 crc32 and MAC, refusing the start (exit != 0, message on
                 stderr, which ``virsh start`` shows) on corruption, a missing
-                or a wrong key; stage tpm sections into swtpm's state
+                or a wrong key, or (a key and a TPM) libvirt lacking the
+                domain's vTPM secret; re-encrypt TPM state swtpm would find
+                in plaintext; stage tpm sections into swtpm's state
                 directory and fwcfg sections under /run/nvmgr; flag live
                 sections in use; hand the image to the QEMU user;
                 record this start as the image's runner (or, after
@@ -46,8 +48,13 @@ from nvmgr.crypto.cipher import Kek, unlock
 from nvmgr.domain.elements import Domain
 from nvmgr.domain.metadata import NvmgrMetadata
 from nvmgr.domain.plan import Plan, plan_for
-from nvmgr.domain.profiles import tpm_version
-from nvmgr.domain.qemuargs import node_name, slice_files, wiring_problems
+from nvmgr.domain.qemuargs import (
+    node_name,
+    slice_files,
+    swtpm_tpms,
+    vtpm_secret_uuid,
+    wiring_problems,
+)
 from nvmgr.errors import (
     CorruptError,
     KeyRequiredError,
@@ -61,14 +68,14 @@ from nvmgr.hook import ownership
 from nvmgr.hook.ownership import Role
 from nvmgr.image.image import Image
 from nvmgr.paths import RUNTIME_ROOT
-from nvmgr.provision import staging
+from nvmgr.provision import staging, vtpm
 from nvmgr.provision.prepare import (
     check_live_encryption,
     fill_empty,
     prepare_image,
     refuse_luks,
 )
-from nvmgr.storage import image_exists
+from nvmgr.storage import image_exists, is_location
 from nvmgr.storage.rbd import RbdLocation, is_rbd
 
 MIGRATE_MAP = paths.MIGRATE_MAP
@@ -98,6 +105,8 @@ class HookContext:
     users: staging.Users
     swtpm_root: str = paths.SWTPM_STATE_ROOT
     runtime_root: str = RUNTIME_ROOT
+    #: the secret driver's pid file: which libvirtd holds the ephemeral vTPM secrets
+    secrets_pidfile: str = paths.LIBVIRT_SECRETS_PIDFILE
 
     @classmethod
     def of(cls, name: str, op: str, sub: str, xml: str, dom: Domain,
@@ -136,12 +145,6 @@ class HookContext:
 
     def plan(self, encrypted: bool) -> Plan:
         return plan_for(self.dom, encrypted=encrypted)
-
-    def tpm_version(self) -> str:
-        """The version of the domain's first TPM ("2.0" when it has none)."""
-        for t in self.dom.tpms:
-            return str(tpm_version(t.model, t.version))
-        return "2.0"
 
 
 def _verify_key(img: Image, kek: Kek | None, ctx: HookContext) -> None:
@@ -193,6 +196,7 @@ def prepare(ctx: HookContext) -> str:
         sections = img.sections()  # members opened and checked (MemberError: refused)
         _check_slices(ctx, img, sections)
         check_live_encryption(img, plan)
+        phrase = _check_vtpm_secret(ctx, img) if plan.encrypted else None
         report = img.check()
         if not report.ok:
             hint = report.repair_hint()
@@ -205,21 +209,22 @@ def prepare(ctx: HookContext) -> str:
         incoming = incoming_note and ownership.is_running_elsewhere(img.directory)
         if not incoming:  # first start: templates, state made before nvmgr, LUKS volumes
             fill_empty(img, ctx.dom, plan)
-        version = ctx.tpm_version()
-        state_dir = staging.tpm_state_dir(ctx.uuid, version, ctx.swtpm_root)
+        files = _tpm_files(ctx, img)
         # release wipes the staged files once they are in the image, so files
         # still there are the TPM's newest state (a host crash, a killed
         # libvirtd, a release without its key): staging the image's older
         # copy over them would lose its last changes.
         if incoming:  # files left here are older than the source's running TPM
-            staging.wipe_tpm(state_dir, _tpm_files(img, version))
+            staging.wipe_files(files)
             recovered = []
         else:
-            recovered = _collect_tpm(
-                img, staging.read_tpm(state_dir, _tpm_files(img, version)), version)
-        blobs = {staging.tpm_file_name(s.name, version): img.get(s.name)
-                 for s in staging.tpm_sections(img.sections()) if s.length}
-        staged = staging.stage_tpm(state_dir, blobs, ctx.users) if blobs else []
+            recovered = _collect_tpm(img, staging.read_files(files))
+        blobs = {s.name: img.get(s.name)
+                 for s in staging.tpm_sections(img.sections()) if s.length and s.name in files}
+        converted = []
+        if phrase is not None and blobs and not incoming:
+            converted = _encrypt_tpm_state(ctx, img, files, blobs, phrase)
+        staged = staging.stage_files(files, blobs, ctx.users) if blobs else []
         fw = {s.name: img.get(s.name) for s in img.directory.sections
               if s.binding is Binding.FWCFG}
         if fw:
@@ -234,16 +239,18 @@ def prepare(ctx: HookContext) -> str:
         owner = ownership.claim(img, runtime, incoming=incoming)
         if is_rbd(img.path):
             _stage_rbd_key(ctx)
-        else:
+        elif not is_location(img.path):  # an NBD export: its server's, QEMU connects
             staging.hand_to_qemu(img.path, ctx.users)
         for _m, mi in img.members():  # QEMU opens a member holding a live section too
-            if not is_rbd(mi.path):
+            if not is_location(mi.path):
                 staging.hand_to_qemu(mi.path, ctx.users)
         n = len(img.directory.sections)
         members = (f" and {len(img.directory.members)} member image(s)"
                    if img.directory.members else "")
         return (f"verified {n} section(s) of {img.path}{members}; "
                 + (f"recovered {recovered} left staged by an earlier run; " if recovered else "")
+                + (f"re-encrypted {converted} with swtpm (plaintext state made before); "
+                   if converted else "")
                 + f"staged tpm {staged or 'none'}, fw_cfg {sorted(fw) or 'none'}"
                 + (f", the LUKS key of {luks}" if luks else "") + f"; {owner}")
 
@@ -262,7 +269,7 @@ def _check_slices(ctx: HookContext, img: Image, sections: list[Section]) -> None
             continue
         want_file = img.image_path_of(s.name)
         offset, path = got
-        if path is not None and not is_rbd(want_file) and path != want_file:
+        if path is not None and not is_location(want_file) and path != want_file:
             raise CorruptError(
                 f"section {s.name} is stored in {want_file}, the domain's QEMU arguments "
                 f"point at {path} (split or merged since it was defined?): run "
@@ -273,21 +280,68 @@ def _check_slices(ctx: HookContext, img: Image, sections: list[Section]) -> None
                                f"{ctx.name}'", image=img.path, section=s.name)
 
 
-def _tpm_files(img: Image, version: str) -> list[str]:
-    """swtpm's file names for the image's tpm sections."""
-    return [staging.tpm_file_name(s.name, version)
-            for s in staging.tpm_sections(img.directory.sections)]
+def _tpm_files(ctx: HookContext, img: Image) -> dict[str, Path]:
+    """swtpm's state file of each of the image's tpm sections (by its own TPM's version)."""
+    return staging.tpm_state_files(
+        ctx.dom, [s.name for s in staging.tpm_sections(img.directory.sections)], ctx.swtpm_root)
 
 
-def _collect_tpm(img: Image, found: dict[str, bytes], version: str) -> list[str]:
-    """Store staged swtpm files (by file name) in their sections where they differ."""
+def _collect_tpm(img: Image, found: dict[str, bytes]) -> list[str]:
+    """Store staged swtpm files (by section name) in their sections where they differ."""
     collected = []
     for s in staging.tpm_sections(img.sections()):
-        data = found.get(staging.tpm_file_name(s.name, version))
+        data = found.get(s.name)
         if data is not None and (not s.length or img.get(s.name) != data):
             img.put(s.name, data)
             collected.append(s.name)
     return collected
+
+
+def _check_vtpm_secret(ctx: HookContext, img: Image) -> bytes | None:
+    """The vTPM passphrase of a domain with a key and a swtpm TPM (None without
+    a TPM), once libvirt is known to hold it as the secret the TPM names.
+
+    :raise KeyRequiredError: libvirt does not have the secret (an ephemeral
+        secret is gone after libvirtd restarts): the message names the fix.
+    """
+    if not swtpm_tpms(ctx.dom) or not img.directory.encrypted:
+        return None
+    phrase = img.vtpm_passphrase()
+    su = str(vtpm_secret_uuid(ctx.uuid))
+    problem = vtpm.secret_problem(su, phrase, runtime_root=ctx.runtime_root,
+                                  pidfile=ctx.secrets_pidfile)
+    if problem is not None:
+        raise KeyRequiredError(
+            f"refusing to start: swtpm encrypts this domain's TPM state with the libvirt "
+            f"secret {su} (usage vtpm), and {problem}. Run 'nvmgr vtpm-secret --domain "
+            f"{ctx.name}' (or 'nvmgr reconcile {ctx.name}') to give libvirt the secret "
+            "again; keep 'nvmgr reconcile --all --watch' running (nvmgr-watch.service) to "
+            "have it done after every libvirtd restart",
+            image=img.path, domain=ctx.name)
+    return phrase
+
+
+def _encrypt_tpm_state(ctx: HookContext, img: Image, files: dict[str, Path],
+                       blobs: dict[str, bytes], phrase: bytes) -> list[str]:
+    """TPM state stored in plaintext (swtpm's own plaintext format, made before
+    the domain had a key) re-encrypted by swtpm under the vTPM passphrase, put
+    into the image (*blobs* updated), and the plaintext files staged by an
+    earlier run wiped: swtpm with a key refuses plaintext state, and must not
+    find it on disk either.  Each put is atomic: a crash leaves a section in
+    its old or its new form, and the next prepare converts what is left."""
+    plain = {n: b for n, b in blobs.items() if vtpm.blob_kind(b) == "plain"}
+    if not plain:
+        return []
+    by_file = {files[n].name: b for n, b in plain.items()}
+    version = "2.0" if all(p.name.startswith("tpm2-") for p in files.values()) else "1.2"
+    done = vtpm.encrypt_state(by_file, phrase, version,
+                              str(staging.runtime_dir(ctx.uuid, ctx.runtime_root)))
+    for name in plain:
+        data = done[files[name].name]
+        img.put(name, data)
+        blobs[name] = data
+    staging.wipe_files({n: files[n] for n in plain})
+    return sorted(plain)
 
 
 def _stage_rbd_key(ctx: HookContext) -> None:
@@ -321,10 +375,8 @@ def release(ctx: HookContext) -> str:
     if not image_exists(ctx.image):
         staging.remove_runtime(ctx.uuid, ctx.runtime_root)
         return f"no image at {ctx.image}; nothing to collect"
-    version = ctx.tpm_version()
-    state_dir = staging.tpm_state_dir(ctx.uuid, version, ctx.swtpm_root)
     with Image.open(ctx.image, writable=True, wait=LOCK_WAIT) as img:
-        names = _tpm_files(img, version)
+        files = _tpm_files(ctx, img)
         who = ownership.role(img.directory, ownership.my_run(
             staging.runtime_dir(ctx.uuid, ctx.runtime_root)))
         if who is not Role.OWNER or img.directory.incoming is not None:
@@ -332,18 +384,18 @@ def release(ctx: HookContext) -> str:
             # still (this was a migration's destination that never took over):
             # its live sections and TPM are not this run's to seal or collect.
             what = ownership.let_go(img, who)
-            staging.wipe_tpm(state_dir, names)
+            staging.wipe_files(files)
             staging.remove_runtime(ctx.uuid, ctx.runtime_root)
             return f"{what}; wiped this host's staged tpm state"
-        found = staging.read_tpm(state_dir, names)
+        found = staging.read_files(files)
         in_use = [s.name for s in img.sections() if s.live and s.dirty]
         changed = img.reseal(in_use) if in_use else []
         if found:
             # Only writing state back needs the key.  Without it the staged
             # files stay where they are and the next prepare recovers them.
             img.use_key(ctx.kek())
-        collected = _collect_tpm(img, found, version)
-        staging.wipe_tpm(state_dir, names)
+        collected = _collect_tpm(img, found)
+        staging.wipe_files(files)
         img.set_runner(None, None)
     staging.remove_runtime(ctx.uuid, ctx.runtime_root)
     return (f"collected {collected or 'nothing'}; resealed {in_use or 'nothing'}; "

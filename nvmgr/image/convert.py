@@ -8,10 +8,18 @@ import dataclasses
 import os
 from typing import TYPE_CHECKING
 
-from nvmgr.errors import BusyError, ExternalError, UsageError
+from nvmgr.errors import (
+    BusyError,
+    CorruptError,
+    ExternalError,
+    ForeignImageError,
+    NoSpaceError,
+    UsageError,
+)
 from nvmgr.format.layout import SectionSpec
 from nvmgr.image.image import Image
-from nvmgr.storage import FORMATS, create_container, open_container, probe_format, qemu
+from nvmgr.storage import FORMATS, create_container, is_location, open_container, probe_format, qemu
+from nvmgr.storage.nbd import is_nbd
 from nvmgr.storage.rbd import RbdLocation, is_rbd
 
 if TYPE_CHECKING:
@@ -35,6 +43,10 @@ def convert(src: str, dst: str, fmt: str) -> None:
         if fmt != "raw":
             raise UsageError(f"an RBD image holds nvmgr's layout raw, not as {fmt}", image=dst)
         dst_name = dst
+    elif is_nbd(dst):
+        if fmt != "raw":
+            raise UsageError(f"an NBD export holds nvmgr's layout raw, not as {fmt}", image=dst)
+        dst_name = dst
     elif os.path.lexists(dst):
         raise UsageError(f"{dst} already exists (nvmgr never overwrites an image)")
     else:
@@ -46,8 +58,10 @@ def convert(src: str, dst: str, fmt: str) -> None:
         # Members are copied beside the copy (DST.mN.EXT), never shared with the source:
         # each checked (UUID, parent link) and each target free before anything is copied.
         members = [(m, mi.path, member_copy_path(dst, m.index)) for m, mi in img.members()]
+        if is_nbd(dst):
+            _nbd_target(dst, img.container.size())
         for _m, _path, out_m in members:
-            if is_rbd(dst) or os.path.lexists(out_m):
+            if is_location(dst) or os.path.lexists(out_m):
                 raise UsageError(f"{out_m} (for member image {_m.index}) already exists or "
                                  "cannot be made: nvmgr never overwrites an image", image=dst)
         try:
@@ -70,7 +84,7 @@ def convert(src: str, dst: str, fmt: str) -> None:
                     out._commit(new)
         except BaseException:
             for f in [*copies, dst]:
-                if not is_rbd(f):
+                if not is_location(f):
                     with contextlib.suppress(OSError):
                         os.unlink(f)
             raise
@@ -99,7 +113,9 @@ def _convert_one(src: str, src_fmt: str, dst: str, fmt: str) -> None:
         return
     src_name = RbdLocation.parse(src).qemu_filename() if is_rbd(src) else src
     dst_name = RbdLocation.parse(dst).qemu_filename() if is_rbd(dst) else dst
-    qemu.img_convert(src_name, "raw" if src_fmt == "rbd" else src_fmt, dst_name, fmt)
+    # An NBD export exists already (its server made it): written over, never created.
+    qemu.img_convert(src_name, "raw" if src_fmt in ("rbd", "nbd") else src_fmt, dst_name, fmt,
+                     existing=is_nbd(dst))
 
 
 #: Bytes copied at a time by :func:`_copy_through_containers`.
@@ -109,15 +125,40 @@ COPY_CHUNK = 1 << 20
 def _copy_through_containers(src: str, dst: str, fmt: str) -> None:
     with open_container(src) as s:
         size = s.size()
-        out = create_container(dst, "raw" if is_rbd(dst) else fmt, size)
+        existing = is_nbd(dst)  # an export holds what it held: every block written
+        out = (open_container(dst, writable=True) if existing
+               else create_container(dst, "raw" if is_rbd(dst) else fmt, size))
         try:
             for off in range(0, size, COPY_CHUNK):
                 data = s.read(off, min(COPY_CHUNK, size - off))
-                if data.count(0) != len(data):
+                if existing or data.count(0) != len(data):
                     out.write(off, data)
             out.flush()
         finally:
             out.close()
+
+
+def _nbd_target(dst: str, size: int) -> None:
+    """An NBD export may receive a copy of *size* bytes when it holds no nvmgr image
+    (nvmgr never overwrites an image) and is large enough (its server sizes it).
+
+    :raise UsageError: the export holds an nvmgr image.
+    :raise NoSpaceError: the export is smaller than the copy.
+    :raise NotFoundError: the server has no such export.
+    """
+    try:
+        with Image.open(dst):
+            pass
+    except (ForeignImageError, CorruptError):
+        pass  # not an nvmgr image (zeros, or anything else): it may be written
+    else:
+        raise UsageError(f"{dst} holds an nvmgr image already (nvmgr never overwrites an "
+                         "image)", image=dst)
+    with open_container(dst) as c:
+        have = c.size()
+    if have < size:
+        raise NoSpaceError(f"the NBD export holds {have:,} bytes, the image {size:,}",
+                           image=dst)
 
 
 def member_copy_path(dst: str, index: int) -> str:
@@ -152,11 +193,10 @@ def encrypt(path: str, kek: Kek) -> dict[str, object]:
     :raise WrongKeyError: the image is encrypted under another key.
     """
     from nvmgr.format.model import LUKS_HEADER_SIZE
-    from nvmgr.storage.container import qemu_holds_write
-
-    if is_rbd(path):
-        raise UsageError("an image on RBD is not encrypted in place; convert it to a file "
-                         "first", image=path)
+    if is_location(path):
+        raise UsageError("an image on RBD or an NBD server is not encrypted in place; convert "
+                         "it to a file first (nvmgr convert), encrypt that, and convert it back",
+                         image=path)
     tmp = encrypt_path(path)
     with Image.open(path, writable=True, kek=kek) as old:
         d = old.directory
@@ -169,7 +209,7 @@ def encrypt(path: str, kek: Kek) -> dict[str, object]:
         if not todo:
             return {"image": path, "encrypted": [], "moved": []}
         busy = [s.name for s in d.sections if s.live and s.dirty]
-        if busy or (old.fmt == "raw" and qemu_holds_write(path)):
+        if busy or old.container.running_holder() is not None:
             raise BusyError(f"a VM runs on the image (live sections in use: "
                             f"{', '.join(busy) or 'none'}; or QEMU holds it): stop it first",
                             image=path)

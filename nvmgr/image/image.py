@@ -57,7 +57,7 @@ from nvmgr.format.model import (
     Section,
     SectionCrypto,
 )
-from nvmgr.storage.container import Container, create_container, open_container, qemu_holds_write
+from nvmgr.storage.container import Container, create_container, open_container
 from nvmgr.storage.formats import image_exists, is_location
 from nvmgr.storage.rbd import is_rbd
 
@@ -720,6 +720,15 @@ class Image:
         """
         return self._get_cipher().luks_passphrase()
 
+    def vtpm_passphrase(self) -> bytes:
+        """The passphrase swtpm encrypts this image's TPM state with while the
+        VM runs: the value of the domain's libvirt ``vtpm`` secret
+        (:meth:`nvmgr.crypto.cipher.SectionCipher.vtpm_passphrase`).
+
+        :raise KeyRequiredError, WrongKeyError: no key, or not one of the image's.
+        """
+        return self._get_cipher().vtpm_passphrase()
+
     def _luks_payload(self, s: Section, raw: bytes) -> bytes:
         """The payload of LUKS section *s* whose stored bytes are *raw* (the
         key already proven by the key slots: a volume that does not open with
@@ -770,17 +779,17 @@ class Image:
     def _refuse_if_running(self, s: Section, force: bool = False) -> None:
         """Refuse to write live section *s* while a VM may be running on it.
 
-        Two signs count: QEMU's own image lock (a running QEMU that locks its
-        images: never overridden) and the in-use mark the prepare hook sets
+        Two signs count: the storage's own (QEMU's image lock on a file, RBD's
+        exclusive lock on an RBD image: never overridden) and the in-use mark the prepare hook sets
         (seen even where QEMU takes no lock: ``locking=off``, a private /dev
         without /dev/null); only *force* overrides the mark.
         """
         if not s.live:
             return
-        if self.fmt == "raw" and qemu_holds_write(self.path):
+        holder = self.container.running_holder()
+        if holder is not None:
             raise BusyError(
-                f"section {s.name} is live and a running QEMU holds the image; "
-                "stop the VM first",
+                f"section {s.name} is live and {holder}; stop the VM first",
                 image=self.path,
                 section=s.name,
             )
@@ -1446,8 +1455,9 @@ class Image:
         :raise BusyError: a running QEMU holds the image.
         """
         self._require_writable()
-        if self.fmt == "raw" and qemu_holds_write(self.path):
-            raise BusyError("a running QEMU holds the image; stop the VM before repairing it",
+        holder = self.container.running_holder()
+        if holder is not None:
+            raise BusyError(f"{holder}; stop the VM before repairing the image",
                             image=self.path)
         done: list[str] = []
         for _m, mi in self.members():

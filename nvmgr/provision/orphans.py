@@ -6,8 +6,9 @@ Nothing here calls libvirt: the caller says which domains exist.
 
 - :func:`mark_orphaned` records, in the image's directory, that its owner was
   undefined, when, and its name then (the watcher, ``nvmgr undefine``);
-- :func:`survey` lists the images under the managed directories with their
-  owner and state (``nvmgr images``);
+- :func:`survey` lists the images under the managed directories (and those
+  named: the images of domains, network locations given) with their owner and
+  state (``nvmgr images``);
 - :func:`adopt` gives an orphan to a new domain, state and all;
   :func:`move_aside` renames it out of a new domain's way, kept
   (``nvmgr define --adopt`` / ``--fresh``).
@@ -22,9 +23,10 @@ import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
-from nvmgr.errors import BusyError, ForeignImageError, NvmgrError, OrphanedImageError
+from nvmgr.errors import BusyError, ForeignImageError, NvmgrError, OrphanedImageError, UsageError
 from nvmgr.format.model import Orphaned
 from nvmgr.image.image import Image
+from nvmgr.storage import image_exists, is_location, rbd
 
 #: Seconds to wait for another nvmgr writer (a hook) holding the image.
 LOCK_WAIT = 30.0
@@ -42,9 +44,10 @@ def mark_orphaned(path: str, domain_uuid: str, name: str | None,
     Nothing happens (False) when the image is gone, names another owner
     (adopted meanwhile), or is recorded already (the first time stays).
 
-    :raise NvmgrError: the image cannot be opened (corrupt, busy too long).
+    :raise NvmgrError: the image cannot be opened (corrupt, busy too long), or a
+        network location cannot be asked (its cluster or server, its key).
     """
-    if not os.path.exists(path):
+    if not image_exists(path):
         return False
     with Image.open(path, writable=True, wait=LOCK_WAIT) as img:
         d = img.directory
@@ -57,7 +60,7 @@ def mark_orphaned(path: str, domain_uuid: str, name: str | None,
 
 def record_of(path: str) -> Orphaned | None:
     """The orphan record of the image at *path* (None: none, or no image)."""
-    if not os.path.exists(path):
+    if not image_exists(path):
         return None
     with Image.open(path) as img:
         return img.directory.orphaned
@@ -87,9 +90,24 @@ def adopt(path: str, new_owner: uuid.UUID) -> uuid.UUID:
 
 def aside_path(path: str, when: float | None = None) -> str:
     """Where :func:`move_aside` puts *path*: ``NAME.orphan-YYYYmmddTHHMMSSZ.nvram``
-    beside it (a counter added if taken)."""
-    p = Path(path)
+    beside it (a counter added if taken); an RBD image gets the name
+    ``IMAGE.orphan-YYYYmmddTHHMMSSZ`` in its pool (the location's options kept).
+
+    :raise UsageError: an NBD export (its server names it: nvmgr cannot move it).
+    """
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if when is None else when))
+    if rbd.is_rbd(path):
+        loc = rbd.RbdLocation.parse(path)
+        for n in range(1000):
+            name = f"{loc.image}.orphan-{stamp}{f'-{n}' if n else ''}"
+            spec = dataclasses.replace(loc, image=name, snapshot=None).spec()
+            if not image_exists(spec):
+                return spec
+        raise BusyError(f"no free name to move {path} aside", image=path)
+    if is_location(path):
+        raise UsageError(f"{path} is an NBD export, which nvmgr cannot move aside: take its "
+                         "state with --adopt, or serve another export and name it", image=path)
+    p = Path(path)
     stem, suffix = (p.stem, p.suffix) if p.suffix else (p.name, "")
     for n in range(1000):
         cand = p.with_name(f"{stem}.orphan-{stamp}{f'-{n}' if n else ''}{suffix}")
@@ -101,10 +119,12 @@ def aside_path(path: str, when: float | None = None) -> str:
 def move_aside(path: str, owner: uuid.UUID) -> str:
     """Rename the orphan at *path* out of the way, kept (recorded as orphaned
     first, if it was not); return its new path."""
+    dst = aside_path(path)  # an NBD export: refused before anything is written
     mark_orphaned(path, str(owner), None)
-    dst = aside_path(path)
     # Hold the image's lock while renaming: no hook or nvmgr writer is in it.
     with Image.open(path, writable=True, wait=LOCK_WAIT):
+        if rbd.is_rbd(path):
+            return rbd.rename(path, rbd.RbdLocation.parse(dst).image)  # never overwrites
         os.link(path, dst)  # never overwrites
         os.unlink(path)
     return dst
@@ -127,7 +147,8 @@ class ImageEntry:
 
 
 def candidates(dirs: Iterable[str], extra: Iterable[str] = ()) -> list[str]:
-    """Regular files directly under *dirs* (and the *extra* paths that exist), sorted, once each."""
+    """Regular files directly under *dirs*, and the *extra* paths that exist (network
+    locations, which no directory lists, as they are), sorted, once each."""
     out: set[str] = set()
     for d in dirs:
         try:
@@ -136,7 +157,8 @@ def candidates(dirs: Iterable[str], extra: Iterable[str] = ()) -> list[str]:
             continue
         out.update(os.path.abspath(e.path) for e in entries
                    if e.is_file(follow_symlinks=False) and not e.name.startswith("."))
-    out.update(os.path.abspath(p) for p in extra if os.path.isfile(p))
+    out.update(os.path.abspath(p) for p in extra if not is_location(p) and os.path.isfile(p))
+    out.update(p for p in extra if is_location(p))
     return sorted(out)
 
 

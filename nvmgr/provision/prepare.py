@@ -33,9 +33,8 @@ from nvmgr.image.convert import convert
 from nvmgr.image.image import Buffer, Image
 from nvmgr.image.members import MemberResult, place_in_member
 from nvmgr.provision import orphans, staging
-from nvmgr.storage import image_exists, qemu
+from nvmgr.storage import image_exists, is_location, qemu
 from nvmgr.storage.container import open_container, probe_format
-from nvmgr.storage.rbd import is_rbd
 
 if TYPE_CHECKING:
     from nvmgr.crypto.cipher import Kek
@@ -148,12 +147,11 @@ def initial_content(dom: Domain, plan: Plan, ps: PlannedSection) -> tuple[bytes,
         if ps.template and os.path.isfile(ps.template):
             return _read_firmware_file(ps.template, None), f"template {ps.template}"
         return None
-    if ps.binding is Binding.TPM and plan.domain_uuid is not None:
-        for version in ("2.0", "1.2"):
-            d = staging.tpm_state_dir(str(plan.domain_uuid), version)
-            name = staging.tpm_file_name(ps.name, version)
-            if (d / name).is_file():
-                return (d / name).read_bytes(), f"imported {d / name}"
+    if ps.binding is Binding.TPM and plan.domain_uuid is not None and dom.uuid is not None:
+        # The state libvirt's swtpm keeps for this TPM (its own version's file only).
+        f = staging.tpm_state_files(dom, [ps.name]).get(ps.name)
+        if f is not None and f.is_file() and not f.is_symlink():
+            return f.read_bytes(), f"imported {f}"
     return None
 
 
@@ -181,7 +179,7 @@ def _open_existing(path: str, specs: list[SectionSpec], kek: Kek | None,
     try:
         return Image.open(path, writable=True, kek=kek, wait=wait)
     except ForeignImageError:
-        if is_rbd(path):  # never removed by nvmgr: an RBD image is Ceph's to delete
+        if is_location(path):  # never removed by nvmgr: Ceph's or the NBD server's
             raise
         made = [dataclasses.replace(s, encrypted=True) if kek and not s.binding.live else s
                 for s in specs]  # as Image.create lays them out
@@ -299,7 +297,7 @@ def prepare_image(plan: Plan, *, kek: Kek | None, fmt: str,
         except BaseException:
             img.close()
             raise
-    if not is_rbd(path):
+    if not is_location(path):
         os.makedirs(os.path.dirname(path) or ".", mode=0o711, exist_ok=True)
     # Recreated for a domain that names its image (prepare found the file
     # missing): keep the UUID the metadata records, or the next start would

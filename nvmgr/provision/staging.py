@@ -30,6 +30,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from nvmgr.domain.elements import Domain
+from nvmgr.domain.profiles import tpm_prefix, tpm_version
+from nvmgr.errors import InvalidInputError
 from nvmgr.format.model import Binding, Section
 from nvmgr.paths import QEMU_CONF, RUNTIME_ROOT, SWTPM_STATE_ROOT
 
@@ -126,6 +129,70 @@ def tpm_file_name(section: str, version: str = "2.0") -> str:
 
 def tpm_sections(sections: list[Section]) -> list[Section]:
     return [s for s in sections if s.binding is Binding.TPM]
+
+
+#: swtpm's state blobs (its file names end with these), the suffixes of tpm sections.
+TPM_BLOBS = frozenset({"permall", "volatilestate", "savestate"})
+
+
+def tpm_state_files(dom: Domain, names: list[str], root: str = SWTPM_STATE_ROOT,
+                    ) -> dict[str, Path]:
+    """Where swtpm keeps each of the tpm sections *names*: section -> its state file.
+
+    Each section belongs to the ``<tpm>`` its prefix names (``tpm``: the
+    first, ``tpm1``: the second, as the plan names them) and goes into that
+    TPM's own version's directory and file name (``<uuid>/tpm2/tpm2-00.permall``,
+    ``<uuid>/tpm1.2/tpm-00.permall``).  A section of a TPM the domain no
+    longer has (or not an emulator) has no file: nothing stages or collects it.
+
+    :raise InvalidInputError: two sections would share one file (two swtpm
+        TPMs of one version: libvirt 9.0 refuses such a domain anyway).
+    """
+    tpms = dom.tpms
+    out: dict[str, Path] = {}
+    for name in names:
+        prefix, sep, blob = name.partition("-")
+        if not sep or blob not in TPM_BLOBS or not prefix.startswith("tpm"):
+            continue
+        idx = 0 if prefix == "tpm" else int(prefix[3:]) if prefix[3:].isdigit() else -1
+        if not 0 <= idx < len(tpms) or tpm_prefix(idx) != prefix:
+            continue
+        t = tpms[idx]
+        if t.backend_type != "emulator":
+            continue
+        version = tpm_version(t.model, t.version)
+        path = tpm_state_dir(str(dom.uuid), version, root) / tpm_file_name(blob, version)
+        if path in out.values():
+            raise InvalidInputError(f"sections {name} and "
+                                    f"{next(n for n, p in out.items() if p == path)} would "
+                                    f"share swtpm's state file {path}: one emulated TPM per "
+                                    "version")
+        out[name] = path
+    return out
+
+
+def read_files(files: dict[str, Path]) -> dict[str, bytes]:
+    """The staged files that exist, by section name."""
+    out = {}
+    for name, p in files.items():
+        got = read_tpm(p.parent, [p.name])
+        if p.name in got:
+            out[name] = got[p.name]
+    return out
+
+
+def wipe_files(files: dict[str, Path]) -> None:
+    for p in files.values():
+        wipe_tpm(p.parent, [p.name])
+
+
+def stage_files(files: dict[str, Path], blobs: dict[str, bytes], users: Users) -> list[str]:
+    """Write each section's blob in *blobs* to its state file; the file names written."""
+    written = []
+    for name, data in blobs.items():
+        p = files[name]
+        written += stage_tpm(p.parent, {p.name: data}, users)
+    return written
 
 
 def stage_tpm(state_dir: Path, blobs: dict[str, bytes], users: Users) -> list[str]:

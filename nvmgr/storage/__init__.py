@@ -9,6 +9,8 @@ One module, one job::
               internal snapshots
     rbd       images in Ceph RBD (``rbd:POOL/IMAGE...`` locations) through a
               FUSE export of QEMU's rbd driver
+    network   what RBD and NBD containers share: the per-host lock file that
+              stands in for an image file's flock, the opening of their export
     nbd       images on an NBD server (``nbd://`` and ``nbd+unix://`` URIs)
               through a FUSE export of QEMU's nbd driver
     fuse      a private qemu-storage-daemon FUSE export of an image, its

@@ -65,6 +65,12 @@ class Container:
     def close(self) -> None:
         raise NotImplementedError
 
+    def running_holder(self) -> str | None:
+        """Who holds the image for a running QEMU, as the storage tells it (QEMU's
+        lock on a file, RBD's exclusive lock): a description, or None when nobody
+        does or the storage cannot tell (then nvmgr's in-use mark alone counts)."""
+        return None
+
     def __enter__(self) -> Container:
         return self
 

@@ -27,9 +27,8 @@ from dataclasses import dataclass
 
 from nvmgr.errors import ExternalError, NotFoundError, UsageError
 from nvmgr.storage import qemu
-from nvmgr.storage.base import lock_file
 from nvmgr.storage.fuse import FuseExport
-from nvmgr.storage.qcow2 import Qcow2Container
+from nvmgr.storage.network import LocationContainer, lock_location
 
 PREFIXES = ("nbd://", "nbd+unix://")
 DEFAULT_PORT = 10809
@@ -94,16 +93,8 @@ def lock_dir() -> str:
 
 
 def _lock(loc: NbdLocation, *, writable: bool, wait: float, location: str) -> int:
-    d = lock_dir()
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    name = hashlib.sha256(loc.uri().encode()).hexdigest()[:32]
-    fd = os.open(os.path.join(d, f"{name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        lock_file(fd, location, writable, wait)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return lock_location(lock_dir(), hashlib.sha256(loc.uri().encode()).hexdigest()[:32],
+                         writable=writable, wait=wait, location=location)
 
 
 def nbd_exists(location: str) -> bool:
@@ -125,7 +116,7 @@ def _no_export(stderr: str) -> bool:
                                 or "not present" in low)
 
 
-class NbdContainer(Qcow2Container):
+class NbdContainer(LocationContainer):
     """An nvmgr image on an NBD export, through a private ``qemu-storage-daemon``.
 
     :param path: the NBD URI.
@@ -136,21 +127,15 @@ class NbdContainer(Qcow2Container):
     """
 
     fmt = "nbd"
+    location: NbdLocation
 
     @staticmethod
-    def probe(head: bytes) -> bool:
-        return False  # named by its location, never probed
+    def _parse(path: str) -> NbdLocation:
+        return NbdLocation.parse(path)
 
-    def __init__(self, path: str, *, writable: bool = False, wait: float = 0) -> None:
-        self.location = NbdLocation.parse(path)
-        self._init_state(path, writable)
-        self._abs = path
-        try:
-            self._lock_fd = _lock(self.location, writable=writable, wait=wait, location=path)
-            self._open_locked()
-        except BaseException:
-            self.close()
-            raise
+    @classmethod
+    def _lock(cls, path: str, *, writable: bool, wait: float) -> int:
+        return _lock(NbdLocation.parse(path), writable=writable, wait=wait, location=path)
 
     @classmethod
     def create(cls, path: str, size: int, *, wait: float = 0) -> NbdContainer:

@@ -52,13 +52,20 @@ if TYPE_CHECKING:  # imported where a process starts: raw images' commands never
 QEMU_IMG = "qemu-img"
 QEMU_STORAGE_DAEMON = "qemu-storage-daemon"
 FUSERMOUNT = "fusermount3"
+#: Ceph's own client tool, asked only who holds an RBD image's exclusive lock
+#: (librbd itself is reached through QEMU's rbd driver).
+RBD = "rbd"
 
 #: Where each tool comes from (Debian 12 and 13 package names).
 PACKAGES = {
     QEMU_IMG: "qemu-utils",
     QEMU_STORAGE_DAEMON: "qemu-system-common",
     FUSERMOUNT: "fuse3",
+    RBD: "ceph-common",
 }
+
+#: What nvmgr needs each tool for, in the error for a missing one.
+_NEEDED_FOR = {RBD: "to tell whether a running VM holds an RBD image"}
 
 #: What QEMU prints when another process holds a conflicting image lock:
 #: ``Failed to get "write" lock`` / ``Failed to get shared "write" lock``.
@@ -91,7 +98,8 @@ def missing_tool(tool: str) -> ExternalError:
     """The error for a tool that is not installed."""
     pkg = PACKAGES.get(tool)
     hint = f" (Debian: apt-get install {pkg})" if pkg else ""
-    return ExternalError(f"{tool} is not installed: nvmgr needs it for qcow2 images{hint}")
+    need = _NEEDED_FOR.get(tool, "for qcow2 images and network locations")
+    return ExternalError(f"{tool} is not installed: nvmgr needs it {need}{hint}")
 
 
 def run(tool: str, args: Sequence[str], *, image: str | None = None,
@@ -194,18 +202,20 @@ def img_create(path: str, fmt: str, size: int, *, options: Sequence[str] = ()) -
 
 
 def img_convert(src: str, src_fmt: str, dst: str, dst_fmt: str, *,
-                force_share: bool = False) -> None:
+                force_share: bool = False, existing: bool = False) -> None:
     """``qemu-img convert`` *src* into a new file *dst* (mode 0600).
 
     *force_share* (``-U``) reads an image a running QEMU holds; live slices
     in the copy may then be torn, which the caller must account for.
+    *existing* (``-n``): *dst* exists (an NBD export) and is written over.
     A partial *dst* is removed when the conversion fails.
     """
     old = os.umask(0o077)
     try:
         res = run(
             QEMU_IMG,
-            ["convert", "-q", *(["-U"] if force_share else []), "-f", src_fmt, "-O", dst_fmt,
+            ["convert", "-q", *(["-U"] if force_share else []), *(["-n"] if existing else []),
+             "-f", src_fmt, "-O", dst_fmt,
              _name(src), _name(dst)],
             image=src,
         )
@@ -258,7 +268,7 @@ _LUKS_BAD_PASSPHRASE = "Invalid password, cannot unlock any keyslot"
 _LUKS_BENCHMARK = "Unable to get accurate CPU usage"
 
 
-def _memfd(name: str, data: bytes = b"") -> int:
+def memfd(name: str, data: bytes = b"") -> int:
     """An anonymous in-memory file holding *data* (never on persistent storage)."""
     fd = os.memfd_create(f"nvmgr-{name}", os.MFD_CLOEXEC)
     try:
@@ -307,7 +317,7 @@ def luks_payload(volume: bytes, passphrase: bytes, *, image: str | None = None,
     :raise CorruptError: *volume* is not a LUKS volume.
     :raise ExternalError: qemu-img failed otherwise.
     """
-    key, src, out = _memfd("key", passphrase), _memfd("luks", volume), _memfd("plain")
+    key, src, out = memfd("key", passphrase), memfd("luks", volume), memfd("plain")
     try:
         res = run(QEMU_IMG, ["convert", "-q", "--object", f"secret,id=k,file=/dev/fd/{key}",
                              "--image-opts",
@@ -344,18 +354,18 @@ def luks_volume(payload: bytes, size: int, passphrase: bytes, *,
         raise UsageError(f"{len(payload):,} bytes do not fit a LUKS payload of {size:,}",
                          image=image, section=section)
     plain = bytes(payload) + bytes(size - len(payload))
-    key, src = _memfd("key", passphrase), _memfd("plain", plain)
+    key, src = memfd("key", passphrase), memfd("plain", plain)
     out = -1
     try:
         fds = (key, src)
         if volume is not None:
-            out = _memfd("luks", volume)
+            out = memfd("luks", volume)
             if _luks_write(key, src, out, image) is None:
                 return _read_fd(out)
             os.close(out)
             out = -1
         for attempt in range(1, LUKS_CREATE_ATTEMPTS + 1):
-            out = _memfd("luks")
+            out = memfd("luks")
             res = run(QEMU_IMG, ["create", "-q", "-f", "luks",
                                  "--object", f"secret,id=k,file=/dev/fd/{key}",
                                  "-o", f"key-secret=k,iter-time={LUKS_ITER_TIME_MS}",

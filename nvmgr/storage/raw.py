@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from nvmgr.errors import NoSpaceError, UsageError
-from nvmgr.storage.base import Container, create_exclusive, open_locked
+from nvmgr.storage.base import Container, create_exclusive, open_locked, qemu_holds_write
 
 
 class PosixFile:
@@ -156,6 +156,10 @@ class RawContainer(Container):
 
     def close(self) -> None:
         self._file.close()  # releases the flock
+
+    def running_holder(self) -> str | None:
+        """QEMU's own image lock on the file: a running QEMU holds the write permission."""
+        return "a running QEMU holds the image" if qemu_holds_write(self.path) else None
 
     def __enter__(self) -> RawContainer:
         return self

@@ -26,8 +26,11 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
+import logging
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -35,9 +38,11 @@ from typing import Any
 from nvmgr import paths
 from nvmgr.errors import ExternalError, NotFoundError, UsageError
 from nvmgr.storage import qemu
-from nvmgr.storage.base import lock_file
 from nvmgr.storage.fuse import FuseExport
-from nvmgr.storage.qcow2 import Qcow2Container, _check_size, check_snapshot_name
+from nvmgr.storage.network import LocationContainer, lock_location
+from nvmgr.storage.qcow2 import _check_size, check_snapshot_name
+
+log = logging.getLogger(__name__)
 
 PREFIX = "rbd:"
 
@@ -412,22 +417,121 @@ def _info(loc: RbdLocation, location: str) -> dict[str, Any]:
     return info if isinstance(info, dict) else {}
 
 
+# ---------------------------------------------------------------- who holds the image
+
+#: Seconds the ``rbd`` tool may spend reaching the cluster (Ceph's default is 300).
+CLI_TIMEOUT = 20
+
+
+def _cli_args(loc: RbdLocation, key_fd: int | None) -> list[str]:
+    """The ``rbd`` tool's options for the cluster and user of *loc* (the key, when
+    nvmgr has it, as ``--keyfile`` of a memory file: never argv or a file on disk)."""
+    args = [f"--client_mount_timeout={CLI_TIMEOUT}", f"--rados_mon_op_timeout={CLI_TIMEOUT}",
+            f"--rados_osd_op_timeout={CLI_TIMEOUT}"]
+    if loc.conf:
+        args += ["--conf", loc.conf]
+    if loc.user:
+        args += ["--id", loc.user]
+    if loc.hosts:
+        args += ["--mon_host", loc._mon_host() or ""]
+    if key_fd is not None:
+        args += ["--keyfile", f"/dev/fd/{key_fd}"]
+    return args
+
+
+def _cli_json(loc: RbdLocation, key_fd: int | None, args: list[str], location: str) -> Any:
+    import json
+
+    spec = f"{loc.pool}/{loc.image}"
+    res = qemu.run(qemu.RBD, [*_cli_args(loc, key_fd), *args, spec, "--format", "json"],
+                   image=location, pass_fds=() if key_fd is None else (key_fd,))
+    if res.returncode != 0 and "No such file or directory" in res.stderr:
+        return None
+    qemu.check(res, f"rbd {' '.join(args)}", image=location)
+    try:
+        return json.loads(res.stdout)
+    except ValueError as e:
+        raise ExternalError(f"rbd {' '.join(args)} printed bad JSON", detail=str(e),
+                            image=location) from e
+
+
+def lock_holders(location: str, *, opened_by_us: bool = False) -> list[str]:
+    """The live Ceph clients that hold the RBD image's exclusive lock: a running
+    QEMU (librbd takes the lock at its first write and keeps it while the image is
+    open), or another client that wrote it and still has it open.
+
+    A lock counts when its owner still watches the image (``rbd status``): a client
+    killed without closing leaves a lock behind until its watch times out, and
+    librbd breaks such a lock at the next acquisition.
+
+    The lock is cooperative: librbd hands it to any other writer that asks, and
+    takes it back at its next write.  So once nvmgr's own export has written the
+    image (*opened_by_us*), the lock may be nvmgr's own: then any other client
+    that has the image open counts (a watcher besides nvmgr's).
+
+    :return: one description per holder (``client.N at ADDRESS``); empty when none
+        (or the image does not exist).
+    :raise ExternalError: the ``rbd`` tool (ceph-common) is missing or failed.
+    """
+    loc = RbdLocation.parse(location)
+    key = loc.key()
+    fd = qemu.memfd("rbd-key", key.encode("ascii")) if key is not None else None
+    try:
+        lockers = _cli_json(loc, fd, ["lock", "ls"], location) or []
+        auto = [x for x in lockers if isinstance(x, dict)
+                and str(x.get("id", "")).startswith("auto ")]
+        if not auto:
+            return []
+        status = _cli_json(loc, fd, ["status"], location) or {}
+    finally:
+        if fd is not None:
+            os.close(fd)
+    watchers = [w for w in status.get("watchers", []) if isinstance(w, dict)]
+    if opened_by_us:
+        if len(watchers) <= 1:  # nvmgr's own export only
+            return []
+        return [f"client.{w.get('client')} at {w.get('address')} (has it open)"
+                for w in watchers]
+    seen = {str(w.get("address")) for w in watchers}
+    return [f"{x.get('locker')} at {x.get('address')}" for x in auto
+            if str(x.get("address")) in seen]
+
+
+def rename(location: str, image: str) -> str:
+    """Rename the RBD image of *location* to *image* in the same pool (``rbd rename``:
+    Ceph renames it in place, its snapshots with it); never over an existing image.
+
+    :return: the new location (the same options).
+    :raise UsageError: a bad name, or *image* exists.
+    :raise ExternalError: the ``rbd`` tool is missing or failed.
+    """
+    loc = RbdLocation.parse(location)
+    new = dataclasses.replace(loc, image=image, snapshot=None)
+    spec = new.spec()
+    RbdLocation.parse(spec)  # a bad name: UsageError
+    key = loc.key()
+    fd = qemu.memfd("rbd-key", key.encode("ascii")) if key is not None else None
+    try:
+        res = qemu.run(qemu.RBD, [*_cli_args(loc, fd), "rename", f"{loc.pool}/{loc.image}",
+                                  f"{loc.pool}/{image}"],
+                       image=location, pass_fds=() if fd is None else (fd,))
+    finally:
+        if fd is not None:
+            os.close(fd)
+    if res.returncode != 0 and "exists" in res.stderr.lower():
+        raise UsageError(f"RBD image {image} exists in pool {loc.pool}", image=location)
+    qemu.check(res, "rbd rename", image=location)
+    return spec
+
+
 def lock_dir() -> str:
     """Where nvmgr's per-image lock files for RBD images live on this host."""
     return f"/run/lock/nvmgr-rbd-{os.getuid()}"
 
 
 def _lock(loc: RbdLocation, *, writable: bool, wait: float, location: str) -> int:
-    d = lock_dir()
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    path = os.path.join(d, f"{loc.pool}%{loc.image}.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        lock_file(fd, location, writable, wait)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return lock_location(lock_dir(), f"{loc.pool}%{loc.image}", writable=writable, wait=wait,
+                         location=location)
 
 
 def _create(loc: RbdLocation, size: int, path: str) -> qemu.Result:
@@ -440,7 +544,7 @@ def _create(loc: RbdLocation, size: int, path: str) -> qemu.Result:
                         pass_fds=() if fd is None else (fd,))
 
 
-class RbdContainer(Qcow2Container):
+class RbdContainer(LocationContainer):
     """An nvmgr image in an RBD image, through a private ``qemu-storage-daemon``.
 
     :param path: the ``rbd:`` location.
@@ -452,21 +556,48 @@ class RbdContainer(Qcow2Container):
     """
 
     fmt = "rbd"
+    location: RbdLocation
 
     @staticmethod
-    def probe(head: bytes) -> bool:
-        return False  # an RBD image is named by its location, never probed
+    def _parse(path: str) -> RbdLocation:
+        return RbdLocation.parse(path)
 
-    def __init__(self, path: str, *, writable: bool = False, wait: float = 0) -> None:
-        self.location = RbdLocation.parse(path)
-        self._init_state(path, writable)
-        self._abs = path
-        try:
-            self._lock_fd = _lock(self.location, writable=writable, wait=wait, location=path)
-            self._open_locked()
-        except BaseException:
-            self.close()
-            raise
+    @classmethod
+    def _lock(cls, path: str, *, writable: bool, wait: float) -> int:
+        return _lock(RbdLocation.parse(path), writable=writable, wait=wait, location=path)
+
+    #: Whether this container's export has written the image (its own lock, then).
+    _wrote = False
+    #: :meth:`running_holder`'s answer, asked once per container.
+    _holder: str | None = None
+    _asked = False
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        self._wrote = True
+        super().write(offset, data)
+
+    def resize(self, size: int) -> None:
+        self._wrote = True
+        super().resize(size)
+
+    def running_holder(self) -> str | None:
+        """Who holds the RBD image for a running VM: RBD's exclusive lock, held by a
+        live client other than nvmgr (:func:`lock_holders`); asked once.  Without
+        the ``rbd`` tool (ceph-common) nvmgr cannot ask: it says so in its log and
+        the in-use mark alone refuses the writes (as on a file QEMU does not lock).
+        """
+        if not self._asked:
+            try:
+                who = lock_holders(self.path, opened_by_us=self._wrote)
+            except ExternalError as e:
+                if shutil.which(qemu.RBD) is not None:
+                    raise
+                log.warning("%s: cannot tell whether a running VM holds the image: %s",
+                            self.path, e)
+                who = []
+            self._holder = ("RBD's exclusive lock: " + ", ".join(who)) if who else None
+            self._asked = True
+        return self._holder
 
     @classmethod
     def create(cls, path: str, size: int, *, wait: float = 0) -> RbdContainer:

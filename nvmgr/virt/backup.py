@@ -38,12 +38,10 @@ import dataclasses
 import os
 import time
 import uuid
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nvmgr import paths
 from nvmgr.domain.elements import Domain, parse_domain
-from nvmgr.domain.profiles import tpm_version
 from nvmgr.errors import CorruptError, NoSpaceError, NotFoundError, UsageError
 from nvmgr.image.image import Image
 from nvmgr.provision import staging
@@ -96,19 +94,12 @@ def _domain(name: str, uri: str | None, *, live: bool) -> tuple[Domain, str]:
     return dom, meta.image
 
 
-def _tpm_files(dom: Domain, img: Image, swtpm_root: str) -> tuple[Path, dict[str, str]]:
-    """swtpm's state directory for *dom*, and the file name of each of *img*'s tpm sections."""
-    version = next((tpm_version(t.model, t.version) for t in dom.tpms), "2.0")
-    return (staging.tpm_state_dir(str(dom.uuid), version, swtpm_root),
-            {s.name: staging.tpm_file_name(s.name, version)
-             for s in staging.tpm_sections(img.directory.sections)})
-
-
 def _tpm_state(dom: Domain, img: Image, swtpm_root: str) -> dict[str, tuple[str, bytes]]:
     """swtpm's staged state files of *dom*: section name -> (file path, bytes)."""
-    state_dir, files = _tpm_files(dom, img, swtpm_root)
-    got = staging.read_tpm(state_dir, list(files.values()))
-    return {n: (str(state_dir / f), got[f]) for n, f in files.items() if f in got}
+    files = staging.tpm_state_files(
+        dom, [s.name for s in staging.tpm_sections(img.directory.sections)], swtpm_root)
+    got = staging.read_files(files)
+    return {n: (str(files[n]), data) for n, data in got.items()}
 
 
 def _capture(path: str, dom: Domain,
@@ -228,10 +219,11 @@ def restore(name: str, src: str, *, uri: str | None = None, kek: Kek | None = No
         for sname, blob in data.items():
             img.put(sname, blob)
         # Staged TPM state would be taken over the restored one at the next start.
-        state_dir, files = _tpm_files(dom, img, swtpm_root)
-        restored = [f for n, f in files.items() if n in data]
-        wiped = [str(state_dir / f) for f in restored if (state_dir / f).is_file()]
-        staging.wipe_tpm(state_dir, restored)
+        files = staging.tpm_state_files(
+            dom, [s.name for s in staging.tpm_sections(img.directory.sections)], swtpm_root)
+        restored = {n: f for n, f in files.items() if n in data}
+        wiped = [str(f) for f in restored.values() if f.is_file()]
+        staging.wipe_files(restored)
     return RestoreResult(name, path, os.path.abspath(src), sorted(data), skipped, wiped)
 
 

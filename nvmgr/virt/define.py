@@ -22,7 +22,13 @@ from nvmgr.domain.elements import Domain, parse_domain
 from nvmgr.domain.metadata import NvmgrMetadata
 from nvmgr.domain.namespaces import NVMGR_NS
 from nvmgr.domain.plan import Plan, default_image_path, plan_for
-from nvmgr.domain.qemuargs import apply_plan, node_name, slice_offsets, wiring_problems
+from nvmgr.domain.qemuargs import (
+    apply_plan,
+    node_name,
+    slice_offsets,
+    swtpm_tpms,
+    wiring_problems,
+)
 from nvmgr.errors import (
     BusyError,
     CorruptError,
@@ -45,7 +51,7 @@ from nvmgr.provision.prepare import (
     prepare_image,
     refuse_luks,
 )
-from nvmgr.storage import absolute, image_exists
+from nvmgr.storage import absolute, image_exists, is_location
 from nvmgr.storage.container import probe_format
 from nvmgr.storage.rbd import is_rbd
 from nvmgr.virt import conn as virt
@@ -74,6 +80,8 @@ class DefineResult:
     moved_aside: str | None = None  # where an orphan went (--fresh)
     #: New sections placed in member images (the domain's max-image-size): name -> member.
     in_members: dict[str, str] = dataclasses.field(default_factory=dict)
+    #: The libvirt secret (usage vtpm) swtpm encrypts the TPM state with (a key and a TPM).
+    vtpm_secret: str | None = None
 
     def to_json(self) -> dict[str, object]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "xml"}
@@ -159,7 +167,7 @@ def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = No
     plan = plan_for(dom, encrypted=kek is not None)
     path = absolute(image or (meta.image if meta and meta.image else plan.image))
     fmt = fmt or (meta.format if meta and meta.format else None) or (
-        "raw" if is_rbd(path) else probe_format(path) if os.path.exists(path) else "raw")
+        "raw" if is_location(path) else probe_format(path) if os.path.exists(path) else "raw")
     if dry_run:
         return DefineResult(name, path, "", not image_exists(path), [], {},
                             dom.to_xml() if edited else xml_text)
@@ -177,6 +185,9 @@ def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = No
         check_live_encryption(img, plan)
         # libvirt says the domain is not running: an in-use mark is stale.
         imported = fill_empty(img, dom, plan)
+        # swtpm encrypts the TPM state with this (apply_plan names the secret).
+        vtpm_phrase = (img.vtpm_passphrase() if img.directory.encrypted and swtpm_tpms(dom)
+                       else None)
         placed = plan_with_offsets(plan, img.directory, img)
         image_uuid = img.directory.image_uuid
         in_members = {n: img.image_path_of(n) for n in added
@@ -193,6 +204,9 @@ def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = No
             with contextlib.suppress(OSError):
                 os.unlink(path)
         raise
+    vtpm_secret = None
+    if vtpm_phrase is not None:
+        vtpm_secret = secrets.set_vtpm_secret(str(dom_uuid), vtpm_phrase, uri)
     log.info("defined %s with image %s (%s)", name, path, ", ".join(added) or "no new sections")
     if cloned_from:
         imported["*"] = f"copied from {cloned_from} (a clone: fresh TPM)"
@@ -200,7 +214,7 @@ def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = No
         imported["*"] = f"adopted the orphaned image {path} (its vars and TPM)"
     return DefineResult(name, path, str(image_uuid), created or bool(cloned_from), added,
                         imported, new_xml, adopted=adopted, moved_aside=moved_aside,
-                        in_members=in_members)
+                        in_members=in_members, vtpm_secret=vtpm_secret)
 
 
 def member_files(image: str) -> list[str]:
@@ -213,7 +227,7 @@ def member_files(image: str) -> list[str]:
     with contextlib.suppress(CorruptError, NotFoundError), Image.open(image) as img:
         for m in img.directory.members or []:
             path = img.member_path(m)
-            if is_rbd(path):
+            if is_location(path):
                 continue
             with contextlib.suppress(CorruptError):
                 img.member_image(m.index)  # its parent link checked: never another's file
@@ -256,9 +270,10 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
         raise UsageError(
             f"the domain's state is in {image}: undefine with --keep-nvram or --remove-nvram",
             domain=name)
-    if remove_nvram and image and is_rbd(image):
-        raise UsageError(f"the domain's image is in Ceph ({image}): undefine with --keep-nvram "
-                         "and remove the RBD image with Ceph's tools (rbd rm)", domain=name)
+    if remove_nvram and image and is_location(image):
+        raise UsageError(f"the domain's image is on network storage ({image}): undefine with "
+                         "--keep-nvram and remove the image with the storage's own tools "
+                         "(rbd rm; the NBD server's file)", domain=name)
     members: list[str] = []
     if remove_nvram and image:
         virt.require_inactive(name, uri, what="removing its image")
@@ -266,6 +281,10 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
     # The image holds the TPM; libvirt's swtpm directory only stages it.  It
     # goes with the image, and stays (as virsh's --keep-tpm) otherwise.
     virt.undefine(name, uri, remove_tpm=remove_nvram)
+    vtpm_removed = False
+    if dom.uuid is not None and not virt.uuid_exists(str(dom.uuid), uri):
+        # Its vTPM secret (a domain with a key) goes with the definition.
+        vtpm_removed = secrets.remove_vtpm_secret(str(dom.uuid), uri)
     removed = False
     if remove_nvram and image and os.path.exists(image):
         os.unlink(image)
@@ -283,11 +302,20 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
     orphaned = False
     if image and not removed and dom.uuid is not None and not virt.uuid_exists(str(dom.uuid), uri):
         # Kept, its domain gone: recorded as such (a running domain, now
-        # transient, is recorded by the watcher when it stops).
-        orphaned = orphans.mark_orphaned(image, str(dom.uuid), name)
+        # transient, is recorded by the watcher when it stops).  A network
+        # location that cannot be asked now (its cluster, server or key) keeps
+        # the undefine: the image still names its owner, so nvmgr images
+        # --orphans --image LOCATION lists it, unrecorded.
+        try:
+            orphaned = orphans.mark_orphaned(image, str(dom.uuid), name)
+        except NvmgrError as e:
+            if not is_location(image):
+                raise
+            log.warning("%s: undefined; could not record %s as orphaned: %s", name, image, e)
     return {"domain": name, "image": image, "image_removed": removed,
             "members_removed": members if removed else [],
-            "snapshots_removed": snapshots, "orphaned": orphaned}
+            "snapshots_removed": snapshots, "orphaned": orphaned,
+            "vtpm_secret_removed": vtpm_removed}
 
 
 @dataclasses.dataclass
@@ -331,8 +359,9 @@ def reconcile(name: str, *, uri: str | None = None,
 def image_held(path: str, fmt: str, active: bool) -> bool:
     """Whether a running QEMU holds *path* so that nvmgr cannot open it beside it:
     qcow2 goes through a qemu-storage-daemon, which QEMU's lock keeps out; RBD
-    images are locked by librbd.  Raw files are read and grown beside QEMU."""
-    return active and (fmt != "raw" or is_rbd(path))
+    images are locked by librbd, and an NBD export never grows (its server may take
+    one client only).  Raw files are read and grown beside QEMU."""
+    return active and (fmt != "raw" or is_location(path))
 
 
 def placed_from_args(plan: Plan, dom: Domain) -> Plan:
@@ -376,6 +405,9 @@ def grow_running(name: str, dom: Domain, *, uri: str | None = None) -> Reconcile
     if image_held(path, fmt, True):
         return ReconcileResult(name, "running")
     with Image.open(path, writable=True, kek=kek, wait=LOCK_WAIT) as img:
+        if img.directory.encrypted and swtpm_tpms(dom) and dom.uuid is not None:
+            # The next start (or a migration) needs it: libvirtd may have restarted.
+            secrets.set_vtpm_secret(str(dom.uuid), img.vtpm_passphrase(), uri)
         missing = [SectionSpec(ps.name, ps.capacity, ps.binding, ps.encrypted, ps.device)
                    for ps in plan.sections if img.directory.find(ps.name) is None]
         grow(img, missing, max_image_size=meta.max_image_size)
@@ -388,6 +420,46 @@ def grow_running(name: str, dom: Domain, *, uri: str | None = None) -> Reconcile
     log.info("%s (running): grew %s for the next start", name,
              ", ".join(s.name for s in missing) or "nothing")
     return ReconcileResult(name, "grown", [s.name for s in missing])
+
+
+def restore_vtpm_secret(name: str, uri: str | None = None) -> str | None:
+    """Give libvirt the vTPM secret of domain *name* again (after a libvirtd
+    restart: an ephemeral secret is gone then), when it has a key and a TPM.
+
+    :return: the secret's UUID; None when the domain needs none.
+    :raise KeyRequiredError, WrongKeyError: the domain's key cannot open its image.
+    """
+    dom = parse_domain(virt.domain_xml(name, uri))
+    meta = dom.nvmgr
+    if (meta is None or not meta.image or not meta.encrypted or dom.uuid is None
+            or not swtpm_tpms(dom) or not image_exists(meta.image)):
+        return None
+    kek = secrets.domain_kek(meta, uri)
+    if image_held(meta.image, meta.format or "raw", virt.is_active(name, uri)):
+        return None  # the next start's reconcile (the stop event) gives it
+    with Image.open(meta.image, kek=kek, wait=LOCK_WAIT) as img:
+        phrase = img.vtpm_passphrase()
+    return secrets.set_vtpm_secret(str(dom.uuid), phrase, uri)
+
+
+def vtpm_secret_of_image(image: str, kek: Kek, uri: str | None = None) -> dict[str, object]:
+    """Give libvirt the vTPM secret of the domain that owns *image* (its
+    directory records the domain's UUID), for a host where that domain is not
+    defined yet: a live migration's destination needs it before the migration
+    (libvirt starts the destination's swtpm with it).
+
+    :raise UsageError: the image records no domain, or is not encrypted.
+    """
+    with Image.open(image, kek=kek, wait=LOCK_WAIT) as img:
+        owner = img.directory.domain_uuid
+        if owner is None:
+            raise UsageError(f"{image} records no domain UUID: give --domain", image=image)
+        if not img.directory.encrypted:
+            raise UsageError(f"{image} is not encrypted: its TPM state needs no vTPM secret",
+                             image=image)
+        phrase = img.vtpm_passphrase()
+    su = secrets.set_vtpm_secret(str(owner), phrase, uri)
+    return {"domain_uuid": str(owner), "secret": su}
 
 
 def nvmgr_domains(uri: str | None = None) -> list[str]:
@@ -436,4 +508,6 @@ def encrypt_domain(name: str, *, uri: str | None = None, kek: Kek | None,
     res = encrypt(absolute(meta.image), kek)
     out = _define(dom, xml, uri=uri, kek=kek, key_file=key_file, key_secret=key_secret,
                   retry=f"nvmgr encrypt --domain {name}")
-    return {**res, "domain": out.domain, "added": out.added}
+    # With a TPM: swtpm's own encryption is configured now (<encryption secret>, the
+    # secret given to libvirt); the next start re-encrypts the state swtpm left plain.
+    return {**res, "domain": out.domain, "added": out.added, "vtpm_secret": out.vtpm_secret}

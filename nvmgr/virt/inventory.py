@@ -35,8 +35,9 @@ def domains(uri: str | None = None) -> tuple[dict[str, tuple[str, bool]], list[s
 
 
 def images(dirs: Iterable[str] = (IMAGE_DIR,), uri: str | None = None, *,
-           orphans_only: bool = False) -> list[ImageEntry]:
-    """Every nvmgr image in *dirs* and every image a domain names, with owner and state."""
+           orphans_only: bool = False, extra: Iterable[str] = ()) -> list[ImageEntry]:
+    """Every nvmgr image in *dirs*, every image a domain names and the *extra* images
+    (files or network locations), with owner and state."""
     known, named = domains(uri)
-    found = survey(candidates(dirs, named), known)
+    found = survey(candidates(dirs, [*named, *extra]), known)
     return [e for e in found if e.state == "orphaned"] if orphans_only else found

@@ -26,7 +26,9 @@ One line per action on stdout (``NAME: what was done``); the watcher's own
 life (connected, lost libvirtd, reconnected, stopped) on stderr.  When
 libvirtd goes away (restart, upgrade) the watcher reconnects, then catches up
 on what happened meanwhile: every nvmgr domain is reconciled again and those
-that disappeared are recorded as orphans.  :func:`run` returns when *stop()*
+that disappeared are recorded as orphans; the vTPM secrets of domains with a
+key are given to libvirt again (ephemeral: a restarted libvirtd has none),
+and a domain undefined behind nvmgr's back loses its own.  :func:`run` returns when *stop()*
 says so (the CLI's SIGTERM handler), between two actions, never in one.
 """
 
@@ -41,7 +43,8 @@ from nvmgr.domain.elements import parse_domain
 from nvmgr.errors import NotFoundError, NvmgrError
 from nvmgr.provision import orphans
 from nvmgr.virt import conn as virt
-from nvmgr.virt.define import ReconcileResult, nvmgr_domains, reconcile
+from nvmgr.virt import secrets
+from nvmgr.virt.define import ReconcileResult, nvmgr_domains, reconcile, restore_vtpm_secret
 
 Say = Callable[[str], None]
 
@@ -131,6 +134,11 @@ class Watcher:
         del self.known[dom_uuid]
         self.seen.pop(name, None)
         try:
+            if secrets.remove_vtpm_secret(dom_uuid, self.uri):
+                self.say(f"{k.name}: undefined; removed its vTPM secret")
+        except NvmgrError as e:
+            self.say(f"{k.name}: undefined; could not remove its vTPM secret: {e}")
+        try:
             done = orphans.mark_orphaned(k.image, dom_uuid, k.name)
         except NvmgrError as e:
             self.say(f"{k.name}: undefined; could not record {k.image} as orphaned: {e}")
@@ -156,12 +164,26 @@ class Watcher:
             if self.seen.get(k.name) != xml:
                 self.failed[k.name] = xml
 
+    def vtpm_secret(self, name: str) -> None:
+        """Give libvirt the domain's vTPM secret again: ephemeral, it is gone
+        after a libvirtd restart, and the next start needs it."""
+        try:
+            su = restore_vtpm_secret(name, self.uri)
+        except NotFoundError:
+            return
+        except NvmgrError as e:
+            self.say(f"{name}: error: could not give libvirt its vTPM secret: {e}")
+            return
+        if su is not None:
+            self.say(f"{name}: vTPM secret {su} given to libvirt")
+
     def catch_up(self, first: bool) -> None:
         """Every nvmgr domain once (at start and after a reconnect)."""
         names = nvmgr_domains(self.uri)
         for name in names:
             if self.wanted(name):
                 self.reconciled(name, quiet_if_unchanged=not first)
+                self.vtpm_secret(name)
             else:
                 self.remember(name)
         if not first:  # undefined while we were away

@@ -56,6 +56,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 from . import vmlib
 from .vmlib import Failed, run
@@ -554,3 +555,67 @@ def two_hosts(tag: str = "hosts") -> Iterator[tuple[Host, Host, Path]]:
         shutil.rmtree(base, ignore_errors=True)
         if problems:
             raise Failed("; ".join(problems))
+
+
+# ---------------------------------------------------------------- migration checks
+
+
+class MigratingVM(Protocol):
+    """What the migration checks need of a test's VM (``test_migrate.GuestVM``)."""
+
+    name: str
+    uuid: str
+
+    def migrate(self, src: Host, dst: Host, shared: Path, *extra: str,
+                wait: bool = True) -> subprocess.Popen[str]: ...
+
+    def info(self) -> dict[str, object]: ...
+
+    def in_use(self) -> bool: ...
+
+    def vars(self) -> dict[str, str]: ...
+
+    def ek(self) -> tuple[str, bytes | None]: ...
+
+
+def runner_host(info: dict[str, object], field: str = "runner") -> str | None:
+    """The host name in the image's ``runner`` (or ``incoming``) record, if any."""
+    who = info[field]
+    return who["host"] if isinstance(who, dict) else None
+
+
+def migrate_checked(v: MigratingVM, src: Host, dst: Host, shared: Path) -> tuple[str, str]:
+    """Live-migrate *v* from *src* to *dst* and check the hand-over the hooks make:
+    the destination's prepare notes the incoming run, the source's release hands the
+    image to the destination's run, which owns it (in use: its QEMU writes it); the
+    source keeps no TPM state and no runtime directory.
+
+    :return: (the destination's prepare line, the source's release line) of the hook log.
+    """
+    mark_src, mark_dst = len(src.hook_log_lines()), len(dst.hook_log_lines())
+    v.migrate(src, dst, shared)
+    assert dst.state(v.name) == "running"
+    prepare = dst.wait_hook_log(rf"{v.name} prepare begin: ", after=mark_dst)
+    assert "incoming migration: run " in prepare, prepare
+    release = src.wait_hook_log(rf"{v.name} release end: ", after=mark_src)
+    assert "handed the image to run" in release and f"on host {dst.name}" in release, release
+    info = v.info()
+    assert runner_host(info) == dst.name and info["incoming"] is None and v.in_use()
+    assert not (src.swtpm_dir(v.uuid) / "tpm2-00.permall").exists()  # the source holds nothing
+    assert not src.runtime_dir(v.uuid).exists()
+    return prepare, release
+
+
+def destroy_checked(v: MigratingVM, host: Host, *, ek: tuple[str, bytes | None],
+                    variables: dict[str, str]) -> None:
+    """Destroy *v* where it runs and check what its release left: the TPM collected,
+    the vars resealed, nobody running it, the guest's variables and the TPM's
+    endorsement key in the image."""
+    mark = len(host.hook_log_lines())
+    host.virsh("destroy", v.name)
+    line = host.wait_hook_log(rf"{v.name} release end: ", after=mark)
+    assert "collected ['tpm-permall']" in line and "resealed ['uefi-vars']" in line, line
+    info = v.info()
+    assert info["runner"] is None and info["incoming"] is None and not v.in_use()
+    assert v.vars() == variables
+    assert v.ek() == ek

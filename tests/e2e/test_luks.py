@@ -29,8 +29,9 @@ import pytest
 from lxml import etree
 
 from nvmgr.crypto.cipher import Kek
-from nvmgr.domain.qemuargs import luks_node_name
+from nvmgr.domain.qemuargs import luks_node_name, vtpm_secret_uuid
 from nvmgr.image.image import Image
+from nvmgr.provision.vtpm import blob_kind
 
 from . import vmlib
 from .conftest import MakeVM
@@ -219,9 +220,15 @@ def test_encrypt_converts_a_plaintext_domain_and_it_boots_with_its_vars(vm: Make
     assert v.get("uefi-vars", "--key-file", str(key)) == plain  # the vars OVMF wrote, kept
     xml = vmlib.virsh("dumpxml", "--inactive", v.name).stdout
     assert f"pflash1={luks_node_name('uefi-vars')}" in xml and str(key) in xml
+    assert r["vtpm_secret"] == str(vtpm_secret_uuid(v.uuid)), r  # swtpm encrypts from now on
     again = vmlib.nvmgr_json("encrypt", "--domain", v.name, "--key-file", str(key))
     assert again["encrypted"] == [], again
+    mark = len(vmlib.hook_log_lines())
     v.start()
+    # The TPM state swtpm made in plaintext: re-encrypted by swtpm before it is staged.
+    line = vmlib.wait_hook_log(rf"{v.name} prepare begin: ", after=mark)
+    assert "re-encrypted ['tpm-permall']" in line, line
+    assert blob_kind((v.swtpm_dir / "tpm2-00.permall").read_bytes()) == "encrypted"
     v.wait_for_shell(300)
     v.destroy()
     assert BOOT_ORDER not in v.image.read_bytes()

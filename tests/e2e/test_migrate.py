@@ -22,8 +22,11 @@ from pathlib import Path
 
 import pytest
 
+from nvmgr.crypto.cipher import Kek
+from nvmgr.image.image import Image
+
 from . import hosts, vmlib
-from .hosts import Host
+from .hosts import Host, destroy_checked, migrate_checked, runner_host
 
 pytestmark = pytest.mark.e2e
 
@@ -47,6 +50,8 @@ class GuestVM:
     def __init__(self, what: str, image: Path | str, workdir: Path) -> None:
         self.name = vmlib.new_name(what)
         self.uuid = str(uuid.uuid4())
+        #: swtpm's state passphrase (a domain with a key: its state is swtpm's ciphertext)
+        self.passphrase: bytes | None = None
         self.image = image
         self.socket = f"{SERIAL_DIR}/{self.name}.serial"
         self.xml = workdir / f"{self.name}.xml"
@@ -101,12 +106,12 @@ class GuestVM:
         out = self.workdir / f"{self.name}.permall"
         out.unlink(missing_ok=True)
         vmlib.nvmgr("get", image or self.image, "tpm-permall", "-o", out, *key)
-        return vmlib.read_ek(out.read_bytes(), self.workdir)
+        return vmlib.read_ek(out.read_bytes(), self.workdir, self.passphrase)
 
     def staged_ek(self, host: Host) -> tuple[str, bytes | None]:
         """The endorsement key of the TPM swtpm runs on *host* now."""
         return vmlib.read_ek((host.swtpm_dir(self.uuid) / "tpm2-00.permall").read_bytes(),
-                             self.workdir)
+                             self.workdir, self.passphrase)
 
     def migrate(self, src: Host, dst: Host, shared: Path, *extra: str,
                 wait: bool = True) -> subprocess.Popen[str]:
@@ -118,11 +123,6 @@ class GuestVM:
             _out, err = p.communicate(timeout=300)
             assert p.returncode == 0, err
         return p
-
-
-def runner_host(info: dict[str, object], field: str = "runner") -> str | None:
-    who = info[field]
-    return who["host"] if isinstance(who, dict) else None
 
 
 def test_live_migration_on_shared_storage_completed_then_cancelled(
@@ -138,23 +138,13 @@ def test_live_migration_on_shared_storage_completed_then_cancelled(
     assert runner_host(info) == a.name and info["incoming"] is None and v.in_use()
 
     # Completed: the source's release (after the destination resumed) hands the image over.
-    mark_a, mark_b = len(a.hook_log_lines()), len(b.hook_log_lines())
-    v.migrate(a, b, shared)
-    assert b.state(v.name) == "running"
-    line = b.wait_hook_log(rf"{v.name} prepare begin: ", after=mark_b)
-    assert "incoming migration: run " in line and "stays with run" in line, line
-    line = a.wait_hook_log(rf"{v.name} release end: ", after=mark_a)
-    assert "handed the image to run" in line and f"on host {b.name}" in line, line
-    assert "collected nothing, resealed nothing" in line
-    info = v.info()
-    assert runner_host(info) == b.name and info["incoming"] is None
-    assert v.in_use()  # the destination's QEMU writes it: the in-use mark stays
-    assert not (a.swtpm_dir(v.uuid) / "tpm2-00.permall").exists()  # the source holds nothing
-    assert not a.runtime_dir(v.uuid).exists()
+    prepare, release = migrate_checked(v, a, b, shared)
+    assert "stays with run" in prepare, prepare
+    assert "collected nothing, resealed nothing" in release, release
     v.setvar(b, "AfterMigration", "written-on-destination")
 
     # Cancelled halfway, back towards the source: the destination withdraws.
-    mark_a, mark_b = len(a.hook_log_lines()), len(b.hook_log_lines())
+    mark_a = len(a.hook_log_lines())
     p = v.migrate(b, a, shared, "--bandwidth", "1", wait=False)
     try:
         a.wait_hook_log(rf"{v.name} prepare begin: .*incoming migration", after=mark_a, timeout=60)
@@ -179,15 +169,9 @@ def test_live_migration_on_shared_storage_completed_then_cancelled(
     v.setvar(b, "AfterCancel", "still-on-the-destination")
 
     # Stopped on the destination: everything the guest wrote, the same TPM, a clean image.
-    b.virsh("destroy", v.name)
-    line = b.wait_hook_log(rf"{v.name} release end: ", after=mark_b)
-    assert "collected ['tpm-permall']" in line and "resealed ['uefi-vars']" in line, line
-    info = v.info()
-    assert info["runner"] is None and info["incoming"] is None and not v.in_use()
-    assert v.vars() == {"BeforeMigration": "written-on-source",
-                        "AfterMigration": "written-on-destination",
-                        "AfterCancel": "still-on-the-destination"}
-    assert v.ek() == ek
+    destroy_checked(v, b, ek=ek, variables={"BeforeMigration": "written-on-source",
+                                            "AfterMigration": "written-on-destination",
+                                            "AfterCancel": "still-on-the-destination"})
     vmlib.nvmgr("check", v.image)
     assert not (b.swtpm_dir(v.uuid) / "tpm2-00.permall").exists()
 
@@ -210,6 +194,8 @@ def test_live_migration_without_shared_storage(
     try:
         v.define(a, "--key-file", str(key))
         assert vmlib.section_info(v.image, "tpm-permall")["encrypted"] is True
+        with Image.open(str(v.image), kek=Kek(key.read_bytes())) as img:
+            v.passphrase = img.vtpm_passphrase()
         v.start(a)
         v.boot_to_shell(a)
         v.setvar(a, "BeforeCopy", "in-the-copy")
@@ -219,6 +205,11 @@ def test_live_migration_without_shared_storage(
         vmlib.nvmgr("check", copy, "--key-file", key)
         assert v.vars(copy, "--key-file", str(key)) == {"BeforeCopy": "in-the-copy"}
         v.setvar(a, "AfterCopy", "from-the-stream")  # only the migration stream carries it
+        # swtpm encrypts the TPM state with the domain's vTPM secret: the destination's
+        # libvirtd needs it before the migration starts its swtpm (derived from the copy).
+        got = json.loads(vmlib.nvmgr("vtpm-secret", copy, "--key-file", key, "--connect",
+                                     b.uri, "--output", "json").stdout)
+        assert got["domain_uuid"] == v.uuid, got
 
         mark_a, mark_b = len(a.hook_log_lines()), len(b.hook_log_lines())
         v.migrate(a, b, shared)

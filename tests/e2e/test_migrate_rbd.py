@@ -25,8 +25,8 @@ import pytest
 from tests.ceph_cluster import CephCluster
 
 from . import hosts, vmlib
-from .hosts import Host
-from .test_migrate import SERIAL_DIR, GuestVM, runner_host
+from .hosts import Host, destroy_checked, migrate_checked, runner_host
+from .test_migrate import SERIAL_DIR, GuestVM
 
 pytestmark = pytest.mark.e2e
 
@@ -65,41 +65,18 @@ def test_live_migration_with_the_image_on_rbd(
 
     # A -> B: the destination's prepare stages the key for its QEMU and notes the
     # incoming run; the source's release hands the image over.
-    mark_a, mark_b = len(a.hook_log_lines()), len(b.hook_log_lines())
-    v.migrate(a, b, shared)
-    assert b.state(v.name) == "running"
-    line = b.wait_hook_log(rf"{v.name} prepare begin: ", after=mark_b)
-    assert "incoming migration: run " in line, line
-    line = a.wait_hook_log(rf"{v.name} release end: ", after=mark_a)
-    assert "handed the image to run" in line and f"on host {b.name}" in line, line
-    info = v.info()
-    assert runner_host(info) == b.name and info["incoming"] is None and v.in_use()
-    assert not (a.swtpm_dir(v.uuid) / "tpm2-00.permall").exists()
-    assert not a.runtime_dir(v.uuid).exists()
+    migrate_checked(v, a, b, shared)
     assert not b.runtime_dir(v.uuid).joinpath("rbd.key").exists()
     v.setvar(b, "OnB", "written-on-destination")
 
     # B -> A: the owner follows the guest back.
-    mark_a, mark_b = len(a.hook_log_lines()), len(b.hook_log_lines())
-    v.migrate(b, a, shared)
-    assert a.state(v.name) == "running"
-    line = b.wait_hook_log(rf"{v.name} release end: ", after=mark_b)
-    assert "handed the image to run" in line and f"on host {a.name}" in line, line
-    info = v.info()
-    assert runner_host(info) == a.name and info["incoming"] is None and v.in_use()
-    assert not b.runtime_dir(v.uuid).exists()
+    migrate_checked(v, b, a, shared)
     v.setvar(a, "BackOnA", "written-after-the-return")
 
     # Destroyed where it ended: the TPM collected, the vars resealed, a clean image.
-    a.virsh("destroy", v.name)
-    line = a.wait_hook_log(rf"{v.name} release end: ", after=mark_a)
-    assert "collected ['tpm-permall']" in line and "resealed ['uefi-vars']" in line, line
-    info = v.info()
-    assert info["runner"] is None and info["incoming"] is None and not v.in_use()
-    assert v.vars() == {"BeforeMigration": "written-on-source",
-                        "OnB": "written-on-destination",
-                        "BackOnA": "written-after-the-return"}
-    assert v.ek() == ek
+    destroy_checked(v, a, ek=ek, variables={"BeforeMigration": "written-on-source",
+                                            "OnB": "written-on-destination",
+                                            "BackOnA": "written-after-the-return"})
     vmlib.nvmgr("check", loc)
 
     # It boots again from RBD, with the same TPM.

@@ -43,10 +43,16 @@ def test_a_uefi_tpm_vm_with_its_image_on_rbd(vm: MakeVM, ceph: CephCluster,
 
     v.start()
     v.wait_for_shell(240)
-    # QEMU holds RBD's exclusive lock; the key file is gone after start.
+    # The key file is gone after start.  A write to the running VM's vars is busy
+    # (7): the in-use mark, and QEMU's hold on RBD's exclusive lock (OVMF wrote its
+    # variables at boot), which --force does not override (it overrides the mark).
     assert not (v.runtime_dir / "rbd.key").exists()
-    p = vmlib.nvmgr("put", loc, "uefi-vars", "/dev/null", check=False)
-    assert p.returncode == 7, p  # a running VM's live section: busy
+    (tmp_path / "vars.bin").write_bytes(os.urandom(4096))
+    p = vmlib.nvmgr("put", loc, "uefi-vars", tmp_path / "vars.bin", check=False)
+    assert p.returncode == 7 and "uefi-vars is live" in p.stderr, p
+    p = vmlib.nvmgr("put", loc, "uefi-vars", tmp_path / "vars.bin", "--force", check=False)
+    assert p.returncode == 7 and "RBD's exclusive lock: client." in p.stderr, p
+    assert v.state() == "running"
     v.destroy()
     vmlib.wait_hook_log(rf"{v.name} release end: ", timeout=60)
     vmlib.nvmgr("check", loc)

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from nvmgr.crypto.cipher import Kek
+from nvmgr.image.image import Image
+
 from . import vmlib
 from .conftest import MakeVM
 
@@ -50,7 +53,10 @@ def test_tpm_state_is_encrypted_in_the_image_and_keeps_its_ek(vm: MakeVM, tmp_pa
                         check=False)
     assert nokey.returncode == 6, nokey
     assert "encrypted" in nokey.stderr
-    ek1, cert1 = vmlib.read_ek(permall, tmp_path)
+    # swtpm's own encrypted state (libvirt's <encryption secret>), under nvmgr's wrapping
+    with Image.open(str(v.image), kek=Kek(key.read_bytes())) as img:
+        phrase = img.vtpm_passphrase()
+    ek1, cert1 = vmlib.read_ek(permall, tmp_path, phrase)
 
     # Second start: prepare stages the image's state, swtpm uses it (no new manufacture).
     mark = len(vmlib.hook_log_lines())
@@ -65,7 +71,7 @@ def test_tpm_state_is_encrypted_in_the_image_and_keeps_its_ek(vm: MakeVM, tmp_pa
     assert not (v.swtpm_dir / "tpm2-00.permall").exists()
     permall2 = v.get("tpm-permall", "--key-file", str(key))
     assert permall2 != permall  # the TPM ran (its clock and counters moved) ...
-    ek2, cert2 = vmlib.read_ek(permall2, tmp_path)
+    ek2, cert2 = vmlib.read_ek(permall2, tmp_path, phrase)
     assert ek2 == ek1  # ... and is the same TPM: the same endorsement key
     assert cert2 == cert1
     if cert1 is not None:

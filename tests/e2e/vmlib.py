@@ -428,6 +428,13 @@ def cleanup_domain(name: str, dom_uuid: str | None, images: Sequence[Path] = ())
     if dom_uuid:
         for d in (SWTPM_ROOT / dom_uuid, RUNTIME_ROOT / dom_uuid):
             shutil.rmtree(d, ignore_errors=True)
+        # virsh undefine leaves nvmgr's vTPM secret (a domain with a key) and its record
+        from nvmgr.domain.qemuargs import vtpm_secret_uuid
+
+        su = str(vtpm_secret_uuid(dom_uuid))
+        virsh("secret-undefine", su, check=False)
+        with contextlib.suppress(FileNotFoundError):
+            (RUNTIME_ROOT / "vtpm-secrets" / su).unlink()
     return problems
 
 
@@ -451,7 +458,76 @@ def uefi_vars(path: Path | str) -> dict[str, str]:
 
 # ---------------------------------------------------------------- TPM
 
-def read_ek(permall: bytes, workdir: Path) -> tuple[str, bytes | None]:
+def _swtpm_on(state: dict[str, bytes], d: Path, tpm2: bool,
+              passphrase: bytes | None) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """``swtpm socket`` on state files written to *d* (encrypted ones with *passphrase*,
+    handed over a pipe as libvirt does); returns it, its socket and control socket."""
+    for name, data in state.items():
+        (d / name).write_bytes(data)
+    sock, ctrl = d / "s", d / "s.ctrl"  # the swtpm TCTI finds the control channel at PATH.ctrl
+    fds: tuple[int, ...] = ()
+    key: list[str] = []
+    if passphrase is not None:
+        r, w = os.pipe()
+        os.write(w, passphrase)
+        os.close(w)
+        fds, key = (r,), ["--key", f"pwdfd={r},mode=aes-256-cbc"]
+    proc = subprocess.Popen(
+        ["swtpm", "socket", *(["--tpm2"] if tpm2 else []), "--tpmstate", f"dir={d}",
+         "--server", f"type=unixio,path={sock}", "--ctrl", f"type=unixio,path={ctrl}",
+         "--flags", "not-need-init,startup-clear", *key],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        pass_fds=fds)
+    for fd in fds:
+        os.close(fd)
+    deadline = time.monotonic() + 10
+    while not (sock.exists() and ctrl.exists()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise Failed(f"swtpm did not start on the extracted state: "
+                         f"{proc.stdout.read().decode() if proc.stdout else ''}")
+        time.sleep(0.02)
+    return proc, sock, ctrl
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    if proc.stdout:
+        proc.stdout.close()
+
+
+def read_pubek12(permall: bytes, workdir: Path, passphrase: bytes | None = None) -> bytes:
+    """The public endorsement key of a swtpm TPM 1.2 state file (``TPM_ReadPubek``,
+    sent as raw TPM 1.2 command bytes to ``swtpm socket`` on a copy of the state)."""
+    d = Path(tempfile.mkdtemp(prefix="ek12-", dir=workdir))
+    proc, sock, _ctrl = _swtpm_on({"tpm-00.permall": permall}, d, False, passphrase)
+    try:
+        cmd = struct.pack(">HII", 0x00C1, 30, 0x7C) + bytes(range(20))  # antiReplay nonce
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(10)
+            s.connect(str(sock))
+            s.sendall(cmd)
+            resp = b""
+            while len(resp) < 10 or len(resp) < struct.unpack(">I", resp[2:6])[0]:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                resp += chunk
+        tag, size, rc = struct.unpack(">HII", resp[:10])
+        if rc != 0:
+            raise Failed(f"TPM_ReadPubek failed: TPM result {rc:#x}")
+        return resp[10:size - 20]  # TPM_PUBKEY, then the checksum
+    finally:
+        _stop(proc)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def read_ek(permall: bytes, workdir: Path,
+            passphrase: bytes | None = None) -> tuple[str, bytes | None]:
     """(EK public area, EK certificate or None) of a swtpm TPM 2.0 state file.
 
     Runs ``swtpm socket`` on a copy of the state and asks it with tpm2-tools:
@@ -459,21 +535,8 @@ def read_ek(permall: bytes, workdir: Path) -> tuple[str, bytes | None]:
     makes persistent) and ``tpm2_nvread 0x01c00002`` (its RSA certificate).
     """
     d = Path(tempfile.mkdtemp(prefix="ek-", dir=workdir))
-    (d / "tpm2-00.permall").write_bytes(permall)
-    sock = d / "s"
-    ctrl = d / "s.ctrl"  # the swtpm TCTI finds the control channel at PATH.ctrl
-    proc = subprocess.Popen(
-        ["swtpm", "socket", "--tpm2", "--tpmstate", f"dir={d}",
-         "--server", f"type=unixio,path={sock}", "--ctrl", f"type=unixio,path={ctrl}",
-         "--flags", "not-need-init,startup-clear"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc, sock, _ctrl = _swtpm_on({"tpm2-00.permall": permall}, d, True, passphrase)
     try:
-        deadline = time.monotonic() + 10
-        while not (sock.exists() and ctrl.exists()):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise Failed(f"swtpm did not start on the extracted state: "
-                             f"{proc.stdout.read().decode() if proc.stdout else ''}")
-            time.sleep(0.02)
         tcti = f"swtpm:path={sock}"
         pub = run(["tpm2_readpublic", "-c", "0x81010001", "-T", tcti, "-f", "pem",
                    "-o", d / "ek.pem"])
@@ -487,14 +550,7 @@ def read_ek(permall: bytes, workdir: Path) -> tuple[str, bytes | None]:
             cert = (d / "ekcert.der").read_bytes()
         return f"{name}\n{pem}", cert
     finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(5)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
+        _stop(proc)
         shutil.rmtree(d, ignore_errors=True)
 
 
