@@ -692,6 +692,13 @@ class Image:
                 f"{MAX_IN_MEMORY:,} read into memory at once: stream it "
                 f"(nvmgr get -o FILE)", image=self.path, section=name)
         raw = self.container.read(s.offset, s.stored_length)
+        if s.crypto is not None:  # one pass checks the crc32 and the MAC
+            try:
+                return self._get_cipher().decrypt(name, raw, s.crypto.iv, s.crypto.mac,
+                                                  crc32=s.crc32)
+            except CorruptError as e:
+                e.image = self.path
+                raise
         if not (s.live and s.dirty):
             crc = zlib.crc32(raw)
             if crc != s.crc32:
@@ -702,21 +709,17 @@ class Image:
                 )
         if s.luks:
             return self._luks_payload(s, raw)
-        if s.crypto is None:
-            return raw
-        try:
-            return self._get_cipher().decrypt(name, raw, s.crypto.iv, s.crypto.mac)
-        except CorruptError as e:
-            e.image = self.path
-            raise
+        return raw
 
-    def get_to(self, name: str, write: Callable[[bytes], object]) -> int:
+    def get_to(self, name: str, write: Callable[[bytes | memoryview], object]) -> int:
         """Write the section's payload through *write*, verified; return its length.
 
         Unencrypted sections stream in :data:`CHUNK` pieces (a first pass
         checks the crc, a second copies), so memory stays bounded whatever
-        the section's size.  Encrypted sections go through :meth:`get`: the
-        MAC is checked before any byte is decrypted.
+        the section's size.  Encrypted sections are read whole, their crc32
+        and MAC checked in one pass, then decrypted and written in
+        :data:`CHUNK` pieces: no byte is decrypted before the MAC is checked.
+        *write* may be given a ``memoryview`` that is reused after it returns.
 
         :raise CorruptError, KeyRequiredError, WrongKeyError: as :meth:`get`.
         """
@@ -724,7 +727,16 @@ class Image:
         if holder is not self:
             return holder.get_to(name, write)
         s = self._local(self.section(name))
-        if s.crypto is not None or s.luks or s.stored_length <= CHUNK:
+        if s.crypto is not None:  # verified whole in memory, then decrypted chunk by chunk
+            cipher = self._get_cipher()
+            raw = self.container.read(s.offset, s.stored_length)
+            try:
+                return cipher.decrypt_to(name, raw, s.crypto.iv, s.crypto.mac, write,
+                                         crc32=s.crc32, chunk=CHUNK)
+            except CorruptError as e:
+                e.image = self.path
+                raise
+        if s.luks or s.stored_length <= CHUNK:
             data = self.get(name)
             write(data)
             return len(data)
@@ -984,9 +996,22 @@ class Image:
         if s.luks:
             stored = bytes(data) if volume else self._luks_volume(s, data)
         elif s.encrypted:
-            ct, iv, mac = self._get_cipher().encrypt(name, bytes(data))
-            stored, crypto = ct, SectionCrypto(iv=iv, mac=mac)
-        crc = zlib.crc32(stored)
+            if s.spare is None:  # the directory decodes, but offers nowhere to write
+                raise CorruptError(f"section {name} has no spare slot to write into",
+                                   image=self.path, section=name)
+            spare, total = s.spare, len(data)
+
+            def write(off: int, piece: memoryview) -> None:
+                self.container.write(spare + off, piece)
+                if progress:
+                    progress(min(off + len(piece), total), total)
+
+            # One pass: encrypted, MACed and crc'd step by step, straight into the spare slot.
+            _n, iv, mac, crc = self._get_cipher().seal_to(name, data, write, chunk=CHUNK)
+            self.container.flush()
+            crypto = SectionCrypto(iv=iv, mac=mac)
+        if crypto is None:
+            crc = zlib.crc32(stored)
         new = self._copy_dir()
         ns = self._find(new, name)
         # A forced write keeps the in-use mark: only release or repair clears it.
@@ -1002,7 +1027,8 @@ class Image:
             if s.spare is None:  # the directory decodes, but offers nowhere to write
                 raise CorruptError(f"section {name} has no spare slot to write into",
                                    image=self.path, section=name)
-            self._write_flush(s.spare, stored, progress)
+            if crypto is None:  # an encrypted payload is there already (seal_to)
+                self._write_flush(s.spare, stored, progress)
             ns.offset, ns.spare = s.spare, s.offset
             self._commit(new)
         log.info("%s: put %d bytes into section %s", self.path, len(data), name)
