@@ -254,6 +254,19 @@ class FakeDomain:
     def setMetadata(self, *args: object) -> None:  # noqa: N802
         self.calls.append(("metadata", args[1]))
 
+    def metadata(self, _type: int, uri: str, _flags: int) -> str:
+        """The element alone, as libvirt 9.0's virDomainGetMetadata gives it:
+        without its namespace (seen in tests/e2e/test_attach.py)."""
+        found = etree.fromstring(self.xml.encode()).find(f"metadata/{{{uri}}}nvram")
+        if found is None:
+            import libvirt
+
+            raise libvirt.libvirtError("no metadata")
+        for el in found.iter(etree.Element):
+            el.tag = etree.QName(el).localname
+        etree.cleanup_namespaces(found)
+        return etree.tostring(found, encoding="unicode")
+
 
 @pytest.fixture
 def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
@@ -345,7 +358,9 @@ def test_live_block_attach_grows_beside_qemu_plugs_and_marks_in_use(
         s = img.section("state0")
         assert s.dirty and ps.offset == s.offset and ps.capacity == 64 * KiB
         assert img.get("state0") == b"S" * 1000
-    assert any(c[0] == "metadata" for c in fake["dom"].calls)
+    # The running VM's metadata: what it had (read as the element alone) and the new section.
+    (text,) = [c[1] for c in fake["dom"].calls if c[0] == "metadata"]
+    assert "name=\"fru0\"" in str(text) and "name=\"state0\"" in str(text), text
     assert "&quot;drive&quot;:&quot;nvmgr-state0&quot;" in fake["defined"][-1]
     with pytest.raises(UsageError, match="attached already"):
         attach("vm", _section_xml(name="state0", size="64K", binding="block"), live=True)
@@ -470,3 +485,59 @@ def test_attach_past_max_image_size_places_the_section_in_a_member(
         assert img.section("big").member is not None
         assert img.get("big") == b"B" * 512 and img.check().ok
     assert ps.member_path in fake["defined"][-1]  # the next boot opens the member too
+
+
+# ---------------------------------------------------------------- hot-plug's QMP sequence
+
+class FakeQemu:
+    """QEMU's QMP answers for the commands hotplug.plug sends (as QEMU 7.2 gives
+    them), recording each command: three root ports, pci.3 taken by a device
+    query-pci shows (its bus numbered by the firmware), pci.2 taken but its bus
+    not numbered (query-pci cannot tell), pci.1 free."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, Any]] = []
+
+    def __call__(self, _dom: object, cmd: str, args: Any = None) -> Any:
+        self.sent.append((cmd, args))
+        if cmd == "query-named-block-nodes":
+            return [{"node-name": "nvmgr-file", "image": {"virtual-size": 1 << 20}}]
+        if cmd == "qom-list" and args["path"] == "/machine/peripheral":
+            return [{"name": f"pci.{i}", "type": "child<pcie-root-port>"} for i in (1, 2, 3)]
+        if cmd == "qom-list":
+            port = args["path"].rsplit("/", 1)[-1]
+            return [{"name": "child[0]", "type": "child<virtio-blk-pci>"}] if port in (
+                "pci.2", "pci.3") else [{"name": "type", "type": "string"}]
+        if cmd == "query-pci":
+            def port(i: int, secondary: int, devices: list[Any]) -> dict[str, Any]:
+                return {"qdev_id": f"pci.{i}", "pci_bridge": {
+                    "bus": {"number": 0, "secondary": secondary, "subordinate": secondary},
+                    "devices": devices}}
+            return [{"bus": 0, "devices": [port(1, 1, []), port(2, 0, []),
+                                           port(3, 3, [{"qdev_id": "other"}])]}]
+        return {}
+
+
+def test_plug_finds_the_free_port_in_few_round_trips_and_opens_the_slice_in_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from nvmgr.domain.plan import PlannedSection
+    from nvmgr.virt import hotplug
+
+    q = FakeQemu()
+    monkeypatch.setattr(hotplug, "qmp", q)
+    s = PlannedSection("state0", Binding.BLOCK, 64 * KiB, 64 * KiB, 2 << 20, None, False,
+                       "declared", driver="virtio-blk-pci", device="nvmgr-state0")
+    added = hotplug.plug(object(), "/img.nvram", s)
+    cmds = [c for c, _ in q.sent]
+    # pci.3 skipped on query-pci's word; pci.2 (unnumbered) asked of QOM: taken; pci.1 free.
+    assert cmds == ["blockdev-add", "qom-list", "query-pci", "qom-list", "qom-list",
+                    "device_add"], cmds
+    assert [a["path"] for c, a in q.sent if c == "qom-list"][1:] == [
+        "/machine/peripheral/pci.2/pci.2", "/machine/peripheral/pci.1/pci.1"]
+    (add,) = [a for c, a in q.sent if c == "blockdev-add"]
+    # Over a file node of its own (QEMU knows nvmgr-file's size from its start), inline.
+    assert add["file"]["driver"] == "file" and add["file"]["filename"] == "/img.nvram"
+    assert add["offset"] == 2 << 20 and add["node-name"] == "nvmgr-state0"
+    (dev,) = [a for c, a in q.sent if c == "device_add"]
+    assert dev["bus"] == "pci.1" and dev["drive"] == "nvmgr-state0"
+    assert added[-1] == "nvmgr-state0" and add["file"]["node-name"] in added

@@ -42,6 +42,7 @@ from nvmgr.format.layout import SectionSpec
 from nvmgr.format.model import Binding
 from nvmgr.image.image import Image
 from nvmgr.image.members import merge, place_in_member, split
+from nvmgr.provision.prepare import grow
 from nvmgr.storage.base import Container
 from nvmgr.storage.raw import RawContainer
 from tests.test_crash import (
@@ -113,6 +114,25 @@ CASES = {c.id: c for c in [
          lambda img, p: place_in_member(img, [SectionSpec("vpd", 8192, Binding.FWCFG),
                                                SectionSpec("blk", 8192, Binding.BLOCK)],
                                         limit=1 << 20)),
+    # nvmgr put of a section a member holds (a stored one and a live one, the
+    # latter staged in the member's scratch area): the member's commit, then
+    # the image's, recording the member's generation.
+    Case("put-into-member", lambda p: build(p, member=["vtpm", "efivars"]),
+         lambda img, p: img.put("efivars", rand(8192, "efivars2"))),
+    Case("put-into-member-encrypted", lambda p: build(p, key=K, member=["vtpm"]),
+         lambda img, p: img.put("vtpm", rand(5000, "vtpm2")), K),
+    # attach --data of a section that goes into a member (the domain's
+    # max-image-size; larger than any hole the image has): into the member
+    # there is (its bytes committed there before the image names the
+    # section), and into a new member.
+    Case("grow-data-into-member", lambda p: build(p, member=["eeprom"]),
+         lambda img, p: grow(img, [SectionSpec("blk", 16384, Binding.BLOCK)],
+                             max_image_size=img.directory.image_size,
+                             contents={"blk": rand(16384, "blk")})),
+    Case("grow-data-into-new-member", lambda p: build(p),
+         lambda img, p: grow(img, [SectionSpec("fru", 16384, Binding.OPAQUE)],
+                             max_image_size=img.directory.image_size,
+                             contents={"fru": rand(9000, "fru")})),
 ]}
 
 
@@ -287,7 +307,8 @@ def test_exception_at_every_io(cid: str, work: Path) -> None:
 
 
 @pytest.mark.parametrize("cid", ["split-new", "split-into-existing", "merge", "merge-encrypted",
-                                 "place-new-sections"])
+                                 "place-new-sections", "put-into-member",
+                                 "grow-data-into-member", "grow-data-into-new-member"])
 def test_power_loss_at_every_io(cid: str, work: Path) -> None:
     states = Sweep(CASES[cid], work).power_loss()
     print(f"{cid}: {states} disk states")
@@ -349,3 +370,39 @@ def test_kill_cli_split_and_merge(op: str, work: Path) -> None:
         outcomes.append(got)
     assert_monotone(outcomes, [("kill", n, 0) for n in range(1, total + 1)])
     print(f"cli {op}: {total} kill points: {''.join(o[0] for o in outcomes)}")
+
+
+def test_kill_cli_put_into_member(work: Path) -> None:
+    """``nvmgr put`` of a section a member holds, SIGKILLed at every I/O:
+    the old bytes or the new, check clean, the section still in its member."""
+    raw_key = os.urandom(32)
+    keyf = write_key(work / "k", raw_key)
+    new_bytes = rand(5000, "vtpm2")
+    (work / "data").write_bytes(new_bytes)
+    case = Case("put", lambda p: build(p, key=Kek(raw_key), member=["vtpm"]),
+                lambda img, p: None)
+
+    def outcome(p: Path) -> str:
+        c = cli("check", p, "--key-file", keyf)
+        assert c.returncode == 0, c.stdout.decode() + c.stderr.decode()
+        g = cli("get", p, "vtpm", "--key-file", keyf)
+        assert g.returncode == 0, g.stderr.decode()
+        assert g.stdout in (rand(6000, "vtpm"), new_bytes), "neither old nor new"
+        with Image.open(str(p), kek=Kek(raw_key)) as img:
+            assert img.section("vtpm").member == 1
+        return "old" if g.stdout == rand(6000, "vtpm") else "new"
+
+    def command(p: Path) -> list[object]:
+        return ["put", p, "vtpm", work / "data", "--key-file", keyf]
+
+    p = fresh(work, case)
+    total = io_count(faultrun(0, *command(p)))
+    assert outcome(p) == "new"
+    outcomes = []
+    for n in range(1, total + 1):
+        p = fresh(work, case)
+        r = faultrun(n, *command(p))
+        assert r.returncode == -signal.SIGKILL, (n, r.returncode, r.stderr.decode())
+        outcomes.append(outcome(p))
+    assert_monotone(outcomes, [("kill", n, 0) for n in range(1, total + 1)])
+    print(f"cli put into a member: {total} kill points: {''.join(o[0] for o in outcomes)}")

@@ -491,3 +491,81 @@ def test_only_crypto_imports_cryptography() -> None:
         if p != seam and pattern.search(p.read_text(errors="replace"))
     ]
     assert offenders == []
+
+
+# -- the one-pass, streamed paths (put and get of large sections) ----------------
+
+#: Sizes around the 256 KiB step and the chunk sizes used below (a chunk is
+#: rounded down to whole blocks: 100,000 -> 99,984).
+STEP_SIZES = [0, 15, 16, (256 << 10) - 1, 256 << 10, (256 << 10) + 17, (1 << 20) + 5]
+
+
+def _ref_seal(pt: bytes, name: str) -> tuple[bytes, bytes, bytes]:
+    """An image's bytes as the recipe writes them, made without nvmgr (PKCS#7,
+    AES-256-CBC, HMAC over prefix, name, IV, ciphertext): what older images hold."""
+    iv = os.urandom(16)
+    pad = 16 - len(pt) % 16
+    ct = raw_cbc_encrypt(ref_enc_key(DATA_KEY), iv, pt + bytes([pad]) * pad)
+    return ct, iv, ref_mac(DATA_KEY, name, iv, ct)
+
+
+@pytest.mark.parametrize("n", STEP_SIZES)
+@pytest.mark.parametrize("chunk", [4096, 100_000, 4 << 20])
+def test_seal_to_writes_the_recipe_in_contiguous_pieces(n: int, chunk: int) -> None:
+    import zlib
+
+    pt = os.urandom(n)
+    pieces: list[tuple[int, bytes]] = []
+    length, iv, mac, crc = SectionCipher(DATA_KEY).seal_to(
+        "tpm", memoryview(pt), lambda off, piece: pieces.append((off, bytes(piece))), chunk=chunk)
+    ct = b"".join(p for _o, p in pieces)
+    assert [o for o, _p in pieces] == [sum(len(p) for _o, p in pieces[:i])
+                                      for i in range(len(pieces))]
+    assert all(len(p) <= chunk + 16 for _o, p in pieces)
+    assert length == len(ct) == (n // 16 + 1) * 16
+    assert crc == zlib.crc32(ct)
+    assert mac == ref_mac(DATA_KEY, "tpm", iv, ct)
+    pad = 16 - n % 16
+    assert raw_cbc_decrypt(ref_enc_key(DATA_KEY), iv, ct) == pt + bytes([pad]) * pad
+
+
+@pytest.mark.parametrize("n", STEP_SIZES)
+def test_decrypt_and_decrypt_to_read_what_the_recipe_wrote(n: int) -> None:
+    """Old images still open: the format is the recipe's, byte for byte."""
+    import zlib
+
+    pt = os.urandom(n)
+    ct, iv, mac = _ref_seal(pt, "nvram")
+    c = SectionCipher(DATA_KEY)
+    assert c.decrypt("nvram", ct, iv, mac) == pt
+    assert c.decrypt("nvram", bytearray(ct), iv, mac, crc32=zlib.crc32(ct)) == pt
+    for chunk in (4096, 100_000, 4 << 20):
+        got = bytearray()
+        assert c.decrypt_to("nvram", ct, iv, mac, got.extend, chunk=chunk) == n
+        assert got == pt
+
+
+def test_decrypt_to_writes_nothing_unless_crc_mac_and_padding_are_good() -> None:
+    import zlib
+
+    pt = os.urandom((1 << 20) + 3)
+    ct, iv, mac = _ref_seal(pt, "s")
+    c = SectionCipher(DATA_KEY)
+    written: list[bytes] = []
+
+    def fail(what: bytes, message: str, **kw: object) -> None:
+        with pytest.raises(CorruptError) as ei:
+            c.decrypt_to("s", what, iv, kw.pop("mac", mac), lambda p: written.append(bytes(p)),
+                         **kw)  # type: ignore[arg-type]
+        assert ei.value.message == f"section s is corrupted ({message})"
+        assert written == []
+
+    damaged = flip(ct, len(ct) // 2)
+    fail(damaged, "MAC mismatch")
+    fail(damaged, f"crc32 {zlib.crc32(damaged):08x}, directory says {zlib.crc32(ct):08x}",
+         crc32=zlib.crc32(ct))
+    fail(ct, "MAC mismatch", mac=flip(mac, 0))
+    bad, iv2, mac2 = _seal_raw(b"A" * (1 << 20) + b"A" * 15 + b"\x00", "s")
+    with pytest.raises(CorruptError, match="bad padding"):
+        c.decrypt_to("s", bad, iv2, mac2, lambda p: written.append(bytes(p)))
+    assert written == []

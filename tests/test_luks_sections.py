@@ -8,6 +8,7 @@ passes through argv, the environment or a persistent file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -517,3 +518,174 @@ def test_a_luks_section_added_later_gets_its_volume_at_once(tmp_path: Path) -> N
                                           Binding.BLOCK, encrypted=True)],
                              {"disk3": bytes((64 << 10) + 1)})
     assert b"block data" not in path.read_bytes()
+
+
+def test_rekey_of_an_image_with_luks_sections_killed_at_every_io(tmp_path: Path,
+                                                                 nvmgr: RunCli) -> None:
+    """``nvmgr rekey`` SIGKILLed at each of its I/Os on an image whose vars are
+    a LUKS volume: exactly one of the two keys opens the image, the volume
+    opens with it (its passphrase comes from the data key, which rekey never
+    changes) and holds the same vars; the volume's bytes are never rewritten."""
+    old_key, new_key = make_key(tmp_path / "old.key"), make_key(tmp_path / "new.key")
+    src = tmp_path / "src.nvram"
+    with _image(src, Kek(old_key.read_bytes())) as img:
+        img.put("uefi-vars", _vars())
+        img.put("tpm", b"TPM state " * 100)
+        s = img.section("uefi-vars")
+        volume = img.container.read(s.offset, s.capacity)
+    dry = tmp_path / "dry.nvram"
+    shutil.copy(src, dry)
+    cmd = ["--key-file", old_key, "--new-key-file", new_key]
+    r = _faultrun(0, "rekey", dry, *cmd)
+    assert r.returncode == 0, r.stderr.decode()
+    total = int(r.stderr.decode().strip().splitlines()[-1].split("=")[1])
+    assert total >= 2
+    outcomes = []
+    for n in range(1, total + 2):
+        path = tmp_path / f"k{n}.nvram"
+        shutil.copy(src, path)
+        r = _faultrun(n, "rekey", path, *cmd)
+        assert r.returncode == (0 if n > total else -9), (n, r.stderr.decode()[-500:])
+        opens = []
+        for name, key in (("old", old_key), ("new", new_key)):
+            g = nvmgr("get", path, "uefi-vars", "--key-file", key, "-o", tmp_path / f"v{n}{name}")
+            assert g.returncode in (0, ExitCode.WRONG_KEY), (n, g.stderr)
+            if g.returncode == 0:
+                assert (tmp_path / f"v{n}{name}").read_bytes() == _vars()
+                opens.append(name)
+        assert len(opens) == 1, (n, opens)
+        with Image.open(str(path), kek=Kek((old_key if opens == ["old"] else new_key)
+                                           .read_bytes())) as img:
+            assert img.check().ok and img.section("uefi-vars").luks
+            assert img.get("tpm") == b"TPM state " * 100
+            s = img.section("uefi-vars")
+            assert img.container.read(s.offset, s.capacity) == volume
+        outcomes.append(opens[0])
+        path.unlink()
+    assert outcomes[-1] == "new"
+    assert outcomes == sorted(outcomes, key=lambda o: o == "new"), outcomes
+
+
+def test_create_and_grow_with_a_key_make_live_sections_luks_volumes(tmp_path: Path,
+                                                                     nvmgr: RunCli) -> None:
+    """``nvmgr create --key-file`` (a stand-alone image, no domain) and ``nvmgr
+    grow`` of an encrypted image: a pflash or block section is a LUKS volume
+    whose payload is the size given (what the device sees); its plaintext is
+    never in the file.  Without a key, create keeps them plaintext, and grow of
+    an encrypted image refuses a live section without the key (exit 6)."""
+    key = make_key(tmp_path / "k.key")
+    path = tmp_path / "a.nvram"
+    r = nvmgr("create", path, "-s", "vars:528K:pflash", "-s", "tpm:4K:tpm", "--key-file", key,
+              "-O", "json")
+    assert r.returncode == 0, r.stderr
+    vars_file = tmp_path / "vars.fd"
+    vars_file.write_bytes(_vars())
+    assert nvmgr("put", path, "vars", vars_file, "--key-file", key).returncode == 0
+    with Image.open(str(path), kek=Kek(key.read_bytes())) as img:
+        s = img.section("vars")
+        assert s.luks and s.payload == PAYLOAD and s.capacity == PAYLOAD + LUKS_HEADER_SIZE
+        assert img.get("vars") == _vars() and img.section("tpm").encrypted
+    assert "BootOrder".encode("utf-16-le") not in path.read_bytes()
+    assert nvmgr("check", path).returncode == 0  # the crc32 over the ciphertext, no key
+
+    r = nvmgr("grow", path, "-s", "disk:64K:block")
+    assert r.returncode == ExitCode.KEY_REQUIRED and b"give the key" in r.stderr, r.stderr
+    r = nvmgr("grow", path, "-s", "disk:64K:block", "--key-file", key)
+    assert r.returncode == 0, r.stderr
+    with Image.open(str(path), kek=Kek(key.read_bytes())) as img:
+        assert img.section("disk").luks and img.section("disk").payload == 64 << 10
+        assert img.get("disk") == bytes(64 << 10) and img.check().ok
+
+    plain = tmp_path / "p.nvram"
+    assert nvmgr("create", plain, "-s", "vars:528K:pflash").returncode == 0
+    with Image.open(str(plain)) as img:
+        assert not img.section("vars").encrypted and img.section("vars").capacity == PAYLOAD
+
+
+def test_a_live_block_section_hot_plugged_on_a_keyed_domain_stacks_a_luks_node(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``nvmgr attach --live`` of a ``block`` section on a running domain with a
+    key: the section added is a LUKS volume, and the hot-plug (QMP, faked
+    here: tests/e2e/test_luks.py does it on a real QEMU) adds the raw slice,
+    the ``luks`` node on it with the ``nvmgr-key`` secret, and the device on
+    the luks node, in that order."""
+    from nvmgr.domain.plan import plan_domain
+    from nvmgr.virt import hotplug
+
+    key = make_key(tmp_path / "vm.key")
+    xml = (f"<domain type='qemu'><name>vm</name><uuid>{uuid.uuid4()}</uuid><metadata>"
+           f"<nvmgr:nvram xmlns:nvmgr='https://nvmgr.dev/schemas/metadata/1' "
+           f"image='{tmp_path / 'vm.nvram'}' key-file='{key}'>"
+           "<nvmgr:section name='state0' size='64K' binding='block' driver='virtio-blk-pci' "
+           "device='nvmgr-state0'/>"
+           "</nvmgr:nvram></metadata><memory>65536</memory>"
+           "<os><type arch='x86_64' machine='q35'>hvm</type></os><devices/></domain>")
+    plan = plan_domain(xml, encrypted=True)
+    (ps,) = [s for s in plan.sections if s.name == "state0"]
+    assert ps.luks and ps.payload == 64 << 10
+    calls: list[tuple[str, dict[str, object]]] = []
+
+    def qmp(_dom: object, cmd: str, args: dict[str, object] | None = None) -> object:
+        calls.append((cmd, args or {}))
+        if cmd == "query-named-block-nodes":
+            return [{"node-name": hotplug.FILE_NODE, "image": {"virtual-size": 1 << 30}}]
+        if cmd == "qom-list":
+            return []
+        return {}
+
+    monkeypatch.setattr(hotplug, "qmp", qmp)
+    ps = dataclasses.replace(ps, offset=1 << 20)
+    added = hotplug.plug(object(), str(tmp_path / "vm.nvram"), ps)
+    adds = [(c, a) for c, a in calls if c in ("blockdev-add", "device_add")]
+    lnode = qemuargs.luks_node_name("state0")
+    assert [a.get("node-name", a.get("id")) for _c, a in adds] == [
+        qemuargs.node_name("state0"), lnode, "nvmgr-state0"]
+    assert adds[1][1] == {"driver": "luks", "file": qemuargs.node_name("state0"),
+                          "key-secret": qemuargs.KEY_SECRET_ID, "node-name": lnode}
+    assert adds[2][1]["drive"] == lnode and adds[2][1]["driver"] == "virtio-blk-pci"
+    # The device id is the slice's node name (device='nvmgr-state0'): named once.
+    assert added == [qemuargs.node_name("state0"), lnode] and lnode != "nvmgr-state0"
+
+
+def test_a_later_start_with_a_key_killed_at_every_io_of_prepare(tmp_path: Path) -> None:
+    """A domain with a key that ran before: its prepare (the key's check against
+    the image, the in-use marks, the runtime key file's write, fsync and rename)
+    SIGKILLed at each I/O.  The runtime key file is absent or the whole
+    passphrase, never a part; the image checks under the key; the start tried
+    again (after libvirtd's release, or not) stages it, ``started`` removes it."""
+    from test_hook_crash import ok, sweep
+
+    from tests import hookdom
+
+    key = make_key(tmp_path / "vm.key")
+    d = hookdom.wired_domain(tmp_path, "klater", key_file=key)
+    kek = Kek(key.read_bytes())
+    template = Path(hookdom.OVMF_VARS).read_bytes()
+    ok(d.hook("prepare", "begin"))  # the first start: image, volume, TPM section
+    ok(d.hook("started", "begin"))
+    ok(d.hook("release", "end"))
+    with Image.open(str(d.image), kek=kek) as img:
+        phrase = img.luks_passphrase()
+        assert img.section("uefi-vars").luks and img.check().ok
+
+    def judge(c: hookdom.HookDomain, n: int) -> str:
+        keyfile = c.runtime_root / c.uuid / "image.key"
+        left = keyfile.read_bytes() if keyfile.exists() else None
+        assert left in (None, phrase), "a runtime key file that is not the whole passphrase"
+        with Image.open(str(c.image), kek=kek) as img:
+            assert img.check().ok and img.get("uefi-vars") == template
+        if n % 2:
+            ok(c.hook("release", "end"))  # libvirtd's answer to the failed start
+            assert not keyfile.exists()
+        ok(c.hook("prepare", "begin"))
+        assert keyfile.read_bytes() == phrase
+        ok(c.hook("started", "begin"))
+        assert not keyfile.exists()
+        ok(c.hook("release", "end"))
+        with Image.open(str(c.image), kek=kek) as img:
+            assert img.check().ok and not any(s.dirty for s in img.directory.sections)
+            assert img.get("uefi-vars") == template
+        return "key" if left else "-"
+
+    outcomes = sweep(d, tmp_path, "prepare", "begin", judge)
+    assert "key" in outcomes and outcomes[0] == "-", outcomes  # killed after the rename, and before

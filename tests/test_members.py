@@ -284,3 +284,71 @@ def test_max_image_size_survives_the_rewrite_of_the_metadata() -> None:
     qemuargs.apply_plan(dom, plan, "/var/lib/libvirt/nvmgr/x.nvram", "raw", uuid.uuid4())
     again = parse_domain(dom.to_xml())
     assert again.nvmgr is not None and again.nvmgr.max_image_size == 64 << 20
+
+
+# ---------------------------------------------------------------- a member rolled back
+
+def test_a_member_replaced_by_an_older_copy_of_itself(tmp_path: Path, nvmgr: RunCli) -> None:
+    """Same UUID, same parent, an older directory generation: refused (exit 4)
+    by get, check and put, naming the member, its section and both
+    generations; nothing written."""
+    p, m = _split_blob(tmp_path)
+    old = m.read_bytes()  # a copy of the member, as a backup of the file would keep it
+    with Image.open(str(p), writable=True) as img:
+        img.put("blob", b"newer bytes")  # the member's commit, then the image records it
+        gen = img.member_image(1).directory.generation
+    with Image.open(str(p)) as img:
+        assert img.directory.members[0].generation == gen  # type: ignore[index]
+    m.write_bytes(old)
+    _refused(p, m, nvmgr, rf"member image 1 \(.*holding section\(s\) blob\) is an older copy "
+                          rf"of itself: its directory is generation {gen - 1}.* recorded "
+                          rf"generation {gen}")
+
+
+def test_a_member_newer_than_recorded_is_taken_and_old_records_check_nothing(
+        tmp_path: Path) -> None:
+    """A crash between the member's commit and the image's leaves the member
+    newer than the record: taken.  An image written before the record
+    existed (no generation): opened, and recorded at its next commit."""
+    p, m = _split_blob(tmp_path)
+    with Image.open(str(m), writable=True) as mi:  # the member alone: the image's commit lost
+        mi.put("blob", b"member only")
+    with Image.open(str(p)) as img:
+        assert img.get("blob") == b"member only" and img.check().ok
+    with Image.open(str(p), writable=True) as img:  # as an older nvmgr wrote it
+        d = img._copy_dir()
+        d.members = [dataclasses.replace(x, generation=None) for x in d.members or []]
+        img._commit(d)
+    with Image.open(str(p), writable=True) as img:
+        assert img.directory.members[0].generation is None  # type: ignore[index]
+        assert img.get("blob") == b"member only" and img.check().ok
+        img.put("blob", b"again")
+        assert img.directory.members[0].generation == (  # type: ignore[index]
+            img.member_image(1).directory.generation)
+
+
+def test_the_hook_refuses_a_start_on_a_rolled_back_member(tmp_path: Path) -> None:
+    """The prepare hook (its own process, as libvirtd runs it) refuses the
+    start, naming the member; neither file changes."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hookdom import wired_domain
+
+    d = wired_domain(tmp_path, "rollback")
+    assert d.hook("prepare", "begin").returncode == 0
+    assert d.hook("release", "end").returncode == 0
+    with Image.open(str(d.image)) as img:
+        tpm = next(s.name for s in img.directory.sections if s.binding is Binding.TPM)
+    m = tmp_path / "other" / "tpm.nvram"
+    m.parent.mkdir(exist_ok=True)
+    with Image.open(str(d.image), writable=True) as img:
+        split(img, [tpm], str(m))
+        old = m.read_bytes()
+        img.put(tpm, b"TPM state written after the copy")
+    m.write_bytes(old)
+    before = _digest(d.image, m)
+    r = d.hook("prepare", "begin")
+    assert r.returncode != 0, r.stderr
+    assert b"member image 1" in r.stderr and b"older copy" in r.stderr, r.stderr
+    assert _digest(d.image, m) == before

@@ -57,7 +57,8 @@ def directories(draw: st.DrawFn) -> Directory:
                        for _ in range(draw(st.integers(1, 8)))]
     if draw(st.booleans()):
         d.members = [Member(1, "/var/lib/nvmgr/m1.img", uuid.uuid4(),
-                            draw(st.none() | st.sampled_from(["raw", "qcow2"])))]
+                            draw(st.none() | st.sampled_from(["raw", "qcow2"])),
+                            draw(st.none() | st.integers(0, 2**63 - 1)))]
     else:  # a member image names its parent (members do not nest)
         d.parent = draw(st.none() | st.uuids())
     runners = st.none() | st.builds(Runner, st.binary(min_size=16, max_size=16),

@@ -176,13 +176,22 @@ def _open(args: argparse.Namespace, *, writable: bool = False, with_key: bool = 
                       wait=getattr(args, "wait", 0.0) or 0.0)
 
 
-def _section_spec(text: str, encrypted: bool = False) -> SectionSpec:
+def _section_spec(text: str, *, luks: bool = False) -> SectionSpec:
+    """A ``--section NAME:SIZE[:BINDING]``.
+
+    :param luks: the image has a key: a live section (``pflash``, ``block``)
+        is a LUKS volume QEMU opens (issue 8), SIZE is what its device sees and
+        the section counts the LUKS header on top (the image encrypts the
+        other sections itself).
+    """
     from nvmgr.format.layout import SectionSpec
-    from nvmgr.format.model import Binding
+    from nvmgr.format.model import LUKS_HEADER_SIZE, Binding
 
     parts = text.split(":")
     if len(parts) not in (2, 3):
         raise UsageError(f"--section {text!r}: use NAME:SIZE or NAME:SIZE:BINDING")
     binding = Binding.parse(parts[2]) if len(parts) == 3 else Binding.OPAQUE
-    return SectionSpec(parts[0], parse_size(parts[1], what=f"size of section {parts[0]}"),
-                       binding, encrypted=encrypted and not binding.live)
+    size = parse_size(parts[1], what=f"size of section {parts[0]}")
+    if luks and binding.live:
+        return SectionSpec(parts[0], size + LUKS_HEADER_SIZE, binding, encrypted=True)
+    return SectionSpec(parts[0], size, binding)

@@ -59,14 +59,15 @@ def _create_args(p: argparse.ArgumentParser) -> None:
     _add_key_args(p)
 
 
-@command("create", "create an image with empty sections",
+@command("create", "create an image with empty sections (with a key, every section is "
+         "encrypted: pflash and block ones are LUKS volumes, SIZE what the device sees)",
          "nvmgr create vm1.nvram -f qcow2 -s efivars:528K:pflash -s tpm-permall:128K:tpm "
          "--key-file /etc/nvmgr/vm1.key", render=lambda r: _render_info(r))
 def cmd_create(args: argparse.Namespace) -> Result:
     from nvmgr.image.image import Image
 
     kek = load_key(args)
-    specs = [_section_spec(s) for s in args.section]
+    specs = [_section_spec(s, luks=kek is not None) for s in args.section]
     dom = None
     if args.domain_uuid:
         try:
@@ -212,7 +213,7 @@ def cmd_get(args: argparse.Namespace) -> Result:
             with contextlib.ExitStack() as stack:
                 out: list[Any] = []
 
-                def write(chunk: bytes) -> None:
+                def write(chunk: bytes | memoryview) -> None:
                     if not out:
                         fd = os.open(args.output_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                                      0o600)
@@ -341,8 +342,12 @@ def cmd_grow(args: argparse.Namespace) -> Result:
     from nvmgr.provision.prepare import grow
 
     contents = _contents(args.content)
-    with _open(args, writable=True, with_key=bool(contents)) as img:
-        grow(img, [_section_spec(s) for s in args.section], contents=contents)
+    live = any(_section_spec(s).binding.live for s in args.section)
+    # The key for contents to encrypt, and for a live section of an encrypted image
+    # (a LUKS volume, made before the commit that adds it).
+    with _open(args, writable=True, with_key=bool(contents) or live) as img:
+        grow(img, [_section_spec(s, luks=img.directory.encrypted) for s in args.section],
+             contents=contents)
         return _info(img)
 
 

@@ -26,8 +26,10 @@ a streaming pass without decrypting (``nvmgr check`` on large sections).
 
 from __future__ import annotations
 
+import mmap
 import os
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from cryptography.exceptions import InvalidSignature
@@ -71,7 +73,13 @@ IV_LEN = 16
 #: HMAC-SHA256 tag length.
 MAC_LEN = 32
 
+#: What the one-pass methods read from: any contiguous bytes, viewed, never copied.
+BytesLike = bytes | bytearray | memoryview | mmap.mmap
+
 _BLOCK = 16
+#: Bytes per step of a one-shot encryption or decryption: each step's
+#: ciphertext is MACed (and crc'd) while it is still in the CPU's cache.
+_STEP = 256 << 10
 _KEY_ID_INFO = b"nvmgr-kek-id-v1"
 _ENC_INFO = b"nvmgr-v1 section encryption"
 _MAC_INFO = b"nvmgr-v1 section mac"
@@ -238,7 +246,7 @@ class SectionCipher:
 
     # -- one-shot -------------------------------------------------------
 
-    def encrypt(self, name: str, plaintext: bytes) -> tuple[bytes, bytes, bytes]:
+    def encrypt(self, name: str, plaintext: BytesLike) -> tuple[bytes, bytes, bytes]:
         """Encrypt the payload of section *name* under a fresh random IV.
 
         :param name: the section name, bound into the MAC.
@@ -247,39 +255,156 @@ class SectionCipher:
             ``(len(plaintext) // 16 + 1) * 16`` bytes, the IV 16, the MAC 32.
         :raise UsageError: *name* is empty or contains NUL.
         """
-        enc = self.encryptor(name)
-        body = enc.update(plaintext)
-        last, mac = enc.finalize()
-        return body + last, enc.iv, mac
+        parts: list[bytes] = []
+        _n, iv, mac, _crc = self.seal_to(name, plaintext, lambda _off, piece: parts.append(
+            bytes(piece)))
+        return b"".join(parts), iv, mac
 
-    def decrypt(self, name: str, ciphertext: bytes, iv: bytes, mac: bytes) -> bytes:
+    def seal_to(self, name: str, plaintext: BytesLike, write: Callable[[int, memoryview], object],
+                *, chunk: int = 4 << 20) -> tuple[int, bytes, bytes, int]:
+        """:meth:`encrypt` in one pass, streamed: the ciphertext goes to
+        ``write(offset, view)`` in pieces of up to *chunk* bytes (the view is
+        reused after the call returns: copy or write it, do not keep it).
+
+        The same bytes as :meth:`encrypt` (PKCS#7, AES-256-CBC, the MAC over
+        the IV and ciphertext), made in steps of 256 KiB from views of
+        *plaintext* (never copied) into one buffer of *chunk* bytes; each step
+        is MACed and crc'd while it is in the CPU's cache.  The crc32 is what
+        an image's directory keeps to check the stored bytes without the key.
+
+        :return: ``(length of the ciphertext, iv, mac, crc32 of the ciphertext)``.
+        :raise UsageError: *name* is empty or contains NUL.
+        """
+        bname = _check_name(name)
+        chunk = max(_BLOCK, chunk - chunk % _BLOCK)
+        src = memoryview(plaintext).cast("B")
+        n = len(src)
+        full = n - n % _BLOCK
+        pad = _BLOCK - (n - full)
+        tail = bytes(src[full:]) + bytes([pad]) * pad
+        iv = os.urandom(IV_LEN)
+        enc = self._cipher(iv).encryptor()
+        mac = self._mac(bname, iv)
+        crc = 0
+        # Room for a chunk, the padded last block, and the block more update_into wants.
+        buf = bytearray(min(chunk, full) + 2 * _BLOCK)
+        fill = base = off = 0
+        with memoryview(buf) as view:
+            while True:
+                k = min(_STEP, full - off, chunk - fill)
+                if k:
+                    with src[off:off + k] as piece, view[fill:] as into:
+                        enc.update_into(piece, into)
+                last = off + k == full
+                m = k
+                if last:
+                    with view[fill + k:] as into:
+                        enc.update_into(tail, into)
+                    m += _BLOCK
+                with view[fill:fill + m] as piece:
+                    mac.update(piece)
+                    crc = zlib.crc32(piece, crc)
+                fill += m
+                off += k
+                if last or fill >= chunk:
+                    with view[:fill] as piece:
+                        write(base, piece)
+                    base += fill
+                    fill = 0
+                if last:
+                    break
+        enc.finalize()
+        return full + _BLOCK, iv, mac.finalize(), crc
+
+    def _verify(self, name: str, src: memoryview, iv: bytes, mac: bytes,
+                crc32: int | None) -> None:
+        """One pass over the ciphertext *src*: its crc32 (when given) and its MAC."""
+        h = self._mac(_check_name(name), self._check_iv(name, iv))
+        crc = 0
+        for off in range(0, len(src), _STEP):
+            with src[off:off + _STEP] as piece:
+                h.update(piece)
+                if crc32 is not None:
+                    crc = zlib.crc32(piece, crc)
+        if crc32 is not None and crc != crc32:
+            raise self._corrupt(name, f"crc32 {crc:08x}, directory says {crc32:08x}")
+        try:
+            h.verify(bytes(mac))
+        except InvalidSignature:
+            raise self._corrupt(name, "MAC mismatch") from None
+        if not src or len(src) % _BLOCK:
+            raise self._corrupt(name, "bad length")
+
+    def _padding(self, name: str, src: memoryview, iv: bytes) -> int:
+        """The PKCS#7 padding length of the (verified) ciphertext *src*,
+        from its last block alone (CBC: that block decrypted, XOR the one
+        before it or the IV), so nothing is written before it is known good."""
+        prev = bytes(src[-2 * _BLOCK:-_BLOCK]) if len(src) > _BLOCK else bytes(iv)
+        ecb = Cipher(algorithms.AES256(self.__enc_key), modes.CBC(prev)).decryptor()
+        last = ecb.update(bytes(src[-_BLOCK:])) + ecb.finalize()
+        pad = last[-1]
+        if not 1 <= pad <= _BLOCK or last[-pad:] != bytes([pad]) * pad:
+            raise self._corrupt(name, "bad padding")
+        return pad
+
+    def decrypt(self, name: str, ciphertext: BytesLike, iv: bytes, mac: bytes, *,
+                crc32: int | None = None) -> bytes:
         """Verify and decrypt the payload of section *name*.
 
-        The MAC is checked in constant time before anything is decrypted.
+        The MAC is checked in constant time before anything is decrypted.  In
+        the same pass over the ciphertext (256 KiB steps), when *crc32* is
+        given, its crc32 is checked too (the image's check without the key:
+        a mismatch is reported as such, before the MAC's verdict).
 
         :param name: the section name the payload was encrypted under.
         :param ciphertext: the stored bytes.
         :param iv: the section's IV (16 bytes).
         :param mac: the section's MAC (32 bytes).
+        :param crc32: the crc32 the directory keeps for the stored bytes.
         :return: the payload.
-        :raise CorruptError: the MAC does not match (tampered or damaged
-            ciphertext, IV, MAC or name, or another image's key), or the MAC
-            matches but the length or padding is wrong.
+        :raise CorruptError: the crc32 or the MAC does not match (tampered or
+            damaged ciphertext, IV, MAC or name, or another image's key), or
+            the MAC matches but the length or padding is wrong.
         :raise UsageError: *name* is empty or contains NUL.
         """
-        ver = self.verifier(name, iv)
-        ver.update(ciphertext)
-        if not ver.verify(mac):
-            raise self._corrupt(name, "MAC mismatch")
-        if not ciphertext or len(ciphertext) % _BLOCK:
-            raise self._corrupt(name, "bad length")
+        parts: list[bytes] = []
+        self.decrypt_to(name, ciphertext, iv, mac, lambda piece: parts.append(bytes(piece)),
+                        crc32=crc32)
+        return b"".join(parts)
+
+    def decrypt_to(self, name: str, ciphertext: BytesLike, iv: bytes, mac: bytes,
+                   write: Callable[[memoryview], object], *, crc32: int | None = None,
+                   chunk: int = 4 << 20) -> int:
+        """:meth:`decrypt`, streamed: the payload goes to ``write(view)`` in
+        pieces of up to *chunk* bytes (the view is reused after the call
+        returns), decrypted in 256 KiB steps into one buffer.  Nothing is
+        written before the MAC (and *crc32*) and the padding are checked.
+
+        :return: the payload's length.
+        :raise CorruptError, UsageError: as :meth:`decrypt`.
+        """
+        src = memoryview(ciphertext).cast("B")
+        self._verify(name, src, iv, mac, crc32)
+        n = len(src) - self._padding(name, src, iv)
+        chunk = max(_BLOCK, chunk - chunk % _BLOCK)
         dec = self._cipher(bytes(iv)).decryptor()
-        padded = dec.update(bytes(ciphertext)) + dec.finalize()
-        unpadder = padding.PKCS7(128).unpadder()
-        try:
-            return unpadder.update(padded) + unpadder.finalize()
-        except ValueError as e:
-            raise self._corrupt(name, "bad padding") from e
+        buf = bytearray(min(chunk, len(src)) + _BLOCK)
+        done = 0  # ciphertext offset decrypted so far
+        with memoryview(buf) as view:
+            while done < len(src):
+                fill = 0
+                while fill < chunk and done < len(src):
+                    k = min(_STEP, chunk - fill, len(src) - done)
+                    with src[done:done + k] as piece, view[fill:] as into:
+                        dec.update_into(piece, into)
+                    fill += k
+                    done += k
+                keep = fill - max(0, done - n)  # the padding is not the payload's
+                if keep:
+                    with view[:keep] as piece:
+                        write(piece)
+        dec.finalize()
+        return n
 
     # -- live sections: LUKS volumes QEMU opens ---------------------------
 

@@ -675,6 +675,24 @@ def _max_image_size(node: etree._Element) -> int | None:
 # Writing
 
 
+def from_text(text: str) -> NvmgrMetadata:
+    """An ``<nvmgr:nvram>`` element as libvirt's ``virDomainGetMetadata`` gives
+    it (the element alone, and libvirt 9.0 gives it without its namespace:
+    elements in no namespace are taken as nvmgr's), checked as
+    :func:`from_element` checks it.
+
+    :raise InvalidInputError: not well-formed, not an ``<nvmgr:nvram>``, or
+        metadata the schema or a rule refuses.
+    """
+    node = parse_tree(text, what="nvmgr metadata")
+    for el in node.iter(etree.Element):
+        if not str(el.tag).startswith("{"):
+            el.tag = f"{{{NVMGR_NS}}}{el.tag}"
+    if node.tag != clark("nvmgr:nvram"):
+        raise InvalidInputError(f"nvmgr metadata: the element is <{node.tag}>, not <nvmgr:nvram>")
+    return from_element(node)
+
+
 def to_text(meta: NvmgrMetadata) -> str:
     """*meta* as the text of a ``<nvmgr:nvram>`` element for libvirt's ``setMetadata``.
 

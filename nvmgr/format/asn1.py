@@ -223,6 +223,12 @@ class Member(univ.Sequence):
         namedtype.OptionalNamedType(
             "format", ContainerFormat().subtype(implicitTag=_ctx(0))
         ),
+        namedtype.OptionalNamedType(
+            "generation",
+            univ.Integer().subtype(
+                subtypeSpec=constraint.ValueRangeConstraint(0, 9223372036854775807)
+            ).subtype(implicitTag=_ctx(1)),
+        ),
     )
 
 
@@ -379,6 +385,8 @@ def directory_to_asn1(d: model.Directory) -> Directory:
             ma["imageUUID"] = m.image_uuid.bytes
             if m.fmt is not None:
                 ma["format"] = model.MEMBER_FORMATS.index(m.fmt)
+            if m.generation is not None:
+                ma["generation"] = m.generation
             mem.append(ma)
     for field, who in (("runner", d.runner), ("incoming", d.incoming)):
         if who is not None:
@@ -449,7 +457,8 @@ def directory_from_asn1(a: Any) -> model.Directory:
             model.Member(index=int(m["index"]), path=str(m["path"]),
                          image_uuid=uuid.UUID(bytes=bytes(m["imageUUID"])),
                          fmt=model.MEMBER_FORMATS[int(m["format"])] if m["format"].isValue
-                         else None)
+                         else None,
+                         generation=int(m["generation"]) if m["generation"].isValue else None)
             for m in a["members"]
         ]
     return model.Directory(

@@ -198,16 +198,21 @@ class Member:
 
     ``path`` is as recorded: absolute, an ``rbd:`` location, or relative to
     the directory of the image that lists it.  ``fmt`` None: probed.
+    ``generation``: the member's directory generation when this image last
+    committed with the member open (a lower bound: a member whose directory
+    is older is an older copy of itself, refused); None: not recorded (an
+    image written before it was), nothing checked.
     """
 
     index: int
     path: str
     image_uuid: uuid.UUID
     fmt: str | None = None
+    generation: int | None = None
 
     def to_json(self) -> dict[str, object]:
         return {"index": self.index, "path": self.path, "image_uuid": str(self.image_uuid),
-                "format": self.fmt}
+                "format": self.fmt, "generation": self.generation}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -321,7 +321,10 @@ def read_header(body: bytes) -> tuple[Directory, bytes, bytes]:
             if m.peek() == ctx(0):
                 fmt = MEMBER_FORMATS[m.integer("member format", 0, len(MEMBER_FORMATS) - 1,
                                                tag=ctx(0))]
-            members.append(Member(index, path, image, fmt))
+            seen = None
+            if m.peek() == ctx(1):
+                seen = m.integer("member generation", 0, INT64_MAX, tag=ctx(1))
+            members.append(Member(index, path, image, fmt, seen))
             m.done()
         if not 1 <= len(members) <= 64:
             raise mem._fail(f"{len(members)} members; 1..64 allowed")

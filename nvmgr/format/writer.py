@@ -103,7 +103,8 @@ def encode_directory(d: Directory) -> bytes:
         members = b"".join(
             tlv(SEQUENCE, integer(m.index) + _utf8(m.path)
                 + tlv(OCTET_STRING, m.image_uuid.bytes)
-                + (integer(MEMBER_FORMATS.index(m.fmt), ctx(0)) if m.fmt is not None else b""))
+                + (integer(MEMBER_FORMATS.index(m.fmt), ctx(0)) if m.fmt is not None else b"")
+                + (integer(m.generation, ctx(1)) if m.generation is not None else b""))
             for m in d.members)
         parts.append(tlv(ctx(2, True), members))
     for n, who in ((3, d.runner), (4, d.incoming)):

@@ -301,6 +301,10 @@ class Image:
         self._wait = 0.0
         #: Member images opened so far (by index), checked against this directory.
         self._members: dict[int, Image] = {}
+        #: A member image opened by its parent: (the parent, this member's index).
+        #: Each commit of it is followed by one of the parent's that records the
+        #: member's new generation (:meth:`_member_committed`).
+        self._parent: tuple[Image, int] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -547,8 +551,36 @@ class Image:
         except BaseException:
             mi.close()
             raise
-        self._members[index] = mi
+        self.adopt_member(index, mi)
         return mi
+
+    def adopt_member(self, index: int, mi: Image) -> None:
+        """Keep *mi*, member *index* of this image (listed and checked), open:
+        its commits are recorded here (its generation) from now on."""
+        self._members[index] = mi
+        mi._parent = (self, index)
+
+    def _member_committed(self, index: int, mi: Image) -> None:
+        """Member *index* committed: record its generation here, in a commit of
+        this image (a crash between the two leaves the member newer than the
+        record, which is taken; only an older one is refused)."""
+        m = self.directory.member(index)
+        if (m is None or m.image_uuid != mi.directory.image_uuid
+                or m.generation == mi.directory.generation or not self.container.writable):
+            return
+        self._commit(self._copy_dir())
+
+    def _member_generations(self, new: Directory) -> None:
+        """Record in *new* the generation of every member open (and still the one listed)."""
+        if not new.members or not self._members:
+            return
+        out = []
+        for m in new.members:
+            mi = self._members.get(m.index)
+            if mi is not None and mi.directory.image_uuid == m.image_uuid:
+                m = dataclasses.replace(m, generation=mi.directory.generation)
+            out.append(m)
+        new.members = out
 
     def _check_member(self, mi: Image, m: Member, what: str) -> None:
         d = mi.directory
@@ -560,6 +592,15 @@ class Image:
             whose = f"image {d.parent}" if d.parent else "no image (it is not a member)"
             raise MemberError(f"{what} belongs to {whose}, not to this image "
                               f"({self.directory.image_uuid})", image=self.path)
+        if m.generation is not None and d.generation < m.generation:
+            first = self.member_sections(m.index)
+            raise MemberError(
+                f"{what} is an older copy of itself: its directory is generation "
+                f"{d.generation}, and this image recorded generation {m.generation} of it "
+                "(the member's file was replaced by an earlier copy, a backup or snapshot "
+                "of it?): put the current member file back; to go back to older contents, "
+                "restore them into the current files (nvmgr restore, nvmgr put)",
+                image=self.path, section=first[0].name if first else None)
         if d.members:
             raise MemberError(f"{what} lists members of its own; members do not nest",
                               image=self.path)
@@ -651,6 +692,13 @@ class Image:
                 f"{MAX_IN_MEMORY:,} read into memory at once: stream it "
                 f"(nvmgr get -o FILE)", image=self.path, section=name)
         raw = self.container.read(s.offset, s.stored_length)
+        if s.crypto is not None:  # one pass checks the crc32 and the MAC
+            try:
+                return self._get_cipher().decrypt(name, raw, s.crypto.iv, s.crypto.mac,
+                                                  crc32=s.crc32)
+            except CorruptError as e:
+                e.image = self.path
+                raise
         if not (s.live and s.dirty):
             crc = zlib.crc32(raw)
             if crc != s.crc32:
@@ -661,21 +709,17 @@ class Image:
                 )
         if s.luks:
             return self._luks_payload(s, raw)
-        if s.crypto is None:
-            return raw
-        try:
-            return self._get_cipher().decrypt(name, raw, s.crypto.iv, s.crypto.mac)
-        except CorruptError as e:
-            e.image = self.path
-            raise
+        return raw
 
-    def get_to(self, name: str, write: Callable[[bytes], object]) -> int:
+    def get_to(self, name: str, write: Callable[[bytes | memoryview], object]) -> int:
         """Write the section's payload through *write*, verified; return its length.
 
         Unencrypted sections stream in :data:`CHUNK` pieces (a first pass
         checks the crc, a second copies), so memory stays bounded whatever
-        the section's size.  Encrypted sections go through :meth:`get`: the
-        MAC is checked before any byte is decrypted.
+        the section's size.  Encrypted sections are read whole, their crc32
+        and MAC checked in one pass, then decrypted and written in
+        :data:`CHUNK` pieces: no byte is decrypted before the MAC is checked.
+        *write* may be given a ``memoryview`` that is reused after it returns.
 
         :raise CorruptError, KeyRequiredError, WrongKeyError: as :meth:`get`.
         """
@@ -683,7 +727,16 @@ class Image:
         if holder is not self:
             return holder.get_to(name, write)
         s = self._local(self.section(name))
-        if s.crypto is not None or s.luks or s.stored_length <= CHUNK:
+        if s.crypto is not None:  # verified whole in memory, then decrypted chunk by chunk
+            cipher = self._get_cipher()
+            raw = self.container.read(s.offset, s.stored_length)
+            try:
+                return cipher.decrypt_to(name, raw, s.crypto.iv, s.crypto.mac, write,
+                                         crc32=s.crc32, chunk=CHUNK)
+            except CorruptError as e:
+                e.image = self.path
+                raise
+        if s.luks or s.stored_length <= CHUNK:
             data = self.get(name)
             write(data)
             return len(data)
@@ -864,7 +917,9 @@ class Image:
         self._commit(self._copy_dir())
 
     def _commit(self, new: Directory) -> None:
-        """Write *new* as the next generation into the other header copy, flush."""
+        """Write *new* as the next generation into the other header copy, flush;
+        a member's commit is then recorded in its parent's directory."""
+        self._member_generations(new)
         new = dataclasses.replace(new, generation=self.directory.generation + 1)
         mac = self._directory_mac(new)
         blob = codec.encode_header(new, mac)
@@ -876,6 +931,9 @@ class Image:
         self._written[target] = len(blob)
         self._slot = target
         self.directory = new
+        if self._parent is not None:
+            parent, index = self._parent
+            parent._member_committed(index, self)
 
     def _copy_dir(self) -> Directory:
         return dataclasses.replace(
@@ -938,9 +996,22 @@ class Image:
         if s.luks:
             stored = bytes(data) if volume else self._luks_volume(s, data)
         elif s.encrypted:
-            ct, iv, mac = self._get_cipher().encrypt(name, bytes(data))
-            stored, crypto = ct, SectionCrypto(iv=iv, mac=mac)
-        crc = zlib.crc32(stored)
+            if s.spare is None:  # the directory decodes, but offers nowhere to write
+                raise CorruptError(f"section {name} has no spare slot to write into",
+                                   image=self.path, section=name)
+            spare, total = s.spare, len(data)
+
+            def write(off: int, piece: memoryview) -> None:
+                self.container.write(spare + off, piece)
+                if progress:
+                    progress(min(off + len(piece), total), total)
+
+            # One pass: encrypted, MACed and crc'd step by step, straight into the spare slot.
+            _n, iv, mac, crc = self._get_cipher().seal_to(name, data, write, chunk=CHUNK)
+            self.container.flush()
+            crypto = SectionCrypto(iv=iv, mac=mac)
+        if crypto is None:
+            crc = zlib.crc32(stored)
         new = self._copy_dir()
         ns = self._find(new, name)
         # A forced write keeps the in-use mark: only release or repair clears it.
@@ -956,7 +1027,8 @@ class Image:
             if s.spare is None:  # the directory decodes, but offers nowhere to write
                 raise CorruptError(f"section {name} has no spare slot to write into",
                                    image=self.path, section=name)
-            self._write_flush(s.spare, stored, progress)
+            if crypto is None:  # an encrypted payload is there already (seal_to)
+                self._write_flush(s.spare, stored, progress)
             ns.offset, ns.spare = s.spare, s.offset
             self._commit(new)
         log.info("%s: put %d bytes into section %s", self.path, len(data), name)
@@ -976,7 +1048,8 @@ class Image:
         self._commit(new)
 
     def add_sections(self, specs: Iterable[SectionSpec],
-                     contents: Mapping[str, Buffer] | None = None) -> list[Section]:
+                     contents: Mapping[str, Buffer] | None = None,
+                     in_use: Iterable[str] = ()) -> list[Section]:
         """Add sections, growing the image; existing sections do not move.
 
         New slots go first-fit into space nothing uses (see
@@ -987,6 +1060,9 @@ class Image:
         section is) are written into their new slots and flushed before the
         one commit that adds the sections: a crash leaves the image without
         them or with them and their bytes, never a section with other bytes.
+
+        *in_use*: new live sections marked in use by the running VM in that
+        same commit (a hot-plug: QEMU writes them from now on).
 
         :raise NoSpaceError: contents larger than their section, the
             directory or the image full.
@@ -1046,6 +1122,10 @@ class Image:
                 wrote = True
         if wrote:
             self.container.flush()
+        marked = set(in_use)
+        for ns in new.sections:
+            if ns.name in marked and ns.live and any(s.name == ns.name for s in specs):
+                ns.dirty = True
         self._commit(new)
         return [self.section(s.name) for s in specs]
 

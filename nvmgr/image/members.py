@@ -30,7 +30,7 @@ import dataclasses
 import logging
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from nvmgr.errors import (
     BusyError,
@@ -44,7 +44,7 @@ from nvmgr.errors import (
 from nvmgr.format import codec
 from nvmgr.format.layout import SectionSpec, extend, layout
 from nvmgr.format.model import MAX_MEMBERS, Member, Section
-from nvmgr.image.image import CHUNK, Image
+from nvmgr.image.image import CHUNK, Buffer, Image
 from nvmgr.storage.formats import absolute, image_exists
 from nvmgr.storage.rbd import is_rbd
 
@@ -153,10 +153,12 @@ def _only_zeros(path: str, limit: int = 1 << 30) -> bool:
     return True
 
 
-def _open_target(img: Image, into: str, fmt: str | None,
-                 specs: list[SectionSpec]) -> tuple[Image, Member, bool]:
+def _open_target(img: Image, into: str, fmt: str | None, specs: list[SectionSpec],
+                 contents: Mapping[str, Buffer] | None = None) -> tuple[Image, Member, bool]:
     """The member to move *specs* into: the listed member at *into* (its
-    entries of those names that nothing names removed first), or a new one.
+    entries of those names that nothing names removed first), or a new one;
+    *contents* (new sections' first bytes) are in it, committed, before
+    anything names them.
 
     :return: (member image, its record, whether it was created)
     """
@@ -169,19 +171,20 @@ def _open_target(img: Image, into: str, fmt: str | None,
             for s in specs:
                 if mi.directory.find(s.name) is not None:  # left by an interrupted split
                     mi.remove(s.name, force=True)
-            mi.add_sections(specs)
+            mi.add_sections(specs, contents)
             return mi, m, False
     if _same_place(target, img.path):
         raise UsageError(f"{into} is the image itself", image=img.path)
     fmt = "raw" if is_rbd(target) else (fmt or ("raw" if is_rbd(img.path) else img.fmt))
     index = free_index(img)
     _clear_leftover(img, target)
-    mi = _create_member(img, target, specs, fmt)
+    mi = _create_member(img, target, specs, fmt, contents)
     return mi, Member(index, target, mi.directory.image_uuid, fmt), True
 
 
-def _create_member(img: Image, target: str, specs: list[SectionSpec], fmt: str) -> Image:
-    """A new, empty member of *img* at *target*.
+def _create_member(img: Image, target: str, specs: list[SectionSpec], fmt: str,
+                   contents: Mapping[str, Buffer] | None = None) -> Image:
+    """A new member of *img* at *target*, its sections empty or holding *contents*.
 
     A file is made under ``TARGET.partial`` (a partial one an earlier crash
     left is removed first), its directory committed, then renamed to
@@ -189,12 +192,19 @@ def _create_member(img: Image, target: str, specs: list[SectionSpec], fmt: str) 
     short (an RBD image is created in place: no power-loss model there).
     """
     if is_rbd(target):
-        return Image.create(target, specs, fmt=fmt, parent=img)
+        mi = Image.create(target, specs, fmt=fmt, parent=img)
+        for name, data in (contents or {}).items():
+            mi.put(name, data)
+        return mi
     partial = target + PARTIAL
     with contextlib.suppress(FileNotFoundError):
         os.unlink(partial)
     mi = Image.create(partial, specs, fmt=fmt, parent=img)
-    mi.close()
+    try:
+        for name, data in (contents or {}).items():
+            mi.put(name, data)
+    finally:
+        mi.close()
     try:
         os.rename(partial, target)
         _sync_dir(target)
@@ -215,6 +225,27 @@ def _sync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def _new_member_cleanup(mi: Image, created: bool) -> Iterator[list[bool]]:
+    """Undo a member made for a split or placement that fails: closed, and its
+    file removed while nothing names it yet.
+
+    The body appends to the list it gets just before the parent's commit:
+    from that commit's first write on, the parent may name the member, and
+    its file stays (a retry, or ``check``, finds it).
+    """
+    committing: list[bool] = []
+    try:
+        yield committing
+    except BaseException:
+        if created:
+            mi.close()
+            if not committing and not is_rbd(mi.path):  # named by nothing: gone
+                with contextlib.suppress(OSError):
+                    os.unlink(mi.path)
+        raise
 
 
 def _stub(s: Section, ms: Section, index: int) -> Section:
@@ -280,8 +311,7 @@ def split(img: Image, names: Sequence[str], into: str, *, fmt: str | None = None
     moving = _prepare_move(img, names, force)
     specs = [SectionSpec(s.name, s.capacity, s.binding, s.encrypted, s.device) for s in moving]
     mi, record, created = _open_target(img, into, fmt, specs)
-    committing = False
-    try:
+    with _new_member_cleanup(mi, created) as committing:
         staged = mi._copy_dir()
         for s in moving:
             ms = mi._find(staged, s.name)
@@ -289,21 +319,15 @@ def split(img: Image, names: Sequence[str], into: str, *, fmt: str | None = None
             ms.length, ms.crc32, ms.crypto = s.length, crc, s.crypto
         mi._commit(staged)
         new = img._copy_dir()
-        if created:
-            new.members = [*(new.members or []), record]
+        if created:  # with the generation it has now (older ones are refused)
+            new.members = [*(new.members or []),
+                           dataclasses.replace(record, generation=mi.directory.generation)]
         for s in moving:
             stub = _stub(s, mi._find(mi.directory, s.name), record.index)
             new.sections = [stub if x.name == s.name else x for x in new.sections]
-        committing = True  # from its first write on, the commit may have landed
+        committing.append(True)  # from its first write on, the commit may have landed
         img._commit(new)
-    except BaseException:
-        if created:
-            mi.close()
-            if not committing and not is_rbd(mi.path):  # named by nothing: gone
-                with contextlib.suppress(OSError):
-                    os.unlink(mi.path)
-        raise
-    img._members[record.index] = mi
+    img.adopt_member(record.index, mi)
     log.info("%s: split %s into member %s", img.path, ", ".join(names), mi.path)
     return MemberResult(img.path, mi.path, record.index, list(names), created=created)
 
@@ -354,11 +378,14 @@ def merge(img: Image, where: str, *, force: bool = False) -> MemberResult:
 
 
 def place_in_member(img: Image, specs: Sequence[SectionSpec], *, limit: int,
-                    into: str | None = None) -> list[MemberResult]:
-    """Add new, empty sections *specs* to members of *img* instead of growing
-    it (a domain's image may not exceed *limit* bytes): into the last member
-    while it stays within *limit*, else into new members beside the image,
-    each within *limit* too.
+                    into: str | None = None,
+                    contents: Mapping[str, Buffer] | None = None) -> list[MemberResult]:
+    """Add new sections *specs* to members of *img* instead of growing it (a
+    domain's image may not exceed *limit* bytes): into the last member while
+    it stays within *limit*, else into new members beside the image, each
+    within *limit* too.  *contents* (name -> first bytes) are committed in
+    the member before the image names the section: a crash leaves the image
+    without it, or with it holding those bytes.
 
     :raise NoSpaceError: a section alone needs more than *limit* in a new member.
     """
@@ -397,33 +424,28 @@ def place_in_member(img: Image, specs: Sequence[SectionSpec], *, limit: int,
                     f"{limit:,} bytes (the domain's max-image-size), even alone in a member",
                     image=img.path, section=s.name)
             where = into or member_location(img, free_index(img))
-        out.append(_place(img, batch, where))
+        out.append(_place(img, batch, where, {s.name: contents[s.name] for s in batch
+                                              if contents and s.name in contents}))
         todo = todo[len(batch):]
     return out
 
 
-def _place(img: Image, specs: list[SectionSpec], into: str) -> MemberResult:
-    mi, record, created = _open_target(img, into, None, specs)
-    committing = False
-    try:
+def _place(img: Image, specs: list[SectionSpec], into: str,
+           contents: Mapping[str, Buffer]) -> MemberResult:
+    mi, record, created = _open_target(img, into, None, specs, contents)
+    with _new_member_cleanup(mi, created) as committing:
         new = img._copy_dir()
-        if created:
-            new.members = [*(new.members or []), record]
+        if created:  # with the generation it has now (older ones are refused)
+            new.members = [*(new.members or []),
+                           dataclasses.replace(record, generation=mi.directory.generation)]
         for s in specs:
             ms = mi._find(mi.directory, s.name)
             new.sections.append(_stub(Section(s.name, s.binding, s.capacity, s.reserved, 0,
                                               encrypted=s.encrypted, device=s.device),
                                       ms, record.index))
-        committing = True
+        committing.append(True)
         img._commit(new)
-    except BaseException:
-        if created:
-            mi.close()
-            if not committing and not is_rbd(mi.path):  # named by nothing: gone
-                with contextlib.suppress(OSError):
-                    os.unlink(mi.path)
-        raise
-    img._members[record.index] = mi
+    img.adopt_member(record.index, mi)
     log.info("%s: placed %s in member %s", img.path, ", ".join(s.name for s in specs), mi.path)
     return MemberResult(img.path, mi.path, record.index, [s.name for s in specs],
                         created=created)

@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from nvmgr.domain.elements import Domain
@@ -191,7 +191,8 @@ def _open_existing(path: str, specs: list[SectionSpec], kek: Kek | None,
 
 def grow(img: Image, specs: list[SectionSpec], *,
          max_image_size: int | None = None,
-         contents: Mapping[str, Buffer] | None = None) -> list[MemberResult]:
+         contents: Mapping[str, Buffer] | None = None,
+         in_use: Sequence[str] = ()) -> list[MemberResult]:
     """Add *specs* to *img* (opened writable): the one growth path of define,
     prepare, attach (offline and live), reconcile (the watcher included) and
     ``nvmgr grow``, so a policy about growth has one place to live.
@@ -209,12 +210,17 @@ def grow(img: Image, specs: list[SectionSpec], *,
     *contents* are written and flushed, so a crash leaves the image as it was
     or with the new sections holding exactly those bytes
     (``tests/test_crash.py``, scenarios ``grow-live*``).  A section placed in
-    a member gets its contents by a put after its placement (a crash between
-    leaves it empty).
+    a member holds its contents in the member before the image names it
+    (``tests/test_crash_members.py``, ``grow-data-into*-member``).  A growth
+    that puts some sections in place and others in members commits the image
+    first, then each member's placement: a crash between leaves the first
+    ones added; every section is either absent or there with its bytes.
 
     :param contents: section name -> the bytes a new section starts with (a
         device-state disk's image, an EEPROM blob); encrypted like any put
         when the section is.
+    :param in_use: new live sections to mark in use by the running VM (a
+        hot-plug): in the commit that adds them when they go in place.
     :return: the placements in members (empty: the image grew in place).
     :raise NoSpaceError: a section alone does not fit within the limit, the
         directory is full, or contents do not fit their section.
@@ -224,7 +230,7 @@ def grow(img: Image, specs: list[SectionSpec], *,
         return []
     contents = dict(contents or {})
     if max_image_size is None:
-        img.add_sections(list(specs), contents)
+        img.add_sections(list(specs), contents, in_use)
         return []
     d = img.directory
     enc = [dataclasses.replace(s, encrypted=True) if d.encrypted and not s.binding.live else s
@@ -242,15 +248,16 @@ def grow(img: Image, specs: list[SectionSpec], *,
             rest.append(s)
     if here:
         img.add_sections(here, {k: v for k, v in contents.items()
-                                if k in {s.name for s in here}})
-    placed = place_in_member(img, rest, limit=max_image_size) if rest else []
+                                if k in {s.name for s in here}}, in_use)
+    placed = place_in_member(img, rest, limit=max_image_size,
+                             contents={k: v for k, v in contents.items()
+                                       if k in {s.name for s in rest}}) if rest else []
+    if rest and in_use:
+        img.set_in_use([s.name for s in rest if s.name in set(in_use)], True)
     for r in placed:
         log.warning("%s: the image may not grow past %s bytes (max-image-size): sections %s "
                     "placed in member image %s", img.path, f"{max_image_size:,}",
                     ", ".join(r.sections), r.member)
-    for s in rest:
-        if s.name in contents:
-            img.put(s.name, contents[s.name])
     return placed
 
 

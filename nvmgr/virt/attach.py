@@ -30,13 +30,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nvmgr.domain.device import Device, parse_device
 from nvmgr.domain.elements import Domain, parse_domain
-from nvmgr.domain.metadata import NvmgrMetadata, SectionDecl, to_text
+from nvmgr.domain.metadata import NvmgrMetadata, SectionDecl, from_text, to_text
 from nvmgr.domain.namespaces import NVMGR_NS
-from nvmgr.domain.plan import PlannedSection, plan_for
+from nvmgr.domain.plan import Plan, PlannedSection, plan_for
 from nvmgr.domain.qemuargs import apply_plan, node_name
 from nvmgr.errors import (
     BusyError,
@@ -44,6 +44,7 @@ from nvmgr.errors import (
     NotFoundError,
     NotHotpluggableError,
     NotWiredError,
+    NvmgrError,
     UsageError,
 )
 from nvmgr.format.layout import SectionSpec
@@ -53,6 +54,9 @@ from nvmgr.provision.prepare import grow, plan_with_offsets
 from nvmgr.virt import conn as virt
 from nvmgr.virt import hotplug, secrets
 from nvmgr.virt.define import LOCK_WAIT, _define, image_held, placed_from_args
+
+if TYPE_CHECKING:
+    from nvmgr.crypto.cipher import Kek
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +119,65 @@ def _refuse_live(sections: list[tuple[str, Binding]], device: Device | None, nam
                 "guest at the next boot)", section=sname, domain=name)
 
 
+@dataclasses.dataclass
+class _Run:
+    """What attach and detach both start from: the domain, which parts the
+    flags change, its persistent definition and nvmgr metadata, its key."""
+
+    dom: Any
+    active: bool
+    do_live: bool
+    do_config: bool
+    pers: Domain
+    meta: NvmgrMetadata
+    kek: Kek | None
+    path: str
+    fmt: str
+
+
+def _begin(conn: Any, name: str, uri: str | None, *, live: bool, config: bool,
+           current: bool, persistent: bool) -> _Run:
+    """Look the domain up and read the flags against its state (:func:`affect`)."""
+    lv = virt._libvirt()
+    d = virt.lookup(conn, name)
+    active = bool(d.isActive())
+    do_live, do_config = affect(active, bool(d.isPersistent()), live=live, config=config,
+                                current=current, persistent=persistent)
+    pers = parse_domain(d.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE))
+    meta = _meta(pers, name)
+    return _Run(d, active, do_live, do_config, pers, meta, secrets.domain_kek(meta, uri),
+                str(meta.image), meta.format or "raw")
+
+
+def _libvirt_device(run: _Run, dev: Device, name: str, *, plug: bool) -> None:
+    """Hot-plug (*plug*) or unplug *dev*'s libvirt device in the running VM."""
+    if dev.element is None:
+        return
+    lv = virt._libvirt()
+    try:
+        if plug:
+            run.dom.attachDeviceFlags(dev.libvirt_xml(), lv.VIR_DOMAIN_AFFECT_LIVE)
+        else:
+            run.dom.detachDeviceFlags(dev.libvirt_xml(), lv.VIR_DOMAIN_AFFECT_LIVE)
+    except lv.libvirtError as e:
+        raise ExternalError(f"libvirt could not {'hot-plug' if plug else 'unplug'} "
+                            f"{dev.describe()}", detail=str(e), domain=name) from e
+
+
+def _save_config(run: _Run, new: Domain, placed: Plan | None, image_uuid: Any,
+                 uri: str | None, retry: str) -> None:
+    """Make *new* the persistent definition: of a running VM with the QEMU
+    arguments of *placed* as they are; of a stopped one through define (the
+    image grown and checked as ``nvmgr define`` does it)."""
+    if not run.active:
+        _define(new, new.to_xml(), uri=uri, kek=run.kek, retry=retry)
+        return
+    if placed is None:
+        raise NvmgrError("no placement of the sections for the running VM's definition")
+    apply_plan(new, placed, run.path, run.fmt, image_uuid or "")
+    virt.define(new.to_xml(), uri)
+
+
 def _copy(dom: Domain) -> Domain:
     return parse_domain(dom.to_xml())
 
@@ -124,9 +187,11 @@ def _set_live_metadata(d: Any, add: tuple[SectionDecl, ...] = (),
     """The running VM's nvmgr metadata, with *add* declared and *remove* gone
     (``virsh dumpxml`` shows what runs; a migration's prepare sees it)."""
     lv = virt._libvirt()
-    live = parse_domain(d.XMLDesc(0)).nvmgr
-    if live is None:
-        return
+    try:  # the metadata element alone: no whole live XML to fetch and parse
+        text = d.metadata(lv.VIR_DOMAIN_METADATA_ELEMENT, NVMGR_NS, lv.VIR_DOMAIN_AFFECT_LIVE)
+    except lv.libvirtError:
+        return  # the running VM has none
+    live = from_text(text)
     have = {s.name for s in live.sections}
     secs = tuple(s for s in live.sections if s.name not in remove) + tuple(
         s for s in add if s.name not in have)
@@ -145,7 +210,7 @@ def _live_metadata(d: Any, name: str, *, add: tuple[SectionDecl, ...] = (),
     of the running VM lags)."""
     try:
         _set_live_metadata(d, add, remove)
-    except ExternalError as e:
+    except NvmgrError as e:
         log.warning("%s: the running VM's metadata was not updated: %s", name, e)
 
 
@@ -209,14 +274,11 @@ def attach(name: str, device_xml: str, *, uri: str | None = None, live: bool = F
     """
     dev = parse_device(device_xml)
     contents = dict(contents or {})
-    lv = virt._libvirt()
     with virt.connect(uri) as conn:
-        d = virt.lookup(conn, name)
-        active = bool(d.isActive())
-        do_live, do_config = affect(active, bool(d.isPersistent()), live=live, config=config,
-                                    current=current, persistent=persistent)
-        pers = parse_domain(d.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE))
-        meta = _meta(pers, name)
+        run = _begin(conn, name, uri, live=live, config=config, current=current,
+                     persistent=persistent)
+        d, active, do_live, do_config = run.dom, run.active, run.do_live, run.do_config
+        pers, meta, kek, path, fmt = run.pers, run.meta, run.kek, run.path, run.fmt
         declared = {s.name for s in meta.sections}
         for decl in dev.sections:
             if decl.name in declared:
@@ -226,7 +288,6 @@ def attach(name: str, device_xml: str, *, uri: str | None = None, live: bool = F
         if dev.element is not None:
             new.add_device(dev.element)
         new.set_nvmgr(dataclasses.replace(meta, sections=meta.sections + dev.sections))
-        kek = secrets.domain_kek(meta, uri)
         before = {s.name for s in plan_for(pers, encrypted=kek is not None).sections}
         plan = plan_for(new, encrypted=kek is not None)
         brought = [ps for ps in plan.sections if ps.name not in before]
@@ -237,7 +298,6 @@ def attach(name: str, device_xml: str, *, uri: str | None = None, live: bool = F
                              f"(it brings {', '.join(sorted(names)) or 'none'})", domain=name)
         if do_live:
             _refuse_live([(ps.name, ps.binding) for ps in brought], dev, name)
-        path, fmt = str(meta.image), meta.format or "raw"
         result = AttachResult(name, dev.describe(), do_live, do_config, path,
                               [ps.name for ps in brought], [], [], [])
         if image_held(path, fmt, active):
@@ -258,31 +318,25 @@ def attach(name: str, device_xml: str, *, uri: str | None = None, live: bool = F
                 result.kept = _kept(img, brought, contents)
                 specs = [SectionSpec(ps.name, ps.capacity, ps.binding, ps.encrypted, ps.device)
                          for ps in brought if ps.name not in result.kept]
-                grow(img, specs, max_image_size=meta.max_image_size, contents=contents)
-                result.added = [s.name for s in specs]
                 going_live = [ps.name for ps in brought if do_live and ps.live]
-                if going_live:
-                    img.set_in_use(going_live, True)
+                # New sections are marked in use in the commit that adds them.
+                grow(img, specs, max_image_size=meta.max_image_size, contents=contents,
+                     in_use=going_live)
+                result.added = [s.name for s in specs]
+                kept_live = [n for n in going_live if n in result.kept]
+                if kept_live:
+                    img.set_in_use(kept_live, True)
                 placed = plan_with_offsets(plan, img.directory, img)
                 image_uuid = img.directory.image_uuid
                 result.image_size = img.directory.image_size
         if do_live:
-            if dev.element is not None:
-                try:
-                    d.attachDeviceFlags(dev.libvirt_xml(), lv.VIR_DOMAIN_AFFECT_LIVE)
-                except lv.libvirtError as e:
-                    raise ExternalError(f"libvirt could not hot-plug {dev.describe()}",
-                                        detail=str(e), domain=name) from e
+            _libvirt_device(run, dev, name, plug=True)
             for ps in placed.sections:
                 if ps.name in names and ps.binding is Binding.BLOCK:
                     result.plugged += hotplug.plug(d, path, ps)
             _live_metadata(d, name, add=dev.sections)
     if do_config:
-        if active:
-            apply_plan(new, placed, path, fmt, image_uuid or "")
-            virt.define(new.to_xml(), uri)
-        else:
-            _define(new, new.to_xml(), uri=uri, kek=kek, retry=f"nvmgr attach {name} DEVICE.xml")
+        _save_config(run, new, placed, image_uuid, uri, f"nvmgr attach {name} DEVICE.xml")
     return result
 
 
@@ -341,15 +395,11 @@ def detach(name: str, device_xml: str | None = None, *, section: str | None = No
     if (device_xml is None) == (section is None):
         raise UsageError("give DEVICE.xml or --section NAME (one of them)")
     dev = parse_device(device_xml) if device_xml is not None else None
-    lv = virt._libvirt()
     with virt.connect(uri) as conn:
-        d = virt.lookup(conn, name)
-        active = bool(d.isActive())
-        do_live, do_config = affect(active, bool(d.isPersistent()), live=live, config=config,
-                                    current=current, persistent=persistent)
-        pers = parse_domain(d.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE))
-        meta = _meta(pers, name)
-        kek = secrets.domain_kek(meta, uri)
+        run = _begin(conn, name, uri, live=live, config=config, current=current,
+                     persistent=persistent)
+        d, active, do_live, do_config = run.dom, run.active, run.do_live, run.do_config
+        pers, meta, kek, path, fmt = run.pers, run.meta, run.kek, run.path, run.fmt
         enc = kek is not None
         base = plan_for(pers, encrypted=enc)
         if section is not None:
@@ -361,7 +411,6 @@ def detach(name: str, device_xml: str | None = None, *, section: str | None = No
             rest = _without(pers, dev, names, name, require_device=do_config)
             names |= {s.name for s in base.sections} - {
                 s.name for s in plan_for(rest, encrypted=enc).sections}
-        path, fmt = str(meta.image), meta.format or "raw"
         new = _without(pers, dev, names, name, require_device=do_config)
         planned = {ps.name: ps for ps in base.sections}
         in_image: dict[str, Binding] = {}
@@ -392,12 +441,8 @@ def detach(name: str, device_xml: str | None = None, *, section: str | None = No
                               do_config, path, sorted(names), [], [], [])
         unplugged: set[str] = set()
         if do_live:
-            if dev is not None and dev.element is not None:
-                try:
-                    d.detachDeviceFlags(dev.libvirt_xml(), lv.VIR_DOMAIN_AFFECT_LIVE)
-                except lv.libvirtError as e:
-                    raise ExternalError(f"libvirt could not unplug {dev.describe()}",
-                                        detail=str(e), domain=name) from e
+            if dev is not None:
+                _libvirt_device(run, dev, name, plug=False)
             for n in sorted(names):
                 if bindings[n] is Binding.BLOCK:
                     ps = planned.get(n)
@@ -410,19 +455,16 @@ def detach(name: str, device_xml: str | None = None, *, section: str | None = No
             _live_metadata(d, name, remove=frozenset(names))
         result.unplugged = sorted(unplugged)
     if do_config:
-        if active:
-            if image_held(path, fmt, active):
-                placed = placed_from_args(plan_for(new, encrypted=enc), new)
-                image_uuid = meta.uuid
-            else:
-                with Image.open(path) as img:
-                    placed = plan_with_offsets(plan_for(new, encrypted=enc), img.directory,
-                                               img)
-                    image_uuid = img.directory.image_uuid
-            apply_plan(new, placed, path, fmt, image_uuid or "")
-            virt.define(new.to_xml(), uri)
-        else:
-            _define(new, new.to_xml(), uri=uri, kek=kek, retry=f"nvmgr detach {name}")
+        placed: Plan | None = None
+        image_uuid: Any = None
+        if active and image_held(path, fmt, active):
+            placed = placed_from_args(plan_for(new, encrypted=enc), new)
+            image_uuid = meta.uuid
+        elif active:
+            with Image.open(path) as img:
+                placed = plan_with_offsets(plan_for(new, encrypted=enc), img.directory, img)
+                image_uuid = img.directory.image_uuid
+        _save_config(run, new, placed, image_uuid, uri, f"nvmgr detach {name}")
     if remove_section:
         with Image.open(path, writable=True, kek=kek, wait=LOCK_WAIT) as img:
             for n in sorted(names):

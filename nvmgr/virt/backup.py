@@ -2,6 +2,9 @@
 
 A backup is an nvmgr image of its own (same sections, same layout, same key
 slots, a new image UUID, the same owner domain) that ``nvmgr check`` passes.
+It is one file: the sections a split image keeps in member images are
+copied with the image and merged into the backup (after the image's own
+sections); ``restore`` puts each back where the domain keeps it, member or not.
 
 Of a running VM, three kinds of state change while it runs: the live slices
 QEMU writes (UEFI variables in the pflash slice, ``block`` sections), and the
@@ -43,6 +46,7 @@ from typing import TYPE_CHECKING
 from nvmgr import paths
 from nvmgr.domain.elements import Domain, parse_domain
 from nvmgr.errors import CorruptError, NoSpaceError, NotFoundError, UsageError
+from nvmgr.image import members
 from nvmgr.image.image import Image
 from nvmgr.provision import staging
 from nvmgr.storage import FORMATS, probe_format, qcow2, qemu
@@ -104,11 +108,59 @@ def _tpm_state(dom: Domain, img: Image, swtpm_root: str) -> dict[str, tuple[str,
 
 def _capture(path: str, dom: Domain,
              swtpm_root: str) -> tuple[dict[str, bytes], dict[str, tuple[str, bytes]]]:
-    """The live slices' bytes (all the slice QEMU sees) and swtpm's staged files, read now."""
+    """The live slices' bytes (all the slice QEMU sees, in the image's file
+    or its member's) and swtpm's staged files, read now."""
     with Image.open(path) as img:
-        live = {s.name: img.container.read(s.offset, s.capacity)
-                for s in img.directory.sections if s.live and s.member is None}
+        live = {}
+        for s in img.directory.sections:
+            if s.live:
+                holder = img if s.member is None else img.member_image(s.member)
+                at = holder.directory.find(s.name) if s.member is not None else s
+                if at is None:  # member_image checked it is there
+                    raise CorruptError(f"section {s.name} is missing from its member",
+                                       image=path, section=s.name)
+                live[s.name] = holder.container.read(at.offset, at.capacity)
         return live, _tpm_state(dom, img, swtpm_root)
+
+
+def _copy_members(held: Image, tmp: str, running: bool) -> dict[int, str]:
+    """Copy every member of *held* beside the copy *tmp* (``TMP.mINDEX``, raw
+    or qcow2 as the member is), read past a running QEMU's lock.
+
+    :return: member index -> its copy
+    """
+    out: dict[int, str] = {}
+    try:
+        for m, mi in held.members():  # each checked: UUID, parent, generation
+            m_fmt = probe_format(mi.path)
+            copy = f"{tmp}.m{m.index}"
+            qemu.img_convert(mi.path, "raw" if m_fmt == "rbd" else m_fmt, copy,
+                             "raw" if m_fmt == "rbd" else m_fmt, force_share=running)
+            out[m.index] = copy
+    except BaseException:
+        for f in out.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f)
+        raise
+    return out
+
+
+def _flatten(img: Image, copies: dict[int, str]) -> None:
+    """Bring the copied members' sections into the copy *img* (one file: a
+    backup restores by section name, into wherever the domain keeps each).
+
+    The copy's member records are pointed at the member copies first, then
+    each is merged (crash-safe as ``nvmgr merge``; a member copy is removed
+    once merged).  Live sections are taken as they are (in-use marks of the
+    running VM included): the captured bytes replace them afterwards.
+    """
+    if not copies:
+        return
+    new = img._copy_dir()
+    new.members = [dataclasses.replace(m, path=copies[m.index]) for m in new.members or []]
+    img._commit(new)
+    for index in sorted(copies):
+        members.merge(img, copies[index], force=True)
 
 
 def backup(name: str, out: str, *, uri: str | None = None, kek: Kek | None = None,
@@ -130,14 +182,11 @@ def backup(name: str, out: str, *, uri: str | None = None, kek: Kek | None = Non
         dom, path = _domain(name, uri, live=running)
         src_fmt = probe_format(path)
         tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{uuid.uuid4().hex}")
+        copies: dict[int, str] = {}
         try:
             with Image.open(path) as held:  # nvmgr's shared lock: no nvmgr writer until done
-                if held.directory.members:
-                    raise UsageError(
-                        f"{path} is split into member images; nvmgr backup copies one file: "
-                        "merge the members back first (nvmgr merge), or snapshot the "
-                        "stopped VM's images with nvmgr convert", image=path, domain=name)
                 qemu.img_convert(path, src_fmt, tmp, fmt or src_fmt, force_share=running)
+                copies = _copy_members(held, tmp, running)
                 paused_ms = None
                 if running and vdom.state()[0] != _PAUSED:
                     t0 = time.monotonic()
@@ -149,20 +198,23 @@ def backup(name: str, out: str, *, uri: str | None = None, kek: Kek | None = Non
                         paused_ms = (time.monotonic() - t0) * 1000
                 else:
                     live, tpm = _capture(path, dom, swtpm_root)
-            new_uuid = _seal_copy(tmp, live, {k: v[1] for k, v in tpm.items()}, kek)
+            new_uuid = _seal_copy(tmp, live, {k: v[1] for k, v in tpm.items()}, kek, copies)
             os.link(tmp, out)  # never replaces a file that appeared meanwhile
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            for f in [tmp, *copies.values()]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f)
     return BackupResult(name, path, out, str(new_uuid), running, paused_ms,
                         sorted(live), sorted(v[0] for v in tpm.values()))
 
 
 def _seal_copy(tmp: str, live: dict[str, bytes], tpm: dict[str, bytes],
-               kek: Kek | None) -> uuid.UUID:
-    """Write the captured bytes into the copy, give it its own UUID, check it."""
+               kek: Kek | None, copies: dict[int, str] | None = None) -> uuid.UUID:
+    """Bring the members' sections in, write the captured bytes into the
+    copy, give it its own UUID, check it."""
     new_uuid = uuid.uuid4()
     with Image.open(tmp, writable=True, kek=kek) as img:
+        _flatten(img, copies or {})
         img.set_in_use([s.name for s in img.directory.sections if s.live], False)
         for name, data in live.items():  # a LUKS volume is the slice's bytes as they are
             img.put(name, data, volume=img.section(name).luks)

@@ -4,7 +4,11 @@
    ``nvmgr attach --live --config``: the bytes given before the attach are what the
    running QEMU reads from the new node (exported over NBD through QMP); the
    image grew, the old sections did not move; after destroy and start the
-   device is still there, and ``check`` passes.
+   device is still there, and ``check`` passes.  Live detach: of that
+   device, plugged at the start on q35's root bus, refused (exit 13); of a
+   second one hot-plugged in the same run, ``nvmgr detach --live --config``
+   takes it out of the running QEMU (device and block nodes) and the
+   definition, keeps its bytes, and the next start is without it.
 2. ``--live`` of a fw_cfg section or a ``<tpm>`` is refused (exit 13, its
    message, the image untouched); ``--config`` works and the next boot shows
    the fw_cfg blob to the guest (OVMF's shell reads it through fw_cfg DMA).
@@ -36,11 +40,25 @@ VPD = (f"<nvmgr:section xmlns:nvmgr='{NS}' name='vpd1' kind='pci-vpd' binding='f
 TPM = "<tpm model='tpm-crb'><backend type='emulator' version='2.0'/></tpm>"
 
 
-def _edit(v: vmlib.VM, *, root_ports: int = 0, per_device: str | None = None) -> None:
-    """Spare PCIe root ports (q35 hot-plugs only there) and/or a per-device rule."""
+def _edit(v: vmlib.VM, *, root_ports: int = 0, per_device: str | None = None,
+          native_hotplug: bool = False) -> None:
+    """Spare PCIe root ports (q35 hot-plugs only there) and/or a per-device rule.
+
+    *native_hotplug*: the root ports' native PCIe hot-plug instead of q35's
+    ACPI one (QEMU 7.2's default), whose unplug waits for an operating system
+    to eject the device: OVMF's shell never does; with native hot-plug, QEMU
+    removes a device from a slot the guest never powered on at once (both
+    measured with QEMU 7.2: ``device_del``, then ``qom-list``)."""
     root = etree.fromstring(v.xml.encode())
     devices = root.find("devices")
     assert devices is not None
+    if native_hotplug:
+        qns = vmlib.QEMU_NS
+        cl = root.find(f"{{{qns}}}commandline")
+        if cl is None:
+            cl = etree.SubElement(root, f"{{{qns}}}commandline", nsmap={"qemu": qns})
+        for value in ("-global", "ICH9-LPC.acpi-pci-hotplug-with-bridge-support=off"):
+            etree.SubElement(cl, f"{{{qns}}}arg", value=value)
     if root_ports:  # libvirt numbers controllers from pcie-root's index 0
         etree.SubElement(devices, "controller", type="pci", index="0", model="pcie-root")
     for i in range(root_ports):
@@ -75,7 +93,7 @@ def _write(tmp_path: Path, name: str, text: str) -> Path:
 def test_live_block_attach_reaches_the_running_qemu_and_the_next_boot(
         vm: MakeVM, tmp_path: Path) -> None:
     v = vm("attach")
-    _edit(v, root_ports=2)
+    _edit(v, root_ports=2, native_hotplug=True)
     v.define()
     v.start()
     old = _offsets(v.image)
@@ -110,9 +128,46 @@ def test_live_block_attach_reaches_the_running_qemu_and_the_next_boot(
     assert any('"drive":"nvmgr-state0"' in a for a in args), args
     assert vmlib.nbd_read(v.name, "nvmgr-state0", len(data), tmp_path) == data
     assert _offsets(v.image) == now
+
+    # Live detach.  state0 was plugged at this start, on q35's root bus, which
+    # takes no hot-unplug: refused (exit 13), nothing changed.
+    before = vmlib.sha256(v.image), vmlib.virsh("dumpxml", "--inactive", v.name).stdout
+    p = vmlib.nvmgr("detach", v.name, tmp_path / "state0.xml", "--live", "--config",
+                    check=False)
+    assert p.returncode == 13 and "root bus" in p.stderr and "--config" in p.stderr, p
+    assert (vmlib.sha256(v.image), vmlib.virsh("dumpxml", "--inactive", v.name).stdout) == before
+    # A section hot-plugged in this run (on a PCIe root port) goes out of the
+    # running QEMU (device and block nodes) and the definition; its bytes stay.
+    data1 = os.urandom(64 << 10)
+    (tmp_path / "state1.img").write_bytes(data1)
+    state1 = _write(tmp_path, "state1.xml", STATE.replace("state0", "state1"))
+    vmlib.nvmgr("attach", v.name, state1, "--live", "--config", "--data", tmp_path / "state1.img")
+    assert "nvmgr-state1" in _peripherals(v)
+    out = json.loads(vmlib.nvmgr("detach", v.name, state1, "--live", "--config",
+                                 "-O", "json").stdout)
+    assert out["unplugged"] == ["state1"] and out["kept"] == ["state1"], out
+    assert not out["removed"], out
+    assert "nvmgr-state1" not in _peripherals(v) and "nvmgr-state0" in _peripherals(v)
+    nodes = {n["node-name"] for n in vmlib.qmp(v.name, "query-named-block-nodes",  # type: ignore[union-attr]
+                                                {"flat": True})}
+    assert not {n for n in nodes if "state1" in n} and "nvmgr-state0" in nodes, nodes
+    assert "state1" not in vmlib.virsh("dumpxml", "--inactive", v.name).stdout
+    assert "state1" not in vmlib.virsh("dumpxml", v.name).stdout  # the live metadata too
     v.destroy()
     vmlib.nvmgr("check", "--domain", v.name)
+    assert v.get("state1")[:len(data1)] == data1  # kept (no --remove-section)
     assert v.get("state0")[:len(data)] == data
+    v.start()  # the next start: state0, without state1
+    args = vmlib.qemu_cmdline(v.name)
+    assert not any("state1" in a for a in args), args
+    assert any('"drive":"nvmgr-state0"' in a for a in args), args
+    v.destroy()
+    vmlib.nvmgr("check", "--domain", v.name)
+
+
+def _peripherals(v: vmlib.VM) -> set[str]:
+    return {p["name"] for p in vmlib.qmp(v.name, "qom-list",  # type: ignore[union-attr]
+                                         {"path": "/machine/peripheral"})}
 
 
 def test_fwcfg_and_tpm_refuse_live_and_work_with_config(vm: MakeVM, tmp_path: Path) -> None:

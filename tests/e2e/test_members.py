@@ -2,8 +2,9 @@
 
 4. The UEFI variables split into a member image in another directory: the VM
    boots, OVMF writes its variables into the member (QEMU's pflash slice lies
-   in the member's file); merged back, the VM boots again with the same boot
-   entries.
+   in the member's file); a backup of the running VM holds them (one file),
+   and restore puts them back into the member; merged back, the VM boots
+   again with the same boot entries.
 5. A domain with a maximum image size: a section added after define (the
    metadata gains a section, ``nvmgr reconcile``; ``nvmgr attach`` is the
    other engineer's branch) goes into a new member instead of growing the
@@ -65,6 +66,15 @@ def test_uefi_vars_in_a_member_then_merged_back(vm: MakeVM, tmp_path: Path,
     assert v.section("uefi-vars")["dirty"] is True  # the member's in-use mark
     secs = v.wait_for_shell(60)
     print(f"OVMF on a member reached its shell in {secs:.1f} s")
+    # A backup of the running VM follows the member: one file, every section in it,
+    # the vars read from the member's slice while the guest is paused.
+    backup = tmp_path / "backup.nvram"
+    out = vmlib.nvmgr_json("backup", "--domain", v.name, backup, "-O", "json")
+    assert out["running"] and "uefi-vars" in out["sections"], out  # type: ignore[operator]
+    vmlib.nvmgr("check", backup)
+    assert not vmlib.info(backup)["members"]
+    vmlib.nvmgr("get", backup, "uefi-vars", "-o", tmp_path / "backup.fd")
+    backed = (tmp_path / "backup.fd").read_bytes()
     v.destroy()
 
     vmlib.nvmgr("check", v.image)  # every member: UUID, parent link, crc
@@ -78,6 +88,11 @@ def test_uefi_vars_in_a_member_then_merged_back(vm: MakeVM, tmp_path: Path,
     (tmp_path / "split.fd").write_bytes(vars_member)
     entries = _boot_entries(tmp_path / "split.fd")
     assert any('"EFI Internal Shell"' in t for t in entries.values()), entries
+    assert _boot_entries(tmp_path / "backup.fd") == entries
+    # restore puts the backup's vars back where the domain keeps them: the member.
+    vmlib.nvmgr("restore", "--domain", v.name, backup)
+    assert v.section("uefi-vars")["member"] == 1 and v.get("uefi-vars") == backed
+    vars_member = backed
     assert "BootOrder" in vmlib.uefi_vars(tmp_path / "split.fd")
 
     out = vmlib.nvmgr("merge", "--domain", v.name, member).stdout

@@ -1,5 +1,7 @@
 """3 and 4. A corrupted section, a missing key, a wrong key: libvirt's start is refused with
-nvmgr's reason, and the image is left exactly as it was."""
+nvmgr's reason, and the image is left exactly as it was.  For a domain with a key (issue 8,
+section 3, item 3) the three differ too: a missing key file, a wrong key, one byte of the
+encrypted vars (a LUKS volume) damaged."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+from nvmgr.format.model import LUKS_HEADER_SIZE
 
 from . import vmlib
 from .conftest import MakeVM
@@ -73,18 +77,35 @@ def test_missing_or_wrong_key_refuses_the_start(vm: MakeVM, tmp_path: Path) -> N
 
     key.rename(tmp_path / "vm.key.away")  # missing
     err = _refused(v)
-    assert "key is missing" in err and str(key) in err, err
+    assert "key is missing" in err and str(key) in err and "corrupted" not in err, err
     assert vmlib.sha256(v.image) == before
 
     key.write_bytes(os.urandom(32))  # another 32-byte key, 0600: wrong
     key.chmod(0o600)
     err = _refused(v)
     assert "wrong key" in err and "not one of this image's keys" in err, err
+    assert "corrupted" not in err, err
     assert vmlib.sha256(v.image) == before
     assert not (v.swtpm_dir / "tpm2-00.permall").exists()  # nothing was staged
 
-    (tmp_path / "vm.key.away").replace(key)  # the right key back: it starts, same state
-    mark = len(vmlib.hook_log_lines())
+    (tmp_path / "vm.key.away").replace(key)  # the right key back
+
+    # One byte of the encrypted vars (the LUKS volume's payload) damaged: refused as
+    # corruption (the crc32 over the ciphertext, before any key is used), not as a key.
+    s = v.section("uefi-vars")
+    assert s["encrypted"] and s["live"] and s["dirty"] is False, s
+    good = v.image.read_bytes()
+    _flip(v.image, int(s["offset"]) + LUKS_HEADER_SIZE + 1000)  # type: ignore[call-overload]
+    damaged = vmlib.sha256(v.image)
+    err = _refused(v)
+    assert "section uefi-vars is corrupted" in err, err
+    assert "wrong key" not in err and "key is missing" not in err, err
+    assert vmlib.sha256(v.image) == damaged
+    check = vmlib.nvmgr("check", v.image, check=False)  # without the key, too
+    assert check.returncode == 4 and "section uefi-vars is corrupted" in check.stdout, check
+    v.image.write_bytes(good)
+
+    mark = len(vmlib.hook_log_lines())  # the right key, the image repaired: it starts, same state
     v.start()
     assert "staged tpm ['tpm2-00.permall']" in vmlib.wait_hook_log(
         rf"{v.name} prepare begin: ", after=mark)
