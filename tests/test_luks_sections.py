@@ -643,8 +643,11 @@ def test_a_live_block_section_hot_plugged_on_a_keyed_domain_stacks_a_luks_node(
     assert adds[1][1] == {"driver": "luks", "file": qemuargs.node_name("state0"),
                           "key-secret": qemuargs.KEY_SECRET_ID, "node-name": lnode}
     assert adds[2][1]["drive"] == lnode and adds[2][1]["driver"] == "virtio-blk-pci"
-    # The device id is the slice's node name (device='nvmgr-state0'): named once.
-    assert added == [qemuargs.node_name("state0"), lnode] and lnode != "nvmgr-state0"
+    # The slice's own file node (opened in the slice's blockdev-add), the slice,
+    # the luks node; the device id is the slice's node name (device='nvmgr-state0'):
+    # named once.
+    assert added == [qemuargs.extra_file_node("state0"), qemuargs.node_name("state0"),
+                     lnode] and lnode != "nvmgr-state0"
 
 
 def test_a_later_start_with_a_key_killed_at_every_io_of_prepare(tmp_path: Path) -> None:
