@@ -220,7 +220,7 @@ def prepare(ctx: HookContext) -> str:
             staging.wipe_files(files)
             recovered = []
         else:
-            recovered = _collect_tpm(img, staging.read_files(files))
+            recovered = _collect_tpm(img, staging.read_files(files, _capacities(img)))
         blobs = {s.name: img.get(s.name)
                  for s in staging.tpm_sections(img.sections()) if s.length and s.name in files}
         converted = []
@@ -346,6 +346,11 @@ def _encrypt_tpm_state(ctx: HookContext, img: Image, files: dict[str, Path],
     return sorted(plain)
 
 
+def _capacities(img: Image) -> dict[str, int]:
+    """The most bytes each section can take: what a staged file may hold."""
+    return {s.name: s.capacity for s in img.sections()}
+
+
 def _stage_rbd_key(ctx: HookContext) -> None:
     """The cephx key of an image on RBD, for QEMU's rbd driver: a runtime file (tmpfs,
     0600, the QEMU user's) that ``started`` removes; from the keyring or the libvirt
@@ -389,7 +394,7 @@ def release(ctx: HookContext) -> str:
             staging.wipe_files(files)
             staging.remove_runtime(ctx.uuid, ctx.runtime_root)
             return f"{what}; wiped this host's staged tpm state"
-        found = staging.read_files(files)
+        found = staging.read_files(files, _capacities(img))
         in_use = [s.name for s in img.sections() if s.live and s.dirty]
         changed = img.reseal(in_use) if in_use else []
         if found:

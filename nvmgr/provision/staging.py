@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import grp
 import os
 import pwd
 import re
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -171,11 +173,13 @@ def tpm_state_files(dom: Domain, names: list[str], root: str = SWTPM_STATE_ROOT,
     return out
 
 
-def read_files(files: dict[str, Path]) -> dict[str, bytes]:
-    """The staged files that exist, by section name."""
+def read_files(files: dict[str, Path], limits: dict[str, int] | None = None,
+               ) -> dict[str, bytes]:
+    """The staged files that exist, by section name; *limits*: the most bytes
+    each may hold (its section's capacity), see :func:`read_tpm`."""
     out = {}
     for name, p in files.items():
-        got = read_tpm(p.parent, [p.name])
+        got = read_tpm(p.parent, [p.name], limit=(limits or {}).get(name))
         if p.name in got:
             out[name] = got[p.name]
     return out
@@ -206,13 +210,40 @@ def stage_tpm(state_dir: Path, blobs: dict[str, bytes], users: Users) -> list[st
     return written
 
 
-def read_tpm(state_dir: Path, names: list[str]) -> dict[str, bytes]:
-    """The state files that exist, by file name."""
+def read_tpm(state_dir: Path, names: list[str], *, limit: int | None = None,
+             ) -> dict[str, bytes]:
+    """The state files that exist, by file name: regular files only, opened
+    without following a link (swtpm's user owns the directory and could swap a
+    file for a link to one of root's between a check and a read).
+
+    :param limit: the most bytes a file may hold (its section's capacity).
+    :raise InvalidInputError: a file holds more: refused, not read into memory.
+    """
     out = {}
     for name in names:
         p = state_dir / name
-        if p.is_file() and not p.is_symlink():
-            out[name] = p.read_bytes()
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # a link: never swtpm's own state
+                continue
+            raise
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):  # a FIFO, a device: nothing swtpm writes
+                continue
+            if limit is not None and st.st_size > limit:
+                raise InvalidInputError(
+                    f"swtpm state file {p} holds {st.st_size} bytes, more than its section "
+                    f"can ({limit}): refusing to read it (not swtpm's own state)")
+            data = f.read() if limit is None else f.read(limit + 1)
+            if limit is not None and len(data) > limit:  # grew since fstat
+                raise InvalidInputError(
+                    f"swtpm state file {p} holds more than its section can ({limit} "
+                    "bytes): refusing to read it (not swtpm's own state)")
+        out[name] = data
     return out
 
 
