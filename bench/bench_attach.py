@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_hook import append_results, machine_info, machine_table  # noqa: E402
+from benchlib import compile_bytecode  # noqa: E402
 from lxml import etree  # noqa: E402
 
 from nvmgr.format.layout import SectionSpec  # noqa: E402
@@ -180,9 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     # The timed `nvmgr attach` starts as an installed nvmgr does: its bytecode
     # written (pip does it at install; under PYTHONDONTWRITEBYTECODE a checkout's
     # stale __pycache__ would be recompiled on every run).
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "nvmgr")], check=True,
-                   stdout=subprocess.DEVNULL,
-                   env={k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"})
+    compile_bytecode(sys.executable, ROOT)
     with open("/run/lock/nvmgr-e2e.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         vmlib.ensure_services()

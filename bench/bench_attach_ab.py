@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_attach import SIZE, domain_xml, timed  # noqa: E402
 from bench_hook import machine_info  # noqa: E402
+from benchlib import compile_bytecode  # noqa: E402
 
 from tests.e2e import vmlib  # noqa: E402
 
@@ -78,7 +79,7 @@ def export(rev: str, into: Path) -> str:
     subprocess.run(["tar", "-x", "-C", str(into)], input=tar, check=True)
     # Bytecode written first, as an installed tree has it (a lazy import inside
     # the first call would otherwise time the compiler on one side only).
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(into / "nvmgr")], check=True)
+    compile_bytecode(sys.executable, into)
     return commit
 
 

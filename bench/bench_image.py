@@ -52,8 +52,11 @@ from typing import Any
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for _p in (ROOT, BENCH):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from benchlib import compile_bytecode  # noqa: E402
 
 from nvmgr import Image, SectionSpec  # noqa: E402
 from nvmgr.crypto.keys import load_key_file  # noqa: E402
@@ -83,20 +86,6 @@ def sh(cmd: list[str]) -> str:
         return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip()
     except OSError:
         return ""
-
-
-def compile_bytecode(python: str, root: str) -> str:
-    """Write the bytecode of *root*'s nvmgr package, as ``pip install`` does.
-
-    The timed commands then start the way an installed nvmgr starts.  A tree whose
-    ``__pycache__`` is stale or missing (an edited checkout, or an environment with
-    ``PYTHONDONTWRITEBYTECODE`` set, where Python never rewrites it) would otherwise
-    compile its changed modules on every run, and an A/B would time the compiler.
-    """
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    subprocess.run([python, "-m", "compileall", "-q", os.path.join(root, "nvmgr")],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
-    return f"bytecode of {root}/nvmgr written before timing (compileall)"
 
 
 def short(argv: list[str]) -> str:

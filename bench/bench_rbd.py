@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_hook import append_results, machine_info, machine_table  # noqa: E402
+from benchlib import compile_bytecode  # noqa: E402
 
 from tests.ceph_cluster import CephCluster, missing_tools  # noqa: E402
 
@@ -77,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         info["baseline"] = subprocess.run(["git", "-C", str(base), "rev-parse", "--short", "HEAD"],
                                           capture_output=True, text=True).stdout.strip()
     for tree in trees.values():  # bytecode, as an installed package has it
-        subprocess.run([str(tree / ".venv" / "bin" / "python"), "-m", "compileall", "-q",
-                        str(tree / "nvmgr")], check=True, stdout=subprocess.DEVNULL)
+        compile_bytecode(tree / ".venv" / "bin" / "python", tree)
     work = Path(tempfile.mkdtemp(prefix="nvmgr-bench-rbd-"))
     t_start = time.monotonic()
     rng = random.Random(1)
