@@ -60,11 +60,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-_VENV_PY = ROOT / ".venv" / "bin" / "python"
-if _VENV_PY.exists() and Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():
-    os.execv(str(_VENV_PY), [str(_VENV_PY), __file__, *sys.argv[1:]])  # libvirt-python, lxml
-sys.path.insert(0, str(ROOT))
+from benchlib import enter_venv  # stdlib only: safe before the re-exec into .venv
+
+ROOT = enter_venv(__file__)  # libvirt-python, lxml
 
 from bench.bench_hook import machine_info  # noqa: E402
 from tests.e2e import vmlib  # noqa: E402

@@ -32,12 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-_VENV_PY = ROOT / ".venv" / "bin" / "python"
-if _VENV_PY.exists() and Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():
-    os.execv(str(_VENV_PY), [str(_VENV_PY), __file__, *sys.argv[1:]])
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from benchlib import enter_venv  # stdlib only: safe before the re-exec into .venv
+
+ROOT = enter_venv(__file__)  # libvirt-python, lxml
 
 from bench_hook import append_results, machine_info, machine_table  # noqa: E402
 from benchlib import compile_bytecode  # noqa: E402

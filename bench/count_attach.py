@@ -21,7 +21,6 @@ import argparse
 import collections
 import contextlib
 import fcntl
-import os
 import shutil
 import statistics
 import subprocess
@@ -33,12 +32,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-_VENV_PY = ROOT / ".venv" / "bin" / "python"
-if _VENV_PY.exists() and Path(sys.prefix).resolve() != (ROOT / ".venv").resolve():
-    os.execv(str(_VENV_PY), [str(_VENV_PY), __file__, *sys.argv[1:]])
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from benchlib import enter_venv  # stdlib only: safe before the re-exec into .venv
+
+ROOT = enter_venv(__file__)  # libvirt-python, lxml
 
 import libvirt  # noqa: E402
 from bench_attach import domain_xml  # noqa: E402
