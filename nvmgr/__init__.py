@@ -25,16 +25,17 @@ The package's layers, top to bottom (``ARCHITECTURE.md`` draws them)::
 
 from __future__ import annotations
 
-import logging
-from typing import TYPE_CHECKING, Any
-
 __version__ = "0.2.0"
 
 __all__ = ["Image", "SectionSpec", "Binding", "NvmgrError", "__version__"]
 
-logging.getLogger(__name__).addHandler(logging.NullHandler())
-
+# Neither typing nor logging here: the ``nvmgr`` command's client imports this
+# package first, and both cost more than its whole call (nvmgr.errors gives the
+# "nvmgr" logger its NullHandler).
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from nvmgr.errors import NvmgrError
     from nvmgr.format.layout import SectionSpec
     from nvmgr.format.model import Binding

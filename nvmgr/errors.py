@@ -31,6 +31,11 @@ from __future__ import annotations
 
 import enum
 import errno
+import logging
+
+# A library's loggers stay quiet unless the application configures logging
+# (the CLI does); every module that logs imports this one.
+logging.getLogger("nvmgr").addHandler(logging.NullHandler())
 
 
 class ExitCode(enum.IntEnum):

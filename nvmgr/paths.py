@@ -29,6 +29,8 @@ HOOK_DIR = "/etc/libvirt/hooks/qemu.d"
 HOOK_NAME = "nvmgr"
 #: The hook server's socket (``nvmgr hook-server``), root only.
 HOOK_SOCKET = "/run/nvmgr/hook.sock"
+#: The CLI server's socket (``nvmgr cli-server``), root only.
+CLI_SOCKET = "/run/nvmgr/cli.sock"
 #: One line per hook action or refusal.
 HOOK_LOG = "/var/log/nvmgr/hook.log"
 #: ``SOURCE-PREFIX DEST-PREFIX`` lines: image paths rewritten on incoming migration.
@@ -39,3 +41,5 @@ UNIT_DIR = "/etc/systemd/system"
 WATCH_UNIT = "nvmgr-watch.service"
 #: The hook server's unit (``nvmgr hook-server``), shipped in nvmgr/data.
 HOOK_UNIT = "nvmgr-hook.service"
+#: The CLI server's unit (``nvmgr cli-server``), shipped in nvmgr/data.
+CLI_UNIT = "nvmgr-cli.service"

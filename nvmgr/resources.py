@@ -26,6 +26,8 @@ HOOK_FRONTEND = "hook-qemu"
 WATCH_UNIT = "nvmgr-watch.service"
 #: The hook server's systemd unit (``nvmgr hook-server``).
 HOOK_UNIT = "nvmgr-hook.service"
+#: The CLI server's systemd unit (``nvmgr cli-server``).
+CLI_UNIT = "nvmgr-cli.service"
 #: The manual page nvmgr(1), generated from the argument parser (committed;
 #: also installed as share/man/man1/nvmgr.1).
 MAN_PAGE = "nvmgr.1"

@@ -171,7 +171,7 @@ def test_the_key_from_a_libvirt_secret_of_usage_type_ceph(
     secret store (as libvirt 9 keeps it: UUID.xml, and the value's base64 in
     UUID.base64) and hands it to qemu-img and qemu-storage-daemon as a secret
     object; the monitors come from ``mon_host`` (no conf file names them here)."""
-    from nvmgr.cli.main import main
+    from nvmgr.cli.app import main
 
     _user, _keyring, key = ceph.client("nvmgr-secret")
     secrets = tmp_path / "secrets"

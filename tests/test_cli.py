@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from nvmgr import cli
+from nvmgr.cli import app
 from nvmgr.cli.common import COMMANDS
 from nvmgr.errors import ExitCode
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def all_commands() -> list[str]:
-    cli.build_parser()
+    app.build_parser()
     return sorted(COMMANDS)
 
 
@@ -261,7 +261,7 @@ def test_man_page_documents_every_command_option_and_exit_code() -> None:
     from nvmgr.cli import manpage
 
     page = manpage.render_manpage()
-    parser = cli.build_parser()
+    parser = app.build_parser()
     for name, sub in manpage._subparsers(parser).items():
         assert f'.SS "{name.replace("-", chr(92) + "-")}"' in page
         assert manpage._roff_literal(COMMANDS[name].example) in page

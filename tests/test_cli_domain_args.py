@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from nvmgr.cli.main import build_parser, main, parse_args
+from nvmgr.cli.app import build_parser, main, parse_args
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -362,3 +362,32 @@ def test_the_front_end_notes_an_incoming_migration_without_python(tmp_path: Path
     r = subprocess.run([hook, NAME, "migrate", "begin", "-"], input=xml, capture_output=True,
                        check=False)
     assert r.returncode != 0 and not (runtime / ownership.INCOMING_FILE).exists()
+
+
+def test_the_front_end_answers_started_without_python_unless_a_key_file_is_left(
+        tmp_path: Path) -> None:
+    """started only removes runtime key files: with none for the domain's UUID
+    (read by the shell itself), no Python; with one, or a UUID the shell cannot
+    trust, the call goes on to Python (here one that fails, so it shows)."""
+    import subprocess
+
+    hook = _front_end(tmp_path, tmp_path / "migrate.map")
+    xml = XML.format(image=tmp_path / "vm.nvram").encode()
+
+    def started(body: bytes) -> int:
+        return subprocess.run([hook, NAME, "started", "begin", "-"], input=body,
+                              capture_output=True, check=False).returncode
+
+    assert started(xml) == 0
+    runtime = staging.runtime_dir(UUID, str(tmp_path / "run"))
+    runtime.mkdir(parents=True)
+    (runtime / "image.key").write_bytes(b"k")
+    assert started(xml) != 0  # Python's turn: a key file to remove
+    (runtime / "image.key").unlink()
+    (runtime / "rbd.key").write_bytes(b"k")
+    assert started(xml) != 0
+    (runtime / "rbd.key").unlink()
+    assert started(xml) == 0
+    # a UUID with other characters is not used to build a path: Python decides
+    odd = xml.replace(f"<uuid>{UUID}</uuid>".encode(), b"<uuid>../../x</uuid>", 1)
+    assert odd != xml and started(odd) != 0

@@ -141,7 +141,7 @@ def _add_image(p: argparse.ArgumentParser) -> None:
     # positional alone is not enough: argparse hands it the first word
     # ("snapshot --domain VM create NAME" would take "create" for IMAGE), so
     # with --domain the command line is parsed by a parser without IMAGE
-    # (nvmgr.cli.main.parse_args).
+    # (nvmgr.cli.app.parse_args).
     if IMAGE_POSITIONAL[0]:
         p.add_argument("image", metavar="IMAGE", nargs="?",
                        help="the nvmgr image: a file, an rbd:POOL/IMAGE... location or an "

@@ -194,7 +194,8 @@ def _get_args(p: argparse.ArgumentParser) -> None:
     _add_image(p)
     p.add_argument("name", metavar="NAME", help="the section")
     p.add_argument("-o", "--output-file", metavar="FILE",
-                   help="write here (created 0600) instead of standard output")
+                   help="write here (created 0600) instead of standard output "
+                        "('-': standard output, as put reads '-' from standard input)")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long for an nvmgr writer instead of failing at once")
     _add_key_args(p)
@@ -204,6 +205,8 @@ def _get_args(p: argparse.ArgumentParser) -> None:
          "nvmgr get vm1.nvram efivars -o vars.fd")
 def cmd_get(args: argparse.Namespace) -> Result:
     # Streamed in chunks (Image.get_to): a section of any size costs one chunk of memory.
+    if args.output_file == "-":
+        args.output_file = None
     with _open(args) as img:
         img.section(args.name)  # not found: before the output file is created
         if not args.output_file and getattr(args, "output", "text") == "json":

@@ -14,7 +14,7 @@ _nvmgr_files()
 _nvmgr()
 {
     local cur=${COMP_WORDS[COMP_CWORD]} prev=${COMP_WORDS[COMP_CWORD-1]}
-    local commands="backup restore plan define encrypt vtpm-secret undefine images install-hook hook-server reconcile attach detach create info list put get remove check grow resize rekey dump snapshot convert split merge migrate-image"
+    local commands="backup restore plan define encrypt vtpm-secret undefine images install-hook hook-server cli-server reconcile attach detach create info list put get remove check grow resize rekey dump snapshot convert split merge migrate-image"
     local cmd="" i=1
     # The command: the first word that is not an option.
     while [[ $i -lt $COMP_CWORD ]]; do
@@ -105,6 +105,14 @@ _nvmgr()
             positional=()
             ;;
         hook-server)
+            opts="-h --help --output -O --verbose -v --socket --daemon --pidfile"
+            valued=" --output -O --socket --pidfile "
+            case $prev in
+                --output|-O) _nvmgr_words "text json"; return ;;
+            esac
+            positional=()
+            ;;
+        cli-server)
             opts="-h --help --output -O --verbose -v --socket --daemon --pidfile"
             valued=" --output -O --socket --pidfile "
             case $prev in

@@ -15,6 +15,11 @@ from nvmgr.errors import BusyError, ExternalError, InvalidInputError, NotFoundEr
 DEFAULT_URI = "qemu:///system"
 
 
+def load_libvirt() -> None:
+    """Import libvirt-python now (``nvmgr cli-server``: before its workers fork)."""
+    _libvirt()
+
+
 def _libvirt() -> Any:
     try:
         import libvirt

@@ -40,9 +40,21 @@ class _QuietParser(argparse.ArgumentParser):
         raise _NotThisWay(message or "")
 
 
+#: Parsers built, by (domain_mode, quiet): built once per process (the CLI
+#: server's workers inherit them), read-only afterwards.
+_PARSERS: dict[tuple[bool, bool], argparse.ArgumentParser] = {}
+
+
 def build_parser(*, domain_mode: bool = False, quiet: bool = False) -> argparse.ArgumentParser:
     """The ``nvmgr`` parser; *domain_mode*: the one without IMAGE positionals,
     tried first on ``--domain`` lines; *quiet*: raise instead of exiting."""
+    parser = _PARSERS.get((domain_mode, quiet))
+    if parser is None:
+        parser = _PARSERS[(domain_mode, quiet)] = _build(domain_mode, quiet)
+    return parser
+
+
+def _build(domain_mode: bool, quiet: bool) -> argparse.ArgumentParser:
     parser = (_QuietParser if quiet else argparse.ArgumentParser)(
         prog="nvmgr",
         description="One file of persistent device state (UEFI vars, vTPM, EEPROM, VPD, FRU) "
