@@ -12,6 +12,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# No command a test runs is handed to a CLI server by accident (one of this
+# host's nvmgr-cli.service, say): the tests that want one name its socket
+# (tests/test_cli_server.py, the end-to-end tests through vmlib.start_cli_server).
+os.environ["NVMGR_CLI_SOCKET"] = ""
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--regenerate-output", action="store_true", default=False,
