@@ -37,6 +37,7 @@ from nvmgr.domain.profiles import tpm_prefix, tpm_version
 from nvmgr.errors import InstallationError, InvalidInputError
 from nvmgr.format.model import Binding, Section
 from nvmgr.paths import QEMU_CONF, RUNTIME_ROOT, SWTPM_STATE_ROOT
+from nvmgr.storage.mounts import filesystem_of
 
 #: Fault injection for tests: called as ``fault(kind, path)`` before every
 #: write, fsync, rename and unlink of a staged file.  None in normal operation.
@@ -284,25 +285,6 @@ def runtime_dir(domain_uuid: str, root: str = RUNTIME_ROOT) -> Path:
 
 #: Filesystems whose files never reach a disk.
 VOLATILE_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
-
-
-def filesystem_of(path: Path | str) -> str:
-    """The type of the filesystem *path* lives on (the deepest mount that holds
-    it, from ``/proc/self/mountinfo``), e.g. ``tmpfs`` or ``ext4``."""
-    target = os.path.realpath(path)
-    best, fstype = "", "unknown"
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            pre, _, post = line.partition(" - ")
-            fields = pre.split()
-            if len(fields) < 5 or not post:
-                continue
-            # octal escapes (a space is \040) as the kernel writes them
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-            inside = target == point or target.startswith(point.rstrip("/") + "/")
-            if inside and len(point) >= len(best):
-                best, fstype = point, post.split()[0]
-    return fstype
 
 
 def require_volatile(path: Path | str) -> None:
