@@ -93,10 +93,9 @@ def _volatile_dirs_removed() -> Iterator[None]:
     """The tmpfs directories a test's hook domains used as their runtime root
     (tests/hookdom.py: volatile_dir) go when the test ends."""
     yield
-    for name in ("hookdom", "tests.hookdom"):  # imported both ways by the tests
-        module = sys.modules.get(name)
-        if module is not None:
-            module.remove_volatile_dirs()
+    module = sys.modules.get("hookdom")  # the tests import it as "hookdom"
+    if module is not None:
+        module.remove_volatile_dirs()
 
 
 @pytest.fixture(autouse=True)
