@@ -95,11 +95,15 @@ def find_member(img: Image, where: str) -> Member:
                         image=img.path)
 
 
-def member_location(img: Image, index: int, beside: str | None = None) -> str:
+def member_location(img: Image, index: int, beside: str | None = None,
+                    fmt: str | None = None) -> str:
     """Where a member nvmgr makes for *img* goes: beside it, ``NAME.mINDEX.EXT``
     (*beside*: beside that file instead, the image's own path when *img* is
-    opened through another location, e.g. the NBD export of a running QEMU)."""
+    opened through another location, e.g. the NBD export of a running QEMU;
+    a raw member (*fmt*) of a ``.qcow2`` file is ``NAME.mINDEX.nvram``)."""
     base, ext = os.path.splitext(beside or img.path)
+    if fmt == "raw" and ext == ".qcow2":
+        ext = ".nvram"
     return f"{base}.m{index}{ext or '.nvram'}"
 
 
@@ -431,7 +435,7 @@ def place_in_member(img: Image, specs: Sequence[SectionSpec], *, limit: int,
                     f"section {s.name} ({s.capacity:,} bytes) does not fit an image of at most "
                     f"{limit:,} bytes (the domain's max-image-size), even alone in a member",
                     image=img.path, section=s.name)
-            where = into or member_location(img, free_index(img), beside)
+            where = into or member_location(img, free_index(img), beside, fmt)
         out.append(_place(img, batch, where, {s.name: contents[s.name] for s in batch
                                               if contents and s.name in contents}, fmt))
         todo = todo[len(batch):]

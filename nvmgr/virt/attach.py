@@ -376,7 +376,7 @@ def attach(name: str, device_xml: str, *, uri: str | None = None, live: bool = F
             # image's format node), grown into raw members beside it.
             with _qcow2_lent(d, name, path, kek) as img:
                 placed, image_uuid = _grow_open(img, plan, brought, contents, result, meta,
-                                                do_live, in_place_limit=img.directory.image_size,
+                                                do_live, in_place_limit=img.container.size(),
                                                 member_fmt="raw", beside=path)
             base = FORMAT_NODE
         elif image_held(path, fmt, active):

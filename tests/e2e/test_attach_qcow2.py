@@ -17,7 +17,8 @@ hot-plugged like a raw image's.
 2. Refusals, each leaving the image as it was: ``--live`` of a fw_cfg section
    or a ``<tpm>`` (exit 13, before anything is exported); an NBD server some
    other user started in that QEMU (a libvirt backup, say: QEMU runs one at a
-   time) -- exit 7, the other server left running.
+   time) -- exit 7, the other server left running.  The export and server an
+   nvmgr killed midway leaves are cleared by the next attach, which goes through.
 """
 
 from __future__ import annotations
@@ -168,5 +169,23 @@ def test_live_attach_to_qcow2_refusals_leave_the_image_as_it_was(
     assert _directory(v) == before and _exports(v) == []
     assert "state0" not in vmlib.virsh("dumpxml", "--inactive", v.name).stdout
     assert not list(v.image.parent.glob(v.image.stem + ".m*"))
+
+    # What an nvmgr killed while it wrote through the export leaves (the
+    # server on its socket, the export): cleared, and the attach goes through.
+    run = v.runtime_dir
+    run.mkdir(mode=0o700, exist_ok=True)
+    shutil.chown(run, "libvirt-qemu", "libvirt-qemu")
+    sock = run / "lent-image.sock"
+    vmlib.qmp(v.name, "nbd-server-start", {"addr": {"type": "unix", "data": {"path": str(sock)}}})
+    vmlib.qmp(v.name, "block-export-add", {"type": "nbd", "id": "nvmgr-image-export",
+                                           "node-name": "nvmgr-image",
+                                           "name": "nvmgr-image-export", "writable": True})
+    assert len(_exports(v)) == 1
+    out = json.loads(vmlib.nvmgr("attach", v.name, state, "--live", "--config", "--data", data,
+                                 "-O", "json").stdout)
+    assert out["added"] == ["state0"] and "nvmgr-state0" in out["plugged"], out
+    v.extra_files += list(v.image.parent.glob(v.image.stem + ".m*"))
+    assert _exports(v) == [] and not sock.exists()
+    assert vmlib.nbd_read(v.name, "nvmgr-state0", 4096, tmp_path) == data.read_bytes()
     v.destroy()
     vmlib.nvmgr("check", "--domain", v.name)
