@@ -12,7 +12,10 @@ attach, in this order, so that a failure leaves nothing half done:
    (``fwcfg``, ``pflash``, ``tpm``, a ``<tpm>``: exit 13) before any I/O;
 2. grow the image (:func:`nvmgr.provision.prepare.grow`: first-fit, nothing
    moves, first bytes and sections in one commit), the VM running or not; a
-   section the image still holds (a detach kept it) is used as it is;
+   section the image still holds (a detach kept it) is used as it is; a
+   qcow2 image the running QEMU holds is written through QEMU for
+   ``--live`` (:func:`_qcow2_lent`: its NBD export of the image's qcow2
+   node), within the size it has, new sections past it in a raw member;
 3. ``--live``: the libvirt device through libvirt, a ``block`` section
    through QMP (:mod:`nvmgr.virt.hotplug`), the live metadata;
 4. ``--config``: the metadata and QEMU arguments of the persistent
