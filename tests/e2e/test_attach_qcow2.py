@@ -19,6 +19,9 @@ hot-plugged like a raw image's.
    other user started in that QEMU (a libvirt backup, say: QEMU runs one at a
    time) -- exit 7, the other server left running.  The export and server an
    nvmgr killed midway leaves are cleared by the next attach, which goes through.
+3. With a key: the new section in the raw member is a LUKS volume (ciphertext
+   in the file) that QEMU's ``luks`` node opens; the guest reads the plaintext,
+   at the next boot too.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+from nvmgr.domain.qemuargs import luks_node_name
 
 from . import vmlib
 from .conftest import MakeVM
@@ -189,3 +194,38 @@ def test_live_attach_to_qcow2_refusals_leave_the_image_as_it_was(
     assert vmlib.nbd_read(v.name, "nvmgr-state0", 4096, tmp_path) == data.read_bytes()
     v.destroy()
     vmlib.nvmgr("check", "--domain", v.name)
+
+
+def test_live_block_attach_to_an_encrypted_running_qcow2_image(vm: MakeVM, tmp_path: Path) -> None:
+    """With a key: the section in the raw member is a LUKS volume (its bytes
+    ciphertext there), opened by a ``luks`` node on its slice with the secret
+    QEMU read at its start; the guest's device reads the plaintext."""
+    key = tmp_path / "vm.key"
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o600)
+    v = vm("attach-qcow2-luks")
+    _edit(v, root_ports=3, native_hotplug=True)
+    v.define("--format", "qcow2", "--key-file", str(key))
+    v.start()
+    data = os.urandom(64 << 10)
+    (tmp_path / "state0.img").write_bytes(data)
+    out = json.loads(vmlib.nvmgr("attach", v.name, _write(tmp_path, "state0.xml", STATE),
+                                 "--live", "--config", "--data", tmp_path / "state0.img",
+                                 "-O", "json").stdout)
+    assert out["added"] == ["state0"] and "nvmgr-state0" in out["plugged"], out
+    s = v.section("state0")
+    assert s["encrypted"] is True and s["member"] is not None, s
+    members = vmlib.info(v.image)["members"]
+    member = Path(members[0]["path"])  # type: ignore[index]
+    v.extra_files.append(member)
+    lnode = luks_node_name("state0")
+    assert lnode in out["plugged"], out
+    assert vmlib.nbd_read(v.name, lnode, len(data), tmp_path) == data
+    assert data[:4096] not in member.read_bytes()
+    assert _exports(v) == []
+    v.destroy()
+    vmlib.nvmgr("check", "--domain", v.name, "--key-file", str(key))
+    assert v.get("state0", "--key-file", str(key))[:len(data)] == data
+    v.start()
+    assert vmlib.nbd_read(v.name, lnode, len(data), tmp_path) == data
+    v.destroy()
