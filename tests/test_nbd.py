@@ -172,7 +172,11 @@ def test_errors_name_what_is_wrong(tmp_path: Path) -> None:
         p = nvmgr("info", f"nbd+unix:///nope?socket={sock}")
         assert p.returncode == 3 and "no export 'nope'" in p.stderr, p.stderr
         p = nvmgr("create", f"nbd+unix:///vm2?socket={sock}", "-s", "x:4K")
-        assert p.returncode == 2 and "cannot create an image on an NBD server" in p.stderr
+        assert p.returncode == 3 and "no export 'vm2'" in p.stderr, p.stderr
+        # An export that holds data (an image here) never gets a new image written over it.
+        p = nvmgr("create", uri, "-s", "x:4K")
+        assert p.returncode == 2 and "holds data that is not an nvmgr image" in p.stderr, \
+            p.stderr
         # Another nvmgr on this host writes it: busy (7).
         from nvmgr.image.image import Image
 
@@ -323,3 +327,83 @@ def test_convert_a_file_to_an_nbd_export_and_back(tmp_path: Path) -> None:
                 assert nvmgr("get", image, name, "-o", str(out)).returncode == 0
                 assert out.read_bytes() == data, (image, name)
 
+
+
+# -- a new image written into a blank export ---------------------------------------------
+
+def test_create_writes_a_new_image_only_into_a_blank_export(tmp_path: Path) -> None:
+    """``nvmgr create`` on an export the server serves from a new (all-zero) file writes
+    the image into it; an export too small is exit 8, one holding any data exit 2, and
+    neither is written."""
+    blank = tmp_path / "blank.raw"
+    with open(blank, "wb") as f:
+        f.truncate(4 << 20)
+    with served_unix(blank, tmp_path / "nbd.sock") as uri:
+        p = nvmgr("create", uri, "-s", "efivars:128K:pflash", "-s", "blob:64K")
+        assert p.returncode == 0, p.stderr
+        info = json.loads(nvmgr("info", uri, "-O", "json").stdout)
+        assert [s["name"] for s in info["sections"]] == ["efivars", "blob"]
+        assert nvmgr("check", uri).returncode == 0
+    assert blank.stat().st_size == 4 << 20  # the server's file: written in, never resized
+    assert nvmgr("check", str(blank)).returncode == 0  # a whole image, read as a file
+
+    small = tmp_path / "small.raw"
+    with open(small, "wb") as f:
+        f.truncate(64 << 10)
+    with served_unix(small, tmp_path / "small.sock") as uri:
+        p = nvmgr("create", uri, "-s", "efivars:128K:pflash")
+        assert p.returncode == 8 and "holds 65,536 bytes" in p.stderr, p.stderr
+    assert small.read_bytes() == bytes(64 << 10)
+
+    data = tmp_path / "data.raw"
+    with open(data, "wb") as f:
+        f.truncate(4 << 20)
+        f.seek(3 << 20)
+        f.write(b"someone's file system")  # past the first MiB: the whole export is read
+    before = data.read_bytes()
+    with served_unix(data, tmp_path / "data.sock") as uri:
+        p = nvmgr("create", uri, "-s", "efivars:128K:pflash")
+        assert p.returncode == 2 and "holds data that is not an nvmgr image" in p.stderr
+    assert data.read_bytes() == before
+
+
+def test_a_domains_image_goes_into_a_blank_export_and_is_blanked_back_out(
+        tmp_path: Path) -> None:
+    """What ``define --image nbd+unix://...`` and the prepare hook do
+    (:func:`nvmgr.provision.prepare.prepare_image`): a blank export gets the domain's new
+    image; a second call opens it; an export holding other data is refused, naming it,
+    unwritten; :func:`nvmgr.storage.nbd.blank_out` (define's roll-back when libvirt
+    refuses the domain) leaves the export blank again."""
+    from nvmgr.domain.plan import plan_domain
+    from nvmgr.errors import ForeignImageError
+    from nvmgr.provision.prepare import prepare_image
+    from nvmgr.storage import nbd
+
+    plan = plan_domain((ROOT / "tests" / "data" / "uefi-tpm2-in.xml").read_text())
+    export = tmp_path / "export.raw"
+    with open(export, "wb") as f:
+        f.truncate(8 << 20)
+    with served_unix(export, tmp_path / "nbd.sock") as uri:
+        assert nbd.export_blank(uri)
+        img, created, added = prepare_image(plan, kek=None, fmt="raw", path=uri)
+        with img:
+            assert created and added == [s.name for s in plan.sections]
+            size = img.directory.image_size
+            assert img.container.size() == 8 << 20 and size < 8 << 20
+        img, created, added = prepare_image(plan, kek=None, fmt="raw", path=uri)
+        with img:
+            assert not created and added == []
+        assert not nbd.export_blank(uri)
+        nbd.blank_out(uri, size)
+        assert nbd.export_blank(uri)
+    assert export.read_bytes() == bytes(8 << 20)
+
+    other = tmp_path / "other.raw"
+    with open(other, "wb") as f:
+        f.truncate(8 << 20)
+        f.write(b"\xeb\x3c\x90mkfs.fat")
+    before = other.read_bytes()
+    with served_unix(other, tmp_path / "other.sock") as uri:
+        with pytest.raises(ForeignImageError, match="the NBD export holds data"):
+            prepare_image(plan, kek=None, fmt="raw", path=uri)
+    assert other.read_bytes() == before

@@ -12,8 +12,10 @@ private ``qemu-storage-daemon`` opens an ``nbd`` node (with a ``raw`` node on
 top) and exports it as one regular file through FUSE, which nvmgr uses with the
 raw-file code.  nvmgr never speaks NBD itself.
 
-An export has the size its server gives it: nvmgr cannot create one nor grow
-it (both are refused, naming the location).  nvmgr writers on one host exclude
+An export has the size its server gives it: nvmgr cannot make one nor grow
+it.  A new image is written into an export only when the export is *blank*
+(every byte zero, as a new file a server serves is: nothing there to lose) and
+large enough; an image then grows within the export's size, never past it.  nvmgr writers on one host exclude
 each other with ``flock`` on a lock file per location under :func:`lock_dir`;
 the server decides who else may write.
 """
@@ -25,7 +27,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from nvmgr.errors import ExternalError, NotFoundError, UsageError
+from nvmgr.errors import ExternalError, NoSpaceError, NotFoundError, UsageError
 from nvmgr.storage import qemu
 from nvmgr.storage.fuse import FuseExport
 from nvmgr.storage.network import LocationContainer, lock_location
@@ -110,6 +112,10 @@ def nbd_exists(location: str) -> bool:
     return True
 
 
+#: Bytes read at a time when telling whether an export is blank.
+BLANK_CHUNK = 4 << 20
+
+
 def _no_export(stderr: str) -> bool:
     low = stderr.lower()
     return "export" in low and ("unknown" in low or "not available" in low
@@ -139,10 +145,41 @@ class NbdContainer(LocationContainer):
 
     @classmethod
     def create(cls, path: str, size: int, *, wait: float = 0) -> NbdContainer:
-        """:raise UsageError: always; an NBD server makes its exports, nvmgr cannot."""
-        NbdLocation.parse(path)
-        raise UsageError("nvmgr cannot create an image on an NBD server: create it as a "
-                         "file, then serve it (qemu-nbd, qemu-storage-daemon)", image=path)
+        """Open a *blank* export (every byte zero) of at least *size* bytes for a new
+        image.  An NBD server makes its exports; nvmgr writes a new image only into
+        one that holds nothing, never over data (an image, a file system, anything).
+
+        :raise UsageError: the export holds data.
+        :raise NoSpaceError: the export is smaller than *size*.
+        :raise NotFoundError: the server has no such export.
+        :raise BusyError: another nvmgr on this host holds it.
+        :raise ExternalError: the server cannot be reached.
+        """
+        c = cls(path, writable=True, wait=wait)
+        try:
+            have = c.size()
+            if have < size:
+                raise NoSpaceError(f"the NBD export holds {have:,} bytes, the new image "
+                                   f"needs {size:,}: make the served file larger",
+                                   image=path)
+            if not c.blank():
+                raise UsageError(
+                    "the NBD export holds data that is not an nvmgr image: nvmgr writes a "
+                    "new image only into a blank export (all zeros, as a new file the "
+                    "server serves is), never over data", image=path)
+        except BaseException:
+            c.close()
+            raise
+        return c
+
+    def blank(self) -> bool:
+        """Whether every byte of the export is zero (read up to the first that is not)."""
+        size = self.size()
+        for off in range(0, size, BLANK_CHUNK):
+            chunk = self.read(off, min(BLANK_CHUNK, size - off))
+            if chunk.count(0) != len(chunk):
+                return False
+        return True
 
     def _open_locked(self) -> None:
         try:
@@ -163,3 +200,31 @@ class NbdContainer(LocationContainer):
             return
         raise UsageError(f"an NBD export cannot be grown by nvmgr ({self.size()} bytes); "
                          "grow it on the server, or convert the image to a file", image=self.path)
+
+
+def export_blank(location: str, *, wait: float = 0) -> bool:
+    """Whether the export at *location* is blank (:meth:`NbdContainer.blank`): a new
+    image may be written into it.
+
+    :raise NotFoundError: the server has no such export.
+    :raise ExternalError: the server cannot be reached.
+    """
+    c = NbdContainer(location, wait=wait)
+    try:
+        return c.blank()
+    finally:
+        c.close()
+
+
+def blank_out(location: str, length: int) -> None:
+    """Write zeros over the first *length* bytes of the export (both header copies
+    first): a new image that must not stay (its domain was refused) taken back out,
+    leaving the export blank as it was given.
+
+    :raise NvmgrError: the export cannot be opened or written.
+    """
+    with NbdContainer(location, writable=True) as c:
+        length = min(length, c.size())
+        for off in range(0, length, BLANK_CHUNK):
+            c.write(off, bytes(min(BLANK_CHUNK, length - off)))
+        c.flush()
