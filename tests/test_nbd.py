@@ -407,3 +407,78 @@ def test_a_domains_image_goes_into_a_blank_export_and_is_blanked_back_out(
         with pytest.raises(ForeignImageError, match="the NBD export holds data"):
             prepare_image(plan, kek=None, fmt="raw", path=uri)
     assert other.read_bytes() == before
+
+
+# -- who has the export open: a QEMU on this host ------------------------------------------
+
+def test_a_qemu_with_the_export_in_its_command_line_holds_it(tmp_path: Path) -> None:
+    """NBD has no lock to ask: a ``qemu-system-*`` on this host whose ``-blockdev`` opens
+    the export is what tells a running VM.  A live section's write is then refused,
+    busy (7), even with ``--force`` (which overrides only the in-use mark); a QEMU with
+    another export of the same server does not count."""
+    _need("qemu-system-x86_64")
+    from nvmgr.storage.nbd import NbdContainer, qemu_users
+
+    image = tmp_path / "vm1.nvram"
+    make_image(image)
+    (tmp_path / "vars").write_bytes(os.urandom(4096))
+    sock = tmp_path / "nbd.sock"
+    with served_unix(image, sock) as uri:
+        loc = NbdLocation.parse(uri)
+
+        def qemu(export: str) -> subprocess.Popen[bytes]:
+            node = {**NbdLocation(export, socket=str(sock)).node(), "node-name": "n"}
+            return subprocess.Popen(
+                ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+                 "-S", "-blockdev", json.dumps(node)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+        other = qemu("nope")  # QEMU refuses an export the server lacks, and exits
+        other.wait(30)
+        assert other.returncode != 0 and qemu_users(loc) == []
+        q = qemu("vm1")
+        try:
+            deadline = time.monotonic() + 30
+            while qemu_users(loc) != [q.pid]:
+                assert q.poll() is None, q.stderr.read() if q.stderr else b""
+                assert time.monotonic() < deadline, "the QEMU was not seen"
+                time.sleep(0.05)
+            c = NbdContainer(uri)
+            try:
+                assert c.running_holder() == (
+                    f"a running QEMU (pid {q.pid}) on this host has the NBD export open")
+            finally:
+                c.close()
+            gen = json.loads(nvmgr("info", uri, "-O", "json").stdout)["generation"]
+            for force in ((), ("--force",)):
+                p = nvmgr("put", uri, "efivars", str(tmp_path / "vars"), *force)
+                assert p.returncode == 7 and f"a running QEMU (pid {q.pid})" in p.stderr, \
+                    p.stderr
+            assert json.loads(nvmgr("info", uri, "-O", "json").stdout)["generation"] == gen
+            p = nvmgr("put", uri, "blob", str(tmp_path / "vars"))  # not live: written
+            assert p.returncode == 0, p.stderr
+        finally:
+            q.kill()
+            q.wait(30)
+        assert qemu_users(loc) == []
+        p = nvmgr("put", uri, "efivars", str(tmp_path / "vars"))
+        assert p.returncode == 0, p.stderr
+
+
+def test_only_an_nbd_blockdev_of_the_same_server_and_export_counts() -> None:
+    u = NbdLocation.parse("nbd+unix:///vm1?socket=/run/nbd/s.sock")
+    assert u.same_export({"driver": "nbd", "export": "vm1",
+                          "server": {"type": "unix", "path": "/run/nbd//s.sock"}})
+    assert not u.same_export({"driver": "nbd", "export": "vm2",
+                              "server": {"type": "unix", "path": "/run/nbd/s.sock"}})
+    assert not u.same_export({"driver": "nbd", "export": "vm1",
+                              "server": {"type": "unix", "path": "/run/nbd/t.sock"}})
+    assert not u.same_export({"driver": "file", "filename": "/run/nbd/s.sock"})
+    assert not u.same_export(["nbd"])
+    t = NbdLocation.parse("nbd://[::1]:10900/vm1")
+    assert t.same_export({"driver": "nbd", "export": "vm1",
+                          "server": {"type": "inet", "host": "::1", "port": "10900"}})
+    assert not t.same_export({"driver": "nbd", "export": "vm1",
+                              "server": {"type": "inet", "host": "::1", "port": "10809"}})
+    assert NbdLocation.parse("nbd://h/").same_export(
+        {"driver": "nbd", "server": {"type": "inet", "host": "h", "port": "10809"}})

@@ -23,6 +23,7 @@ the server decides who else may write.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -81,6 +82,21 @@ class NbdLocation:
         if self.export:
             n["export"] = self.export
         return n
+
+    def same_export(self, node: object) -> bool:
+        """Whether *node* (a ``-blockdev`` in JSON, parsed) is an ``nbd`` node of this
+        export on this server."""
+        if not isinstance(node, dict) or node.get("driver") != "nbd":
+            return False
+        server = node.get("server")
+        if not isinstance(server, dict) or (node.get("export") or "") != self.export:
+            return False
+        if self.socket is not None:
+            path = server.get("path")
+            return (server.get("type") == "unix" and isinstance(path, str)
+                    and os.path.normpath(path) == os.path.normpath(self.socket))
+        return (server.get("type") == "inet" and str(server.get("port")) == str(self.port)
+                and str(server.get("host")) == (self.host or "").strip("[]"))
 
     def uri(self) -> str:
         """The location as a URI (what ``qemu-img`` takes)."""
@@ -194,6 +210,21 @@ class NbdContainer(LocationContainer):
         self._export = export
         self._open_export(export)
 
+    def running_holder(self) -> str | None:
+        """A QEMU on this host whose command line opens this export (a running VM's).
+
+        NBD has no lock a client could ask about (the server decides who may
+        connect), so this is what can be told here: a ``qemu-system-*`` process
+        with an ``nbd`` ``-blockdev`` of this server and export, as nvmgr's own
+        QEMU arguments give a domain.  A QEMU on another host is not seen; the
+        in-use mark the prepare hook sets covers that one.
+        """
+        pids = qemu_users(self.location)
+        if not pids:
+            return None
+        return (f"a running QEMU (pid {', '.join(map(str, pids))}) on this host has the NBD "
+                "export open")
+
     def resize(self, size: int) -> None:
         """:raise UsageError: an export has the size its server gives it."""
         if size == self.size():
@@ -228,3 +259,38 @@ def blank_out(location: str, length: int) -> None:
         for off in range(0, length, BLANK_CHUNK):
             c.write(off, bytes(min(BLANK_CHUNK, length - off)))
         c.flush()
+
+
+#: Where :func:`qemu_users` looks for processes (a test may point it elsewhere).
+PROC = "/proc"
+
+
+def qemu_users(loc: NbdLocation) -> list[int]:
+    """The pids of ``qemu-system-*`` processes on this host whose command line has an
+    ``nbd`` ``-blockdev`` (JSON) of *loc*'s server and export."""
+    pids = []
+    try:
+        entries = os.listdir(PROC)
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(os.path.join(PROC, entry, "comm"), "rb") as f:
+                if not f.read(64).startswith(b"qemu-system"):
+                    continue
+            with open(os.path.join(PROC, entry, "cmdline"), "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        for arg in args:
+            if arg.startswith(b"{") and b'"nbd"' in arg:
+                try:
+                    node = json.loads(arg)
+                except ValueError:
+                    continue
+                if loc.same_export(node):
+                    pids.append(int(entry))
+                    break
+    return sorted(pids)
