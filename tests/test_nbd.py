@@ -376,7 +376,7 @@ def test_a_domains_image_goes_into_a_blank_export_and_is_blanked_back_out(
     refuses the domain) leaves the export blank again."""
     from nvmgr.domain.plan import plan_domain
     from nvmgr.errors import ForeignImageError
-    from nvmgr.provision.prepare import prepare_image
+    from nvmgr.provision.prepare import owner_of, prepare_image
     from nvmgr.storage import nbd
 
     plan = plan_domain((ROOT / "tests" / "data" / "uefi-tpm2-in.xml").read_text())
@@ -384,7 +384,7 @@ def test_a_domains_image_goes_into_a_blank_export_and_is_blanked_back_out(
     with open(export, "wb") as f:
         f.truncate(8 << 20)
     with served_unix(export, tmp_path / "nbd.sock") as uri:
-        assert nbd.export_blank(uri)
+        assert nbd.export_blank(uri) and owner_of(uri) is None  # define asks it first
         img, created, added = prepare_image(plan, kek=None, fmt="raw", path=uri)
         with img:
             assert created and added == [s.name for s in plan.sections]
@@ -393,7 +393,7 @@ def test_a_domains_image_goes_into_a_blank_export_and_is_blanked_back_out(
         img, created, added = prepare_image(plan, kek=None, fmt="raw", path=uri)
         with img:
             assert not created and added == []
-        assert not nbd.export_blank(uri)
+        assert not nbd.export_blank(uri) and owner_of(uri) == plan.domain_uuid
         nbd.blank_out(uri, size)
         assert nbd.export_blank(uri)
     assert export.read_bytes() == bytes(8 << 20)

@@ -350,8 +350,9 @@ def prepare_image(plan: Plan, *, kek: Kek | None, fmt: str,
 
 
 def owner_of(path: str) -> uuid.UUID | None:
-    """The domain UUID an existing image records (None: none, or no image)."""
-    if not image_exists(path):
+    """The domain UUID an existing image records (None: none, or no image: a blank
+    NBD export holds none yet)."""
+    if not image_exists(path) or (is_nbd(path) and nbd.export_blank(path)):
         return None
     with Image.open(path) as img:
         return img.directory.domain_uuid
