@@ -186,6 +186,17 @@ def test_errors_name_what_is_wrong(tmp_path: Path) -> None:
     assert image.read_bytes() == before
     p = nvmgr("info", f"nbd+unix:///vm1?socket={tmp_path / 'gone.sock'}")
     assert p.returncode == 10 and "gone.sock" in p.stderr, p.stderr
+    assert f"cannot reach the NBD server on socket {tmp_path / 'gone.sock'}" in p.stderr
+    # A server killed (its socket left behind): the same, with QEMU's words.
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(tmp_path / "stale.sock"))
+    p = nvmgr("info", f"nbd+unix:///vm1?socket={tmp_path / 'stale.sock'}")
+    assert p.returncode == 10 and "cannot reach the NBD server on socket" in p.stderr \
+        and "Connection refused" in p.stderr, p.stderr
+    port = _free_port()
+    p = nvmgr("get", f"nbd://127.0.0.1:{port}/vm1", "blob", "-o", str(tmp_path / "x"))
+    assert p.returncode == 10 and f"cannot reach the NBD server at 127.0.0.1:{port}" \
+        in p.stderr, p.stderr
     p = nvmgr("info", "nbd://127.0.0.1:0/vm1")
     assert p.returncode == 2 and "port 0" in p.stderr, p.stderr
 
@@ -482,3 +493,45 @@ def test_only_an_nbd_blockdev_of_the_same_server_and_export_counts() -> None:
                               "server": {"type": "inet", "host": "::1", "port": "10809"}})
     assert NbdLocation.parse("nbd://h/").same_export(
         {"driver": "nbd", "server": {"type": "inet", "host": "h", "port": "10809"}})
+
+
+# -- QEMU's user reaches the server's socket --------------------------------------------------
+
+def test_the_qemu_user_must_reach_the_servers_socket() -> None:
+    """QEMU connects to an ``nbd+unix`` export itself, as the QEMU user: the prepare hook
+    refuses the start (exit 11, the host is not set up) when that user cannot enter a
+    directory above the socket or may not write the socket (connecting needs it), naming
+    the path and the fix; a socket that is not there is left to the connection to tell."""
+    import tempfile
+
+    from nvmgr.errors import InstallationError
+    from nvmgr.provision.staging import Users, require_qemu_reaches_socket
+
+    if os.geteuid() != 0:
+        pytest.skip("chown to another user needs root")
+    users = Users(qemu_user="nobody", qemu_group="nogroup")
+    d = Path(tempfile.mkdtemp(prefix="nvmgr-sock-", dir="/tmp"))  # 0700, root's
+    try:
+        sock = d / "nbd.sock"
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(sock))
+            sock.chmod(0o755)
+            with pytest.raises(InstallationError, match=f"no search permission on {d} "
+                               r"\(mode 0700\)") as e:
+                require_qemu_reaches_socket(str(sock), users, "the NBD server's socket")
+            assert e.value.exit_code == 11
+            d.chmod(0o755)
+            with pytest.raises(InstallationError, match=r"may not connect to the NBD server's "
+                               rf"socket {sock} \(owner root, mode 0755"):
+                require_qemu_reaches_socket(str(sock), users, "the NBD server's socket")
+            shutil.chown(sock, "nobody")
+            require_qemu_reaches_socket(str(sock), users, "the NBD server's socket")
+            shutil.chown(sock, "root")
+            sock.chmod(0o777)
+            require_qemu_reaches_socket(str(sock), users, "the NBD server's socket")
+            sock.chmod(0o755)
+            require_qemu_reaches_socket(str(sock), Users(qemu_user="root", qemu_group="root"),
+                                        "the NBD server's socket")
+        require_qemu_reaches_socket(str(d / "gone.sock"), users, "the NBD server's socket")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -98,6 +98,12 @@ class NbdLocation:
         return (server.get("type") == "inet" and str(server.get("port")) == str(self.port)
                 and str(server.get("host")) == (self.host or "").strip("[]"))
 
+    def server(self) -> str:
+        """The server, in words: ``the NBD server on socket PATH`` or ``... at HOST:PORT``."""
+        if self.socket is not None:
+            return f"the NBD server on socket {self.socket}"
+        return f"the NBD server at {self.host}:{self.port}"
+
     def uri(self) -> str:
         """The location as a URI (what ``qemu-img`` takes)."""
         if self.socket is not None:
@@ -124,8 +130,21 @@ def nbd_exists(location: str) -> bool:
     res = qemu.run(qemu.QEMU_IMG, ["info", "-U", "-f", "raw", loc.uri()], image=location)
     if res.returncode != 0 and _no_export(res.stderr):
         return False
-    qemu.check(res, "qemu-img info", image=location)
+    try:
+        qemu.check(res, "qemu-img info", image=location)
+    except ExternalError as e:
+        raise _unreachable(loc, location, e) from e
     return True
+
+
+def _unreachable(loc: NbdLocation, location: str, e: ExternalError) -> ExternalError:
+    """*e* (QEMU's NBD client failed), saying first that the server cannot be reached
+    when that is what QEMU said; as it is otherwise."""
+    low = e.detail.lower()
+    if "failed to connect" not in low and "connection refused" not in low:
+        return e
+    return ExternalError(f"cannot reach {loc.server()} (is it running, and may this user "
+                         "connect?)", detail=e.detail, image=location)
 
 
 #: Bytes read at a time when telling whether an export is blank.
@@ -206,7 +225,7 @@ class NbdContainer(LocationContainer):
             if _no_export(str(e)):
                 raise NotFoundError(f"the NBD server has no export {self.location.export!r}",
                                     image=self.path) from e
-            raise
+            raise _unreachable(self.location, self.path, e) from e
         self._export = export
         self._open_export(export)
 

@@ -54,7 +54,7 @@ class NbdServer:
         self.log = workdir / "qsd.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, *, hand_to_qemu: bool = True) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()
         with open(self.log, "ab") as log:
@@ -74,7 +74,8 @@ class NbdServer:
                 raise vmlib.Failed("qemu-storage-daemon's socket did not show up in 30 s")
             time.sleep(0.05)
         # QEMU runs as libvirt-qemu: connecting needs write permission on the socket.
-        shutil.chown(self.socket, "libvirt-qemu", "libvirt-qemu")
+        if hand_to_qemu:
+            shutil.chown(self.socket, "libvirt-qemu", "libvirt-qemu")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -105,8 +106,9 @@ def _define(v: vmlib.VM, uri: str) -> dict[str, object]:
     return r
 
 
-def test_a_uefi_tpm_vm_with_its_image_on_an_nbd_server(vm: MakeVM, nbd_server: NbdServer,
+def test_a_uefi_tpm_vm_with_its_image_on_an_nbd_server(nbd_server: NbdServer, vm: MakeVM,
                                                         tmp_path: Path) -> None:
+    # (nbd_server first: set up before, torn down after the VMs, whose release needs it)
     uri = nbd_server.uri
     v = vm("nbd")
     r = _define(v, uri)
@@ -122,14 +124,17 @@ def test_a_uefi_tpm_vm_with_its_image_on_an_nbd_server(vm: MakeVM, nbd_server: N
     assert any('"driver":"nbd"' in a for a in vmlib.qemu_cmdline(v.name))
 
     # d. A write to the vars of the running VM is refused, busy (7).  NBD has no lock
-    # nvmgr could ask, so the in-use mark of the prepare hook refuses it, and a running
-    # QEMU on this host with the export open in its command line refuses even --force.
+    # nvmgr could ask (the server decides who connects): nvmgr finds this host's QEMU
+    # whose -blockdev opens the export, which --force does not override, and the
+    # in-use mark the prepare hook set (what tells a QEMU on another host) is there.
     (tmp_path / "vars.bin").write_bytes(os.urandom(4096))
     before = vmlib.section_info(uri, "uefi-vars")
-    p = vmlib.nvmgr("put", uri, "uefi-vars", tmp_path / "vars.bin", check=False)
-    assert p.returncode == 7 and "uefi-vars is live and marked in use" in p.stderr, p
-    p = vmlib.nvmgr("put", uri, "uefi-vars", tmp_path / "vars.bin", "--force", check=False)
-    assert p.returncode == 7 and "a running QEMU (pid" in p.stderr, p
+    assert before["dirty"] is True, before  # the prepare hook's in-use mark
+    pid = vmlib.qemu_pid(v.name)
+    for force in ((), ("--force",)):
+        p = vmlib.nvmgr("put", uri, "uefi-vars", tmp_path / "vars.bin", *force, check=False)
+        assert p.returncode == 7 and f"uefi-vars is live and a running QEMU (pid {pid}) on " \
+            "this host has the NBD export open" in p.stderr, p
     assert vmlib.section_info(uri, "uefi-vars") == before  # nothing written
     assert v.state() == "running"
 
@@ -174,18 +179,34 @@ def test_a_uefi_tpm_vm_with_its_image_on_an_nbd_server(vm: MakeVM, nbd_server: N
     vmlib.nvmgr("undefine", v.name, "--keep-nvram")
 
 
-def test_the_nbd_server_gone_at_start(vm: MakeVM, nbd_server: NbdServer) -> None:
+def test_the_nbd_server_gone_at_start(nbd_server: NbdServer, vm: MakeVM) -> None:
     """e. The server is not there when the VM starts: the prepare hook refuses the
     start with a message naming the server's socket and exit 10 (an outside tool
-    failed); nothing of the image changes, and with the server back it checks clean."""
+    failed); nothing of the image changes, and with the server back it checks clean
+    and the VM starts once QEMU's user may connect to the socket."""
     v = vm("nbdgone")
     _define(v, nbd_server.uri)
     image = nbd_server.file.read_bytes()
     nbd_server.stop()
     p = v.start(check=False)
     assert p.returncode != 0 and v.state() == "shut off", p
-    assert "exit status 10" in p.stderr and str(nbd_server.socket) in p.stderr, p.stderr
+    assert "exit status 10" in p.stderr and \
+        f"cannot reach the NBD server on socket {nbd_server.socket}" in p.stderr, p.stderr
     assert nbd_server.file.read_bytes() == image
-    nbd_server.start()
+    nbd_server.start(hand_to_qemu=False)
     vmlib.nvmgr("check", nbd_server.uri)
+    # The server back, its socket not handed to QEMU's user: refused by the prepare
+    # hook (exit 11: the host is not set up), naming the socket and the fix, before
+    # anything is staged (QEMU would otherwise fail later with "Permission denied").
+    p = v.start(check=False)
+    assert p.returncode != 0 and v.state() == "shut off", p
+    assert "exit status 11" in p.stderr and "QEMU runs as libvirt-qemu, which may not " \
+        f"connect to the NBD server's socket {nbd_server.socket}" in p.stderr, p.stderr
+    assert nbd_server.file.read_bytes() == image
+    shutil.chown(nbd_server.socket, "libvirt-qemu", "libvirt-qemu")
+    v.start()  # handed over: the VM starts, and boots to OVMF's shell
+    v.wait_for_shell(240)
+    mark = len(vmlib.hook_log_lines())
+    v.destroy()
+    vmlib.wait_hook_log(rf"{v.name} release end: ", after=mark, timeout=60)
     vmlib.nvmgr("undefine", v.name, "--keep-nvram")
