@@ -210,3 +210,43 @@ def test_the_nbd_server_gone_at_start(nbd_server: NbdServer, vm: MakeVM) -> None
     v.destroy()
     vmlib.wait_hook_log(rf"{v.name} release end: ", after=mark, timeout=60)
     vmlib.nvmgr("undefine", v.name, "--keep-nvram")
+
+
+def test_the_nbd_server_gone_at_release(nbd_server: NbdServer, vm: MakeVM,
+                                        tmp_path: Path) -> None:
+    """The server dies while the VM runs and the VM is then stopped: release cannot
+    reach the image (exit 10 in the hook's log, naming the server) and leaves the TPM
+    state swtpm wrote staged where it is, nothing lost; with the server back the next
+    start takes the image over from the run that never released it, brings that
+    staged state into the image (the same TPM) and boots."""
+    v = vm("nbdrel")
+    _define(v, nbd_server.uri)
+    v.start()
+    v.wait_for_shell(240)
+    nbd_server.stop()
+    mark = len(vmlib.hook_log_lines())
+    v.destroy()
+    line = vmlib.wait_hook_log(rf"{v.name} release end: ", after=mark, timeout=120)
+    assert "refused" in line and \
+        f"cannot reach the NBD server on socket {nbd_server.socket}" in line, line
+    staged = v.swtpm_dir / "tpm2-00.permall"
+    assert staged.is_file(), "release wiped the TPM state it could not store"
+    ek_made, _ = vmlib.read_ek(staged.read_bytes(), tmp_path)
+
+    nbd_server.start()
+    assert vmlib.section_info(nbd_server.uri, "tpm-permall")["length"] == 0  # not stored
+    mark = len(vmlib.hook_log_lines())
+    v.start()
+    line = vmlib.wait_hook_log(rf"{v.name} prepare begin: ", after=mark, timeout=60)
+    assert "which never released it" in line and "staged tpm ['tpm2-00.permall']" in line, line
+    v.wait_for_shell(240)
+    mark = len(vmlib.hook_log_lines())
+    v.destroy()
+    line = vmlib.wait_hook_log(rf"{v.name} release end: ", after=mark, timeout=60)
+    assert "refused" not in line, line
+    vmlib.nvmgr("check", nbd_server.uri)
+    permall = tmp_path / "permall"
+    vmlib.nvmgr("get", nbd_server.uri, "tpm-permall", "-o", permall)
+    ek, _ = vmlib.read_ek(permall.read_bytes(), tmp_path)
+    assert ek == ek_made
+    vmlib.nvmgr("undefine", v.name, "--keep-nvram")
