@@ -417,6 +417,8 @@ def test_a_domains_image_goes_into_a_blank_export_and_is_blanked_back_out(
     with served_unix(other, tmp_path / "other.sock") as uri:
         with pytest.raises(ForeignImageError, match="the NBD export holds data"):
             prepare_image(plan, kek=None, fmt="raw", path=uri)
+        with pytest.raises(ForeignImageError, match="the NBD export holds data"):
+            owner_of(uri)
     assert other.read_bytes() == before
 
 

@@ -184,9 +184,7 @@ def _open_existing(path: str, specs: list[SectionSpec], kek: Kek | None,
         if is_nbd(path):  # the server made it: written into only when blank
             if nbd.export_blank(path, wait=wait):
                 return None
-            raise ForeignImageError(
-                f"{e.message}; the NBD export holds data, so nvmgr writes no new image "
-                "into it (serve a blank file: all zeros)", image=path) from e
+            raise _export_holds_data(e, path) from e
         if is_location(path):  # never removed by nvmgr: Ceph's
             raise
         made = [dataclasses.replace(s, encrypted=True) if kek and not s.binding.live else s
@@ -354,8 +352,19 @@ def owner_of(path: str) -> uuid.UUID | None:
     NBD export holds none yet)."""
     if not image_exists(path) or (is_nbd(path) and nbd.export_blank(path)):
         return None
-    with Image.open(path) as img:
-        return img.directory.domain_uuid
+    try:
+        with Image.open(path) as img:
+            return img.directory.domain_uuid
+    except ForeignImageError as e:
+        if is_nbd(path):
+            raise _export_holds_data(e, path) from e
+        raise
+
+
+def _export_holds_data(e: ForeignImageError, path: str) -> ForeignImageError:
+    """*e*, an NBD export that is no nvmgr image and not blank, said so."""
+    return ForeignImageError(f"{e.message}; the NBD export holds data, so nvmgr writes no "
+                             "new image into it (serve a blank file: all zeros)", image=path)
 
 
 def copy_for_clone(src: str, dst: str, domain_uuid: uuid.UUID, kek: Kek | None) -> uuid.UUID:
