@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -537,3 +538,52 @@ def test_the_qemu_user_must_reach_the_servers_socket() -> None:
         require_qemu_reaches_socket(str(d / "gone.sock"), users, "the NBD server's socket")
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+# -- a crash while a new image is written into a blank export ---------------------------------
+
+FAULTRUN = ROOT / "tests" / "faultrun.py"
+
+
+def _faultrun(n: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(FAULTRUN), str(n), "--", *args],
+                          capture_output=True, text=True, timeout=120, check=False, cwd=ROOT,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_a_create_into_a_blank_export_killed_at_every_io(tmp_path: Path) -> None:
+    """``nvmgr create`` into a blank export, SIGKILLed before each of its writes and
+    flushes (``tests/faultrun.py``): the export is left blank (a new create writes the
+    image) or holds a whole image (both checks pass, its sections listed); never
+    something that is neither, which nvmgr would refuse to write over."""
+    spec = ["-s", "efivars:128K:pflash", "-s", "blob:64K"]
+    export = tmp_path / "export.raw"
+    with open(export, "wb") as f:
+        f.truncate(2 << 20)
+    with served_unix(export, tmp_path / "dry.sock") as uri:
+        dry = _faultrun(0, "create", uri, *spec)
+        assert dry.returncode == 0, dry.stderr
+    total = int(dry.stderr.strip().splitlines()[-1].split("=")[1])
+    assert total >= 4, dry.stderr  # two header copies, each written and flushed
+    outcomes = []
+    for n in range(1, total + 1):
+        export.unlink()
+        with open(export, "wb") as f:
+            f.truncate(2 << 20)
+        with served_unix(export, tmp_path / f"k{n}.sock") as uri:
+            r = _faultrun(n, "create", uri, *spec)
+            assert r.returncode == -signal.SIGKILL, (n, r.returncode, r.stderr)
+            from nvmgr.storage.nbd import export_blank
+
+            if export_blank(uri, wait=30):
+                outcomes.append("blank")
+                p = nvmgr("create", uri, *spec)  # the export is as it was: made again
+                assert p.returncode == 0, (n, p.stderr)
+            else:
+                outcomes.append("image")
+            p = nvmgr("check", uri, "-O", "json")
+            assert p.returncode == 0, (n, p.stdout, p.stderr)
+            assert [s["name"] for s in json.loads(p.stdout)["sections"]] == [
+                "efivars", "blob"], (n, p.stdout)
+    assert outcomes[0] == "blank" and "image" in outcomes, outcomes
+    assert outcomes == sorted(outcomes), outcomes  # blank, then image: never back
