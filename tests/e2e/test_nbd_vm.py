@@ -22,6 +22,7 @@ import html
 import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -40,9 +41,10 @@ EXPORT_SIZE = 8 << 20
 
 
 class NbdServer:
-    """``qemu-storage-daemon`` serving *file* as export ``vm1`` on a unix socket."""
+    """``qemu-storage-daemon`` serving a blank file as export ``vm1`` on a unix socket,
+    or with *port* on 127.0.0.1 over TCP."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
         vmlib.SOCK_ROOT.mkdir(mode=0o755, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix="nbdvm-", dir=vmlib.SOCK_ROOT))
         self.dir.chmod(0o755)  # QEMU (libvirt-qemu) reaches the socket through it
@@ -50,7 +52,9 @@ class NbdServer:
         with open(self.file, "wb") as f:
             f.truncate(EXPORT_SIZE)
         self.socket = self.dir / "nbd.sock"
-        self.uri = f"nbd+unix:///vm1?socket={self.socket}"
+        self.port = port
+        self.uri = (f"nbd+unix:///vm1?socket={self.socket}" if port is None
+                    else f"nbd://127.0.0.1:{port}/vm1")
         self.log = workdir / "qsd.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -62,11 +66,13 @@ class NbdServer:
                 ["qemu-storage-daemon",
                  "--blockdev", f"driver=file,filename={self.file},node-name=f",
                  "--blockdev", "driver=raw,file=f,node-name=n",
-                 "--nbd-server", f"addr.type=unix,addr.path={self.socket}",
+                 "--nbd-server", (f"addr.type=unix,addr.path={self.socket}"
+                                  if self.port is None else
+                                  f"addr.type=inet,addr.host=127.0.0.1,addr.port={self.port}"),
                  "--export", "type=nbd,id=e,node-name=n,name=vm1,writable=on"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
-        while not self.socket.exists():
+        while not self._listening():
             if self.proc.poll() is not None:
                 raise vmlib.Failed(f"qemu-storage-daemon exited {self.proc.returncode}: "
                                    f"{self.log.read_text()}")
@@ -74,8 +80,14 @@ class NbdServer:
                 raise vmlib.Failed("qemu-storage-daemon's socket did not show up in 30 s")
             time.sleep(0.05)
         # QEMU runs as libvirt-qemu: connecting needs write permission on the socket.
-        if hand_to_qemu:
+        if hand_to_qemu and self.port is None:
             shutil.chown(self.socket, "libvirt-qemu", "libvirt-qemu")
+
+    def _listening(self) -> bool:
+        if self.port is None:
+            return self.socket.exists()
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -93,6 +105,21 @@ def nbd_server(e2e_env: Path, tmp_path: Path) -> Iterator[NbdServer]:
     if shutil.which("qemu-storage-daemon") is None:
         pytest.skip("qemu-storage-daemon is not installed (scripts/setup installs it)")
     s = NbdServer(tmp_path)
+    try:
+        s.start()
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
+def nbd_tcp_server(e2e_env: Path, tmp_path: Path) -> Iterator[NbdServer]:
+    if shutil.which("qemu-storage-daemon") is None:
+        pytest.skip("qemu-storage-daemon is not installed (scripts/setup installs it)")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    s = NbdServer(tmp_path, port)
     try:
         s.start()
         yield s
@@ -249,4 +276,31 @@ def test_the_nbd_server_gone_at_release(nbd_server: NbdServer, vm: MakeVM,
     vmlib.nvmgr("get", nbd_server.uri, "tpm-permall", "-o", permall)
     ek, _ = vmlib.read_ek(permall.read_bytes(), tmp_path)
     assert ek == ek_made
+    vmlib.nvmgr("undefine", v.name, "--keep-nvram")
+
+
+def test_a_vm_with_its_image_on_an_nbd_server_over_tcp(nbd_tcp_server: NbdServer, vm: MakeVM,
+                                                       tmp_path: Path) -> None:
+    """The export served over TCP on 127.0.0.1 (``nbd://HOST:PORT/EXPORT``): QEMU's
+    ``nbd`` blockdev connects there; the running QEMU is seen holding the export."""
+    uri = nbd_tcp_server.uri
+    v = vm("nbdtcp")
+    r = _define(v, uri)
+    assert r["image"] == uri and r["created"], r
+    args = html.unescape(vmlib.virsh("dumpxml", v.name).stdout)
+    server = {"type": "inet", "host": "127.0.0.1", "port": str(nbd_tcp_server.port)}
+    assert f'"server":{json.dumps(server, separators=(",", ":"))}' in args, args
+    v.start()
+    v.wait_for_shell(240)
+    (tmp_path / "vars.bin").write_bytes(os.urandom(4096))
+    p = vmlib.nvmgr("put", uri, "uefi-vars", tmp_path / "vars.bin", "--force", check=False)
+    assert p.returncode == 7 and f"a running QEMU (pid {vmlib.qemu_pid(v.name)})" in p.stderr, p
+    mark = len(vmlib.hook_log_lines())
+    v.destroy()
+    line = vmlib.wait_hook_log(rf"{v.name} release end: ", after=mark, timeout=60)
+    assert "collected ['tpm-permall'" in line, line
+    vmlib.nvmgr("check", uri)
+    varstore = tmp_path / "vars.fd"
+    vmlib.nvmgr("get", uri, "uefi-vars", "-o", varstore)
+    assert "BootOrder" in vmlib.uefi_vars(varstore)
     vmlib.nvmgr("undefine", v.name, "--keep-nvram")
