@@ -208,12 +208,14 @@ class NbdContainer(LocationContainer):
         return c
 
     def blank(self) -> bool:
-        """Whether every byte of the export is zero (read up to the first that is not)."""
-        size = self.size()
-        for off in range(0, size, BLANK_CHUNK):
-            chunk = self.read(off, min(BLANK_CHUNK, size - off))
+        """Whether every byte of the export is zero (read up to the first that is not;
+        the first header copy's room first, where an image or a file system starts)."""
+        size, off, n = self.size(), 0, 64 << 10
+        while off < size:
+            chunk = self.read(off, min(n, size - off))
             if chunk.count(0) != len(chunk):
                 return False
+            off, n = off + len(chunk), BLANK_CHUNK
         return True
 
     def _open_locked(self) -> None:
