@@ -94,7 +94,7 @@ class NbdLocation:
         if self.socket is not None:
             path = server.get("path")
             return (server.get("type") == "unix" and isinstance(path, str)
-                    and os.path.normpath(path) == os.path.normpath(self.socket))
+                    and os.path.realpath(path) == os.path.realpath(self.socket))
         return (server.get("type") == "inet" and str(server.get("port")) == str(self.port)
                 and str(server.get("host")) == (self.host or "").strip("[]"))
 

@@ -162,6 +162,8 @@ def test_a_uefi_tpm_vm_with_its_image_on_an_nbd_server(nbd_server: NbdServer, vm
         p = vmlib.nvmgr("put", uri, "uefi-vars", tmp_path / "vars.bin", *force, check=False)
         assert p.returncode == 7 and f"uefi-vars is live and a running QEMU (pid {pid}) on " \
             "this host has the NBD export open" in p.stderr, p
+    p = vmlib.nvmgr("check", uri, "--repair", "--yes", check=False)  # the marks stay too
+    assert p.returncode == 7 and f"a running QEMU (pid {pid})" in p.stderr, p
     assert vmlib.section_info(uri, "uefi-vars") == before  # nothing written
     assert v.state() == "running"
 
