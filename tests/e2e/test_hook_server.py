@@ -34,7 +34,9 @@ def test_the_hook_server_runs_a_start_and_a_stop_and_passes_a_refusal_through(
     done = [ln.split()[2] for ln in vmlib.hook_log_lines()[mark:]
             if re.match(rf"^\S+Z {re.escape(v.name)} (prepare|release) ", ln)]
     assert done == ["prepare", "release"], done
-    assert not [ln for ln in vmlib.hook_log_lines()[mark:] if "fallback" in ln]
+    # (the CLI server logs here too: another checkout's nvmgr handed back is its business)
+    assert not [ln for ln in vmlib.hook_log_lines()[mark:]
+                if ln.startswith("hook-server[") and "fallback" in ln]
     # The TPM state went back into the image through the server's worker.
     assert v.section("tpm-permall")["length"]
 
