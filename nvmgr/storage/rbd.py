@@ -544,6 +544,11 @@ def _create(loc: RbdLocation, size: int, path: str) -> qemu.Result:
                         pass_fds=() if fd is None else (fd,))
 
 
+#: Bytes of a large first write that go out (and are flushed) alone, taking librbd's
+#: cache out of its writethrough start (:meth:`RbdContainer.write`): one FUSE request.
+WRITEBACK_SPLIT = 64 << 10
+
+
 class RbdContainer(LocationContainer):
     """An nvmgr image in an RBD image, through a private ``qemu-storage-daemon``.
 
@@ -568,13 +573,39 @@ class RbdContainer(LocationContainer):
 
     #: Whether this container's export has written the image (its own lock, then).
     _wrote = False
+    #: Whether a flush followed a write: librbd's cache has left its writethrough start.
+    _writeback = False
     #: :meth:`running_holder`'s answer, asked once per container.
     _holder: str | None = None
     _asked = False
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
+        """Write *data* at *offset* (as :meth:`Qcow2Container.write`).
+
+        librbd's cache writes through until the image's first flush
+        (``rbd_cache_writethrough_until_flush``): until then every FUSE request
+        (1 MiB) waits for the OSDs' acknowledgement, one after the other.  A
+        write larger than :data:`WRITEBACK_SPLIT` before any flush is therefore
+        split: its first :data:`WRITEBACK_SPLIT` bytes are written and flushed
+        (QEMU skips a flush that follows no write, so the write comes first),
+        then the rest goes out through the cache, many requests in flight, until
+        the caller's own flush.  Both parts are ordinary writes and the flush an
+        ordinary flush (the fault hook sees each): nothing is acknowledged to
+        the caller that a flush has not made durable when the caller flushes.
+        """
         self._wrote = True
-        super().write(offset, data)
+        view = memoryview(data).cast("B")
+        if self._writeback or view.nbytes <= WRITEBACK_SPLIT:
+            super().write(offset, view)
+            return
+        super().write(offset, view[:WRITEBACK_SPLIT])
+        self.flush()
+        super().write(offset + WRITEBACK_SPLIT, view[WRITEBACK_SPLIT:])
+
+    def flush(self) -> None:
+        super().flush()
+        if self._wrote:
+            self._writeback = True
 
     def resize(self, size: int) -> None:
         self._wrote = True

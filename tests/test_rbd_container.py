@@ -1,0 +1,185 @@
+"""An nvmgr image in Ceph RBD (:class:`nvmgr.storage.rbd.RbdContainer`) against the
+single-node cluster of ``tests/ceph_cluster.py``: a large first write goes out
+split (librbd's cache leaves its writethrough start at the first flush), and a
+put stays crash-safe at every I/O with the split in it.
+
+Skipped, with the reason, without root or Ceph's packages (``scripts/setup``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from nvmgr.format.layout import SectionSpec
+from nvmgr.format.model import Binding
+from nvmgr.image.image import CHUNK, Image
+from nvmgr.storage.rbd import WRITEBACK_SPLIT, RbdContainer
+from tests.ceph_cluster import PACKAGES, CephCluster, missing_tools
+from tests.test_crash import Crash, Faults, State, assert_monotone, explain, injected, observe, rand
+
+
+@pytest.fixture(scope="module")
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
+    if os.geteuid() != 0:
+        pytest.skip("the Ceph harness runs its daemons as root")
+    missing = missing_tools()
+    if missing:
+        pytest.skip(f"Ceph is not installed ({', '.join(missing)} missing; scripts/setup "
+                    f"installs {' '.join(PACKAGES)})")
+    with CephCluster(tmp_path_factory.mktemp("ceph")) as c:
+        # A SIGKILLed daemon's RBD lock is broken once its watch times out (30 s
+        # by default): the daemon-kill model waits for that at every crash point.
+        c.run("ceph", "config", "set", "osd", "osd_client_watch_timeout", "5")
+        yield c
+
+
+@pytest.fixture(scope="module")
+def where(ceph: CephCluster) -> str:
+    """The location options of a cephx user of the test's own."""
+    _u, keyring, _k = ceph.client("nvtest")
+    return f":conf={ceph.conf}:id=nvtest:keyring={keyring}"
+
+
+def _location(ceph: CephCluster, where: str, image: str) -> str:
+    return f"rbd:{ceph.pool}/{image}{where}"
+
+
+def _all_bytes(location: str) -> str:
+    with RbdContainer(location) as c:
+        return hashlib.sha256(c.read(0, c.size())).hexdigest()
+
+
+def test_a_large_first_write_goes_out_split_and_flushed(ceph: CephCluster, where: str) -> None:
+    loc = _location(ceph, where, f"split-{uuid.uuid4().hex[:8]}")
+    size = 8 << 20
+    trace = Faults()
+    first, second, small = os.urandom(3 << 20), os.urandom(2 << 20), os.urandom(4096)
+    with RbdContainer.create(loc, size) as c:
+        c.fault = trace
+        c.write(4096, small)  # small: as it is, the cache still writes through
+        c.write(1 << 20, first)
+        c.write(5 << 20, second)  # after a flush: as it is
+        c.flush()
+    assert trace.trace == [
+        ("write", 4096, 4096),
+        ("write", 1 << 20, WRITEBACK_SPLIT),
+        ("flush", 0, 0),
+        ("write", (1 << 20) + WRITEBACK_SPLIT, len(first) - WRITEBACK_SPLIT),
+        ("write", 5 << 20, len(second)),
+        ("flush", 0, 0),
+    ]
+    with RbdContainer(loc) as c:  # a new export reads what librbd stored
+        assert c.read(4096, 4096) == small
+        assert c.read(1 << 20, len(first)) == first
+        assert c.read(5 << 20, len(second)) == second
+        assert c.read(0, 4096) == bytes(4096)
+
+
+def test_a_flush_after_a_write_ends_the_writethrough_start(ceph: CephCluster,
+                                                          where: str) -> None:
+    loc = _location(ceph, where, f"flushed-{uuid.uuid4().hex[:8]}")
+    trace = Faults()
+    with RbdContainer.create(loc, 4 << 20) as c:
+        c.fault = trace
+        c.flush()  # no write before it: QEMU skips it, librbd still writes through
+        big = os.urandom(2 << 20)
+        c.write(0, big)
+        c.write(2 << 20, big)
+    assert [k for k, _o, n in trace.trace] == ["flush", "write", "flush", "write", "write"]
+    assert trace.trace[1] == ("write", 0, WRITEBACK_SPLIT)
+
+
+# -------------------------------------------------------------- crash safety
+
+BIG = CHUNK + (1 << 20)  # a 4 MiB chunk (split) and 1 MiB more
+
+
+def _state(location: str) -> State:
+    with Image.open(location) as img:
+        return observe(img, {})
+
+
+def _build(location: str) -> None:
+    specs = [SectionSpec("blob", BIG, Binding.OPAQUE), SectionSpec("canary", 1024, Binding.OPAQUE)]
+    with Image.create(location, specs, fmt="rbd") as img:
+        img.put("blob", rand(BIG - 4096, "rbd-old"))
+        img.put("canary", rand(1000, "canary"))
+
+
+def _put_new(img: Image) -> None:
+    img.put("blob", rand(BIG - 8192, "rbd-new"))
+
+
+def _copy(ceph: CephCluster, where: str, template: str, tag: str) -> str:
+    image = f"{template}-{tag}"
+    ceph.run("rbd", "cp", f"{ceph.pool}/{template}", f"{ceph.pool}/{image}", timeout=120)
+    return _location(ceph, where, image)
+
+
+def _crash(location: str, hook: Faults, kill_daemon: bool) -> bool:
+    """Run the put under *hook*; at the crash, SIGKILL the daemon first when asked
+    (librbd then loses whatever it had in flight and no flush had waited for)."""
+    with injected(hook) as opened:
+        img = None
+        try:
+            img = Image.open(location, writable=True)
+            _put_new(img)
+            crashed = False
+        except Crash:
+            crashed = True
+            if kill_daemon:
+                pid = opened[0].daemon_pid  # type: ignore[attr-defined]
+                assert pid is not None
+                os.kill(pid, signal.SIGKILL)
+        finally:
+            if img is not None:
+                img.close()
+    assert not hook.after, f"I/O was attempted after the crash: {hook.after}"
+    return crashed
+
+
+def _verify(location: str, old: State, new: State) -> str:
+    before = _all_bytes(location)
+    got = _state(location)
+    assert _all_bytes(location) == before, "a read-only open changed the image"
+    assert got in (old, new), explain(got, old, new)
+    with Image.open(location, writable=True) as img:
+        fresh = os.urandom(700)
+        img.put("canary", fresh)
+    with Image.open(location) as img:
+        after = observe(img, {})
+        assert [h.error for h in img.headers] == [None, None]
+    assert after == got.with_section("canary", fresh), "a put after recovery disturbed it"
+    return "old" if got == old else "new"
+
+
+@pytest.mark.parametrize("kill_daemon", [False, True], ids=["exception", "daemon-sigkill"])
+def test_a_large_put_on_rbd_is_crash_safe_at_every_io(ceph: CephCluster, where: str,
+                                                      kill_daemon: bool) -> None:
+    template = f"crash-{uuid.uuid4().hex[:8]}"
+    _build(_location(ceph, where, template))
+    old = _state(_location(ceph, where, template))
+    dry = _copy(ceph, where, template, "dry")
+    hook = Faults()
+    assert not _crash(dry, hook, False)
+    new = _state(dry)
+    assert new != old
+    trace = hook.trace
+    # The split is in the put: its first chunk's head, a flush, the rest, ... commit.
+    assert trace[:3] == [("write", trace[0][1], WRITEBACK_SPLIT), ("flush", 0, 0),
+                         ("write", trace[0][1] + WRITEBACK_SPLIT, CHUNK - WRITEBACK_SPLIT)]
+    outcomes = []
+    for n in range(1, len(trace) + 1):
+        loc = _copy(ceph, where, template, f"c{n}")
+        assert _crash(loc, Faults(n), kill_daemon), f"no crash at I/O {n}"
+        try:
+            outcomes.append(_verify(loc, old, new))
+        except AssertionError as e:
+            raise AssertionError(f"crash at I/O {n}/{len(trace)} {trace[n - 1]}: {e}") from None
+    assert_monotone(outcomes, trace)
