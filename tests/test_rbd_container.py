@@ -19,7 +19,7 @@ import pytest
 from nvmgr.format.layout import SectionSpec
 from nvmgr.format.model import Binding
 from nvmgr.image.image import CHUNK, Image
-from nvmgr.storage.rbd import WRITEBACK_SPLIT, RbdContainer
+from nvmgr.storage.rbd import WRITEBACK_FROM, WRITEBACK_SPLIT, RbdContainer
 from tests.ceph_cluster import PACKAGES, CephCluster, missing_tools
 from tests.test_crash import Crash, Faults, State, assert_monotone, explain, injected, observe, rand
 
@@ -60,14 +60,17 @@ def test_a_large_first_write_goes_out_split_and_flushed(ceph: CephCluster, where
     size = 8 << 20
     trace = Faults()
     first, second, small = os.urandom(3 << 20), os.urandom(2 << 20), os.urandom(4096)
+    one_request = os.urandom(WRITEBACK_FROM)
     with RbdContainer.create(loc, size) as c:
         c.fault = trace
-        c.write(4096, small)  # small: as it is, the cache still writes through
+        c.write(4096, small)  # one FUSE request: as it is, the cache still writes through
+        c.write(7 << 20, one_request)
         c.write(1 << 20, first)
         c.write(5 << 20, second)  # after a flush: as it is
         c.flush()
     assert trace.trace == [
         ("write", 4096, 4096),
+        ("write", 7 << 20, WRITEBACK_FROM),
         ("write", 1 << 20, WRITEBACK_SPLIT),
         ("flush", 0, 0),
         ("write", (1 << 20) + WRITEBACK_SPLIT, len(first) - WRITEBACK_SPLIT),
@@ -78,6 +81,7 @@ def test_a_large_first_write_goes_out_split_and_flushed(ceph: CephCluster, where
         assert c.read(4096, 4096) == small
         assert c.read(1 << 20, len(first)) == first
         assert c.read(5 << 20, len(second)) == second
+        assert c.read(7 << 20, WRITEBACK_FROM) == one_request
         assert c.read(0, 4096) == bytes(4096)
 
 

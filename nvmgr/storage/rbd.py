@@ -545,8 +545,12 @@ def _create(loc: RbdLocation, size: int, path: str) -> qemu.Result:
 
 
 #: Bytes of a large first write that go out (and are flushed) alone, taking librbd's
-#: cache out of its writethrough start (:meth:`RbdContainer.write`): one FUSE request.
+#: cache out of its writethrough start (:meth:`RbdContainer.write`).
 WRITEBACK_SPLIT = 64 << 10
+#: Writes larger than this are split: more than one FUSE request (1 MiB, libfuse's
+#: largest), which would otherwise wait for the OSDs one after the other.  A smaller
+#: write is one request either way: splitting it would only add a flush.
+WRITEBACK_FROM = 1 << 20
 
 
 class RbdContainer(LocationContainer):
@@ -584,18 +588,18 @@ class RbdContainer(LocationContainer):
 
         librbd's cache writes through until the image's first flush
         (``rbd_cache_writethrough_until_flush``): until then every FUSE request
-        (1 MiB) waits for the OSDs' acknowledgement, one after the other.  A
-        write larger than :data:`WRITEBACK_SPLIT` before any flush is therefore
-        split: its first :data:`WRITEBACK_SPLIT` bytes are written and flushed
-        (QEMU skips a flush that follows no write, so the write comes first),
-        then the rest goes out through the cache, many requests in flight, until
-        the caller's own flush.  Both parts are ordinary writes and the flush an
-        ordinary flush (the fault hook sees each): nothing is acknowledged to
-        the caller that a flush has not made durable when the caller flushes.
+        (1 MiB at most) waits for the OSDs, one after the other.  So a write of
+        more than :data:`WRITEBACK_FROM` bytes before any flush is split: its
+        first :data:`WRITEBACK_SPLIT` bytes are written and flushed (QEMU skips a
+        flush that follows no write: the write comes first), then the rest goes
+        through the cache with many requests in flight, durable at the caller's
+        own flush as before.  Both parts are ordinary writes and the flush an
+        ordinary flush (the fault hook sees each); a crash between them leaves
+        the inactive copy half written, as a crash inside one write would.
         """
         self._wrote = True
         view = memoryview(data).cast("B")
-        if self._writeback or view.nbytes <= WRITEBACK_SPLIT:
+        if self._writeback or view.nbytes <= WRITEBACK_FROM:
             super().write(offset, view)
             return
         super().write(offset, view[:WRITEBACK_SPLIT])
