@@ -11,14 +11,18 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
+from nvmgr.errors import BusyError, NotFoundError, UsageError
 from nvmgr.format.layout import SectionSpec
 from nvmgr.format.model import Binding
 from nvmgr.image.image import CHUNK, Image
+from nvmgr.storage import rbd
 from nvmgr.storage.rbd import WRITEBACK_FROM, WRITEBACK_SPLIT, RbdContainer
 from tests.ceph_cluster import PACKAGES, CephCluster, missing_tools
 from tests.test_crash import Crash, Faults, State, assert_monotone, explain, injected, observe, rand
@@ -196,3 +200,53 @@ def test_a_large_put_on_rbd_is_crash_safe_at_every_io(ceph: CephCluster, where: 
     first_new = outcomes.index("new") if "new" in outcomes else len(outcomes)
     assert all(o == "new" for o in outcomes[first_new:]), outcomes
     assert first_new >= len(outcomes) - 1, f"new before the commit's flush: {outcomes}"
+
+
+# -------------------------------------------------------------- removal
+
+def _exists(ceph: CephCluster, image: str) -> bool:
+    return image in ceph.run("rbd", "ls", ceph.pool).split()
+
+
+def test_remove_takes_the_image_and_its_snapshots(ceph: CephCluster, where: str) -> None:
+    image = f"rm-{uuid.uuid4().hex[:8]}"
+    loc = _location(ceph, where, image)
+    with Image.create(loc, [SectionSpec("s", 4096, Binding.OPAQUE)], fmt="rbd") as img:
+        img.put("s", b"x" * 100)
+    rbd.snapshot_create(loc, "before")
+    rbd.remove(loc)
+    assert not _exists(ceph, image)
+    with pytest.raises(NotFoundError, match=f"no RBD image {image}"):
+        rbd.remove(loc)
+    with pytest.raises(UsageError, match="names a snapshot"):
+        rbd.remove(loc.replace(image, f"{image}@before", 1))
+
+
+def test_remove_refuses_an_open_image_and_leaves_it_whole(ceph: CephCluster, where: str) -> None:
+    image = f"rmbusy-{uuid.uuid4().hex[:8]}"
+    loc = _location(ceph, where, image)
+    with Image.create(loc, [SectionSpec("s", 4096, Binding.OPAQUE)], fmt="rbd") as img:
+        img.put("s", b"kept")
+    rbd.snapshot_create(loc, "snap1")
+    with Image.open(loc) as img, pytest.raises(BusyError, match="another nvmgr"):
+        rbd.remove(loc)  # this host's nvmgr holds it
+    # Another client (QEMU, as a running VM) has it open: a watcher.
+    qemu_io = subprocess.Popen(
+        ["qemu-io", "-f", "raw", "-c", "read 0 512", "-c", "sleep 60000",
+         rbd.RbdLocation.parse(loc).qemu_filename()],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while '"watchers":[]' in ceph.run("rbd", "status", f"{ceph.pool}/{image}",
+                                          "--format", "json"):
+            assert time.monotonic() < deadline, "qemu-io never opened the image"
+            time.sleep(0.2)
+        with pytest.raises(BusyError, match="the RBD image is open: client"):
+            rbd.remove(loc)
+    finally:
+        qemu_io.kill()
+        qemu_io.wait()
+    assert _exists(ceph, image)
+    assert [s["name"] for s in rbd.snapshot_list(loc)] == ["snap1"]
+    with Image.open(loc) as img:
+        assert img.get("s") == b"kept"

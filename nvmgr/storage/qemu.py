@@ -52,8 +52,9 @@ if TYPE_CHECKING:  # imported where a process starts: raw images' commands never
 QEMU_IMG = "qemu-img"
 QEMU_STORAGE_DAEMON = "qemu-storage-daemon"
 FUSERMOUNT = "fusermount3"
-#: Ceph's own client tool, asked only who holds an RBD image's exclusive lock
-#: (librbd itself is reached through QEMU's rbd driver).
+#: Ceph's own client tool, only for what QEMU cannot do: who holds an RBD image's
+#: exclusive lock or has it open, renaming and removing an image (librbd's data path
+#: is QEMU's rbd driver).
 RBD = "rbd"
 
 #: Where each tool comes from (Debian 12 and 13 package names).
@@ -65,7 +66,8 @@ PACKAGES = {
 }
 
 #: What nvmgr needs each tool for, in the error for a missing one.
-_NEEDED_FOR = {RBD: "to tell whether a running VM holds an RBD image"}
+_NEEDED_FOR = {RBD: "to tell whether a running VM holds an RBD image, and to rename or "
+                   "remove one"}
 
 #: What QEMU prints when another process holds a conflicting image lock:
 #: ``Failed to get "write" lock`` / ``Failed to get shared "write" lock``.

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nvmgr import paths
-from nvmgr.errors import ExternalError, NotFoundError, UsageError
+from nvmgr.errors import BusyError, ExternalError, NotFoundError, UsageError
 from nvmgr.storage import qemu
 from nvmgr.storage.fuse import FuseExport
 from nvmgr.storage.network import LocationContainer, lock_location
@@ -522,6 +522,79 @@ def rename(location: str, image: str) -> str:
         raise UsageError(f"RBD image {image} exists in pool {loc.pool}", image=location)
     qemu.check(res, "rbd rename", image=location)
     return spec
+
+
+def _watchers(loc: RbdLocation, key_fd: int | None, location: str) -> list[str]:
+    """The clients that have the image open (``rbd status``).
+
+    :raise NotFoundError: no such image.
+    """
+    status = _cli_json(loc, key_fd, ["status"], location)
+    if status is None:
+        raise NotFoundError(f"no RBD image {loc.image} in pool {loc.pool}", image=location)
+    return [f"client.{w.get('client')} at {w.get('address')}"
+            for w in status.get("watchers", []) if isinstance(w, dict)]
+
+
+def require_unopened(location: str) -> None:
+    """Refuse an RBD image that a client has open (a running VM, an nvmgr on
+    another host): what :func:`remove` checks first, for a caller that must know
+    before it changes anything else.
+
+    :raise NotFoundError: no such image.
+    :raise BusyError: a client has it open.
+    :raise ExternalError: the ``rbd`` tool is missing or failed.
+    """
+    loc = RbdLocation.parse(location)
+    key = loc.key()
+    fd = qemu.memfd("rbd-key", key.encode("ascii")) if key is not None else None
+    try:
+        who = _watchers(loc, fd, location)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    if who:
+        raise BusyError(f"the RBD image is open: {', '.join(who)}; stop the VM (or the "
+                        "other host's nvmgr) first", image=location)
+
+
+def remove(location: str, *, wait: float = 0) -> None:
+    """Remove the RBD image of *location* with its RBD snapshots (``rbd snap purge``,
+    then ``rbd rm``), holding nvmgr's own lock on it: what ``rm`` is to an image file.
+
+    Refused while any client has the image open (a running VM, an nvmgr on another
+    host): Ceph lists it as a watcher (``rbd status``), and nothing is removed.
+
+    :raise UsageError: a bad location, or one naming a snapshot.
+    :raise NotFoundError: no such image (or pool).
+    :raise BusyError: another nvmgr on this host holds it, or a client has it open.
+    :raise ExternalError: the ``rbd`` tool is missing or failed.
+    """
+    loc = RbdLocation.parse(location)
+    if loc.snapshot:
+        raise UsageError(f"{location} names a snapshot: remove the image, not @{loc.snapshot}",
+                         image=location)
+    lock = _lock(loc, writable=True, wait=wait, location=location)
+    key = loc.key()
+    fd = qemu.memfd("rbd-key", key.encode("ascii")) if key is not None else None
+    try:
+        who = _watchers(loc, fd, location)
+        if who:
+            raise BusyError(f"the RBD image is open: {', '.join(who)}; stop the VM (or the "
+                            "other host's nvmgr) first", image=location)
+        spec = f"{loc.pool}/{loc.image}"
+        for args, what in ((["snap", "purge", spec], "rbd snap purge"),
+                           (["rm", "--no-progress", spec], "rbd rm")):
+            res = qemu.run(qemu.RBD, [*_cli_args(loc, fd), *args], image=location,
+                           pass_fds=() if fd is None else (fd,))
+            if res.returncode != 0 and "watchers" in res.stderr:
+                raise BusyError(f"the RBD image is open ({what}: {res.stderr.strip()})",
+                                image=location)
+            qemu.check(res, what, image=location)
+    finally:
+        if fd is not None:
+            os.close(fd)
+        os.close(lock)
 
 
 def lock_dir() -> str:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import html
 import json
 import os
+import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -139,3 +141,39 @@ def test_a_source_element_with_the_key_in_a_libvirt_ceph_secret(vm: MakeVM, ceph
         assert r["image"] == loc and not r["image_removed"], r
     finally:
         vmlib.virsh("secret-undefine", sec_uuid, check=False)
+
+
+def test_undefine_remove_nvram_takes_the_rbd_image_unless_a_client_has_it_open(
+        vm: MakeVM, ceph: CephCluster) -> None:
+    """``undefine --remove-nvram`` of a domain whose image is on RBD removes the RBD
+    image with its snapshots (``rbd snap purge``, ``rbd rm``: the storage seam's
+    :func:`nvmgr.storage.rbd.remove`); while another client has it open (a VM on
+    another host) it is refused (7) before anything changes: the domain stays."""
+    _user, keyring, _key = ceph.client("qemu-undef")
+    keyring.chmod(0o600)
+    image = os.path.basename(str(vmlib.new_name("img")))
+    v = vm("rbdundef", metadata_attrs={
+        "image": f"rbd:{ceph.pool}/{image}:conf={ceph.conf}:id=qemu-undef:keyring={keyring}"})
+    loc = json.loads(vmlib.nvmgr("define", v.xml_path, "--output", "json").stdout)["image"]
+    vmlib.nvmgr("snapshot", loc, "create", "before")
+    admin = f"rbd:{ceph.pool}/{image}:conf={ceph.conf}:id=admin:keyring={ceph.admin_keyring}"
+    other = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "read 0 512", "-c", "sleep 60000",
+                              admin], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while '"watchers":[]' in ceph.run("rbd", "status", f"{ceph.pool}/{image}",
+                                          "--format", "json"):
+            assert time.monotonic() < deadline, "qemu-io never opened the image"
+            time.sleep(0.2)
+        p = vmlib.nvmgr("undefine", v.name, "--remove-nvram", check=False)
+        assert p.returncode == 7 and "the RBD image is open: client." in p.stderr, p
+        assert vmlib.exists(v.name)
+    finally:
+        other.kill()
+        other.wait()
+    assert image in ceph.run("rbd", "ls", ceph.pool).split()
+    r = json.loads(vmlib.nvmgr("undefine", v.name, "--remove-nvram", "--output", "json").stdout)
+    assert r["image"] == loc and r["image_removed"] is True, r
+    assert not vmlib.exists(v.name)
+    assert image not in ceph.run("rbd", "ls", ceph.pool).split()
