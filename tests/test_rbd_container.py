@@ -231,10 +231,14 @@ def test_remove_refuses_an_open_image_and_leaves_it_whole(ceph: CephCluster, whe
     with Image.open(loc) as img, pytest.raises(BusyError, match="another nvmgr"):
         rbd.remove(loc)  # this host's nvmgr holds it
     # Another client (QEMU, as a running VM) has it open: a watcher.
+    # Commands on its stdin: "quit" closes the image (a killed client would stay a
+    # watcher until its watch times out).
     qemu_io = subprocess.Popen(
-        ["qemu-io", "-f", "raw", "-c", "read 0 512", "-c", "sleep 60000",
-         rbd.RbdLocation.parse(loc).qemu_filename()],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ["qemu-io", "-f", "raw", rbd.RbdLocation.parse(loc).qemu_filename()],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert qemu_io.stdin is not None
+    qemu_io.stdin.write(b"read 0 512\n")
+    qemu_io.stdin.flush()
     try:
         deadline = time.monotonic() + 60
         while '"watchers":[]' in ceph.run("rbd", "status", f"{ceph.pool}/{image}",
@@ -244,9 +248,10 @@ def test_remove_refuses_an_open_image_and_leaves_it_whole(ceph: CephCluster, whe
         with pytest.raises(BusyError, match="the RBD image is open: client"):
             rbd.remove(loc)
     finally:
-        qemu_io.kill()
-        qemu_io.wait()
+        qemu_io.communicate(b"quit\n", timeout=60)
     assert _exists(ceph, image)
     assert [s["name"] for s in rbd.snapshot_list(loc)] == ["snap1"]
     with Image.open(loc) as img:
         assert img.get("s") == b"kept"
+    rbd.remove(loc)  # closed by its client: removed
+    assert not _exists(ceph, image)

@@ -392,6 +392,35 @@ def _img(loc: RbdLocation, args: list[str], what: str, location: str, *,
     return qemu.check(res, what, image=location) if check else res
 
 
+def copy_out(location: str, dst: str, dst_fmt: str, *, force_share: bool = False) -> None:
+    """``qemu-img convert`` the RBD image (raw) into the new file *dst* (mode 0600) in
+    *dst_fmt*; with a key from a libvirt secret, the image as ``--image-opts`` and
+    the key as a secret object read from a pipe.  A partial *dst* is removed.
+
+    :param force_share: ``-U``: read while a running VM has the image open.
+    :raise ExternalError: qemu-img failed (the cluster, the key, the image).
+    """
+    loc = RbdLocation.parse(location)
+    if not (loc.secret or loc.secret_usage):
+        qemu.img_convert(location, "raw", dst, dst_fmt, force_share=force_share)
+        return
+    with key_pipe(loc) as fd:
+        if fd is None:  # a libvirt secret always gives a key
+            raise NotFoundError(f"no cephx key for {location}", image=location)
+        old = os.umask(0o077)
+        try:
+            res = qemu.run(qemu.QEMU_IMG, [
+                "convert", "-q", *_secret_object(fd), *(["-U"] if force_share else []),
+                "--image-opts", image_opts(loc, KEY_ID), "-O", dst_fmt, os.path.abspath(dst)],
+                image=location, pass_fds=(fd,))
+        finally:
+            os.umask(old)
+    if res.returncode != 0:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(dst)
+    qemu.check(res, "qemu-img convert", image=location)
+
+
 def rbd_exists(location: str) -> bool:
     """Whether the RBD image exists (``qemu-img info`` through librbd).
 

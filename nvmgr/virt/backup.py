@@ -49,7 +49,7 @@ from nvmgr.errors import CorruptError, NoSpaceError, NotFoundError, UsageError
 from nvmgr.image import members
 from nvmgr.image.image import Image
 from nvmgr.provision import staging
-from nvmgr.storage import FORMATS, probe_format, qcow2, qemu
+from nvmgr.storage import FORMATS, probe_format, qcow2, qemu, rbd
 from nvmgr.virt import conn as virt
 
 if TYPE_CHECKING:
@@ -123,6 +123,16 @@ def _capture(path: str, dom: Domain,
         return live, _tpm_state(dom, img, swtpm_root)
 
 
+def _copy(path: str, fmt: str, dst: str, dst_fmt: str | None, running: bool) -> None:
+    """An image copied into the new file *dst* (*dst_fmt*, else its own format; an
+    RBD image's layout is raw, and it is read through the storage seam, which
+    hands QEMU the cephx key)."""
+    if fmt == rbd.RbdContainer.fmt:
+        rbd.copy_out(path, dst, dst_fmt or "raw", force_share=running)
+    else:
+        qemu.img_convert(path, fmt, dst, dst_fmt or fmt, force_share=running)
+
+
 def _copy_members(held: Image, tmp: str, running: bool) -> dict[int, str]:
     """Copy every member of *held* beside the copy *tmp* (``TMP.mINDEX``, raw
     or qcow2 as the member is), read past a running QEMU's lock.
@@ -134,8 +144,7 @@ def _copy_members(held: Image, tmp: str, running: bool) -> dict[int, str]:
         for m, mi in held.members():  # each checked: UUID, parent, generation
             m_fmt = probe_format(mi.path)
             copy = f"{tmp}.m{m.index}"
-            qemu.img_convert(mi.path, "raw" if m_fmt == "rbd" else m_fmt, copy,
-                             "raw" if m_fmt == "rbd" else m_fmt, force_share=running)
+            _copy(mi.path, m_fmt, copy, None, running)
             out[m.index] = copy
     except BaseException:
         for f in out.values():
@@ -185,7 +194,7 @@ def backup(name: str, out: str, *, uri: str | None = None, kek: Kek | None = Non
         copies: dict[int, str] = {}
         try:
             with Image.open(path) as held:  # nvmgr's shared lock: no nvmgr writer until done
-                qemu.img_convert(path, src_fmt, tmp, fmt or src_fmt, force_share=running)
+                _copy(path, src_fmt, tmp, fmt, running)
                 copies = _copy_members(held, tmp, running)
                 paused_ms = None
                 if running and vdom.state()[0] != _PAUSED:

@@ -157,9 +157,13 @@ def test_undefine_remove_nvram_takes_the_rbd_image_unless_a_client_has_it_open(
     loc = json.loads(vmlib.nvmgr("define", v.xml_path, "--output", "json").stdout)["image"]
     vmlib.nvmgr("snapshot", loc, "create", "before")
     admin = f"rbd:{ceph.pool}/{image}:conf={ceph.conf}:id=admin:keyring={ceph.admin_keyring}"
-    other = subprocess.Popen(["qemu-io", "-f", "raw", "-c", "read 0 512", "-c", "sleep 60000",
-                              admin], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    # Commands on its stdin: "quit" closes the image (a killed client would stay a
+    # watcher until its watch times out).
+    other = subprocess.Popen(["qemu-io", "-f", "raw", admin], stdin=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert other.stdin is not None
+    other.stdin.write(b"read 0 512\n")
+    other.stdin.flush()
     try:
         deadline = time.monotonic() + 60
         while '"watchers":[]' in ceph.run("rbd", "status", f"{ceph.pool}/{image}",
@@ -170,10 +174,37 @@ def test_undefine_remove_nvram_takes_the_rbd_image_unless_a_client_has_it_open(
         assert p.returncode == 7 and "the RBD image is open: client." in p.stderr, p
         assert vmlib.exists(v.name)
     finally:
-        other.kill()
-        other.wait()
+        other.communicate(b"quit\n", timeout=60)
     assert image in ceph.run("rbd", "ls", ceph.pool).split()
     r = json.loads(vmlib.nvmgr("undefine", v.name, "--remove-nvram", "--output", "json").stdout)
     assert r["image"] == loc and r["image_removed"] is True, r
     assert not vmlib.exists(v.name)
+    assert image not in ceph.run("rbd", "ls", ceph.pool).split()
+
+
+def test_backup_and_restore_of_a_domain_whose_image_is_on_rbd(vm: MakeVM, ceph: CephCluster,
+                                                              tmp_path: Path) -> None:
+    """``nvmgr backup`` copies an RBD image (read through the storage seam, which
+    hands QEMU the cephx key) into a file; ``restore`` writes its sections back."""
+    _user, keyring, _key = ceph.client("qemu-bk")
+    keyring.chmod(0o600)
+    image = os.path.basename(str(vmlib.new_name("img")))
+    v = vm("rbdbk", metadata_attrs={
+        "image": f"rbd:{ceph.pool}/{image}:conf={ceph.conf}:id=qemu-bk:keyring={keyring}"})
+    loc = json.loads(vmlib.nvmgr("define", v.xml_path, "--output", "json").stdout)["image"]
+    before = tmp_path / "before.fd"
+    vmlib.nvmgr("get", loc, "uefi-vars", "-o", before)
+    out = tmp_path / "backup.nvram"
+    r = json.loads(vmlib.nvmgr("backup", "--domain", v.name, out, "--output", "json").stdout)
+    assert out.is_file() and (out.stat().st_mode & 0o777) == 0o600, r
+    vmlib.nvmgr("check", out)
+    other = tmp_path / "other.fd"
+    other.write_bytes(os.urandom(before.stat().st_size))
+    vmlib.nvmgr("put", loc, "uefi-vars", other)
+    r = json.loads(vmlib.nvmgr("restore", "--domain", v.name, out, "--output", "json").stdout)
+    assert "uefi-vars" in r["restored"], r
+    after = tmp_path / "after.fd"
+    vmlib.nvmgr("get", loc, "uefi-vars", "-o", after)
+    assert after.read_bytes() == before.read_bytes()
+    vmlib.nvmgr("undefine", v.name, "--remove-nvram")
     assert image not in ceph.run("rbd", "ls", ceph.pool).split()
