@@ -18,7 +18,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from nvmgr.errors import BusyError, NotFoundError, UsageError
+from nvmgr import paths
+from nvmgr.errors import BusyError, ExternalError, NotFoundError, UsageError
 from nvmgr.format.layout import SectionSpec
 from nvmgr.format.model import Binding
 from nvmgr.image.image import CHUNK, Image
@@ -255,3 +256,36 @@ def test_remove_refuses_an_open_image_and_leaves_it_whole(ceph: CephCluster, whe
         assert img.get("s") == b"kept"
     rbd.remove(loc)  # closed by its client: removed
     assert not _exists(ceph, image)
+
+
+@pytest.mark.parametrize("source", ["keyring", "secret"])
+def test_copy_out_reads_the_image_into_a_private_file(ceph: CephCluster, where: str,
+                                                      tmp_path_factory: pytest.TempPathFactory,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      source: str) -> None:
+    """The copy a backup starts from: the image's bytes, mode 0600; with the key in
+    a libvirt secret (read from libvirt's store, handed to QEMU through a pipe) too."""
+    image = f"cp-{uuid.uuid4().hex[:8]}"
+    loc = _location(ceph, where, image)
+    with Image.create(loc, [SectionSpec("s", 8192, Binding.OPAQUE)], fmt="rbd") as img:
+        img.put("s", os.urandom(5000))
+    if source == "secret":
+        store = tmp_path_factory.mktemp("secrets")
+        sec = str(uuid.uuid4())
+        _u, _keyring, key = ceph.client("nvtest")
+        (store / f"{sec}.xml").write_text(
+            f"<secret ephemeral='no' private='yes'><uuid>{sec}</uuid>"
+            f"<usage type='ceph'><name>nvtest</name></usage></secret>")
+        (store / f"{sec}.base64").write_text(key)
+        monkeypatch.setattr(paths, "SECRETS_DIR", str(store))
+        loc = f"rbd:{ceph.pool}/{image}:conf={ceph.conf}:id=nvtest:secret={sec}"
+    dst = tmp_path_factory.mktemp("copy") / "copy.raw"
+    rbd.copy_out(loc, str(dst), "raw")
+    assert dst.stat().st_mode & 0o777 == 0o600
+    with RbdContainer(loc) as c:
+        assert dst.read_bytes() == c.read(0, c.size())
+    with Image.open(str(dst)) as copy:
+        assert copy.check().ok
+    with pytest.raises(ExternalError, match="qemu-img convert failed"):
+        rbd.copy_out(loc.replace(image, image + "-gone", 1), str(dst) + ".2", "raw")
+    assert not os.path.exists(str(dst) + ".2")
