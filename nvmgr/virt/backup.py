@@ -49,7 +49,7 @@ from nvmgr.errors import CorruptError, NoSpaceError, NotFoundError, UsageError
 from nvmgr.image import members
 from nvmgr.image.image import Image
 from nvmgr.provision import staging
-from nvmgr.storage import FORMATS, probe_format, qcow2, qemu, rbd
+from nvmgr.storage import FORMATS, is_location, probe_format, qcow2, qemu, rbd
 from nvmgr.virt import conn as virt
 
 if TYPE_CHECKING:
@@ -319,6 +319,12 @@ def snapshot_create(domain: str, name: str, *, uri: str | None = None,
     :raise UsageError: a snapshot of that name exists, or a bad name.
     """
     _dom, image = _domain(domain, uri, live=False)
+    if is_location(image):  # no directory beside it: never one named after it in the cwd
+        raise UsageError(
+            f"domain {domain}'s image is at a network location ({image}): stored snapshots "
+            f"go beside an image file; take the storage's own (nvmgr snapshot IMAGE create "
+            f"NAME: Ceph's snapshots of an RBD image) or a backup (nvmgr backup --domain "
+            f"{domain} FILE)", domain=domain)
     path = _snapshot_file(image, name)
     if os.path.lexists(path):
         raise UsageError(f"domain {domain} has a snapshot named {name!r} already", domain=domain)
@@ -334,7 +340,7 @@ def snapshot_list(domain: str, *, uri: str | None = None) -> list[dict[str, obje
     _dom, image = _domain(domain, uri, live=False)
     out: list[dict[str, object]] = []
     d = snapshot_dir(image)
-    if os.path.isdir(d):
+    if not is_location(image) and os.path.isdir(d):
         for f in sorted(os.listdir(d)):
             if f.endswith(".nvram") and not f.startswith("."):
                 st = os.stat(os.path.join(d, f))
@@ -353,6 +359,9 @@ def snapshot_list(domain: str, *, uri: str | None = None) -> list[dict[str, obje
 def _stored(domain: str, name: str, uri: str | None) -> tuple[str, str | None]:
     """(image, the stored snapshot's file or None when there is none of that name)."""
     _dom, image = _domain(domain, uri, live=False)
+    if is_location(image):  # none stored (see snapshot_create)
+        _snapshot_file(image, name)  # a bad name still refused
+        return image, None
     path = _snapshot_file(image, name)
     return image, path if os.path.isfile(path) else None
 

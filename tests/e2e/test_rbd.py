@@ -206,5 +206,13 @@ def test_backup_and_restore_of_a_domain_whose_image_is_on_rbd(vm: MakeVM, ceph: 
     after = tmp_path / "after.fd"
     vmlib.nvmgr("get", loc, "uefi-vars", "-o", after)
     assert after.read_bytes() == before.read_bytes()
+    # Stored snapshots go beside an image file: refused for an RBD image, nothing
+    # made under the caller's working directory.
+    p = vmlib.nvmgr("snapshot", "--domain", v.name, "create", "s1", check=False)
+    assert p.returncode == 2 and "network location" in p.stderr, p
+    assert not Path(f"rbd:{ceph.pool}").exists()
+    listed = json.loads(vmlib.nvmgr("snapshot", "--domain", v.name, "list",
+                                    "--output", "json").stdout)
+    assert listed == [] or all(x.get("kind") != "stored" for x in listed), listed
     vmlib.nvmgr("undefine", v.name, "--remove-nvram")
     assert image not in ceph.run("rbd", "ls", ceph.pool).split()
