@@ -12,6 +12,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# No command a test runs is handed to a CLI server by accident (one of this
+# host's nvmgr-cli.service, say): the tests that want one name its socket
+# (tests/test_cli_server.py, the end-to-end tests through vmlib.start_cli_server).
+os.environ["NVMGR_CLI_SOCKET"] = ""
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--regenerate-output", action="store_true", default=False,
@@ -88,10 +93,9 @@ def _volatile_dirs_removed() -> Iterator[None]:
     """The tmpfs directories a test's hook domains used as their runtime root
     (tests/hookdom.py: volatile_dir) go when the test ends."""
     yield
-    for name in ("hookdom", "tests.hookdom"):  # imported both ways by the tests
-        module = sys.modules.get(name)
-        if module is not None:
-            module.remove_volatile_dirs()
+    module = sys.modules.get("hookdom")  # the tests import it as "hookdom"
+    if module is not None:
+        module.remove_volatile_dirs()
 
 
 @pytest.fixture(autouse=True)

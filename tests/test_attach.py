@@ -23,6 +23,7 @@ from nvmgr.domain.elements import parse_domain
 from nvmgr.errors import (
     BusyError,
     ExitCode,
+    ExternalError,
     InvalidInputError,
     NotFoundError,
     NotHotpluggableError,
@@ -297,7 +298,7 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, 
     monkeypatch.setattr(virt_conn, "require_inactive", lambda *_a, **_k: None)
     monkeypatch.setattr(virt_conn, "uuid_exists", lambda *_a, **_k: True)
     monkeypatch.setattr(attach_mod.hotplug, "plug",
-                        lambda _d, _p, s: state["plugged"].append(s) or [f"nvmgr-{s.name}"])
+                        lambda _d, _p, s, **_kw: state["plugged"].append(s) or [f"nvmgr-{s.name}"])
     monkeypatch.setattr(attach_mod.hotplug, "unplug",
                         lambda _d, n, _dev: state["plugged"].append(n) or True)
     from nvmgr.virt.define import _define
@@ -541,3 +542,90 @@ def test_plug_finds_the_free_port_in_few_round_trips_and_opens_the_slice_in_one(
     (dev,) = [a for c, a in q.sent if c == "device_add"]
     assert dev["bus"] == "pci.1" and dev["drive"] == "nvmgr-state0"
     assert added[-1] == "nvmgr-state0" and add["file"]["node-name"] in added
+
+
+def test_plug_of_a_section_in_a_lent_qcow2_image_sits_on_its_format_node(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A section placed in a hole of a qcow2 image written through QEMU: its
+    slice goes on QEMU's ``nvmgr-image`` node (never raw over the qcow2 file);
+    one placed in a raw member still gets a file node of that member."""
+    from nvmgr.domain.plan import PlannedSection
+    from nvmgr.virt import hotplug
+
+    q = FakeQemu()
+    monkeypatch.setattr(hotplug, "qmp", q)
+    s = PlannedSection("state0", Binding.BLOCK, 64 * KiB, 64 * KiB, 2 << 20, None, False,
+                       "declared")
+    assert hotplug.plug(object(), "/img.qcow2", s, base="nvmgr-image") == ["nvmgr-state0"]
+    (add,) = [a for c, a in q.sent if c == "blockdev-add"]
+    assert add["file"] == "nvmgr-image" and add["offset"] == 2 << 20
+    q.sent.clear()
+    inm = dataclasses.replace(s, member_path="/img.m1.nvram", member_format="raw")
+    added = hotplug.plug(object(), "/img.qcow2", inm, base="nvmgr-image")
+    (add,) = [a for c, a in q.sent if c == "blockdev-add"]
+    assert add["file"]["filename"] == "/img.m1.nvram" and add["file"]["node-name"] in added
+
+
+class FakeNbdQemu:
+    """QMP answers for :func:`hotplug.exported` (QEMU 7.2's words), recording each command."""
+
+    def __init__(self, *, running: bool = False, leftover: bool = False) -> None:
+        self.sent: list[str] = []
+        self.running, self.leftover = running, leftover
+
+    def __call__(self, _dom: object, cmd: str, args: Any = None) -> Any:
+        self.sent.append(cmd)
+        if cmd == "block-export-del" and not self.leftover:
+            self.leftover = True  # the next one (after the add) finds it
+            raise ExternalError("QEMU refused block-export-del",
+                                detail="Export 'nvmgr-image-export' is not found")
+        if cmd == "nbd-server-start" and self.running:
+            raise ExternalError("QEMU refused nbd-server-start",
+                                detail="NBD server already running")
+        return {}
+
+
+def test_exported_serves_the_node_and_takes_export_and_server_away(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from nvmgr.virt import hotplug
+
+    q = FakeNbdQemu()
+    monkeypatch.setattr(hotplug, "qmp", q)
+    sock = str(tmp_path / "s.sock")
+    with hotplug.exported(object(), "nvmgr-image", sock) as uri:
+        assert uri == f"nbd+unix:///nvmgr-image-export?socket={sock}"
+        assert q.sent == ["block-export-del", "nbd-server-start", "block-export-add"]
+    assert q.sent[3:] == ["block-export-del", "nbd-server-stop"]
+    # A failure inside: the same clean-up, the failure is what goes up.
+    q = FakeNbdQemu()
+    monkeypatch.setattr(hotplug, "qmp", q)
+    with pytest.raises(ZeroDivisionError), hotplug.exported(object(), "nvmgr-image", sock):
+        _ = 1 // 0
+    assert q.sent[3:] == ["block-export-del", "nbd-server-stop"]
+
+
+def test_exported_refuses_a_server_it_did_not_start_and_leaves_it_running(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from nvmgr.virt import hotplug
+
+    q = FakeNbdQemu(running=True)
+    monkeypatch.setattr(hotplug, "qmp", q)
+    with pytest.raises(BusyError, match="serves NBD already") as e, \
+            hotplug.exported(object(), "nvmgr-image", str(tmp_path / "s.sock")):
+        pass
+    assert e.value.exit_code == ExitCode.BUSY
+    assert q.sent == ["block-export-del", "nbd-server-start"]  # no export, no server stopped
+    # A server listening on nvmgr's own socket is one an nvmgr killed midway
+    # left: used, and stopped after.
+    import socket
+
+    path = str(tmp_path / "own.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as srv:
+        srv.bind(path)
+        srv.listen(1)
+        q = FakeNbdQemu(running=True, leftover=True)
+        monkeypatch.setattr(hotplug, "qmp", q)
+        with hotplug.exported(object(), "nvmgr-image", path):
+            pass
+    assert q.sent == ["block-export-del", "nbd-server-start", "block-export-add",
+                      "block-export-del", "nbd-server-stop"]

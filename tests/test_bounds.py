@@ -495,7 +495,7 @@ def test_the_directory_mac_is_in_the_header_copy_and_pyasn1_agrees(tmp_path: Pat
 
 
 def _hook_domain(tmp_path: Path, key: Path | None) -> object:
-    from tests import hookdom
+    import hookdom
 
     d = hookdom.wired_domain(tmp_path, "bounds", key_file=key)
     if key is not None:  # the same domain, naming a key file in its metadata

@@ -133,6 +133,14 @@ CASES = {c.id: c for c in [
          lambda img, p: grow(img, [SectionSpec("fru", 16384, Binding.OPAQUE)],
                              max_image_size=img.directory.image_size,
                              contents={"fru": rand(9000, "fru")})),
+    # attach --live of a qcow2 image a running QEMU holds (tests/test_crash_lent.py
+    # sweeps it through the NBD export): the same calls on a raw image, whose
+    # writes the power-loss recorder sees.
+    Case("grow-live-into-raw-member", lambda p: build(p),
+         lambda img, p: grow(img, [SectionSpec("blk", 16384, Binding.BLOCK)],
+                             contents={"blk": rand(16384, "blk")}, in_use=["blk"],
+                             in_place_limit=img.directory.image_size, member_fmt="raw",
+                             beside=str(p))),
 ]}
 
 
@@ -308,7 +316,8 @@ def test_exception_at_every_io(cid: str, work: Path) -> None:
 
 @pytest.mark.parametrize("cid", ["split-new", "split-into-existing", "merge", "merge-encrypted",
                                  "place-new-sections", "put-into-member",
-                                 "grow-data-into-member", "grow-data-into-new-member"])
+                                 "grow-data-into-member", "grow-data-into-new-member",
+                                 "grow-live-into-raw-member"])
 def test_power_loss_at_every_io(cid: str, work: Path) -> None:
     states = Sweep(CASES[cid], work).power_loss()
     print(f"{cid}: {states} disk states")

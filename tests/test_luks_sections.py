@@ -233,7 +233,7 @@ def test_convert_keeps_the_ciphertext_and_resize_is_refused(tmp_path: Path,
 
 
 def _hook_domain(tmp_path: Path) -> object:
-    from tests import hookdom
+    import hookdom
 
     key = make_key(tmp_path / "vm.key")
     return hookdom.wired_domain(tmp_path, "luks", key_file=key), key
@@ -278,8 +278,9 @@ def test_no_key_file_is_written_onto_a_disk(tmp_path: Path) -> None:
     """A runtime root on a filesystem that reaches a disk (here /var/tmp): the
     start is refused with exit 11 naming the fix before anything is written;
     the same domain with its runtime root on tmpfs stages it."""
+    import hookdom
+
     from nvmgr.provision import staging
-    from tests import hookdom
 
     disk = Path(tempfile.mkdtemp(prefix="nvmgr-test-disk-run-", dir="/var/tmp"))
     try:
@@ -306,7 +307,7 @@ def test_no_key_file_is_written_onto_a_disk(tmp_path: Path) -> None:
 def test_a_plaintext_live_section_under_a_key_is_refused_with_the_fix(tmp_path: Path) -> None:
     """An image made before live sections were encrypted: its domain names a
     key now, and prepare refuses to run it in plaintext, naming nvmgr encrypt."""
-    from tests import hookdom
+    import hookdom
 
     key = make_key(tmp_path / "vm.key")
     d = hookdom.wired_domain(tmp_path, "old", key_file=key)
@@ -464,9 +465,8 @@ def test_a_first_start_with_a_key_killed_at_every_io_of_prepare(tmp_path: Path) 
     creation, the LUKS volume's put, the runtime key file's write, fsync and
     rename): the image always checks under the key, the start tried again
     stages the passphrase, ``started`` removes it, the vars are the template's."""
+    import hookdom
     from test_hook_crash import ok, sweep
-
-    from tests import hookdom
 
     key = make_key(tmp_path / "vm.key")
     d = hookdom.wired_domain(tmp_path, "kkill", key_file=key)
@@ -656,9 +656,8 @@ def test_a_later_start_with_a_key_killed_at_every_io_of_prepare(tmp_path: Path) 
     SIGKILLed at each I/O.  The runtime key file is absent or the whole
     passphrase, never a part; the image checks under the key; the start tried
     again (after libvirtd's release, or not) stages it, ``started`` removes it."""
+    import hookdom
     from test_hook_crash import ok, sweep
-
-    from tests import hookdom
 
     key = make_key(tmp_path / "vm.key")
     d = hookdom.wired_domain(tmp_path, "klater", key_file=key)

@@ -217,6 +217,47 @@ def test_grow_past_max_image_size_goes_into_members(tmp_path: Path) -> None:
         assert img.check().ok
 
 
+def test_grow_within_the_size_an_image_has_into_raw_members_beside_another_path(
+        tmp_path: Path) -> None:
+    """attach --live of a qcow2 image the running QEMU holds: the image is
+    opened through another location, cannot grow, and new sections go into a
+    raw member beside the image's file (a qcow2 member there is passed over);
+    a hole within the image's size is still used in place; the domain's
+    max-image-size still bounds the member."""
+    p = _image(tmp_path, fmt="qcow2")
+    (tmp_path / "elsewhere").mkdir()
+    with Image.open(str(p), writable=True) as img:
+        img.remove("blob")  # a hole of 4096 bytes inside the image
+        split(img, ["tpm"], str(tmp_path / "other" / "q.qcow2"), fmt="qcow2")
+        size = img.container.size()  # the qcow2's virtual size: what QEMU's node has
+        grow(img, [SectionSpec("fits", 4096, Binding.BLOCK)], in_place_limit=size,
+             member_fmt="raw", beside=str(tmp_path / "elsewhere" / "vm.qcow2"))
+        assert img.section("fits").member is None and img.container.size() == size
+        before = _digest(p, tmp_path / "other" / "q.qcow2")
+        with pytest.raises(NoSpaceError, match="state0"):
+            grow(img, [SectionSpec("state0", 1 << 20, Binding.BLOCK)], in_place_limit=size,
+                 max_image_size=64 << 10, member_fmt="raw", beside=str(p))
+        assert _digest(p, tmp_path / "other" / "q.qcow2") == before
+        assert not (tmp_path / "vm.m2.nvram").exists()
+        placed = grow(img, [SectionSpec("state0", 64 << 10, Binding.BLOCK),
+                            SectionSpec("state1", 8192, Binding.BLOCK)],
+                      contents={"state0": b"S" * 1000}, in_use=["state0"],
+                      in_place_limit=size, member_fmt="raw",
+                      beside=str(tmp_path / "elsewhere" / "vm.qcow2"))
+        (r,) = placed
+        assert r.created and r.sections == ["state0", "state1"]
+        assert r.member == str(tmp_path / "elsewhere" / "vm.m2.nvram")  # raw: not .qcow2
+        assert img.container.size() == size and img.directory.image_size <= size
+        m = img.directory.member(img.section("state0").member)  # type: ignore[arg-type]
+        assert m is not None and m.fmt == "raw" and m.index == 2
+        assert img.member_image(m.index).fmt == "raw"
+        assert img.get("state0")[:1000] == b"S" * 1000
+        assert img.section("state0").dirty and not img.section("state1").dirty
+    with Image.open(str(p)) as img:
+        assert img.check().ok
+        assert img.get("tpm") == b"tpm state" and img.get("uefi-vars") == b"V" * 8192
+
+
 def test_max_image_size_metadata_bounds() -> None:
     base = ("<domain type='kvm'><name>x</name><memory>1</memory><os><type>hvm</type></os>"
             "<metadata><nvmgr:nvram xmlns:nvmgr='https://nvmgr.dev/schemas/metadata/1' "

@@ -337,7 +337,7 @@ def test_swtpm_reencrypts_plaintext_state_keeping_the_tpm(tmp_path: Path) -> Non
 
 
 def _hook_domain(tmp_path: Path) -> tuple[object, Path]:
-    from tests import hookdom
+    import hookdom
 
     key = make_key(tmp_path / "vm.key")
     return hookdom.wired_domain(tmp_path, "vtpm", key_file=key), key

@@ -72,20 +72,22 @@ def test_install_hook_service_writes_and_removes_the_unit(tmp_path: Path) -> Non
     out = json.loads(r.stdout)
     unit = units / resources.WATCH_UNIT
     hook_unit = units / resources.HOOK_UNIT
-    assert out["services"] == [str(unit), str(hook_unit)] and unit.is_file()
+    cli_unit = units / resources.CLI_UNIT
+    assert out["services"] == [str(unit), str(hook_unit), str(cli_unit)] and unit.is_file()
     assert ("systemctl daemon-reload && systemctl enable --now nvmgr-watch.service "
-            "nvmgr-hook.service") in out["note"]
-    for u in (unit, hook_unit):
+            "nvmgr-hook.service nvmgr-cli.service") in out["note"]
+    for u in (unit, hook_unit, cli_unit):
         assert u.stat().st_mode & 0o777 == 0o644
     assert unit.read_text() == service_unit(resources.read_text(resources.WATCH_UNIT))
-    assert hook_unit.read_text() == service_unit(resources.read_text(resources.HOOK_UNIT),
-                                                 None, "hook-server", resources.HOOK_UNIT)
-    assert f"ExecStart={sys.executable} -m nvmgr hook-server\n" in hook_unit.read_text()
-    assert _verify(hook_unit).returncode == 0
+    for u, name, command in ((hook_unit, resources.HOOK_UNIT, "hook-server"),
+                             (cli_unit, resources.CLI_UNIT, "cli-server")):
+        assert u.read_text() == service_unit(resources.read_text(name), None, command, name)
+        assert f"ExecStart={sys.executable} -m nvmgr {command}\n" in u.read_text()
+        assert _verify(u).returncode == 0
     r = subprocess.run([*run, "--uninstall", "--service"], capture_output=True, text=True,
                        cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["services_removed"] == [str(unit), str(hook_unit)]
-    assert not unit.exists() and not hook_unit.exists()
+    assert out["services_removed"] == [str(unit), str(hook_unit), str(cli_unit)]
+    assert not unit.exists() and not hook_unit.exists() and not cli_unit.exists()
     assert not (hooks / "nvmgr").exists()

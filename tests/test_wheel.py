@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,6 +213,37 @@ def test_plan_a_domain_with_nvmgr_metadata(installed: Installed) -> None:
     assert r.stdout.decode() == (DATA / "stateless-plan.json").read_text()
     r = installed.run(installed.nvmgr, "--version")
     assert r.stdout.decode().split() == ["nvmgr", nvmgr.__version__]
+
+
+def test_the_installed_cli_server_runs_the_installed_commands(installed: Installed) -> None:
+    """The wheel's own ``nvmgr cli-server`` (its imports and data files found in the
+    venv, nothing of the checkout) takes the wheel's ``nvmgr`` command lines."""
+    sock = installed.base / "cli.sock"
+    log = installed.base / "cli-server.log"
+    env = {**installed.env, "NVMGR_CLI_SOCKET": str(sock)}
+    with open(log, "wb") as out:
+        server = subprocess.Popen([installed.nvmgr, "cli-server", "--socket", sock],
+                                  stdout=out, stderr=subprocess.STDOUT, cwd=installed.cwd,
+                                  env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while b"listening" not in log.read_bytes():
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        xml = installed.cwd / "served.xml"
+        shutil.copy(DATA / "stateless-in.xml", xml)
+        r = subprocess.run([installed.nvmgr, "plan", xml, "--output", "json"], env=env,
+                           cwd=installed.cwd, capture_output=True, timeout=60, check=False)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.decode() == (DATA / "stateless-plan.json").read_text()
+        deadline = time.monotonic() + 10
+        while b"plan: exit 0" not in log.read_bytes():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        assert b"fallback" not in log.read_bytes()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def _namespace_wrapper(installed: Installed) -> tuple[list[str], Path | None]:

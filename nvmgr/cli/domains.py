@@ -310,8 +310,8 @@ def cmd_install_hook(args: argparse.Namespace) -> Result:
             os.chmod(utmp, 0o644)
             os.replace(utmp, unit)
             r["services"].append(str(unit))
-        notes.append("start the watcher and the hook server: systemctl daemon-reload && "
-                     f"systemctl enable --now {' '.join(units)}")
+        notes.append("start the watcher, the hook server and the CLI server: "
+                     f"systemctl daemon-reload && systemctl enable --now {' '.join(units)}")
     if notes:
         r["note"] = "; ".join(notes)
     return r

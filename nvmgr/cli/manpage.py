@@ -211,7 +211,11 @@ def _files() -> list[tuple[str, str]]:
          "start and stop of a domain"),
         (f"{paths.IMAGE_DIR}/NAME.nvram",
          "a domain's image, unless nvmgr define --image puts it elsewhere"),
-        (paths.HOOK_LOG, "one line per hook action or refusal"),
+        (paths.HOOK_LOG, "one line per hook action or refusal; the servers' lines with "
+         "--daemon"),
+        (paths.HOOK_SOCKET, "nvmgr hook-server's socket (root only): the hook hands it its calls"),
+        (paths.CLI_SOCKET, "nvmgr cli-server's socket (root only): nvmgr hands it its command "
+         "line (see ENVIRONMENT)"),
         (paths.MIGRATE_MAP,
          "image paths to rewrite when a domain migrates in: one line per rule, a source "
          "prefix and the destination prefix that replaces it"),
@@ -226,6 +230,12 @@ def _files() -> list[tuple[str, str]]:
         (", ".join(FIRMWARE_DIRS),
          "QEMU's firmware descriptors, through which UEFI varstore templates are found"),
     ]
+
+
+def _cli_socket() -> str:
+    from nvmgr import paths
+
+    return paths.CLI_SOCKET
 
 
 def render_manpage(parser: argparse.ArgumentParser | None = None) -> str:
@@ -287,6 +297,14 @@ def render_manpage(parser: argparse.ArgumentParser | None = None) -> str:
     for path, what in _files():
         out += [".TP", _i(path), _roff_text(what)]
     out += [
+        ".SH ENVIRONMENT",
+        ".TP", _b("NVMGR_CLI_SOCKET"),
+        _roff_text(f"the socket of the nvmgr cli-server to hand the command line to (default "
+                   f"{_cli_socket()}); empty: run every command in its own process. With no "
+                   "server listening, or one that hands the call back (not root, other "
+                   "namespaces, another installation, its code changed since it started), and "
+                   "for cli-server, hook-server and reconcile --watch, the command runs in its "
+                   "own process; either way its output and exit code are the same."),
         ".SH NOTES",
         "Keys never appear on the command line, in the environment or in logs: "
         f"{_b('--key-file')} names a 0600 file of 32 bytes (raw or 64 hex digits), "

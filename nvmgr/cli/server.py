@@ -30,6 +30,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from collections.abc import Callable
 
 import nvmgr.cli
@@ -97,6 +98,9 @@ def _run_worker(conn: socket.socket, call: Call, say: Callable[[str], None]) -> 
         rc = nvmgr.cli.main(argv)
     except SystemExit as e:
         rc = _exit_code(e)
+    except BaseException:  # what Python would print before exiting 1, on the caller's stderr
+        traceback.print_exc()
+        rc = 1
     finally:
         for f in (sys.stdout, sys.stderr):
             try:

@@ -95,9 +95,15 @@ def find_member(img: Image, where: str) -> Member:
                         image=img.path)
 
 
-def member_location(img: Image, index: int) -> str:
-    """Where a member nvmgr makes for *img* goes: beside it, ``NAME.mINDEX.EXT``."""
-    base, ext = os.path.splitext(img.path)
+def member_location(img: Image, index: int, beside: str | None = None,
+                    fmt: str | None = None) -> str:
+    """Where a member nvmgr makes for *img* goes: beside it, ``NAME.mINDEX.EXT``
+    (*beside*: beside that file instead, the image's own path when *img* is
+    opened through another location, e.g. the NBD export of a running QEMU;
+    a raw member (*fmt*) of a ``.qcow2`` file is ``NAME.mINDEX.nvram``)."""
+    base, ext = os.path.splitext(beside or img.path)
+    if fmt == "raw" and ext == ".qcow2":
+        ext = ".nvram"
     return f"{base}.m{index}{ext or '.nvram'}"
 
 
@@ -379,13 +385,19 @@ def merge(img: Image, where: str, *, force: bool = False) -> MemberResult:
 
 def place_in_member(img: Image, specs: Sequence[SectionSpec], *, limit: int,
                     into: str | None = None,
-                    contents: Mapping[str, Buffer] | None = None) -> list[MemberResult]:
+                    contents: Mapping[str, Buffer] | None = None,
+                    fmt: str | None = None, beside: str | None = None) -> list[MemberResult]:
     """Add new sections *specs* to members of *img* instead of growing it (a
     domain's image may not exceed *limit* bytes): into the last member while
     it stays within *limit*, else into new members beside the image, each
     within *limit* too.  *contents* (name -> first bytes) are committed in
     the member before the image names the section: a crash leaves the image
     without it, or with it holding those bytes.
+
+    :param fmt: the format of new members (default: the image's); with
+        *fmt*, the last member takes sections only when it has that format.
+    :param beside: the file new members are named after and put beside
+        (:func:`member_location`; default: the image's path).
 
     :raise NoSpaceError: a section alone needs more than *limit* in a new member.
     """
@@ -400,7 +412,7 @@ def place_in_member(img: Image, specs: Sequence[SectionSpec], *, limit: int,
         listed = img.directory.members or []
         last = listed[-1] if listed else None
         batch: list[SectionSpec] = []
-        if last is not None and into is None:
+        if last is not None and into is None and (fmt is None or last.fmt == fmt):
             mi = img.member_image(last.index)
             stale = {s.name for s in todo if mi.directory.find(s.name) is not None}
             base = mi._copy_dir()
@@ -423,16 +435,16 @@ def place_in_member(img: Image, specs: Sequence[SectionSpec], *, limit: int,
                     f"section {s.name} ({s.capacity:,} bytes) does not fit an image of at most "
                     f"{limit:,} bytes (the domain's max-image-size), even alone in a member",
                     image=img.path, section=s.name)
-            where = into or member_location(img, free_index(img))
+            where = into or member_location(img, free_index(img), beside, fmt)
         out.append(_place(img, batch, where, {s.name: contents[s.name] for s in batch
-                                              if contents and s.name in contents}))
+                                              if contents and s.name in contents}, fmt))
         todo = todo[len(batch):]
     return out
 
 
 def _place(img: Image, specs: list[SectionSpec], into: str,
-           contents: Mapping[str, Buffer]) -> MemberResult:
-    mi, record, created = _open_target(img, into, None, specs, contents)
+           contents: Mapping[str, Buffer], fmt: str | None = None) -> MemberResult:
+    mi, record, created = _open_target(img, into, fmt, specs, contents)
     with _new_member_cleanup(mi, created) as committing:
         new = img._copy_dir()
         if created:  # with the generation it has now (older ones are refused)

@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -33,8 +34,9 @@ from nvmgr.image.convert import convert
 from nvmgr.image.image import Buffer, Image
 from nvmgr.image.members import MemberResult, place_in_member
 from nvmgr.provision import orphans, staging
-from nvmgr.storage import image_exists, is_location, qemu
+from nvmgr.storage import image_exists, is_location, nbd, qemu
 from nvmgr.storage.container import open_container, probe_format
+from nvmgr.storage.nbd import is_nbd
 
 if TYPE_CHECKING:
     from nvmgr.crypto.cipher import Kek
@@ -172,14 +174,18 @@ def _open_existing(path: str, specs: list[SectionSpec], kek: Kek | None,
                    wait: float) -> Image | None:
     """The image at *path*, opened for writing; None (and the file removed)
     when it is the empty remains of a creation of *specs* cut short, to be
-    made again.
+    made again, or a blank NBD export (all zeros: a new image goes into it).
 
     :raise ForeignImageError: the file is something else than an nvmgr image.
     """
     try:
         return Image.open(path, writable=True, kek=kek, wait=wait)
-    except ForeignImageError:
-        if is_location(path):  # never removed by nvmgr: Ceph's or the NBD server's
+    except ForeignImageError as e:
+        if is_nbd(path):  # the server made it: written into only when blank
+            if nbd.export_blank(path, wait=wait):
+                return None
+            raise _export_holds_data(e, path) from e
+        if is_location(path):  # never removed by nvmgr: Ceph's
             raise
         made = [dataclasses.replace(s, encrypted=True) if kek and not s.binding.live else s
                 for s in specs]  # as Image.create lays them out
@@ -192,7 +198,10 @@ def _open_existing(path: str, specs: list[SectionSpec], kek: Kek | None,
 def grow(img: Image, specs: list[SectionSpec], *,
          max_image_size: int | None = None,
          contents: Mapping[str, Buffer] | None = None,
-         in_use: Sequence[str] = ()) -> list[MemberResult]:
+         in_use: Sequence[str] = (),
+         in_place_limit: int | None = None,
+         member_fmt: str | None = None,
+         beside: str | None = None) -> list[MemberResult]:
     """Add *specs* to *img* (opened writable): the one growth path of define,
     prepare, attach (offline and live), reconcile (the watcher included) and
     ``nvmgr grow``, so a policy about growth has one place to live.
@@ -221,6 +230,13 @@ def grow(img: Image, specs: list[SectionSpec], *,
         when the section is.
     :param in_use: new live sections to mark in use by the running VM (a
         hot-plug): in the commit that adds them when they go in place.
+    :param in_place_limit: a second bound on the image's size (the size it
+        has, when it cannot grow: a qcow2 image written through the running
+        QEMU, whose virtual size is fixed); members are still bounded by
+        *max_image_size* alone.
+    :param member_fmt: the format of new members (default: the image's).
+    :param beside: the file new members are named after (default: the
+        image's path; needed when *img* was opened through another location).
     :return: the placements in members (empty: the image grew in place).
     :raise NoSpaceError: a section alone does not fit within the limit, the
         directory is full, or contents do not fit their section.
@@ -229,9 +245,10 @@ def grow(img: Image, specs: list[SectionSpec], *,
     if not specs:
         return []
     contents = dict(contents or {})
-    if max_image_size is None:
+    if max_image_size is None and in_place_limit is None:
         img.add_sections(list(specs), contents, in_use)
         return []
+    here_limit = min(x for x in (max_image_size, in_place_limit) if x is not None)
     d = img.directory
     enc = [dataclasses.replace(s, encrypted=True) if d.encrypted and not s.binding.live else s
            for s in specs]
@@ -242,21 +259,24 @@ def grow(img: Image, specs: list[SectionSpec], *,
     here: list[SectionSpec] = []
     rest: list[SectionSpec] = []
     for s in enc:
-        if not rest and extend(d, [*here, s]).image_size <= max_image_size:
+        if not rest and extend(d, [*here, s]).image_size <= here_limit:
             here.append(s)
         else:
             rest.append(s)
     if here:
         img.add_sections(here, {k: v for k, v in contents.items()
                                 if k in {s.name for s in here}}, in_use)
-    placed = place_in_member(img, rest, limit=max_image_size,
+    member_limit = max_image_size if max_image_size is not None else sys.maxsize
+    placed = place_in_member(img, rest, limit=member_limit,
                              contents={k: v for k, v in contents.items()
-                                       if k in {s.name for s in rest}}) if rest else []
+                                       if k in {s.name for s in rest}},
+                             fmt=member_fmt, beside=beside) if rest else []
     if rest and in_use:
         img.set_in_use([s.name for s in rest if s.name in set(in_use)], True)
     for r in placed:
-        log.warning("%s: the image may not grow past %s bytes (max-image-size): sections %s "
-                    "placed in member image %s", img.path, f"{max_image_size:,}",
+        log.warning("%s: the image may not grow past %s bytes (%s): sections %s "
+                    "placed in member image %s", beside or img.path, f"{here_limit:,}",
+                    "max-image-size" if here_limit == max_image_size else "its size now",
                     ", ".join(r.sections), r.member)
     return placed
 
@@ -328,11 +348,23 @@ def prepare_image(plan: Plan, *, kek: Kek | None, fmt: str,
 
 
 def owner_of(path: str) -> uuid.UUID | None:
-    """The domain UUID an existing image records (None: none, or no image)."""
-    if not image_exists(path):
+    """The domain UUID an existing image records (None: none, or no image: a blank
+    NBD export holds none yet)."""
+    if not image_exists(path) or (is_nbd(path) and nbd.export_blank(path)):
         return None
-    with Image.open(path) as img:
-        return img.directory.domain_uuid
+    try:
+        with Image.open(path) as img:
+            return img.directory.domain_uuid
+    except ForeignImageError as e:
+        if is_nbd(path):
+            raise _export_holds_data(e, path) from e
+        raise
+
+
+def _export_holds_data(e: ForeignImageError, path: str) -> ForeignImageError:
+    """*e*, an NBD export that is no nvmgr image and not blank, said so."""
+    return ForeignImageError(f"{e.message}; the NBD export holds data, so nvmgr writes no "
+                             "new image into it (serve a blank file: all zeros)", image=path)
 
 
 def copy_for_clone(src: str, dst: str, domain_uuid: uuid.UUID, kek: Kek | None) -> uuid.UUID:

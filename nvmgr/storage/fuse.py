@@ -49,6 +49,7 @@ from typing import IO, TYPE_CHECKING
 
 from nvmgr.errors import ExternalError, NvmgrError
 from nvmgr.storage import qemu
+from nvmgr.storage.mounts import MOUNTINFO, is_fuse_mount  # noqa: F401 (is_fuse_mount: this module's too)
 
 if TYPE_CHECKING:  # imported where a process starts: raw images' commands never pay for it
     import subprocess
@@ -68,7 +69,6 @@ _MNT_DETACH = 2
 _UMOUNT_NOFOLLOW = 8
 
 _LOCK_SUFFIX = ".lock"
-_MOUNTINFO = "/proc/self/mountinfo"
 
 
 def _base_dir() -> str:
@@ -101,30 +101,6 @@ def runtime_dir() -> str:
             f"{d} must be a directory of uid {uid} with mode 0700 (remove it and retry)"
         )
     return d
-
-
-def _escape(path: str) -> bytes:
-    """*path* as /proc/self/mountinfo writes it (octal escapes for space, tab, newline, \\)."""
-    out = path.encode()
-    for ch in (b"\\", b" ", b"\t", b"\n"):
-        out = out.replace(ch, b"\\%03o" % ch[0])
-    return out
-
-
-def is_fuse_mount(path: str) -> bool:
-    """True when *path* is the mount point of a FUSE file system (per mountinfo)."""
-    want = _escape(path)
-    with open(_MOUNTINFO, "rb") as f:
-        for line in f:
-            fields = line.split(b" ")
-            if len(fields) > 4 and fields[4] == want:
-                try:
-                    fstype = fields[fields.index(b"-", 6) + 1]
-                except (ValueError, IndexError):
-                    continue
-                if fstype == b"fuse" or fstype.startswith(b"fuse."):
-                    return True
-    return False
 
 
 def set_readahead(st_dev: int, kib: int = READ_AHEAD_KB) -> bool:
@@ -278,7 +254,7 @@ class _MountWatch:
     """Sleep until a path is mounted or a process exits (see the module doc)."""
 
     def __init__(self) -> None:
-        self._mountinfo = os.open(_MOUNTINFO, os.O_RDONLY | os.O_CLOEXEC)
+        self._mountinfo = os.open(MOUNTINFO, os.O_RDONLY | os.O_CLOEXEC)
         self._pidfd = -1
         self._poll = select.poll()
         self._poll.register(self._mountinfo, select.POLLPRI)

@@ -12,7 +12,10 @@ attach, in this order, so that a failure leaves nothing half done:
    (``fwcfg``, ``pflash``, ``tpm``, a ``<tpm>``: exit 13) before any I/O;
 2. grow the image (:func:`nvmgr.provision.prepare.grow`: first-fit, nothing
    moves, first bytes and sections in one commit), the VM running or not; a
-   section the image still holds (a detach kept it) is used as it is;
+   section the image still holds (a detach kept it) is used as it is; a
+   qcow2 image the running QEMU holds is written through QEMU for
+   ``--live`` (:func:`_qcow2_lent`: its NBD export of the image's qcow2
+   node), within the size it has, new sections past it in a raw member;
 3. ``--live``: the libvirt device through libvirt, a ``block`` section
    through QMP (:mod:`nvmgr.virt.hotplug`), the live metadata;
 4. ``--config``: the metadata and QEMU arguments of the persistent
@@ -27,9 +30,11 @@ reused by the next growth).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from nvmgr.domain.device import Device, parse_device
@@ -37,7 +42,7 @@ from nvmgr.domain.elements import Domain, parse_domain
 from nvmgr.domain.metadata import NvmgrMetadata, SectionDecl, from_text, to_text
 from nvmgr.domain.namespaces import NVMGR_NS
 from nvmgr.domain.plan import Plan, PlannedSection, plan_for
-from nvmgr.domain.qemuargs import apply_plan, node_name
+from nvmgr.domain.qemuargs import FORMAT_NODE, apply_plan, node_name
 from nvmgr.errors import (
     BusyError,
     ExternalError,
@@ -50,7 +55,11 @@ from nvmgr.errors import (
 from nvmgr.format.layout import SectionSpec
 from nvmgr.format.model import Binding
 from nvmgr.image.image import Image
+from nvmgr.provision import staging
 from nvmgr.provision.prepare import grow, plan_with_offsets
+from nvmgr.storage import is_location
+from nvmgr.storage.nbd import lock_dir as nbd_lock_dir
+from nvmgr.storage.network import lock_location
 from nvmgr.virt import conn as virt
 from nvmgr.virt import hotplug, secrets
 from nvmgr.virt.define import LOCK_WAIT, _define, image_held, placed_from_args
@@ -241,6 +250,70 @@ def _kept(img: Image, brought: list[PlannedSection],
     return kept
 
 
+def _through_qemu(d: Any, path: str, fmt: str) -> bool:
+    """Whether the image is a qcow2 file the running QEMU has open as its
+    ``nvmgr-image`` node (the image's live sections sit on it): nvmgr writes
+    it through QEMU (:func:`_qcow2_lent`)."""
+    return fmt == "qcow2" and not is_location(path) and FORMAT_NODE in hotplug.block_nodes(d)
+
+
+@contextlib.contextmanager
+def _qcow2_lent(d: Any, name: str, path: str, kek: Kek | None) -> Iterator[Image]:
+    """The qcow2 image *path* the running QEMU of *d* holds, opened writable
+    through QEMU itself (:func:`nvmgr.virt.hotplug.exported`: its NBD export
+    of ``nvmgr-image``, on a socket in the domain's runtime directory); the
+    export gone after.  One nvmgr at a time per domain (a lock on this host).
+
+    :raise NotHotpluggableError: a member recorded with a relative path
+        (taken relative to the image file, which this way nvmgr does not open).
+    """
+    dom_uuid = str(d.UUIDString())
+    fd = lock_location(nbd_lock_dir(), f"lent-{dom_uuid}", writable=True, wait=LOCK_WAIT,
+                       location=path)
+    try:
+        users = staging.Users.from_qemu_conf()
+        staging.stage_runtime(dom_uuid, {}, users)  # QEMU's user creates the socket there
+        sock = os.path.join(staging.runtime_dir(dom_uuid), "lent-image.sock")
+        with hotplug.exported(d, FORMAT_NODE, sock) as uri, \
+                Image.open(uri, writable=True, kek=kek, wait=LOCK_WAIT) as img:
+            relative = [m.path for m in img.directory.members or []
+                        if not os.path.isabs(m.path) and not is_location(m.path)]
+            if relative:
+                raise NotHotpluggableError(
+                    f"the image {path} records member {relative[0]} by a relative path, which "
+                    "nvmgr cannot resolve while it writes the image through the running QEMU: "
+                    "attach with --config (the image grows at the next start)", image=path,
+                    domain=name)
+            before = {m.index for m in img.directory.members or []}
+            yield img
+            for m in img.directory.members or []:  # QEMU opens a new member for its slices
+                if m.index not in before and not is_location(m.path):
+                    staging.hand_to_qemu(img.member_path(m), users)
+    finally:
+        os.close(fd)
+
+
+def _grow_open(img: Image, plan: Plan, brought: list[PlannedSection],
+               contents: Mapping[str, bytes], result: AttachResult, meta: NvmgrMetadata,
+               do_live: bool, **grow_args: Any) -> tuple[Plan, Any]:
+    """Grow the open image *img* by the sections *brought* (those it holds already
+    kept as they are); :return: the plan placed in it, and the image's UUID."""
+    result.image_size_before = img.directory.image_size
+    result.kept = _kept(img, brought, contents)
+    specs = [SectionSpec(ps.name, ps.capacity, ps.binding, ps.encrypted, ps.device)
+             for ps in brought if ps.name not in result.kept]
+    going_live = [ps.name for ps in brought if do_live and ps.live]
+    # New sections are marked in use in the commit that adds them.
+    grow(img, specs, max_image_size=meta.max_image_size, contents=contents,
+         in_use=going_live, **grow_args)
+    result.added = [s.name for s in specs]
+    kept_live = [n for n in going_live if n in result.kept]
+    if kept_live:
+        img.set_in_use(kept_live, True)
+    result.image_size = img.directory.image_size
+    return plan_with_offsets(plan, img.directory, img), img.directory.image_uuid
+
+
 @dataclasses.dataclass
 class AttachResult:
     domain: str
@@ -300,7 +373,16 @@ def attach(name: str, device_xml: str, *, uri: str | None = None, live: bool = F
             _refuse_live([(ps.name, ps.binding) for ps in brought], dev, name)
         result = AttachResult(name, dev.describe(), do_live, do_config, path,
                               [ps.name for ps in brought], [], [], [])
-        if image_held(path, fmt, active):
+        base: str | None = None
+        if image_held(path, fmt, active) and do_live and brought and _through_qemu(d, path, fmt):
+            # qcow2 held by the running QEMU: written through it (its NBD export of the
+            # image's format node), grown into raw members beside it.
+            with _qcow2_lent(d, name, path, kek) as img:
+                placed, image_uuid = _grow_open(img, plan, brought, contents, result, meta,
+                                                do_live, in_place_limit=img.container.size(),
+                                                member_fmt="raw", beside=path)
+            base = FORMAT_NODE
+        elif image_held(path, fmt, active):
             if do_live and brought:
                 raise NotHotpluggableError(
                     f"the running QEMU holds the {fmt if fmt != 'raw' else 'RBD'} image {path}: "
@@ -314,26 +396,13 @@ def attach(name: str, device_xml: str, *, uri: str | None = None, live: bool = F
             result.deferred = True
         else:
             with Image.open(path, writable=True, kek=kek, wait=LOCK_WAIT) as img:
-                result.image_size_before = img.directory.image_size
-                result.kept = _kept(img, brought, contents)
-                specs = [SectionSpec(ps.name, ps.capacity, ps.binding, ps.encrypted, ps.device)
-                         for ps in brought if ps.name not in result.kept]
-                going_live = [ps.name for ps in brought if do_live and ps.live]
-                # New sections are marked in use in the commit that adds them.
-                grow(img, specs, max_image_size=meta.max_image_size, contents=contents,
-                     in_use=going_live)
-                result.added = [s.name for s in specs]
-                kept_live = [n for n in going_live if n in result.kept]
-                if kept_live:
-                    img.set_in_use(kept_live, True)
-                placed = plan_with_offsets(plan, img.directory, img)
-                image_uuid = img.directory.image_uuid
-                result.image_size = img.directory.image_size
+                placed, image_uuid = _grow_open(img, plan, brought, contents, result, meta,
+                                                do_live)
         if do_live:
             _libvirt_device(run, dev, name, plug=True)
             for ps in placed.sections:
                 if ps.name in names and ps.binding is Binding.BLOCK:
-                    result.plugged += hotplug.plug(d, path, ps)
+                    result.plugged += hotplug.plug(d, path, ps, base=base)
             _live_metadata(d, name, add=dev.sections)
     if do_config:
         _save_config(run, new, placed, image_uuid, uri, f"nvmgr attach {name} DEVICE.xml")

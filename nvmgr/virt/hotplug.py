@@ -24,11 +24,26 @@ of the peripherals, ``query-pci``, ``qom-list`` of the chosen port,
 Anything that fails is undone (nodes deleted) before the error goes up.
 :func:`unplug` undoes a plug: ``device_del``, wait for the guest to let the
 device go, ``blockdev-del``.
+
+:func:`exported` lends nvmgr a qcow2 image the running QEMU holds: QEMU's
+built-in NBD server (``nbd-server-start`` on a unix socket, unless a server
+nvmgr left runs there already) serves its ``nvmgr-image`` format node
+writable (``block-export-add``), so nvmgr reads and writes the image through
+the very node the VM's slices sit on, never beside it; the export and the
+server go when the block ends.  QEMU 7.2 takes the export of a node that
+has other parents (the pflash slice) and writes through it while the guest
+uses the slices (measured); it refuses ``block_resize`` of that node
+("Permission conflict on node 'nvmgr-image': permissions 'resize' are both
+required by ... and unshared by ..."), so an image lent this way never grows.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket as _socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from nvmgr.domain.plan import PlannedSection
@@ -47,6 +62,9 @@ from nvmgr.virt.conn import qmp
 
 #: How long :func:`unplug` waits for the guest to release a device (seconds).
 UNPLUG_WAIT = 10.0
+
+#: The id and NBD name of the export :func:`exported` adds.
+EXPORT_ID = "nvmgr-image-export"
 
 
 def block_nodes(dom: Any) -> dict[str, dict[str, Any]]:
@@ -123,13 +141,18 @@ def _devices(dom: Any) -> set[str]:
             if isinstance(p, dict) and str(p.get("type", "")).startswith("child<")}
 
 
-def plug(dom: Any, image: str, s: PlannedSection) -> list[str]:
+def plug(dom: Any, image: str, s: PlannedSection, *, base: str | None = None) -> list[str]:
     """Give the running QEMU section *s* (placed: its offset in the image) and its device.
 
     The slice goes over a ``file`` node of its own, opened in the same
     ``blockdev-add`` (:func:`extra_file_node`; the slice owns it): QEMU knows
     its ``nvmgr-file`` node's size from its start, and the image has just
     grown, so no query of QEMU's nodes is needed first.
+
+    :param base: for a section in the image itself (not in a member), the
+        node QEMU has over it already to put the slice on (a qcow2 image's
+        ``nvmgr-image``, whose virtual size a growth through :func:`exported`
+        never changes); None: a ``file`` node of its own, as above.
 
     :return: the QEMU names added: node names (the slice last), then the
         device id if any (once, when it is the slice's name too).
@@ -145,7 +168,11 @@ def plug(dom: Any, image: str, s: PlannedSection) -> list[str]:
             "files only; attach with --config (there at the next boot)", section=s.name)
     added: list[str] = []
     props = slice_props(s, FILE_NODE)
-    props["file"] = file_node(s.member_path or image, extra_file_node(s.name))
+    own_file = base is None or s.member_path is not None
+    if own_file:
+        props["file"] = file_node(s.member_path or image, extra_file_node(s.name))
+    else:
+        props["file"] = base
     try:
         qmp(dom, "blockdev-add", props)
     except ExternalError as e:
@@ -153,7 +180,7 @@ def plug(dom: Any, image: str, s: PlannedSection) -> list[str]:
             raise UsageError(f"section {s.name} is plugged into the running QEMU already "
                              f"({e.detail.strip()})", section=s.name) from e
         raise
-    added += [extra_file_node(s.name), slice_node]
+    added += [extra_file_node(s.name), slice_node] if own_file else [slice_node]
     try:
         if s.luks:  # QEMU's nvmgr-key secret object holds the passphrase since its start
             qmp(dom, "blockdev-add", luks_props(s))
@@ -239,3 +266,61 @@ def unplug(dom: Any, section: str, device: str | None, *, wait: float = UNPLUG_W
             if "not owned by the monitor" not in e.detail and "find" not in e.detail:
                 raise
     return True
+
+
+def _listening(path: str) -> bool:
+    """Whether a server accepts connections on unix socket *path*."""
+    with contextlib.closing(_socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)) as sk:
+        sk.settimeout(2.0)
+        try:
+            sk.connect(path)
+        except OSError:
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def exported(dom: Any, node: str, socket: str) -> Iterator[str]:
+    """Serve block node *node* of the running QEMU writable over NBD on unix
+    *socket* for the block's length; yield its ``nbd+unix://`` location.
+
+    An export of nvmgr's left by an nvmgr killed inside the block is removed
+    first; a server listening on *socket* already is one such nvmgr left
+    (the caller holds a lock that keeps two at bay) and is used, and stopped
+    after, like one this call starts.  The caller makes *socket*'s directory,
+    where QEMU's user may create it.
+
+    :raise BusyError: QEMU runs an NBD server elsewhere (a libvirt backup or
+        a migration's disk copy): QEMU has one at a time.
+    :raise ExternalError: QEMU refused a step (its words in the detail).
+    """
+    with contextlib.suppress(ExternalError):  # what an nvmgr killed in this block left
+        qmp(dom, "block-export-del", {"id": EXPORT_ID, "mode": "hard"})
+    try:
+        qmp(dom, "nbd-server-start", {"addr": {"type": "unix", "data": {"path": socket}}})
+    except ExternalError as e:
+        if "already running" not in e.detail:
+            raise
+        if not _listening(socket):
+            raise BusyError(
+                "the running QEMU serves NBD already, not for nvmgr (a libvirt backup or a "
+                f"migration's disk copy?), and runs one NBD server at a time ({e.detail.strip()}): "
+                "attach --live when it is done, or with --config (the image grows at the next "
+                "start)") from e
+    steps: list[tuple[str, dict[str, Any] | None]] = [("nbd-server-stop", None)]
+    try:
+        qmp(dom, "block-export-add", {"type": "nbd", "id": EXPORT_ID, "node-name": node,
+                                      "name": EXPORT_ID, "writable": True})
+        steps.insert(0, ("block-export-del", {"id": EXPORT_ID, "mode": "hard"}))
+        yield f"nbd+unix:///{EXPORT_ID}?socket={socket}"
+    except BaseException:
+        for command, args in steps:  # the error that counts is the one going up
+            with contextlib.suppress(ExternalError):
+                qmp(dom, command, args)
+        with contextlib.suppress(OSError):
+            os.unlink(socket)
+        raise
+    for command, args in steps:
+        qmp(dom, command, args)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(socket)

@@ -57,9 +57,14 @@ def e2e_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         # server (tests/test_hook_server.py tests the hook without one, and the
         # migration harness's hosts, in their own namespaces, run their calls themselves).
         vmlib.start_hook_server()
+        # nvmgr's commands as a host with nvmgr-cli.service runs them: vmlib.nvmgr asks
+        # the CLI server (tests/test_cli_server.py tests it against commands run alone,
+        # and the tests that run `python -m nvmgr` themselves run them alone).
+        vmlib.start_cli_server()
         try:
             yield work
         finally:
+            vmlib.stop_cli_server()
             vmlib.stop_hook_server()
 
 

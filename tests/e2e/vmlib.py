@@ -85,9 +85,14 @@ def run(cmd: Sequence[str | os.PathLike[str]], *, check: bool = True, input: byt
     return out
 
 
+#: The environment :func:`nvmgr` runs the command with: set by
+#: :func:`start_cli_server` to ask that server, as on a host with nvmgr-cli.service.
+NVMGR_ENV: dict[str, str] = {}
+
+
 def nvmgr(*args: str | os.PathLike[str], check: bool = True,
           input: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    return run([NVMGR, *args], check=check, input=input)
+    return run([NVMGR, *args], check=check, input=input, env=NVMGR_ENV)
 
 
 def nvmgr_json(*args: str | os.PathLike[str]) -> dict[str, object]:
@@ -196,6 +201,40 @@ def start_hook_server() -> int:
     stop_hook_server()
     r = nvmgr("hook-server", "--daemon", "--pidfile", HOOK_SERVER_PIDFILE, "--output", "json")
     return int(json.loads(r.stdout)["pid"])
+
+
+CLI_SERVER_PIDFILE = RUNTIME_ROOT / "cli-server.pid"
+#: The CLI server's socket in the end-to-end tests (the default one of nvmgr-cli.service).
+CLI_SOCKET = RUNTIME_ROOT / "cli.sock"
+
+
+def start_cli_server() -> int:
+    """This checkout's ``nvmgr cli-server --daemon`` (another one running is stopped
+    first); from then on :func:`nvmgr` asks it, as a host's ``nvmgr`` does with
+    nvmgr-cli.service running.  Returns its pid."""
+    stop_cli_server()
+    r = run([NVMGR, "cli-server", "--daemon", "--socket", CLI_SOCKET,
+             "--pidfile", CLI_SERVER_PIDFILE, "--output", "json"])
+    NVMGR_ENV["NVMGR_CLI_SOCKET"] = str(CLI_SOCKET)
+    return int(json.loads(r.stdout)["pid"])
+
+
+def stop_cli_server(timeout: float = 30) -> None:
+    """Stop the CLI server :func:`start_cli_server` started, if it runs; :func:`nvmgr`
+    runs commands in their own process again."""
+    NVMGR_ENV.pop("NVMGR_CLI_SOCKET", None)
+    try:
+        pid = int(CLI_SERVER_PIDFILE.read_text().strip())
+        if b"cli-server" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError):
+        return
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists():
+        if time.monotonic() > deadline:
+            raise Failed(f"the CLI server (pid {pid}) did not stop within {timeout} s")
+        time.sleep(0.05)
 
 
 def uninstall_hook() -> bool:
