@@ -22,6 +22,8 @@ nvmgr (its ``.venv``; served too when it has ``nvmgr cli-server``) in the same
 rounds: a before/after in one run.  Every tree's modules are byte-compiled first,
 as an installed package's are.  Results are appended to ``bench/RESULTS.md`` with
 the machine and the date.  Needs root and Ceph's packages (``scripts/setup``).
+
+Example: ``bench/bench_rbd.py --rounds 7 --baseline /path/to/another/checkout``
 """
 
 from __future__ import annotations

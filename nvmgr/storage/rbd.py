@@ -402,7 +402,7 @@ def copy_out(location: str, dst: str, dst_fmt: str, *, force_share: bool = False
     """
     loc = RbdLocation.parse(location)
     if not (loc.secret or loc.secret_usage):
-        qemu.img_convert(location, "raw", dst, dst_fmt, force_share=force_share)
+        qemu.img_convert(loc.qemu_filename(), "raw", dst, dst_fmt, force_share=force_share)
         return
     with key_pipe(loc) as fd:
         if fd is None:  # a libvirt secret always gives a key
