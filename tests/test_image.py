@@ -324,3 +324,45 @@ def test_live_sections_must_be_sector_multiples_and_count_their_luks_header() ->
         SectionSpec("vars", 4096, Binding.PFLASH, encrypted=True)
     s = SectionSpec("vars", 4096 + LUKS_HEADER_SIZE, Binding.PFLASH, encrypted=True)
     assert s.reserved == 4096 + LUKS_HEADER_SIZE  # no cipher padding: QEMU's LUKS
+
+
+@pytest.mark.parametrize("one_pass", [True, False], ids=["one-pass", "two-pass"])
+def test_get_to_reads_once_up_to_its_bound_and_writes_nothing_unverified(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_pass: bool) -> None:
+    """get_to streams in CHUNK pieces: sections up to ONE_PASS_MAX read once (the
+    crc checked over each piece while the next is read), larger ones twice; either
+    way a corrupted byte anywhere is found before *write* sees any byte."""
+    from nvmgr.image import image as image_mod
+
+    monkeypatch.setattr(image_mod, "CHUNK", 4096)
+    monkeypatch.setattr(image_mod, "ONE_PASS_MAX", 1 << 20 if one_pass else 8192)
+    path = str(tmp_path / "vm.nvram")
+    payload = os.urandom(5 * 4096 + 100)  # six pieces, the last one short
+    with Image.create(path, [SectionSpec("blob", 64 * 1024, Binding.OPAQUE)]) as img:
+        img.put("blob", payload)
+        offset = img.section("blob").offset
+    with Image.open(path) as img:
+        reads: list[tuple[int, int]] = []
+        real = img.container.read
+
+        def counted(off: int, n: int) -> bytes:
+            reads.append((off, n))
+            return real(off, n)
+
+        monkeypatch.setattr(img.container, "read", counted)
+        got: list[bytes] = []
+        assert img.get_to("blob", lambda b: got.append(bytes(b))) == len(payload)
+        assert b"".join(got) == payload
+        assert len(got) == 6 and all(len(g) == 4096 for g in got[:5])
+        in_blob = [r for r in reads if offset <= r[0] < offset + len(payload)]
+        assert sum(n for _o, n in in_blob) == len(payload) * (1 if one_pass else 2)
+    with open(path, "r+b") as f:  # one flipped byte in the fourth piece
+        f.seek(offset + 3 * 4096 + 7)
+        b = f.read(1)
+        f.seek(offset + 3 * 4096 + 7)
+        f.write(bytes([b[0] ^ 0x40]))
+    with Image.open(path) as img:
+        seen: list[bytes] = []
+        with pytest.raises(CorruptError, match="section blob is corrupted"):
+            img.get_to("blob", seen.append)
+        assert seen == []

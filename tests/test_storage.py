@@ -111,9 +111,10 @@ def test_raw_round_trip_and_refusals(tmp_path: Path) -> None:
 
 
 def test_storage_modules_import_in_one_direction() -> None:
-    """base <- raw <- qcow2 <- network <- rbd, nbd <- formats; qemu and fuse below qcow2;
-    nothing imports the compatibility module container."""
-    order = ["base", "qemu", "raw", "fuse", "qcow2", "network", "rbd", "nbd", "formats"]
+    """base <- raw <- qcow2 <- network <- rbd, nbd <- formats; qemu, mounts and fuse below
+    qcow2; nothing imports the compatibility module container."""
+    order = ["base", "qemu", "raw", "mounts", "fuse", "qcow2", "network", "rbd", "nbd",
+             "formats"]
     for i, name in enumerate(order):
         tree = ast.parse((PKG / "storage" / f"{name}.py").read_text())
         deps = set()
@@ -329,3 +330,25 @@ def test_fuse_export_as_another_user() -> None:
             assert "ERROR" in res.stdout, res.stdout
             assert "cannot mount its FUSE export" in res.stdout
             assert "apt-get install fuse3" in res.stdout
+
+
+def test_stop_daemon_terms_the_main_thread_again_before_it_kills(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon whose first SIGTERM woke nothing (QEMU's handler sets a flag; a
+    signal one of librbd's threads took leaves the main loop asleep) gets a second
+    one, at its main thread, long before SIGKILL: it exits cleanly (status 0)."""
+    monkeypatch.setattr(qemu, "TERM_AGAIN_AFTER", 0.2)
+    child = ("import signal, sys, time\n"
+             "seen = []\n"
+             "def on_term(*_):\n"
+             "    seen.append(1)\n"
+             "    if len(seen) == 2:\n"
+             "        sys.exit(0)\n"
+             "signal.signal(signal.SIGTERM, on_term)\n"
+             "print('ready', flush=True)\n"
+             "while True:\n"
+             "    time.sleep(0.05)\n")
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    assert qemu.stop_daemon(proc, timeout=60) == 0  # not -9: the second SIGTERM came
+    proc.stdout.close()

@@ -79,6 +79,10 @@ CHUNK = 4 << 20
 #: (checked first), so it is read whole, as its MAC must be checked before
 #: any byte is decrypted.
 MAX_IN_MEMORY = 256 << 20
+#: Unencrypted sections up to this size are read once by :meth:`Image.get_to` and
+#: kept in memory while their crc32 is checked (over each chunk as the next one is
+#: read); larger ones are read twice (a crc pass, then a copy pass), memory bounded.
+ONE_PASS_MAX = 64 << 20
 #: Bytes to store: bytes, or any buffer such as an mmap of the input file.
 Buffer = bytes | bytearray | memoryview | mmap.mmap
 #: Progress callback: (bytes done, bytes total).
@@ -714,9 +718,10 @@ class Image:
     def get_to(self, name: str, write: Callable[[bytes | memoryview], object]) -> int:
         """Write the section's payload through *write*, verified; return its length.
 
-        Unencrypted sections stream in :data:`CHUNK` pieces (a first pass
-        checks the crc, a second copies), so memory stays bounded whatever
-        the section's size.  Encrypted sections are read whole, their crc32
+        Unencrypted sections up to :data:`ONE_PASS_MAX` are read once, in
+        :data:`CHUNK` pieces kept until their crc is checked; larger ones stream
+        (a first pass checks the crc, a second copies), so memory stays bounded
+        whatever the section's size.  Encrypted sections are read whole, their crc32
         and MAC checked in one pass, then decrypted and written in
         :data:`CHUNK` pieces: no byte is decrypted before the MAC is checked.
         *write* may be given a ``memoryview`` that is reused after it returns.
@@ -740,15 +745,48 @@ class Image:
             data = self.get(name)
             write(data)
             return len(data)
-        if not (s.live and s.dirty):
-            crc = self._stored_crc(s)
-            if crc != s.crc32:
-                raise CorruptError(
-                    f"section {name} is corrupted (crc32 {crc:08x}, directory says {s.crc32:08x})",
-                    image=self.path, section=name)
+        check = not (s.live and s.dirty)
+        if s.stored_length <= ONE_PASS_MAX:
+            chunks, crc = self._read_once(s, check)
+        else:
+            chunks, crc = [], self._stored_crc(s) if check else s.crc32
+        if check and crc != s.crc32:
+            raise CorruptError(
+                f"section {name} is corrupted (crc32 {crc:08x}, directory says {s.crc32:08x})",
+                image=self.path, section=name)
+        if chunks:
+            for chunk in chunks:
+                write(chunk)
+            return s.stored_length
         for off in range(0, s.stored_length, CHUNK):
             write(self.container.read(s.offset + off, min(CHUNK, s.stored_length - off)))
         return s.stored_length
+
+    def _read_once(self, s: Section, check: bool) -> tuple[list[bytes], int]:
+        """Section *s*'s stored bytes in :data:`CHUNK` pieces and their crc32 (0
+        unless *check*): each piece's crc runs in a helper thread while the next
+        piece is read (both release the GIL), so the check costs no extra time
+        where reads wait on storage (a network image's export)."""
+        import threading
+
+        chunks: list[bytes] = []
+        crc = [0]
+        helper: threading.Thread | None = None
+        try:
+            for off in range(0, s.stored_length, CHUNK):
+                piece = self.container.read(s.offset + off, min(CHUNK, s.stored_length - off))
+                if helper is not None:
+                    helper.join()
+                if check:
+                    helper = threading.Thread(
+                        target=lambda p=piece: crc.__setitem__(0, zlib.crc32(p, crc[0])),
+                        name="nvmgr-crc", daemon=True)
+                    helper.start()
+                chunks.append(piece)
+        finally:
+            if helper is not None:
+                helper.join()
+        return chunks, crc[0]
 
     # ------------------------------------------------------------ LUKS sections
 

@@ -30,6 +30,7 @@ API::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -52,8 +53,9 @@ if TYPE_CHECKING:  # imported where a process starts: raw images' commands never
 QEMU_IMG = "qemu-img"
 QEMU_STORAGE_DAEMON = "qemu-storage-daemon"
 FUSERMOUNT = "fusermount3"
-#: Ceph's own client tool, asked only who holds an RBD image's exclusive lock
-#: (librbd itself is reached through QEMU's rbd driver).
+#: Ceph's own client tool, only for what QEMU cannot do: who holds an RBD image's
+#: exclusive lock or has it open, renaming and removing an image (librbd's data path
+#: is QEMU's rbd driver).
 RBD = "rbd"
 
 #: Where each tool comes from (Debian 12 and 13 package names).
@@ -65,7 +67,8 @@ PACKAGES = {
 }
 
 #: What nvmgr needs each tool for, in the error for a missing one.
-_NEEDED_FOR = {RBD: "to tell whether a running VM holds an RBD image"}
+_NEEDED_FOR = {RBD: "to tell whether a running VM holds an RBD image, and to rename or "
+                   "remove one"}
 
 #: What QEMU prints when another process holds a conflicting image lock:
 #: ``Failed to get "write" lock`` / ``Failed to get shared "write" lock``.
@@ -77,6 +80,11 @@ _FUSE_MOUNT_FAILURE = ("Failed to mount FUSE session", "fusermount", "fuse: ")
 #: Seconds a SIGTERMed daemon gets to close its image (flushing qcow2
 #: metadata) and unmount its export before SIGKILL.
 STOP_TIMEOUT = 30.0
+
+#: Seconds after SIGTERM before it is sent again, to the daemon's main thread: QEMU's
+#: handler only sets a flag that its main loop reads when it next wakes, and a
+#: signal that one of librbd's threads took wakes nothing (seen under strace).
+TERM_AGAIN_AFTER = 1.0
 
 #: PR_SET_PDEATHSIG from <linux/prctl.h>.
 _PR_SET_PDEATHSIG = 1
@@ -492,8 +500,21 @@ def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
     return True
 
 
+def _term_main_thread(pid: int) -> None:
+    """SIGTERM the main thread of *pid* itself (``tgkill``): it interrupts the
+    daemon's main loop, which then sees the flag its handler sets."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    tgkill = getattr(libc, "tgkill", None)  # glibc 2.30 and later
+    if tgkill is None or tgkill(pid, pid, int(signal.SIGTERM)) != 0:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+
 def stop_daemon(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> int:
-    """SIGTERM *proc* (a clean shutdown), SIGKILL it after *timeout* s; reap it.
+    """SIGTERM *proc* (a clean shutdown), again to its main thread after
+    :data:`TERM_AGAIN_AFTER` s, SIGKILL it after *timeout* s; reap it.
 
     :return: its exit status (negative: the signal that ended it).
     """
@@ -502,7 +523,10 @@ def stop_daemon(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) ->
             proc.send_signal(signal.SIGTERM)
         except ProcessLookupError:
             pass
-        if not wait_exit(proc, timeout):
+        first = min(TERM_AGAIN_AFTER, timeout)
+        if not wait_exit(proc, first):
+            _term_main_thread(proc.pid)
+        if proc.poll() is None and not wait_exit(proc, max(0.0, timeout - first)):
             try:
                 proc.kill()
             except ProcessLookupError:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nvmgr import paths
-from nvmgr.errors import ExternalError, NotFoundError, UsageError
+from nvmgr.errors import BusyError, ExternalError, NotFoundError, UsageError
 from nvmgr.storage import qemu
 from nvmgr.storage.fuse import FuseExport
 from nvmgr.storage.network import LocationContainer, lock_location
@@ -392,6 +392,35 @@ def _img(loc: RbdLocation, args: list[str], what: str, location: str, *,
     return qemu.check(res, what, image=location) if check else res
 
 
+def copy_out(location: str, dst: str, dst_fmt: str, *, force_share: bool = False) -> None:
+    """``qemu-img convert`` the RBD image (raw) into the new file *dst* (mode 0600) in
+    *dst_fmt*; with a key from a libvirt secret, the image as ``--image-opts`` and
+    the key as a secret object read from a pipe.  A partial *dst* is removed.
+
+    :param force_share: ``-U``: read while a running VM has the image open.
+    :raise ExternalError: qemu-img failed (the cluster, the key, the image).
+    """
+    loc = RbdLocation.parse(location)
+    if not (loc.secret or loc.secret_usage):
+        qemu.img_convert(loc.qemu_filename(), "raw", dst, dst_fmt, force_share=force_share)
+        return
+    with key_pipe(loc) as fd:
+        if fd is None:  # a libvirt secret always gives a key
+            raise NotFoundError(f"no cephx key for {location}", image=location)
+        old = os.umask(0o077)
+        try:
+            res = qemu.run(qemu.QEMU_IMG, [
+                "convert", "-q", *_secret_object(fd), *(["-U"] if force_share else []),
+                "--image-opts", image_opts(loc, KEY_ID), "-O", dst_fmt, os.path.abspath(dst)],
+                image=location, pass_fds=(fd,))
+        finally:
+            os.umask(old)
+    if res.returncode != 0:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(dst)
+    qemu.check(res, "qemu-img convert", image=location)
+
+
 def rbd_exists(location: str) -> bool:
     """Whether the RBD image exists (``qemu-img info`` through librbd).
 
@@ -524,6 +553,79 @@ def rename(location: str, image: str) -> str:
     return spec
 
 
+def _watchers(loc: RbdLocation, key_fd: int | None, location: str) -> list[str]:
+    """The clients that have the image open (``rbd status``).
+
+    :raise NotFoundError: no such image.
+    """
+    status = _cli_json(loc, key_fd, ["status"], location)
+    if status is None:
+        raise NotFoundError(f"no RBD image {loc.image} in pool {loc.pool}", image=location)
+    return [f"client.{w.get('client')} at {w.get('address')}"
+            for w in status.get("watchers", []) if isinstance(w, dict)]
+
+
+def require_unopened(location: str) -> None:
+    """Refuse an RBD image that a client has open (a running VM, an nvmgr on
+    another host): what :func:`remove` checks first, for a caller that must know
+    before it changes anything else.
+
+    :raise NotFoundError: no such image.
+    :raise BusyError: a client has it open.
+    :raise ExternalError: the ``rbd`` tool is missing or failed.
+    """
+    loc = RbdLocation.parse(location)
+    key = loc.key()
+    fd = qemu.memfd("rbd-key", key.encode("ascii")) if key is not None else None
+    try:
+        who = _watchers(loc, fd, location)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    if who:
+        raise BusyError(f"the RBD image is open: {', '.join(who)}; stop the VM (or the "
+                        "other host's nvmgr) first", image=location)
+
+
+def remove(location: str, *, wait: float = 0) -> None:
+    """Remove the RBD image of *location* with its RBD snapshots (``rbd snap purge``,
+    then ``rbd rm``), holding nvmgr's own lock on it: what ``rm`` is to an image file.
+
+    Refused while any client has the image open (a running VM, an nvmgr on another
+    host): Ceph lists it as a watcher (``rbd status``), and nothing is removed.
+
+    :raise UsageError: a bad location, or one naming a snapshot.
+    :raise NotFoundError: no such image (or pool).
+    :raise BusyError: another nvmgr on this host holds it, or a client has it open.
+    :raise ExternalError: the ``rbd`` tool is missing or failed.
+    """
+    loc = RbdLocation.parse(location)
+    if loc.snapshot:
+        raise UsageError(f"{location} names a snapshot: remove the image, not @{loc.snapshot}",
+                         image=location)
+    lock = _lock(loc, writable=True, wait=wait, location=location)
+    key = loc.key()
+    fd = qemu.memfd("rbd-key", key.encode("ascii")) if key is not None else None
+    try:
+        who = _watchers(loc, fd, location)
+        if who:
+            raise BusyError(f"the RBD image is open: {', '.join(who)}; stop the VM (or the "
+                            "other host's nvmgr) first", image=location)
+        spec = f"{loc.pool}/{loc.image}"
+        for args, what in ((["snap", "purge", spec], "rbd snap purge"),
+                           (["rm", "--no-progress", spec], "rbd rm")):
+            res = qemu.run(qemu.RBD, [*_cli_args(loc, fd), *args], image=location,
+                           pass_fds=() if fd is None else (fd,))
+            if res.returncode != 0 and "watchers" in res.stderr:
+                raise BusyError(f"the RBD image is open ({what}: {res.stderr.strip()})",
+                                image=location)
+            qemu.check(res, what, image=location)
+    finally:
+        if fd is not None:
+            os.close(fd)
+        os.close(lock)
+
+
 def lock_dir() -> str:
     """Where nvmgr's per-image lock files for RBD images live on this host."""
     return f"/run/lock/nvmgr-rbd-{os.getuid()}"
@@ -542,6 +644,15 @@ def _create(loc: RbdLocation, size: int, path: str) -> qemu.Result:
         return qemu.run(qemu.QEMU_IMG, ["create", "-q", "-f", "raw", *extra,
                                         loc.qemu_filename(), str(size)], image=path,
                         pass_fds=() if fd is None else (fd,))
+
+
+#: Bytes of a large first write that go out (and are flushed) alone, taking librbd's
+#: cache out of its writethrough start (:meth:`RbdContainer.write`).
+WRITEBACK_SPLIT = 64 << 10
+#: Writes larger than this are split: more than one FUSE request (1 MiB, libfuse's
+#: largest), which would otherwise wait for the OSDs one after the other.  A smaller
+#: write is one request either way: splitting it would only add a flush.
+WRITEBACK_FROM = 1 << 20
 
 
 class RbdContainer(LocationContainer):
@@ -568,13 +679,39 @@ class RbdContainer(LocationContainer):
 
     #: Whether this container's export has written the image (its own lock, then).
     _wrote = False
+    #: Whether a flush followed a write: librbd's cache has left its writethrough start.
+    _writeback = False
     #: :meth:`running_holder`'s answer, asked once per container.
     _holder: str | None = None
     _asked = False
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
+        """Write *data* at *offset* (as :meth:`Qcow2Container.write`).
+
+        librbd's cache writes through until the image's first flush
+        (``rbd_cache_writethrough_until_flush``): until then every FUSE request
+        (1 MiB at most) waits for the OSDs, one after the other.  So a write of
+        more than :data:`WRITEBACK_FROM` bytes before any flush is split: its
+        first :data:`WRITEBACK_SPLIT` bytes are written and flushed (QEMU skips a
+        flush that follows no write: the write comes first), then the rest goes
+        through the cache with many requests in flight, durable at the caller's
+        own flush as before.  Both parts are ordinary writes and the flush an
+        ordinary flush (the fault hook sees each); a crash between them leaves
+        the inactive copy half written, as a crash inside one write would.
+        """
         self._wrote = True
-        super().write(offset, data)
+        view = memoryview(data).cast("B")
+        if self._writeback or view.nbytes <= WRITEBACK_FROM:
+            super().write(offset, view)
+            return
+        super().write(offset, view[:WRITEBACK_SPLIT])
+        self.flush()
+        super().write(offset + WRITEBACK_SPLIT, view[WRITEBACK_SPLIT:])
+
+    def flush(self) -> None:
+        super().flush()
+        if self._wrote:
+            self._writeback = True
 
     def resize(self, size: int) -> None:
         self._wrote = True

@@ -49,7 +49,7 @@ from nvmgr.errors import CorruptError, NoSpaceError, NotFoundError, UsageError
 from nvmgr.image import members
 from nvmgr.image.image import Image
 from nvmgr.provision import staging
-from nvmgr.storage import FORMATS, probe_format, qcow2, qemu
+from nvmgr.storage import FORMATS, is_location, probe_format, qcow2, qemu, rbd
 from nvmgr.virt import conn as virt
 
 if TYPE_CHECKING:
@@ -123,6 +123,16 @@ def _capture(path: str, dom: Domain,
         return live, _tpm_state(dom, img, swtpm_root)
 
 
+def _copy(path: str, fmt: str, dst: str, dst_fmt: str | None, running: bool) -> None:
+    """An image copied into the new file *dst* (*dst_fmt*, else its own format; an
+    RBD image's layout is raw, and it is read through the storage seam, which
+    hands QEMU the cephx key)."""
+    if fmt == rbd.RbdContainer.fmt:
+        rbd.copy_out(path, dst, dst_fmt or "raw", force_share=running)
+    else:
+        qemu.img_convert(path, fmt, dst, dst_fmt or fmt, force_share=running)
+
+
 def _copy_members(held: Image, tmp: str, running: bool) -> dict[int, str]:
     """Copy every member of *held* beside the copy *tmp* (``TMP.mINDEX``, raw
     or qcow2 as the member is), read past a running QEMU's lock.
@@ -134,8 +144,7 @@ def _copy_members(held: Image, tmp: str, running: bool) -> dict[int, str]:
         for m, mi in held.members():  # each checked: UUID, parent, generation
             m_fmt = probe_format(mi.path)
             copy = f"{tmp}.m{m.index}"
-            qemu.img_convert(mi.path, "raw" if m_fmt == "rbd" else m_fmt, copy,
-                             "raw" if m_fmt == "rbd" else m_fmt, force_share=running)
+            _copy(mi.path, m_fmt, copy, None, running)
             out[m.index] = copy
     except BaseException:
         for f in out.values():
@@ -185,7 +194,7 @@ def backup(name: str, out: str, *, uri: str | None = None, kek: Kek | None = Non
         copies: dict[int, str] = {}
         try:
             with Image.open(path) as held:  # nvmgr's shared lock: no nvmgr writer until done
-                qemu.img_convert(path, src_fmt, tmp, fmt or src_fmt, force_share=running)
+                _copy(path, src_fmt, tmp, fmt, running)
                 copies = _copy_members(held, tmp, running)
                 paused_ms = None
                 if running and vdom.state()[0] != _PAUSED:
@@ -310,6 +319,12 @@ def snapshot_create(domain: str, name: str, *, uri: str | None = None,
     :raise UsageError: a snapshot of that name exists, or a bad name.
     """
     _dom, image = _domain(domain, uri, live=False)
+    if is_location(image):  # no directory beside it: never one named after it in the cwd
+        raise UsageError(
+            f"domain {domain}'s image is at a network location ({image}): stored snapshots "
+            f"go beside an image file; take the storage's own (nvmgr snapshot IMAGE create "
+            f"NAME: Ceph's snapshots of an RBD image) or a backup (nvmgr backup --domain "
+            f"{domain} FILE)", domain=domain)
     path = _snapshot_file(image, name)
     if os.path.lexists(path):
         raise UsageError(f"domain {domain} has a snapshot named {name!r} already", domain=domain)
@@ -325,7 +340,7 @@ def snapshot_list(domain: str, *, uri: str | None = None) -> list[dict[str, obje
     _dom, image = _domain(domain, uri, live=False)
     out: list[dict[str, object]] = []
     d = snapshot_dir(image)
-    if os.path.isdir(d):
+    if not is_location(image) and os.path.isdir(d):
         for f in sorted(os.listdir(d)):
             if f.endswith(".nvram") and not f.startswith("."):
                 st = os.stat(os.path.join(d, f))
@@ -344,6 +359,9 @@ def snapshot_list(domain: str, *, uri: str | None = None) -> list[dict[str, obje
 def _stored(domain: str, name: str, uri: str | None) -> tuple[str, str | None]:
     """(image, the stored snapshot's file or None when there is none of that name)."""
     _dom, image = _domain(domain, uri, live=False)
+    if is_location(image):  # none stored (see snapshot_create)
+        _snapshot_file(image, name)  # a bad name still refused
+        return image, None
     path = _snapshot_file(image, name)
     return image, path if os.path.isfile(path) else None
 

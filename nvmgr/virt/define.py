@@ -51,7 +51,7 @@ from nvmgr.provision.prepare import (
     prepare_image,
     refuse_luks,
 )
-from nvmgr.storage import absolute, image_exists, is_location, nbd
+from nvmgr.storage import absolute, image_exists, is_location, nbd, rbd
 from nvmgr.storage.container import probe_format
 from nvmgr.storage.nbd import is_nbd
 from nvmgr.storage.rbd import is_rbd
@@ -222,8 +222,9 @@ def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = No
 
 
 def member_files(image: str) -> list[str]:
-    """The member image files of *image* that name it as their parent (an RBD
-    member is Ceph's to remove, and is left out); none when it cannot be read.
+    """The member images of *image* that name it as their parent: files, and RBD
+    images (an NBD export is its server's, and is left out); none when it cannot
+    be read.
 
     :raise BusyError: a member is busy (held by an nvmgr writer).
     """
@@ -231,7 +232,7 @@ def member_files(image: str) -> list[str]:
     with contextlib.suppress(CorruptError, NotFoundError), Image.open(image) as img:
         for m in img.directory.members or []:
             path = img.member_path(m)
-            if is_location(path):
+            if is_location(path) and not is_rbd(path):
                 continue
             with contextlib.suppress(CorruptError):
                 img.member_image(m.index)  # its parent link checked: never another's file
@@ -274,14 +275,16 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
         raise UsageError(
             f"the domain's state is in {image}: undefine with --keep-nvram or --remove-nvram",
             domain=name)
-    if remove_nvram and image and is_location(image):
-        raise UsageError(f"the domain's image is on network storage ({image}): undefine with "
-                         "--keep-nvram and remove the image with the storage's own tools "
-                         "(rbd rm; the NBD server's file)", domain=name)
+    if remove_nvram and image and is_location(image) and not is_rbd(image):
+        raise UsageError(f"the domain's image is an NBD export ({image}): undefine with "
+                         "--keep-nvram and remove the image on the NBD server", domain=name)
     members: list[str] = []
     if remove_nvram and image:
         virt.require_inactive(name, uri, what="removing its image")
         members = member_files(image)
+        if is_rbd(image) and image_exists(image):  # refused before anything changes
+            for loc in (image, *(m for m in members if is_rbd(m))):
+                rbd.require_unopened(loc)
     # The image holds the TPM; libvirt's swtpm directory only stages it.  It
     # goes with the image, and stays (as virsh's --keep-tpm) otherwise.
     virt.undefine(name, uri, remove_tpm=remove_nvram)
@@ -290,15 +293,25 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
         # Its vTPM secret (a domain with a key) goes with the definition.
         vtpm_removed = secrets.remove_vtpm_secret(str(dom.uuid), uri)
     removed = False
-    if remove_nvram and image and os.path.exists(image):
+    if remove_nvram and image and is_rbd(image):
+        # Through the storage seam: refused (nothing removed) while a client has it open.
+        with contextlib.suppress(NotFoundError):
+            rbd.remove(image)
+            removed = True
+    elif remove_nvram and image and os.path.exists(image):
         os.unlink(image)
         removed = True
+    if removed:
         for m in members:  # the image is gone: its members hold nothing anyone reads
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(m)
+            with contextlib.suppress(FileNotFoundError, NotFoundError):
+                if is_rbd(m):
+                    rbd.remove(m)
+                else:
+                    os.unlink(m)
     # Its stored snapshots go with it: a new domain of the same name must not revert
     # into another machine's variables and TPM.
-    snapshots = snapshot_dir(image) if remove_nvram and image else None
+    snapshots = snapshot_dir(image) if remove_nvram and image and not is_location(image) \
+        else None
     if snapshots and os.path.isdir(snapshots):
         shutil.rmtree(snapshots)
     else:

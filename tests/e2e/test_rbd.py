@@ -12,6 +12,8 @@ from __future__ import annotations
 import html
 import json
 import os
+import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -139,3 +141,78 @@ def test_a_source_element_with_the_key_in_a_libvirt_ceph_secret(vm: MakeVM, ceph
         assert r["image"] == loc and not r["image_removed"], r
     finally:
         vmlib.virsh("secret-undefine", sec_uuid, check=False)
+
+
+def test_undefine_remove_nvram_takes_the_rbd_image_unless_a_client_has_it_open(
+        vm: MakeVM, ceph: CephCluster) -> None:
+    """``undefine --remove-nvram`` of a domain whose image is on RBD removes the RBD
+    image with its snapshots (``rbd snap purge``, ``rbd rm``: the storage seam's
+    :func:`nvmgr.storage.rbd.remove`); while another client has it open (a VM on
+    another host) it is refused (7) before anything changes: the domain stays."""
+    _user, keyring, _key = ceph.client("qemu-undef")
+    keyring.chmod(0o600)
+    image = os.path.basename(str(vmlib.new_name("img")))
+    v = vm("rbdundef", metadata_attrs={
+        "image": f"rbd:{ceph.pool}/{image}:conf={ceph.conf}:id=qemu-undef:keyring={keyring}"})
+    loc = json.loads(vmlib.nvmgr("define", v.xml_path, "--output", "json").stdout)["image"]
+    vmlib.nvmgr("snapshot", loc, "create", "before")
+    admin = f"rbd:{ceph.pool}/{image}:conf={ceph.conf}:id=admin:keyring={ceph.admin_keyring}"
+    # Commands on its stdin: "quit" closes the image (a killed client would stay a
+    # watcher until its watch times out).
+    other = subprocess.Popen(["qemu-io", "-f", "raw", admin], stdin=subprocess.PIPE,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert other.stdin is not None
+    other.stdin.write(b"read 0 512\n")
+    other.stdin.flush()
+    try:
+        deadline = time.monotonic() + 60
+        while '"watchers":[]' in ceph.run("rbd", "status", f"{ceph.pool}/{image}",
+                                          "--format", "json"):
+            assert time.monotonic() < deadline, "qemu-io never opened the image"
+            time.sleep(0.2)
+        p = vmlib.nvmgr("undefine", v.name, "--remove-nvram", check=False)
+        assert p.returncode == 7 and "the RBD image is open: client." in p.stderr, p
+        assert vmlib.exists(v.name)
+    finally:
+        other.communicate(b"quit\n", timeout=60)
+    assert image in ceph.run("rbd", "ls", ceph.pool).split()
+    r = json.loads(vmlib.nvmgr("undefine", v.name, "--remove-nvram", "--output", "json").stdout)
+    assert r["image"] == loc and r["image_removed"] is True, r
+    assert not vmlib.exists(v.name)
+    assert image not in ceph.run("rbd", "ls", ceph.pool).split()
+
+
+def test_backup_and_restore_of_a_domain_whose_image_is_on_rbd(vm: MakeVM, ceph: CephCluster,
+                                                              tmp_path: Path) -> None:
+    """``nvmgr backup`` copies an RBD image (read through the storage seam, which
+    hands QEMU the cephx key) into a file; ``restore`` writes its sections back."""
+    _user, keyring, _key = ceph.client("qemu-bk")
+    keyring.chmod(0o600)
+    image = os.path.basename(str(vmlib.new_name("img")))
+    v = vm("rbdbk", metadata_attrs={
+        "image": f"rbd:{ceph.pool}/{image}:conf={ceph.conf}:id=qemu-bk:keyring={keyring}"})
+    loc = json.loads(vmlib.nvmgr("define", v.xml_path, "--output", "json").stdout)["image"]
+    before = tmp_path / "before.fd"
+    vmlib.nvmgr("get", loc, "uefi-vars", "-o", before)
+    out = tmp_path / "backup.nvram"
+    r = json.loads(vmlib.nvmgr("backup", "--domain", v.name, out, "--output", "json").stdout)
+    assert out.is_file() and (out.stat().st_mode & 0o777) == 0o600, r
+    vmlib.nvmgr("check", out)
+    other = tmp_path / "other.fd"
+    other.write_bytes(os.urandom(before.stat().st_size))
+    vmlib.nvmgr("put", loc, "uefi-vars", other)
+    r = json.loads(vmlib.nvmgr("restore", "--domain", v.name, out, "--output", "json").stdout)
+    assert "uefi-vars" in r["restored"], r
+    after = tmp_path / "after.fd"
+    vmlib.nvmgr("get", loc, "uefi-vars", "-o", after)
+    assert after.read_bytes() == before.read_bytes()
+    # Stored snapshots go beside an image file: refused for an RBD image, nothing
+    # made under the caller's working directory.
+    p = vmlib.nvmgr("snapshot", "--domain", v.name, "create", "s1", check=False)
+    assert p.returncode == 2 and "network location" in p.stderr, p
+    assert not Path(f"rbd:{ceph.pool}").exists()
+    listed = json.loads(vmlib.nvmgr("snapshot", "--domain", v.name, "list",
+                                    "--output", "json").stdout)
+    assert listed == {"snapshots": []}, listed
+    vmlib.nvmgr("undefine", v.name, "--remove-nvram")
+    assert image not in ceph.run("rbd", "ls", ceph.pool).split()
