@@ -2,7 +2,7 @@
 """What the nvmgr libvirt hook costs a VM's start and stop.
 
 The same UEFI + TPM 2.0 guest (``examples/uefi-tpm.xml``, TCG) is started and
-destroyed ``--cycles`` times (default 20) in each of five set-ups, in one
+destroyed ``--cycles`` times (default 20) in each of six set-ups, in one
 run, interleaved:
 
 (a) **nvmgr**: the hook installed, the domain defined by ``nvmgr define``
@@ -19,7 +19,11 @@ run, interleaved:
 (d) **nvmgr, no hook**: (a)'s domain with the hook directory empty; its
     prepare and release run by hand, in process, before and after the timed
     cycle, so swtpm finds the same staged state.  (a) / (d) is the hook's own
-    cost; (d) / (b) what the domain's shape costs libvirt and QEMU.
+    cost; (d) / (b) what the domain's shape costs libvirt and QEMU;
+(e) **any hook**: (b)'s domain with the hook directory's one file replaced
+    by ``#!/bin/sh`` + ``exit 0`` (swapped in place: no restart): (e) / (b)
+    is what libvirtd's running of a hook costs a cycle whatever the hook
+    does (five fork+exec+wait per cycle), a floor under (a) / (b).
 
 libvirtd reads its hook directory only when it starts, so switching between
 "installed" and "empty" restarts it; restarts (and a warm-up call after each)
@@ -77,7 +81,12 @@ LABELS = {
     "plain+hook": "(c) plain libvirt domain, nvmgr hook installed (returns at once)",
     "nvmgr-nohook": "(d) the (a) domain with no hook installed; prepare and release run "
                     "by hand outside the timed region",
+    "plain+exit0": "(e) (b)'s domain, the hook directory holding only `#!/bin/sh` + "
+                   "`exit 0`: what libvirt's running of any hook costs",
 }
+#: The hook of set-up (e): libvirtd forks and execs it at each of a cycle's
+#: five calls (prepare, start, started, stopped, release) and it does nothing.
+TRIVIAL_HOOK = "#!/bin/sh\nexit 0\n"
 
 
 #: The lock every end-to-end session holds (tests/e2e/conftest.py).
@@ -144,6 +153,7 @@ class Bench:
         self.cycles = cycles
         self.conn: Any = None
         self.hook_installed = vmlib.HOOK.exists()
+        self.real_hook: bytes | None = None
         self.restarts = 0
         self.a = (vmlib.new_name("bench-nvmgr"), str(uuid.uuid4()))
         self.b = (vmlib.new_name("bench-plain"), str(uuid.uuid4()))
@@ -163,7 +173,25 @@ class Bench:
         self.conn = libvirt.open(vmlib.URI)
         self.conn.getCapabilities()  # warm-up after a (re)start, not timed
 
+    def set_trivial(self, trivial: bool) -> None:
+        """Swap the installed hook's file for (e)'s ``exit 0`` and back, in place:
+        the hook directory never empties, so libvirtd needs no restart."""
+        if trivial:
+            if self.real_hook is None:
+                self.real_hook = vmlib.HOOK.read_bytes()
+            body = TRIVIAL_HOOK.encode()
+        elif self.real_hook is None:
+            return
+        else:
+            body, self.real_hook = self.real_hook, None
+        tmp = vmlib.HOOK.with_name(".nvmgr-bench.tmp")
+        tmp.write_bytes(body)
+        tmp.chmod(0o755)
+        os.replace(tmp, vmlib.HOOK)
+
     def set_hook(self, installed: bool) -> None:
+        if installed:
+            self.set_trivial(False)
         if installed and not vmlib.HOOK.exists():
             self.restarts += vmlib.install_hook()
         elif not installed and vmlib.HOOK.exists():
@@ -228,6 +256,7 @@ class Bench:
 
     def teardown(self, keep: bool) -> None:
         try:
+            self.set_trivial(False)
             self.set_hook(self.hook_installed)
         finally:
             if not keep:
@@ -241,11 +270,13 @@ class Bench:
     def run(self, rng: random.Random) -> None:
         a_name, b_name = self.a[0], self.b[0]
         phases = [("installed", True, [("nvmgr", a_name), ("plain+hook", b_name)]),
+                  ("trivial", False, [("plain+exit0", b_name)]),
                   ("installed", False, [("nvmgr-noserver", a_name)]),
                   ("empty", False, [("plain", b_name), ("nvmgr-nohook", a_name)])]
         for i in range(self.cycles):
             for hook_state, server, runs in (phases if i % 2 == 0 else phases[::-1]):
-                self.set_hook(hook_state == "installed")
+                self.set_hook(hook_state != "empty")
+                self.set_trivial(hook_state == "trivial")
                 self.set_server(server)
                 runs = list(runs)
                 rng.shuffle(runs)
@@ -335,6 +366,14 @@ def report(info: dict[str, str], summary: dict[str, Any], cmdline: str, elapsed:
                  "`<qemu:commandline>` and staging).\n")
     else:
         split = ""
+    floor = ""
+    if "plain+exit0" in summary:
+        e = summary["plain+exit0"]
+        floor = (f"\n- (e) / (b) = {e['ratio_to_plain']:.3f} "
+                 f"({(e['median_s'] - summary['plain']['median_s']) * 1000:+.0f} ms): libvirtd "
+                 "running a hook that only exits, five times a cycle; any hook pays it.  "
+                 f"(a) / (e) = {summary['nvmgr']['median_s'] / e['median_s']:.3f}: nvmgr's hook "
+                 "beyond that, its domain's shape included.")
     hook_ns = summary.get("hook_calls_noserver_median_s", {})
     calls_ns = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in hook_ns.items())
     ratio_ns = summary.get("nvmgr-noserver", {}).get("ratio_to_plain", float("nan"))
@@ -368,7 +407,7 @@ timed region). Guest: `examples/uefi-tpm.xml` (q35, OVMF 4M, TPM 2.0 CRB via swt
   own calls alone take {hook_sum / summary['plain']['median_s'] * 100:.1f}% of (b)'s cycle (below).
   Without the hook server, (a') / (b) = {ratio_ns:.3f}.
 {split}- (c) / (b) = {summary['plain+hook']['ratio_to_plain']:.3f}: what the installed hook costs
-  domains nvmgr does not manage.
+  domains nvmgr does not manage.{floor}
 - The hook's own calls for (a), run by hand with the live XML, VM stopped (median of 10),
   with the hook server: {calls}; {hook_sum * 1000:.0f} ms per cycle,
   {hook_sum / summary['plain']['median_s'] * 100:.1f}% of (b)'s cycle.  Without it: {calls_ns or 'not measured'}.

@@ -14,9 +14,11 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,3 +206,54 @@ def test_no_server_means_the_command_runs_here(tmp_path: Path) -> None:
     assert r.returncode == 0 and r.stdout.startswith(b"nvmgr ")
     assert client.ask_server(["--version"], str(tmp_path / "nobody.sock")) is None
     assert client.ask_server(["--version"], "") is None
+
+
+def _fake_server(sock: Path, reply: list[bytes]) -> threading.Thread:
+    """A server that takes one call, then sends *reply* (each item one write) and closes."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock))
+    listener.listen(1)
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn, listener:
+            _msg, anc, _f, _a = conn.recvmsg(65536, socket.CMSG_SPACE(4 * 4))
+            for _level, _kind, data in anc:  # the caller's descriptors: not ours to keep
+                for i in range(0, len(data) - len(data) % 4, 4):
+                    os.close(int.from_bytes(data[i:i + 4], sys.byteorder))
+            for chunk in reply:
+                conn.sendall(chunk)
+                time.sleep(0.05)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("reply, rc, died", [
+    ([b"+4242\nrc 3\n"], 3, False),  # both lines in one read: still one run, its code
+    ([b"+4242\n", b"rc 0\n"], 0, False),
+    ([b"+42", b"42\nr", b"c 5\n"], 5, False),  # lines split across reads
+    ([b"+4242\n"], ExitCode.ERROR, True),  # the worker died: no code, never a second run
+    ([b"+"], ExitCode.ERROR, True),  # taken, then EOF before its pid
+])
+def test_a_call_a_worker_took_is_never_run_again_by_the_client(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str], reply: list[bytes], rc: int,
+        died: bool) -> None:
+    sock = tmp_path / "fake.sock"
+    t = _fake_server(sock, reply)
+    try:
+        assert client.ask_server(["info", "x.nvram"], str(sock)) == rc
+    finally:
+        t.join(timeout=10)
+    err = capfd.readouterr().err
+    assert ("the cli-server's worker" in err) == died, err
+
+
+def test_a_fallback_is_run_by_the_client(tmp_path: Path) -> None:
+    sock = tmp_path / "fake.sock"
+    t = _fake_server(sock, [b"fallback the server's code changed on disk\n"])
+    try:
+        assert client.ask_server(["info", "x.nvram"], str(sock)) is None
+    finally:
+        t.join(timeout=10)

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -172,7 +173,11 @@ def test_errors_name_what_is_wrong(tmp_path: Path) -> None:
         p = nvmgr("info", f"nbd+unix:///nope?socket={sock}")
         assert p.returncode == 3 and "no export 'nope'" in p.stderr, p.stderr
         p = nvmgr("create", f"nbd+unix:///vm2?socket={sock}", "-s", "x:4K")
-        assert p.returncode == 2 and "cannot create an image on an NBD server" in p.stderr
+        assert p.returncode == 3 and "no export 'vm2'" in p.stderr, p.stderr
+        # An export that holds data (an image here) never gets a new image written over it.
+        p = nvmgr("create", uri, "-s", "x:4K")
+        assert p.returncode == 2 and "holds data that is not an nvmgr image" in p.stderr, \
+            p.stderr
         # Another nvmgr on this host writes it: busy (7).
         from nvmgr.image.image import Image
 
@@ -182,6 +187,17 @@ def test_errors_name_what_is_wrong(tmp_path: Path) -> None:
     assert image.read_bytes() == before
     p = nvmgr("info", f"nbd+unix:///vm1?socket={tmp_path / 'gone.sock'}")
     assert p.returncode == 10 and "gone.sock" in p.stderr, p.stderr
+    assert f"cannot reach the NBD server on socket {tmp_path / 'gone.sock'}" in p.stderr
+    # A server killed (its socket left behind): the same, with QEMU's words.
+    with socket.socket(socket.AF_UNIX) as stale:
+        stale.bind(str(tmp_path / "stale.sock"))
+    p = nvmgr("info", f"nbd+unix:///vm1?socket={tmp_path / 'stale.sock'}")
+    assert p.returncode == 10 and "cannot reach the NBD server on socket" in p.stderr \
+        and "Connection refused" in p.stderr, p.stderr
+    port = _free_port()
+    p = nvmgr("get", f"nbd://127.0.0.1:{port}/vm1", "blob", "-o", str(tmp_path / "x"))
+    assert p.returncode == 10 and f"cannot reach the NBD server at 127.0.0.1:{port}" \
+        in p.stderr, p.stderr
     p = nvmgr("info", "nbd://127.0.0.1:0/vm1")
     assert p.returncode == 2 and "port 0" in p.stderr, p.stderr
 
@@ -323,3 +339,251 @@ def test_convert_a_file_to_an_nbd_export_and_back(tmp_path: Path) -> None:
                 assert nvmgr("get", image, name, "-o", str(out)).returncode == 0
                 assert out.read_bytes() == data, (image, name)
 
+
+
+# -- a new image written into a blank export ---------------------------------------------
+
+def test_create_writes_a_new_image_only_into_a_blank_export(tmp_path: Path) -> None:
+    """``nvmgr create`` on an export the server serves from a new (all-zero) file writes
+    the image into it; an export too small is exit 8, one holding any data exit 2, and
+    neither is written."""
+    blank = tmp_path / "blank.raw"
+    with open(blank, "wb") as f:
+        f.truncate(4 << 20)
+    with served_unix(blank, tmp_path / "nbd.sock") as uri:
+        p = nvmgr("create", uri, "-s", "efivars:128K:pflash", "-s", "blob:64K")
+        assert p.returncode == 0, p.stderr
+        info = json.loads(nvmgr("info", uri, "-O", "json").stdout)
+        assert [s["name"] for s in info["sections"]] == ["efivars", "blob"]
+        assert nvmgr("check", uri).returncode == 0
+    assert blank.stat().st_size == 4 << 20  # the server's file: written in, never resized
+    assert nvmgr("check", str(blank)).returncode == 0  # a whole image, read as a file
+
+    small = tmp_path / "small.raw"
+    with open(small, "wb") as f:
+        f.truncate(64 << 10)
+    with served_unix(small, tmp_path / "small.sock") as uri:
+        p = nvmgr("create", uri, "-s", "efivars:128K:pflash")
+        assert p.returncode == 8 and "holds 65,536 bytes" in p.stderr, p.stderr
+    assert small.read_bytes() == bytes(64 << 10)
+
+    data = tmp_path / "data.raw"
+    with open(data, "wb") as f:
+        f.truncate(4 << 20)
+        f.seek(3 << 20)
+        f.write(b"someone's file system")  # past the first MiB: the whole export is read
+    before = data.read_bytes()
+    with served_unix(data, tmp_path / "data.sock") as uri:
+        p = nvmgr("create", uri, "-s", "efivars:128K:pflash")
+        assert p.returncode == 2 and "holds data that is not an nvmgr image" in p.stderr
+    assert data.read_bytes() == before
+
+
+def test_a_domains_image_goes_into_a_blank_export_and_is_blanked_back_out(
+        tmp_path: Path) -> None:
+    """What ``define --image nbd+unix://...`` and the prepare hook do
+    (:func:`nvmgr.provision.prepare.prepare_image`): a blank export gets the domain's new
+    image; a second call opens it; an export holding other data is refused, naming it,
+    unwritten; :func:`nvmgr.storage.nbd.blank_out` (define's roll-back when libvirt
+    refuses the domain) leaves the export blank again."""
+    from nvmgr.domain.plan import plan_domain
+    from nvmgr.errors import ForeignImageError
+    from nvmgr.provision.prepare import owner_of, prepare_image
+    from nvmgr.storage import nbd
+
+    plan = plan_domain((ROOT / "tests" / "data" / "uefi-tpm2-in.xml").read_text())
+    export = tmp_path / "export.raw"
+    with open(export, "wb") as f:
+        f.truncate(8 << 20)
+    with served_unix(export, tmp_path / "nbd.sock") as uri:
+        assert nbd.export_blank(uri) and owner_of(uri) is None  # define asks it first
+        img, created, added = prepare_image(plan, kek=None, fmt="raw", path=uri)
+        with img:
+            assert created and added == [s.name for s in plan.sections]
+            size = img.directory.image_size
+            assert img.container.size() == 8 << 20 and size < 8 << 20
+        img, created, added = prepare_image(plan, kek=None, fmt="raw", path=uri)
+        with img:
+            assert not created and added == []
+        assert not nbd.export_blank(uri) and owner_of(uri) == plan.domain_uuid
+        nbd.blank_out(uri, size)
+        assert nbd.export_blank(uri)
+    assert export.read_bytes() == bytes(8 << 20)
+
+    other = tmp_path / "other.raw"
+    with open(other, "wb") as f:
+        f.truncate(8 << 20)
+        f.write(b"\xeb\x3c\x90mkfs.fat")
+    before = other.read_bytes()
+    with served_unix(other, tmp_path / "other.sock") as uri:
+        with pytest.raises(ForeignImageError, match="the NBD export holds data"):
+            prepare_image(plan, kek=None, fmt="raw", path=uri)
+        with pytest.raises(ForeignImageError, match="the NBD export holds data"):
+            owner_of(uri)
+    assert other.read_bytes() == before
+
+
+# -- who has the export open: a QEMU on this host ------------------------------------------
+
+def test_a_qemu_with_the_export_in_its_command_line_holds_it(tmp_path: Path) -> None:
+    """NBD has no lock to ask: a ``qemu-system-*`` on this host whose ``-blockdev`` opens
+    the export is what tells a running VM.  A live section's write is then refused,
+    busy (7), even with ``--force`` (which overrides only the in-use mark); a QEMU with
+    another export of the same server does not count."""
+    _need("qemu-system-x86_64")
+    from nvmgr.storage.nbd import NbdContainer, qemu_users
+
+    image = tmp_path / "vm1.nvram"
+    make_image(image)
+    (tmp_path / "vars").write_bytes(os.urandom(4096))
+    sock = tmp_path / "nbd.sock"
+    with served_unix(image, sock) as uri:
+        loc = NbdLocation.parse(uri)
+
+        def qemu(export: str) -> subprocess.Popen[bytes]:
+            node = {**NbdLocation(export, socket=str(sock)).node(), "node-name": "n"}
+            return subprocess.Popen(
+                ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+                 "-S", "-blockdev", json.dumps(node)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+        other = qemu("nope")  # QEMU refuses an export the server lacks, and exits
+        other.wait(30)
+        assert other.returncode != 0 and qemu_users(loc) == []
+        q = qemu("vm1")
+        try:
+            deadline = time.monotonic() + 30
+            while qemu_users(loc) != [q.pid]:
+                assert q.poll() is None, q.stderr.read() if q.stderr else b""
+                assert time.monotonic() < deadline, "the QEMU was not seen"
+                time.sleep(0.05)
+            c = NbdContainer(uri)
+            try:
+                assert c.running_holder() == (
+                    f"a running QEMU (pid {q.pid}) on this host has the NBD export open")
+            finally:
+                c.close()
+            gen = json.loads(nvmgr("info", uri, "-O", "json").stdout)["generation"]
+            for force in ((), ("--force",)):
+                p = nvmgr("put", uri, "efivars", str(tmp_path / "vars"), *force)
+                assert p.returncode == 7 and f"a running QEMU (pid {q.pid})" in p.stderr, \
+                    p.stderr
+            assert json.loads(nvmgr("info", uri, "-O", "json").stdout)["generation"] == gen
+            p = nvmgr("put", uri, "blob", str(tmp_path / "vars"))  # not live: written
+            assert p.returncode == 0, p.stderr
+        finally:
+            q.kill()
+            q.wait(30)
+        assert qemu_users(loc) == []
+        p = nvmgr("put", uri, "efivars", str(tmp_path / "vars"))
+        assert p.returncode == 0, p.stderr
+
+
+def test_only_an_nbd_blockdev_of_the_same_server_and_export_counts() -> None:
+    u = NbdLocation.parse("nbd+unix:///vm1?socket=/run/nbd/s.sock")
+    assert u.same_export({"driver": "nbd", "export": "vm1",
+                          "server": {"type": "unix", "path": "/run/nbd//s.sock"}})
+    assert not u.same_export({"driver": "nbd", "export": "vm2",
+                              "server": {"type": "unix", "path": "/run/nbd/s.sock"}})
+    assert not u.same_export({"driver": "nbd", "export": "vm1",
+                              "server": {"type": "unix", "path": "/run/nbd/t.sock"}})
+    assert not u.same_export({"driver": "file", "filename": "/run/nbd/s.sock"})
+    assert not u.same_export(["nbd"])
+    t = NbdLocation.parse("nbd://[::1]:10900/vm1")
+    assert t.same_export({"driver": "nbd", "export": "vm1",
+                          "server": {"type": "inet", "host": "::1", "port": "10900"}})
+    assert not t.same_export({"driver": "nbd", "export": "vm1",
+                              "server": {"type": "inet", "host": "::1", "port": "10809"}})
+    assert NbdLocation.parse("nbd://h/").same_export(
+        {"driver": "nbd", "server": {"type": "inet", "host": "h", "port": "10809"}})
+
+
+# -- QEMU's user reaches the server's socket --------------------------------------------------
+
+def test_the_qemu_user_must_reach_the_servers_socket() -> None:
+    """QEMU connects to an ``nbd+unix`` export itself, as the QEMU user: the prepare hook
+    refuses the start (exit 11, the host is not set up) when that user cannot enter a
+    directory above the socket or may not write the socket (connecting needs it), naming
+    the path and the fix; a socket that is not there is left to the connection to tell."""
+    import tempfile
+
+    from nvmgr.errors import InstallationError
+    from nvmgr.provision.staging import Users, require_qemu_reaches_socket
+
+    if os.geteuid() != 0:
+        pytest.skip("chown to another user needs root")
+    users = Users(qemu_user="nobody", qemu_group="nogroup")
+    d = Path(tempfile.mkdtemp(prefix="nvmgr-sock-", dir="/tmp"))  # 0700, root's
+    try:
+        sock = d / "nbd.sock"
+        with socket.socket(socket.AF_UNIX) as s:
+            s.bind(str(sock))
+            sock.chmod(0o755)
+            with pytest.raises(InstallationError, match=f"no search permission on {d} "
+                               r"\(mode 0700\)") as e:
+                require_qemu_reaches_socket(str(sock), users, "the NBD server's socket")
+            assert e.value.exit_code == 11
+            d.chmod(0o755)
+            with pytest.raises(InstallationError, match=r"may not connect to the NBD server's "
+                               rf"socket {sock} \(owner root, mode 0755"):
+                require_qemu_reaches_socket(str(sock), users, "the NBD server's socket")
+            shutil.chown(sock, "nobody")
+            require_qemu_reaches_socket(str(sock), users, "the NBD server's socket")
+            shutil.chown(sock, "root")
+            sock.chmod(0o777)
+            require_qemu_reaches_socket(str(sock), users, "the NBD server's socket")
+            sock.chmod(0o755)
+            require_qemu_reaches_socket(str(sock), Users(qemu_user="root", qemu_group="root"),
+                                        "the NBD server's socket")
+        require_qemu_reaches_socket(str(d / "gone.sock"), users, "the NBD server's socket")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+# -- a crash while a new image is written into a blank export ---------------------------------
+
+FAULTRUN = ROOT / "tests" / "faultrun.py"
+
+
+def _faultrun(n: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(FAULTRUN), str(n), "--", *args],
+                          capture_output=True, text=True, timeout=120, check=False, cwd=ROOT,
+                          stdin=subprocess.DEVNULL)
+
+
+def test_a_create_into_a_blank_export_killed_at_every_io(tmp_path: Path) -> None:
+    """``nvmgr create`` into a blank export, SIGKILLed before each of its writes and
+    flushes (``tests/faultrun.py``): the export is left blank (a new create writes the
+    image) or holds a whole image (both checks pass, its sections listed); never
+    something that is neither, which nvmgr would refuse to write over."""
+    spec = ["-s", "efivars:128K:pflash", "-s", "blob:64K"]
+    export = tmp_path / "export.raw"
+    with open(export, "wb") as f:
+        f.truncate(2 << 20)
+    with served_unix(export, tmp_path / "dry.sock") as uri:
+        dry = _faultrun(0, "create", uri, *spec)
+        assert dry.returncode == 0, dry.stderr
+    total = int(dry.stderr.strip().splitlines()[-1].split("=")[1])
+    assert total >= 4, dry.stderr  # two header copies, each written and flushed
+    outcomes = []
+    for n in range(1, total + 1):
+        export.unlink()
+        with open(export, "wb") as f:
+            f.truncate(2 << 20)
+        with served_unix(export, tmp_path / f"k{n}.sock") as uri:
+            r = _faultrun(n, "create", uri, *spec)
+            assert r.returncode == -signal.SIGKILL, (n, r.returncode, r.stderr)
+            from nvmgr.storage.nbd import export_blank
+
+            if export_blank(uri, wait=30):
+                outcomes.append("blank")
+                p = nvmgr("create", uri, *spec)  # the export is as it was: made again
+                assert p.returncode == 0, (n, p.stderr)
+            else:
+                outcomes.append("image")
+            p = nvmgr("check", uri, "-O", "json")
+            assert p.returncode == 0, (n, p.stdout, p.stderr)
+            assert [s["name"] for s in json.loads(p.stdout)["sections"]] == [
+                "efivars", "blob"], (n, p.stdout)
+    assert outcomes[0] == "blank" and "image" in outcomes, outcomes
+    assert outcomes == sorted(outcomes), outcomes  # blank, then image: never back

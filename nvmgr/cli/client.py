@@ -40,15 +40,22 @@ RESIDENT = ("cli-server", "hook-server", "--watch")
 FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP)
 
 
-def _line(s: _socket.socket) -> bytes:
-    """Bytes up to and including a newline, or what came before EOF."""
-    buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = s.recv(256)
-        if not chunk:
-            break
-        buf += chunk
-    return buf
+class _Lines:
+    """The server's reply, a line at a time (both lines may come in one read)."""
+
+    def __init__(self, s: _socket.socket) -> None:
+        self.s, self.buf = s, b""
+
+    def next(self) -> bytes:
+        """The next line with its newline, or what came before EOF (b"" at the end)."""
+        while b"\n" not in self.buf:
+            chunk = self.s.recv(256)
+            if not chunk:
+                line, self.buf = self.buf, b""
+                return line
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line + b"\n"
 
 
 def ask_server(argv: list[str], sock_path: str | None = None) -> int | None:
@@ -73,24 +80,29 @@ def ask_server(argv: list[str], sock_path: str | None = None) -> int | None:
         os.umask(umask)
         meta = "\0".join([pkg, format(umask, "o"), *argv]).encode("utf-8", "surrogateescape")
         env = b"\0".join(k + b"=" + v for k, v in os.environb.items())
+        reply = _Lines(s)
         try:
             s.sendmsg([_struct.pack("!4sII", MAGIC, len(meta), len(env)) + meta],
                       [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
                         _struct.pack("4i", 0, 1, 2, cwd))])
             s.sendall(env)
-            took = _line(s)
+            took = reply.next()
         except OSError:
+            if reply.buf.startswith(b"+"):  # a worker has it: never run it a second time
+                return _died(0, argv)
             return None  # stdin, stdout or stderr closed, or the server went away
-        if not (took.startswith(b"+") and took[1:-1].isdigit()):
-            return None  # "fallback ...": run it here
-        return _wait(s, int(took[1:-1]), argv)
+        if took.startswith(b"+") and took.endswith(b"\n") and took[1:-1].isdigit():
+            return _wait(reply, int(took[1:-1]), argv)
+        if took.startswith(b"+"):  # taken, but no worker's pid: never run it a second time
+            return _died(0, argv)
+        return None  # "fallback ...": nothing was done, run it here
     finally:
         s.close()
         if cwd >= 0:
             os.close(cwd)
 
 
-def _wait(s: _socket.socket, pid: int, argv: list[str]) -> int:
+def _wait(reply: _Lines, pid: int, argv: list[str]) -> int:
     """The worker's exit code; signals passed on to it meanwhile."""
 
     def forward(signum: int, _frame: object) -> None:
@@ -102,16 +114,22 @@ def _wait(s: _socket.socket, pid: int, argv: list[str]) -> int:
     before = {sig: _signal.signal(sig, forward) for sig in FORWARDED}
     try:
         try:
-            reply = _line(s)
+            line = reply.next()
         except OSError:
-            reply = b""
+            line = b""
     finally:
         for sig, handler in before.items():
             _signal.signal(sig, handler)
-    words = reply.split()
+    words = line.split()
     if len(words) == 2 and words[0] == b"rc" and words[1].isdigit():
         return int(words[1])
-    sys.stderr.write(f"nvmgr: error: the cli-server's worker (pid {pid}) died while "
+    return _died(pid, argv)
+
+
+def _died(pid: int, argv: list[str]) -> int:
+    """A worker took the command and gave no exit code: never run it a second time."""
+    who = f"pid {pid}" if pid else "pid unknown"
+    sys.stderr.write(f"nvmgr: error: the cli-server's worker ({who}) died while "
                      f"running {argv[0] if argv else 'nvmgr'}; whether it finished is "
                      "unknown\n")
     return EXIT_ERROR

@@ -50,7 +50,9 @@ def _sections_table(sections: list[dict[str, Any]]) -> str:
 
 @arguments("create")
 def _create_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("image", metavar="IMAGE", help="the file to create (never overwritten)")
+    p.add_argument("image", metavar="IMAGE",
+                   help="the file to create (never overwritten), an rbd:POOL/IMAGE... "
+                   "location, or an NBD URI of a blank export (all zeros: written into)")
     p.add_argument("--section", "-s", action="append", default=[], metavar="NAME:SIZE[:BINDING]",
                    help="a section and its worst-case size (K/M/G suffixes); binding is one of "
                         "opaque (default), pflash, tpm, block, fwcfg. Repeat for more sections.")

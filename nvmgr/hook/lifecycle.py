@@ -76,6 +76,7 @@ from nvmgr.provision.prepare import (
     refuse_luks,
 )
 from nvmgr.storage import image_exists, is_location
+from nvmgr.storage.nbd import NbdLocation, is_nbd
 from nvmgr.storage.rbd import RbdLocation, is_rbd
 
 MIGRATE_MAP = paths.MIGRATE_MAP
@@ -187,6 +188,10 @@ def prepare(ctx: HookContext) -> str:
         raise not_wired(ctx.name, problems)
     if kek is not None or is_rbd(ctx.image):  # a key file for QEMU ahead: tmpfs only
         staging.require_volatile(ctx.runtime_root)
+    if is_nbd(ctx.image) and (sock := NbdLocation.parse(ctx.image).socket) is not None:
+        # QEMU connects to the export itself, as its own user: told now, not by QEMU
+        # after the TPM state was staged.
+        staging.require_qemu_reaches_socket(sock, ctx.users, "the NBD server's socket")
     runtime = staging.runtime_dir(ctx.uuid, ctx.runtime_root)
     incoming_note = ownership.take_incoming_note(runtime)
     # A CLI writer holding the image for a moment must not fail the start.

@@ -34,8 +34,9 @@ from nvmgr.image.convert import convert
 from nvmgr.image.image import Buffer, Image
 from nvmgr.image.members import MemberResult, place_in_member
 from nvmgr.provision import orphans, staging
-from nvmgr.storage import image_exists, is_location, qemu
+from nvmgr.storage import image_exists, is_location, nbd, qemu
 from nvmgr.storage.container import open_container, probe_format
+from nvmgr.storage.nbd import is_nbd
 
 if TYPE_CHECKING:
     from nvmgr.crypto.cipher import Kek
@@ -173,14 +174,18 @@ def _open_existing(path: str, specs: list[SectionSpec], kek: Kek | None,
                    wait: float) -> Image | None:
     """The image at *path*, opened for writing; None (and the file removed)
     when it is the empty remains of a creation of *specs* cut short, to be
-    made again.
+    made again, or a blank NBD export (all zeros: a new image goes into it).
 
     :raise ForeignImageError: the file is something else than an nvmgr image.
     """
     try:
         return Image.open(path, writable=True, kek=kek, wait=wait)
-    except ForeignImageError:
-        if is_location(path):  # never removed by nvmgr: Ceph's or the NBD server's
+    except ForeignImageError as e:
+        if is_nbd(path):  # the server made it: written into only when blank
+            if nbd.export_blank(path, wait=wait):
+                return None
+            raise _export_holds_data(e, path) from e
+        if is_location(path):  # never removed by nvmgr: Ceph's
             raise
         made = [dataclasses.replace(s, encrypted=True) if kek and not s.binding.live else s
                 for s in specs]  # as Image.create lays them out
@@ -343,11 +348,23 @@ def prepare_image(plan: Plan, *, kek: Kek | None, fmt: str,
 
 
 def owner_of(path: str) -> uuid.UUID | None:
-    """The domain UUID an existing image records (None: none, or no image)."""
-    if not image_exists(path):
+    """The domain UUID an existing image records (None: none, or no image: a blank
+    NBD export holds none yet)."""
+    if not image_exists(path) or (is_nbd(path) and nbd.export_blank(path)):
         return None
-    with Image.open(path) as img:
-        return img.directory.domain_uuid
+    try:
+        with Image.open(path) as img:
+            return img.directory.domain_uuid
+    except ForeignImageError as e:
+        if is_nbd(path):
+            raise _export_holds_data(e, path) from e
+        raise
+
+
+def _export_holds_data(e: ForeignImageError, path: str) -> ForeignImageError:
+    """*e*, an NBD export that is no nvmgr image and not blank, said so."""
+    return ForeignImageError(f"{e.message}; the NBD export holds data, so nvmgr writes no "
+                             "new image into it (serve a blank file: all zeros)", image=path)
 
 
 def copy_for_clone(src: str, dst: str, domain_uuid: uuid.UUID, kek: Kek | None) -> uuid.UUID:

@@ -331,3 +331,64 @@ def hand_to_qemu(image: str, users: Users) -> None:
     _fault("chown", image)
     os.chown(image, *_ids(users.qemu_user, users.qemu_group))
     os.chmod(image, 0o600)
+
+
+def _may(st: os.stat_result, uid: int, gids: set[int], bits: int) -> bool:
+    """Whether *uid* (in *gids*) has permission *bits* (``0o2`` write, ``0o1`` search)
+    on a file with stat *st*, by its owner, group and other bits."""
+    if uid == 0:
+        return True
+    if st.st_uid == uid:
+        return bool(st.st_mode & (bits << 6))
+    if st.st_gid in gids:
+        return bool(st.st_mode & (bits << 3))
+    return bool(st.st_mode & bits)
+
+
+def require_qemu_reaches_socket(path: str, users: Users, what: str) -> None:
+    """QEMU, running as the QEMU user, can connect to the unix socket *path*: search
+    permission on each directory above it and write permission on the socket itself
+    (libvirt hands QEMU only the files it knows of; a socket named in
+    ``<qemu:commandline>`` is the administrator's to open to QEMU).
+
+    Not told here (no refusal): a QEMU user this host does not know, a socket
+    that is not there (connecting to it tells that the server cannot be reached).
+
+    :raise InstallationError: it cannot (the message names the socket, its owner
+        and mode, and the fix).
+    """
+    uid, gid = _ids(users.qemu_user, users.qemu_group)
+    if uid < 0:
+        return
+    gids = {gid} | {g.gr_gid for g in grp.getgrall() if users.qemu_user in g.gr_mem}
+    try:
+        pwent = pwd.getpwuid(uid)
+        gids.add(pwent.pw_gid)
+    except KeyError:
+        pass
+    p = Path(path)
+    for d in reversed(p.parents):
+        try:
+            st = os.stat(d)
+        except OSError:
+            return  # no server there: connecting says so
+        if not _may(st, uid, gids, 0o1):
+            raise InstallationError(
+                f"QEMU runs as {users.qemu_user}, which cannot reach {what} {path}: it has no "
+                f"search permission on {d} (mode {stat.S_IMODE(st.st_mode):04o}); "
+                f"chmod o+x {d}, or serve the socket from a directory {users.qemu_user} "
+                "can enter")
+    try:
+        st = os.stat(p)
+    except OSError:
+        return  # no server there: connecting says so (cannot reach it)
+    if stat.S_ISSOCK(st.st_mode) and not _may(st, uid, gids, 0o2):
+        try:
+            owner = pwd.getpwuid(st.st_uid).pw_name
+        except KeyError:
+            owner = str(st.st_uid)
+        raise InstallationError(
+            f"QEMU runs as {users.qemu_user}, which may not connect to {what} {path} "
+            f"(owner {owner}, mode {stat.S_IMODE(st.st_mode):04o}: connecting needs write "
+            f"permission): chown {users.qemu_user} {path} (again after each server "
+            f"start), or run the server as {users.qemu_user}")

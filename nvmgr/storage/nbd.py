@@ -12,8 +12,10 @@ private ``qemu-storage-daemon`` opens an ``nbd`` node (with a ``raw`` node on
 top) and exports it as one regular file through FUSE, which nvmgr uses with the
 raw-file code.  nvmgr never speaks NBD itself.
 
-An export has the size its server gives it: nvmgr cannot create one nor grow
-it (both are refused, naming the location).  nvmgr writers on one host exclude
+An export has the size its server gives it: nvmgr cannot make one nor grow
+it.  A new image is written into an export only when the export is *blank*
+(every byte zero, as a new file a server serves is: nothing there to lose) and
+large enough; an image then grows within the export's size, never past it.  nvmgr writers on one host exclude
 each other with ``flock`` on a lock file per location under :func:`lock_dir`;
 the server decides who else may write.
 """
@@ -21,11 +23,12 @@ the server decides who else may write.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
 
-from nvmgr.errors import ExternalError, NotFoundError, UsageError
+from nvmgr.errors import ExternalError, NoSpaceError, NotFoundError, UsageError
 from nvmgr.storage import qemu
 from nvmgr.storage.fuse import FuseExport
 from nvmgr.storage.network import LocationContainer, lock_location
@@ -80,6 +83,27 @@ class NbdLocation:
             n["export"] = self.export
         return n
 
+    def same_export(self, node: object) -> bool:
+        """Whether *node* (a ``-blockdev`` in JSON, parsed) is an ``nbd`` node of this
+        export on this server."""
+        if not isinstance(node, dict) or node.get("driver") != "nbd":
+            return False
+        server = node.get("server")
+        if not isinstance(server, dict) or (node.get("export") or "") != self.export:
+            return False
+        if self.socket is not None:
+            path = server.get("path")
+            return (server.get("type") == "unix" and isinstance(path, str)
+                    and os.path.realpath(path) == os.path.realpath(self.socket))
+        return (server.get("type") == "inet" and str(server.get("port")) == str(self.port)
+                and str(server.get("host")) == (self.host or "").strip("[]"))
+
+    def server(self) -> str:
+        """The server, in words: ``the NBD server on socket PATH`` or ``... at HOST:PORT``."""
+        if self.socket is not None:
+            return f"the NBD server on socket {self.socket}"
+        return f"the NBD server at {self.host}:{self.port}"
+
     def uri(self) -> str:
         """The location as a URI (what ``qemu-img`` takes)."""
         if self.socket is not None:
@@ -106,8 +130,25 @@ def nbd_exists(location: str) -> bool:
     res = qemu.run(qemu.QEMU_IMG, ["info", "-U", "-f", "raw", loc.uri()], image=location)
     if res.returncode != 0 and _no_export(res.stderr):
         return False
-    qemu.check(res, "qemu-img info", image=location)
+    try:
+        qemu.check(res, "qemu-img info", image=location)
+    except ExternalError as e:
+        raise _unreachable(loc, location, e) from e
     return True
+
+
+def _unreachable(loc: NbdLocation, location: str, e: ExternalError) -> ExternalError:
+    """*e* (QEMU's NBD client failed), saying first that the server cannot be reached
+    when that is what QEMU said; as it is otherwise."""
+    low = e.detail.lower()
+    if "failed to connect" not in low and "connection refused" not in low:
+        return e
+    return ExternalError(f"cannot reach {loc.server()} (is it running, and may this user "
+                         "connect?)", detail=e.detail, image=location)
+
+
+#: Bytes read at a time when telling whether an export is blank.
+BLANK_CHUNK = 4 << 20
 
 
 def _no_export(stderr: str) -> bool:
@@ -139,10 +180,43 @@ class NbdContainer(LocationContainer):
 
     @classmethod
     def create(cls, path: str, size: int, *, wait: float = 0) -> NbdContainer:
-        """:raise UsageError: always; an NBD server makes its exports, nvmgr cannot."""
-        NbdLocation.parse(path)
-        raise UsageError("nvmgr cannot create an image on an NBD server: create it as a "
-                         "file, then serve it (qemu-nbd, qemu-storage-daemon)", image=path)
+        """Open a *blank* export (every byte zero) of at least *size* bytes for a new
+        image.  An NBD server makes its exports; nvmgr writes a new image only into
+        one that holds nothing, never over data (an image, a file system, anything).
+
+        :raise UsageError: the export holds data.
+        :raise NoSpaceError: the export is smaller than *size*.
+        :raise NotFoundError: the server has no such export.
+        :raise BusyError: another nvmgr on this host holds it.
+        :raise ExternalError: the server cannot be reached.
+        """
+        c = cls(path, writable=True, wait=wait)
+        try:
+            have = c.size()
+            if have < size:
+                raise NoSpaceError(f"the NBD export holds {have:,} bytes, the new image "
+                                   f"needs {size:,}: make the served file larger",
+                                   image=path)
+            if not c.blank():
+                raise UsageError(
+                    "the NBD export holds data that is not an nvmgr image: nvmgr writes a "
+                    "new image only into a blank export (all zeros, as a new file the "
+                    "server serves is), never over data", image=path)
+        except BaseException:
+            c.close()
+            raise
+        return c
+
+    def blank(self) -> bool:
+        """Whether every byte of the export is zero (read up to the first that is not;
+        the first header copy's room first, where an image or a file system starts)."""
+        size, off, n = self.size(), 0, 64 << 10
+        while off < size:
+            chunk = self.read(off, min(n, size - off))
+            if chunk.count(0) != len(chunk):
+                return False
+            off, n = off + len(chunk), BLANK_CHUNK
+        return True
 
     def _open_locked(self) -> None:
         try:
@@ -153,9 +227,24 @@ class NbdContainer(LocationContainer):
             if _no_export(str(e)):
                 raise NotFoundError(f"the NBD server has no export {self.location.export!r}",
                                     image=self.path) from e
-            raise
+            raise _unreachable(self.location, self.path, e) from e
         self._export = export
         self._open_export(export)
+
+    def running_holder(self) -> str | None:
+        """A QEMU on this host whose command line opens this export (a running VM's).
+
+        NBD has no lock a client could ask about (the server decides who may
+        connect), so this is what can be told here: a ``qemu-system-*`` process
+        with an ``nbd`` ``-blockdev`` of this server and export, as nvmgr's own
+        QEMU arguments give a domain.  A QEMU on another host is not seen; the
+        in-use mark the prepare hook sets covers that one.
+        """
+        pids = qemu_users(self.location)
+        if not pids:
+            return None
+        return (f"a running QEMU (pid {', '.join(map(str, pids))}) on this host has the NBD "
+                "export open")
 
     def resize(self, size: int) -> None:
         """:raise UsageError: an export has the size its server gives it."""
@@ -163,3 +252,66 @@ class NbdContainer(LocationContainer):
             return
         raise UsageError(f"an NBD export cannot be grown by nvmgr ({self.size()} bytes); "
                          "grow it on the server, or convert the image to a file", image=self.path)
+
+
+def export_blank(location: str, *, wait: float = 0) -> bool:
+    """Whether the export at *location* is blank (:meth:`NbdContainer.blank`): a new
+    image may be written into it.
+
+    :raise NotFoundError: the server has no such export.
+    :raise ExternalError: the server cannot be reached.
+    """
+    c = NbdContainer(location, wait=wait)
+    try:
+        return c.blank()
+    finally:
+        c.close()
+
+
+def blank_out(location: str, length: int) -> None:
+    """Write zeros over the first *length* bytes of the export (both header copies
+    first): a new image that must not stay (its domain was refused) taken back out,
+    leaving the export blank as it was given.
+
+    :raise NvmgrError: the export cannot be opened or written.
+    """
+    with NbdContainer(location, writable=True) as c:
+        length = min(length, c.size())
+        for off in range(0, length, BLANK_CHUNK):
+            c.write(off, bytes(min(BLANK_CHUNK, length - off)))
+        c.flush()
+
+
+#: Where :func:`qemu_users` looks for processes (a test may point it elsewhere).
+PROC = "/proc"
+
+
+def qemu_users(loc: NbdLocation) -> list[int]:
+    """The pids of ``qemu-system-*`` processes on this host whose command line has an
+    ``nbd`` ``-blockdev`` (JSON) of *loc*'s server and export."""
+    pids = []
+    try:
+        entries = os.listdir(PROC)
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(os.path.join(PROC, entry, "comm"), "rb") as f:
+                if not f.read(64).startswith(b"qemu-system"):
+                    continue
+            with open(os.path.join(PROC, entry, "cmdline"), "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        for arg in args:
+            if arg.startswith(b"{") and b'"nbd"' in arg:
+                try:
+                    node = json.loads(arg)
+                except ValueError:
+                    continue
+                if loc.same_export(node):
+                    pids.append(int(entry))
+                    break
+    return sorted(pids)

@@ -52,8 +52,9 @@ from nvmgr.provision.prepare import (
     prepare_image,
     refuse_luks,
 )
-from nvmgr.storage import absolute, image_exists, is_location
+from nvmgr.storage import absolute, image_exists, is_location, nbd
 from nvmgr.storage.container import probe_format
+from nvmgr.storage.nbd import is_nbd
 from nvmgr.storage.rbd import is_rbd
 from nvmgr.virt import conn as virt
 from nvmgr.virt import secrets
@@ -211,8 +212,11 @@ def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = No
         name = virt.define(new_xml, uri)
     except BaseException:
         if created and not defined:  # nothing written when the domain is refused
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+            with contextlib.suppress(OSError, NvmgrError):
+                if is_nbd(path):  # the server's export: blank again, as it was given
+                    nbd.blank_out(path, placed.image_size)
+                else:
+                    os.unlink(path)
         raise
     vtpm_secret = None
     if vtpm_phrase is not None:
