@@ -500,7 +500,8 @@ def detach(name: str, device_xml: str | None = None, *, section: str | None = No
         in_image: dict[str, Binding] = {}
         # A qcow2 image the running QEMU holds: --remove-section writes it through
         # QEMU's export of it (_qcow2_lent), as a live attach does.
-        lent = remove_section and image_held(path, fmt, active) and _through_qemu(d, path, fmt)
+        through = image_held(path, fmt, active) and _through_qemu(d, path, fmt)
+        lent = remove_section and through
         if not image_held(path, fmt, active):
             with Image.open(path) as img:
                 in_image = {s.name: s.binding for s in img.directory.sections}
@@ -547,7 +548,12 @@ def detach(name: str, device_xml: str | None = None, *, section: str | None = No
     if do_config:
         placed: Plan | None = None
         image_uuid: Any = None
-        if active and image_held(path, fmt, active):
+        if through:  # where the sections are, member or not, only the image knows
+            with virt.connect(uri) as conn, \
+                    _qcow2_lent(virt.lookup(conn, name), name, path, kek) as img:
+                placed = plan_with_offsets(plan_for(new, encrypted=enc), img.directory, img)
+                image_uuid = img.directory.image_uuid
+        elif active and image_held(path, fmt, active):
             placed = placed_from_args(plan_for(new, encrypted=enc), new)
             image_uuid = meta.uuid
         elif active:
