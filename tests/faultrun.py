@@ -71,6 +71,7 @@ def main(argv: list[str]) -> int:
     kill_at = int(argv[0])
 
     from nvmgr import cli
+    from nvmgr.image import handoff
     from nvmgr.provision import staging, vtpm
     from nvmgr.storage import container
 
@@ -90,6 +91,7 @@ def main(argv: list[str]) -> int:
     container.Container._fault = fault  # type: ignore[method-assign]
     staging.fault = lambda kind, path: count(f"staged-{kind}", path, 0)
     vtpm.fault = lambda kind, path: count(f"vtpm-{kind}", path, 0)
+    handoff.fault = lambda kind, path: count(f"handoff-{kind}", path, 0)
     if hook is not None:
         rc = _hook_main(argv[2:], *hook)
     else:

@@ -28,14 +28,14 @@ from typing import Any
 import pytest
 
 from nvmgr.domain.elements import parse_domain
-from nvmgr.errors import ExitCode, ExternalError, NotHotpluggableError
+from nvmgr.errors import BusyError, ExitCode, ExternalError, NotHotpluggableError
 from nvmgr.image.image import Image
 from nvmgr.image.members import split
 from nvmgr.paths import RUNTIME_ROOT
 from nvmgr.virt import attach as attach_mod
 from nvmgr.virt import conn as virt_conn
 from nvmgr.virt import hotplug
-from nvmgr.virt.attach import attach
+from nvmgr.virt.attach import attach, detach
 from tests.test_attach import NS, FakeDomain
 
 pytestmark = [
@@ -227,3 +227,77 @@ def test_a_qemu_without_a_node_over_the_qcow2_keeps_the_refusal(
     qsd.close()
     del lent["qsd"]
     assert _sha(image) == before and not lent["plugged"] and len(lent["defined"]) == 1
+
+
+def test_config_data_writes_the_held_qcow2_now_without_a_plug(
+        lent: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``attach --config --data`` (no --live) on the running qcow2 VM: the bytes
+    go into the image now, through the export; nothing is hot-plugged; the
+    definition places the section where it was written (the next boot)."""
+    image: Path = lent["image"]
+    with Image.open(str(image)) as img:
+        old = {s.name: (s.offset, s.member) for s in img.directory.sections}
+    qsd = _run(lent, monkeypatch)
+    data = os.urandom(30000)
+    r = attach("vm", STATE, config=True, contents={"state0": data})
+    assert r.added == ["state0"] and not r.plugged and not r.live and not r.deferred, r
+    assert "block-export-add" in qsd.sent and qsd.sent[-2:] == ["block-export-del",
+                                                                "nbd-server-stop"], qsd.sent
+    assert qsd("query-block-exports") == [] and not lent["plugged"]
+    member = image.parent / "vm.m1.nvram"
+    assert str(member) in lent["defined"][-1] and "nvmgr-state0" in lent["defined"][-1]
+    # A detach --config while it runs: the definition keeps state0 in its member
+    # (where it is only the image knows: read through the export).
+    detach("vm", section="fru0", config=True, remove_section=True)
+    assert str(member) in lent["defined"][-1] and "fru0" not in lent["defined"][-1]
+    qsd.close()
+    del lent["qsd"]
+    with Image.open(str(image)) as img:
+        assert img.check().ok
+        assert {n: (s.offset, s.member) for n, s in
+                ((s.name, s) for s in img.directory.sections) if n in old and n != "fru0"} \
+            == {n: v for n, v in old.items() if n != "fru0"}
+        assert img.get("state0")[:len(data)] == data
+        assert not img.section("state0").dirty  # no running QEMU reads it yet
+
+
+def test_remove_section_of_a_held_qcow2_goes_through_its_export(
+        lent: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``detach --section NAME --config --remove-section`` of a non-live section
+    while the qcow2 VM runs: removed through QEMU's export (it was exit 7)."""
+    image: Path = lent["image"]
+    with Image.open(str(image)) as img:
+        assert img.directory.find("fru0") is not None
+        others = {s.name: s.offset for s in img.directory.sections if s.name != "fru0"}
+    qsd = _run(lent, monkeypatch)
+    r = detach("vm", section="fru0", config=True, remove_section=True)
+    assert r.removed == ["fru0"] and not r.kept and not r.unplugged, r
+    # to read the directory, to place the definition's sections, to remove
+    assert qsd.sent.count("block-export-add") == 3
+    assert qsd("query-block-exports") == []
+    assert "fru0" not in lent["defined"][-1]
+    qsd.close()
+    del lent["qsd"]
+    with Image.open(str(image)) as img:
+        assert img.check().ok
+        assert img.directory.find("fru0") is None
+        assert {s.name: s.offset for s in img.directory.sections} == others
+
+
+def test_remove_section_of_a_live_section_of_a_held_qcow2_is_still_refused(
+        lent: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A live section without --live: the running VM reads it (exit 7), nothing changes."""
+    image: Path = lent["image"]
+    qsd = _run(lent, monkeypatch)
+    attach("vm", STATE, live=True, config=True, contents={"state0": b"y" * 100})
+    qsd.close()
+    del lent["qsd"]
+    before = _sha(image), len(lent["defined"])
+    qsd = _run(lent, monkeypatch)
+    with pytest.raises(BusyError, match="running VM reads it") as e:
+        detach("vm", section="state0", config=True, remove_section=True)
+    assert e.value.exit_code == ExitCode.BUSY
+    assert qsd("query-block-exports") == []
+    qsd.close()
+    del lent["qsd"]
+    assert (_sha(image), len(lent["defined"])) == before

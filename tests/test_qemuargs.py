@@ -517,3 +517,109 @@ def test_slice_offsets_are_left_to_the_image_check() -> None:
                      lambda m: f"&quot;offset&quot;:{int(m.group(1)) + 4096}", out)
     assert shifted != out
     assert qemuargs.wiring_problems(parse_domain(shifted), p) == []
+
+
+# -- PCI Express root ports for boot-time block devices (q35) -----------------
+
+Q35_BLOCK = """<domain type='kvm'>
+  <name>ports</name>
+  <uuid>5c0f8a1e-2b7d-4c39-9e14-6a8b3d2f7c09</uuid>
+  <metadata>
+    <nvmgr:nvram xmlns:nvmgr='https://nvmgr.dev/schemas/metadata/1' image='/srv/ports.nvram'>
+      <nvmgr:section name='state0' size='64K' binding='block' driver='virtio-blk-pci'
+                     device='nvmgr-state0'/>
+      <nvmgr:section name='state1' size='64K' binding='block' driver='scsi-hd'/>
+    </nvmgr:nvram>
+  </metadata>
+  <memory unit='MiB'>256</memory>
+  <os><type arch='x86_64' machine='MACHINE'>hvm</type></os>
+  <devices>
+    <controller type='pci' index='0' model='pcie-root'/>
+    <controller type='pci' index='1' model='pcie-root-port'>
+      <address type='pci' domain='0x0000' bus='0x00' slot='0x02' function='0x0'/>
+    </controller>
+    <controller type='pci' index='3' model='pcie-root-port'/>
+  </devices>
+</domain>
+"""
+
+
+def _device(args: list[str], drive: str) -> dict[str, object]:
+    return next(d for v in pairs(args).get("-device", [])
+                if (d := json.loads(v)).get("drive") == drive)
+
+
+def test_a_q35_pci_block_device_gets_a_root_port_of_its_own() -> None:
+    xml = Q35_BLOCK.replace("MACHINE", "pc-q35-7.2")
+    p = plan_domain(xml)
+    dom = parse_domain(xml)
+    assert qemuargs.missing_ports(dom, p) == [qemuargs.port_alias("state0")]
+    qemuargs.apply_plan(dom, p, p.image, p.format, IMAGE_UUID)
+    alias = qemuargs.port_alias("state0")
+    assert alias.startswith(qemuargs.PORT_PREFIX) and alias != qemuargs.port_alias("state1")
+    # After every PCI controller the domain has (libvirt numbers its own below).
+    assert dom.root_ports(qemuargs.PORT_PREFIX) == {alias: 4}
+    assert _device(dom.qemu_args, "nvmgr-state0")["bus"] == alias
+    assert "bus" not in _device(dom.qemu_args, "nvmgr-state1")  # not a PCI device
+    assert qemuargs.wiring_problems(dom, p) == [] and qemuargs.missing_ports(dom, p) == []
+    out = dom.to_xml()
+    assert f"<alias name=\"{alias}\"/>" in out and out.count("pcie-root-port") == 3
+    # Idempotent: the same port, no second one.
+    again = qemuargs.rewrite_domain(out, plan_domain(out), p.image, p.format, IMAGE_UUID)
+    assert again == out
+    # strip takes the port with the arguments; the user's controllers stay.
+    stripped = qemuargs.strip_nvmgr(out)
+    assert alias not in stripped and stripped.count("pcie-root-port") == 2
+    assert stripped == qemuargs.strip_nvmgr(qemuargs.rewrite_domain(
+        xml, p, p.image, p.format, IMAGE_UUID, ))
+
+
+def test_without_ports_the_device_stays_on_the_root_bus_and_is_wired() -> None:
+    """ports=False (define's first step) and a domain an older nvmgr wired: no
+    port, no bus=; the prepare hook's check takes it, reconcile adds the port."""
+    xml = Q35_BLOCK.replace("MACHINE", "q35")
+    p = plan_domain(xml)
+    dom = parse_domain(xml)
+    qemuargs.apply_plan(dom, p, p.image, p.format, IMAGE_UUID, ports=False)
+    assert dom.root_ports(qemuargs.PORT_PREFIX) == {}
+    assert "bus" not in _device(dom.qemu_args, "nvmgr-state0")
+    assert qemuargs.wiring_problems(dom, p) == []
+    assert qemuargs.missing_ports(dom, p) == [qemuargs.port_alias("state0")]
+    qemuargs.apply_plan(dom, p, p.image, p.format, IMAGE_UUID)
+    assert _device(dom.qemu_args, "nvmgr-state0")["bus"] == qemuargs.port_alias("state0")
+    assert qemuargs.wiring_problems(dom, p) == []
+
+
+def test_a_port_whose_device_is_gone_is_named_or_removed() -> None:
+    xml = Q35_BLOCK.replace("MACHINE", "q35")
+    p = plan_domain(xml)
+    dom = parse_domain(xml)
+    qemuargs.apply_plan(dom, p, p.image, p.format, IMAGE_UUID)
+    alias = qemuargs.port_alias("state0")
+    # The port removed by hand (virsh edit), the bus= left: not wired, named.
+    edited = parse_domain(dom.to_xml())
+    edited.remove_root_port(alias)
+    problems = qemuargs.wiring_problems(edited, p)
+    assert problems and alias in " ".join(problems), problems
+    # The section gone (detach --config): its port goes too.
+    gone = re.sub(r"<nvmgr:section name='state0'[^>]*/>", "", xml)
+    without = plan_domain(gone)
+    assert all(s.name != "state0" for s in without.sections)
+    qemuargs.apply_plan(dom, without, p.image, p.format, IMAGE_UUID)
+    assert dom.root_ports(qemuargs.PORT_PREFIX) == {}
+    assert not any("state0" in a for a in dom.qemu_args)
+
+
+def test_no_port_on_a_machine_with_a_hot_plug_root_bus() -> None:
+    xml = Q35_BLOCK.replace("MACHINE", "pc-i440fx-7.2")
+    p = plan_domain(xml)
+    dom = parse_domain(xml)
+    qemuargs.apply_plan(dom, p, p.image, p.format, IMAGE_UUID)
+    assert dom.root_ports(qemuargs.PORT_PREFIX) == {} and qemuargs.missing_ports(dom, p) == []
+    assert "bus" not in _device(dom.qemu_args, "nvmgr-state0")
+
+
+def test_a_pci_controller_index_that_is_no_number_is_refused() -> None:
+    dom = parse_domain(Q35_BLOCK.replace("MACHINE", "q35").replace("index='3'", "index='x'"))
+    with pytest.raises(InvalidInputError, match="index 'x'"):
+        dom.add_root_port(qemuargs.port_alias("state0"))

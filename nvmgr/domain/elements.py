@@ -314,6 +314,63 @@ class Domain(XMLObject):
                 found.append(el)
         return found
 
+    # -- PCI controllers (the PCI Express root ports nvmgr's devices sit on)
+
+    def pci_controller_indexes(self) -> list[int]:
+        """The ``index`` of every ``<controller type='pci'>``.
+
+        :raise InvalidInputError: an index that is not a whole number.
+        """
+        out = []
+        for c in self._node.findall("./devices/controller[@type='pci']"):
+            raw = c.get("index")
+            if raw is None:
+                continue
+            try:
+                out.append(int(raw, 10))
+            except ValueError as e:
+                raise InvalidInputError(
+                    f"<controller type='pci'> at line {c.sourceline} has index {raw!r}, "
+                    "not a whole number") from e
+        return out
+
+    def root_ports(self, prefix: str) -> dict[str, int]:
+        """The ``pcie-root-port`` controllers whose ``<alias name>`` starts with
+        *prefix*: alias -> index (-1: libvirt has not numbered it yet)."""
+        out: dict[str, int] = {}
+        for c in self._node.findall("./devices/controller[@type='pci']"):
+            a = c.find("alias")
+            alias = a.get("name") if a is not None else None
+            if c.get("model") != "pcie-root-port" or not alias or not alias.startswith(prefix):
+                continue
+            raw = c.get("index") or ""
+            out[alias] = int(raw) if raw.isdigit() else -1
+        return out
+
+    def add_root_port(self, alias: str) -> int:
+        """Add ``<controller type='pci' model='pcie-root-port'>`` with the user
+        alias *alias* (QEMU's id of the port) at the index after every PCI
+        controller the domain has (libvirt fills gaps with ports of its own and
+        gives its devices the lowest free ones); libvirt gives it its address.
+
+        :return: the index.
+        """
+        devices = self._node.find("devices")
+        if devices is None:
+            devices = etree.SubElement(self._node, "devices")
+        index = max([0, *self.pci_controller_indexes()]) + 1
+        c = etree.SubElement(devices, "controller", type="pci", index=str(index),
+                             model="pcie-root-port")
+        etree.SubElement(c, "alias", name=alias)
+        return index
+
+    def remove_root_port(self, alias: str) -> None:
+        """Remove the ``pcie-root-port`` controller with user alias *alias* (if any)."""
+        for c in self._node.findall("./devices/controller[@type='pci']"):
+            a = c.find("alias")
+            if a is not None and a.get("name") == alias and c.get("model") == "pcie-root-port":
+                remove_element(c)
+
     # -- output
 
     def to_xml(self) -> str:

@@ -162,8 +162,13 @@ def qemu_args(
     fmt: str,
     *,
     domain_uuid: uuid.UUID | str | None = None,
+    ports: Mapping[str, str] | None = None,
 ) -> list[str]:
     """The extra QEMU arguments the plan's sections need (may be empty).
+
+    :param ports: section name -> the PCI Express root port (its QEMU id) its
+        device goes on (:func:`domain_ports`); a device not named here goes
+        where QEMU puts it (q35's root bus ``pcie.0``: no hot-unplug).
 
     :param domain_uuid: names the runtime directory; needed when the plan has
         ``fwcfg`` sections or LUKS live sections (defaults to the plan's
@@ -229,7 +234,7 @@ def qemu_args(
         if s.binding is Binding.PFLASH:
             args += ["-machine", f"pflash1={slice_node}"]
         elif s.driver:
-            args += ["-device", _json(device_props(s))]
+            args += ["-device", _json(device_props(s, (ports or {}).get(s.name)))]
     for s in fwcfg:
         args += ["-fw_cfg", f"name={_fwcfg_name(s)},"
                  f"file={_keyval_path(staged_path(_staging_uuid(dom_uuid), s.name))}"]
@@ -261,9 +266,10 @@ def luks_props(s: PlannedSection) -> dict[str, object]:
             "node-name": luks_node_name(s.name)}
 
 
-def device_props(s: PlannedSection) -> dict[str, object]:
+def device_props(s: PlannedSection, bus: str | None = None) -> dict[str, object]:
     """The QEMU device a ``block`` section with a ``driver`` feeds (``-device``,
-    QMP ``device_add``): on the ``luks`` node of a LUKS section."""
+    QMP ``device_add``): on the ``luks`` node of a LUKS section; on *bus* (a
+    root port's id) when given."""
     if s.driver is None:
         raise InvalidInputError(f"section {s.name} names no QEMU device (driver=)")
     slice_node = luks_node_name(s.name) if s.luks else node_name(s.name)
@@ -271,7 +277,64 @@ def device_props(s: PlannedSection) -> dict[str, object]:
                               "id": s.device or slice_node}
     if s.driver in SHARE_RW_DRIVERS:
         dev["share-rw"] = True
+    if bus is not None:
+        dev["bus"] = bus
     return dev
+
+
+#: The user alias (``ua-``: libvirt passes it to QEMU as the device id) of a
+#: PCI Express root port nvmgr adds for a boot-time device, then a crc32 of the
+#: section's name.
+PORT_PREFIX = "ua-nvmgr-port-"
+
+
+def port_alias(section: str) -> str:
+    """The alias (and QEMU id) of the root port section *section*'s device sits on."""
+    return f"{PORT_PREFIX}{zlib.crc32(section.encode()):08x}"
+
+
+def wants_port(s: PlannedSection) -> bool:
+    """Whether *s* feeds a PCI device QEMU would put on q35's root bus at boot."""
+    return s.live and s.binding is Binding.BLOCK and bool(s.driver) \
+        and str(s.driver).endswith("-pci")
+
+
+def is_q35(dom: Domain) -> bool:
+    """Whether the domain's machine is a q35 one (PCI Express: hot-plug only on root ports)."""
+    os_ = dom.os
+    return os_ is not None and "q35" in (os_.machine or "")
+
+
+def domain_ports(dom: Domain, plan: Plan) -> dict[str, str]:
+    """Section name -> the root port of nvmgr's in *dom* its device goes on: the
+    sections :func:`wants_port` of *plan* whose port the domain has (one of a
+    domain wired before nvmgr added ports has none: its device stays on the
+    root bus until a ``reconcile`` or ``define`` adds one)."""
+    have = dom.root_ports(PORT_PREFIX)
+    return {s.name: port_alias(s.name) for s in plan.sections
+            if wants_port(s) and port_alias(s.name) in have}
+
+
+def missing_ports(dom: Domain, plan: Plan) -> list[str]:
+    """The root ports (aliases) :func:`apply_plan` would add to *dom*."""
+    if not is_q35(dom):
+        return []
+    have = dom.root_ports(PORT_PREFIX)
+    return [port_alias(s.name) for s in plan.sections
+            if wants_port(s) and port_alias(s.name) not in have]
+
+
+def _place_ports(dom: Domain, plan: Plan, add: bool) -> None:
+    """Add the root ports the plan's PCI devices need (*add*), remove those of
+    nvmgr's no section needs any more."""
+    wanted = {port_alias(s.name) for s in plan.sections if wants_port(s)} if is_q35(dom) \
+        else set()
+    for alias in dom.root_ports(PORT_PREFIX):
+        if alias not in wanted:
+            dom.remove_root_port(alias)
+    if add:
+        for alias in missing_ports(dom, plan):
+            dom.add_root_port(alias)
 
 
 def member_nodes(n: int) -> tuple[str, str]:
@@ -461,7 +524,8 @@ def wiring_problems(dom: Domain, plan: Plan) -> list[str]:
     problems: list[str] = []
     try:
         made = qemu_args(plan, meta.image, meta.format or "raw",
-                         domain_uuid=dom.uuid or plan.domain_uuid)
+                         domain_uuid=dom.uuid or plan.domain_uuid,
+                         ports=domain_ports(dom, plan))
     except (UsageError, InvalidInputError) as e:
         return [f"its QEMU arguments cannot be made: {e.message}"]
     # qemu_args makes (option, value) pairs, each option one of _OURS
@@ -531,11 +595,24 @@ def apply_plan(
     image_path: str,
     fmt: str,
     image_uuid: uuid.UUID | str,
+    *,
+    ports: bool = True,
 ) -> None:
     """Give *dom* nvmgr's QEMU arguments, stateless loader and metadata (in place).
 
     Applying it again (with the same plan) changes nothing.  The user's own
     ``<qemu:arg>`` values are kept, after nvmgr's.
+
+    On q35, each ``block`` section's PCI device goes on a PCI Express root
+    port of its own (``<controller type='pci' model='pcie-root-port'>`` with
+    the user alias :func:`port_alias`, at the index after the domain's other
+    PCI controllers; libvirt gives it an address), where QEMU can unplug it
+    (``nvmgr detach --live``); q35's root bus takes no hot-unplug.  Ports of
+    sections that are gone are removed.
+
+    :param ports: add the missing ports (False: leave the devices of sections
+        without one on the root bus; ``define`` adds them once libvirt has
+        given its own devices their addresses, :func:`missing_ports`).
 
     :raise InvalidInputError: the domain does not fit the plan (UEFI vars
         planned but no ``<os>``).
@@ -546,7 +623,9 @@ def apply_plan(
     record = old.libvirt_nvram if old else None
     if plan.find(profiles.UEFI_SECTION) is not None:
         record = _make_stateless(dom, record)
-    args = qemu_args(plan, image_path, fmt, domain_uuid=dom.uuid or plan.domain_uuid)
+    _place_ports(dom, plan, ports)
+    args = qemu_args(plan, image_path, fmt, domain_uuid=dom.uuid or plan.domain_uuid,
+                     ports=domain_ports(dom, plan))
     dom.qemu_args = args + user_args(dom.qemu_args)
     if plan.encrypted and dom.uuid is not None:
         # A domain with a key: swtpm keeps the TPM state encrypted with the
@@ -606,6 +685,8 @@ def strip(dom: Domain, *, keep_sections: bool = False) -> None:
     """
     meta = dom.nvmgr
     dom.qemu_args = user_args(dom.qemu_args)
+    for alias in dom.root_ports(PORT_PREFIX):  # the ports nvmgr's devices sat on
+        dom.remove_root_port(alias)
     if dom.uuid is not None:  # nvmgr's vTPM secret goes with nvmgr
         for t in swtpm_tpms(dom):
             if t.encryption_secret == vtpm_secret_uuid(dom.uuid):

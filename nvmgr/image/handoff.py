@@ -20,12 +20,24 @@ import contextlib
 import dataclasses
 import os
 import shutil
+from collections.abc import Callable
 
 from nvmgr.errors import CorruptError, ForeignImageError, NotFoundError, UsageError
 from nvmgr.format.model import Member
 from nvmgr.image.image import Image
 from nvmgr.storage import probe_format, qemu
 from nvmgr.storage.rbd import is_rbd
+
+#: Fault injection for tests: called as ``fault(kind, path)`` before each
+#: file-level step of :func:`copy_for_migration` (``copy`` of a whole file,
+#: its ``fsync``, ``rename`` into place, ``fsync-dir``); the copy's own writes go through
+#: its container (``Container._fault``).
+fault: Callable[[str, str], None] | None = None
+
+
+def _fault(kind: str, path: str) -> None:
+    if fault is not None:
+        fault(kind, path)
 
 
 def _member_target(src: str, dst: str, m: Member, index_path: str) -> tuple[str, str | None]:
@@ -56,6 +68,7 @@ def _ours(path: str, parent: object) -> bool:
 
 
 def _copy_file(src: str, fmt: str, dst: str) -> None:
+    _fault("copy", dst)
     if fmt == "raw":
         old = os.umask(0o077)
         try:
@@ -64,9 +77,18 @@ def _copy_file(src: str, fmt: str, dst: str) -> None:
             os.umask(old)
     else:  # the guest-visible bytes, read past a running QEMU's lock
         qemu.img_convert(src, fmt, dst, fmt, force_share=True)
+    # Durable before a rename can name it (a member copy is never written
+    # through a container, whose flush would do it).
+    _fault("fsync", dst)
+    fd = os.open(dst, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _sync_dir(path: str) -> None:
+    _fault("fsync-dir", path)
     fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -145,9 +167,11 @@ def copy_for_migration(src: str, dst: str) -> dict[str, object]:
         if not report.ok:
             raise UsageError(f"the copy of {src} does not check: {'; '.join(report.errors)}")
         for part, target in moves.values():
+            _fault("rename", target)
             os.replace(part, target)
             made.append(target)  # removed again if the image's own rename does not follow
             _sync_dir(target)
+        _fault("rename", dst)
         os.replace(tmp, dst)
         made.clear()  # the copy is there, its members with it
         _sync_dir(dst)

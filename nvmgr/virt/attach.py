@@ -25,7 +25,10 @@ attach, in this order, so that a failure leaves nothing half done:
 detach undoes it: the device out of the running VM and/or the definition;
 the section's bytes stay in the image (a later attach of the same section
 finds them) unless ``--remove-section`` (one crash-safe commit; its space is
-reused by the next growth).
+reused by the next growth; a qcow2 image the running QEMU holds is written
+through QEMU's export of it, as for a live attach).  ``--config --data`` on
+such an image, too, writes the new sections' bytes now through that export
+(the device reaches the guest at the next boot).
 """
 
 from __future__ import annotations
@@ -374,9 +377,11 @@ def attach(name: str, device_xml: str, *, uri: str | None = None, live: bool = F
         result = AttachResult(name, dev.describe(), do_live, do_config, path,
                               [ps.name for ps in brought], [], [], [])
         base: str | None = None
-        if image_held(path, fmt, active) and do_live and brought and _through_qemu(d, path, fmt):
+        if (image_held(path, fmt, active) and (do_live or contents) and brought
+                and _through_qemu(d, path, fmt)):
             # qcow2 held by the running QEMU: written through it (its NBD export of the
-            # image's format node), grown into raw members beside it.
+            # image's format node), grown into raw members beside it; for --live, and
+            # for --config --data (the bytes go in now; the device at the next boot).
             with _qcow2_lent(d, name, path, kek) as img:
                 placed, image_uuid = _grow_open(img, plan, brought, contents, result, meta,
                                                 do_live, in_place_limit=img.container.size(),
@@ -448,6 +453,16 @@ def _without(dom: Domain, dev: Device | None, names: set[str], name: str,
     return out
 
 
+def _remove(img: Image, names: set[str], unplugged: set[str], active: bool,
+            result: DetachResult) -> None:
+    """``--remove-section``: each of *names* the image holds, one commit each."""
+    for n in sorted(names):
+        if img.directory.find(n) is None:
+            continue
+        img.remove(n, force=n in unplugged or not active, unplugged=n in unplugged)
+        result.removed.append(n)
+
+
 def detach(name: str, device_xml: str | None = None, *, section: str | None = None,
            uri: str | None = None, live: bool = False, config: bool = False,
            current: bool = False, persistent: bool = False,
@@ -483,8 +498,15 @@ def detach(name: str, device_xml: str | None = None, *, section: str | None = No
         new = _without(pers, dev, names, name, require_device=do_config)
         planned = {ps.name: ps for ps in base.sections}
         in_image: dict[str, Binding] = {}
+        # A qcow2 image the running QEMU holds: --remove-section writes it through
+        # QEMU's export of it (_qcow2_lent), as a live attach does.
+        through = image_held(path, fmt, active) and _through_qemu(d, path, fmt)
+        lent = remove_section and through
         if not image_held(path, fmt, active):
             with Image.open(path) as img:
+                in_image = {s.name: s.binding for s in img.directory.sections}
+        elif lent:
+            with _qcow2_lent(d, name, path, kek) as img:
                 in_image = {s.name: s.binding for s in img.directory.sections}
         missing = sorted(n for n in names if n not in planned and n not in in_image)
         if missing:
@@ -503,7 +525,7 @@ def detach(name: str, device_xml: str | None = None, *, section: str | None = No
                     raise BusyError(f"section {n} is live and the running VM reads it: detach "
                                     "it with --live too, or remove it after the VM stops",
                                     section=n, domain=name)
-            if image_held(path, fmt, active):
+            if image_held(path, fmt, active) and not lent:
                 raise BusyError(f"the running QEMU holds the image {path} (qcow2 or RBD): "
                                 "--remove-section after the VM stops", domain=name)
         result = DetachResult(name, dev.describe() if dev else f"section {section}", do_live,
@@ -526,7 +548,12 @@ def detach(name: str, device_xml: str | None = None, *, section: str | None = No
     if do_config:
         placed: Plan | None = None
         image_uuid: Any = None
-        if active and image_held(path, fmt, active):
+        if through:  # where the sections are, member or not, only the image knows
+            with virt.connect(uri) as conn, \
+                    _qcow2_lent(virt.lookup(conn, name), name, path, kek) as img:
+                placed = plan_with_offsets(plan_for(new, encrypted=enc), img.directory, img)
+                image_uuid = img.directory.image_uuid
+        elif active and image_held(path, fmt, active):
             placed = placed_from_args(plan_for(new, encrypted=enc), new)
             image_uuid = meta.uuid
         elif active:
@@ -535,11 +562,12 @@ def detach(name: str, device_xml: str | None = None, *, section: str | None = No
                 image_uuid = img.directory.image_uuid
         _save_config(run, new, placed, image_uuid, uri, f"nvmgr detach {name}")
     if remove_section:
-        with Image.open(path, writable=True, kek=kek, wait=LOCK_WAIT) as img:
-            for n in sorted(names):
-                if img.directory.find(n) is None:
-                    continue
-                img.remove(n, force=n in unplugged or not active, unplugged=n in unplugged)
-                result.removed.append(n)
+        if lent:
+            with virt.connect(uri) as conn, \
+                    _qcow2_lent(virt.lookup(conn, name), name, path, kek) as img:
+                _remove(img, names, unplugged, active, result)
+        else:
+            with Image.open(path, writable=True, kek=kek, wait=LOCK_WAIT) as img:
+                _remove(img, names, unplugged, active, result)
     result.kept = sorted(n for n in names if n in in_image and n not in result.removed)
     return result

@@ -24,6 +24,7 @@ from nvmgr.domain.namespaces import NVMGR_NS
 from nvmgr.domain.plan import Plan, default_image_path, plan_for
 from nvmgr.domain.qemuargs import (
     apply_plan,
+    missing_ports,
     node_name,
     slice_offsets,
     swtpm_tpms,
@@ -196,12 +197,21 @@ def _define(dom: Domain, xml_text: str, *, uri: str | None, fmt: str | None = No
                       and img.image_path_of(n) != img.path}
     finally:
         img.close()
+    defined = False
     try:
+        if missing_ports(dom, placed):
+            # libvirt gives a device without an address the lowest free root
+            # port, nvmgr's too (it knows nothing behind it): its devices get
+            # theirs first, then nvmgr's ports come after every controller.
+            apply_plan(dom, placed, path, fmt, image_uuid, ports=False)
+            name = virt.define(dom.to_xml(), uri)
+            defined = True  # a working domain (its devices on the root bus): image kept
+            dom = parse_domain(virt.domain_xml(name, uri))
         apply_plan(dom, placed, path, fmt, image_uuid)
         new_xml = dom.to_xml()
         name = virt.define(new_xml, uri)
     except BaseException:
-        if created:  # nothing written when the domain is refused
+        if created and not defined:  # nothing written when the domain is refused
             with contextlib.suppress(OSError, NvmgrError):
                 if is_nbd(path):  # the server's export: blank again, as it was given
                     nbd.blank_out(path, placed.image_size)

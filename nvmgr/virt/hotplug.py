@@ -218,7 +218,9 @@ def unplug(dom: Any, section: str, device: str | None, *, wait: float = UNPLUG_W
     :param device: the device id (``None``: the section feeds no device).
     :return: False when QEMU had no node for the section (nothing to do).
     :raise NotHotpluggableError: the device sits on a bus without hot-unplug
-        (q35's root bus ``pcie.0``, where the VM's start put it): nothing changed.
+        (q35's root bus ``pcie.0``, where the VM's start put it when the domain
+        has no root port for it, :func:`nvmgr.domain.qemuargs.apply_plan`):
+        nothing changed.
     :raise BusyError: the guest did not release the device within *wait*
         seconds (its node stays; the section is kept).
     """
@@ -235,8 +237,9 @@ def unplug(dom: Any, section: str, device: str | None, *, wait: float = UNPLUG_W
             raise NotHotpluggableError(
                 f"device {device} of section {section} cannot be unplugged from the running "
                 f"VM ({e.detail.strip()}): it was plugged when the VM started, on the root "
-                "bus, which takes no hot-unplug (a device nvmgr hot-plugs goes on a PCIe root "
-                "port); detach it with --config, it is gone at the next boot",
+                "bus, which takes no hot-unplug (nvmgr puts a device on a PCIe root port of "
+                "its own in a q35 domain it wired since; `nvmgr reconcile` of the stopped "
+                "domain gives it one); detach it with --config, it is gone at the next boot",
                 section=section) from e
         deadline = time.monotonic() + wait
         while device in _devices(dom):

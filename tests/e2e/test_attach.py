@@ -4,10 +4,9 @@
    ``nvmgr attach --live --config``: the bytes given before the attach are what the
    running QEMU reads from the new node (exported over NBD through QMP); the
    image grew, the old sections did not move; after destroy and start the
-   device is still there, and ``check`` passes.  Live detach: of that
-   device, plugged at the start on q35's root bus, refused (exit 13); of a
-   second one hot-plugged in the same run, ``nvmgr detach --live --config``
-   takes it out of the running QEMU (device and block nodes) and the
+   device is still there (on a PCIe root port nvmgr added), and ``check``
+   passes.  Live detach of a second one hot-plugged in the same run:
+   ``nvmgr detach --live --config`` takes it out of the running QEMU (device and block nodes) and the
    definition, keeps its bytes, and the next start is without it.
 2. ``--live`` of a fw_cfg section or a ``<tpm>`` is refused (exit 13, its
    message, the image untouched); ``--config`` works and the next boot shows
@@ -129,13 +128,12 @@ def test_live_block_attach_reaches_the_running_qemu_and_the_next_boot(
     assert vmlib.nbd_read(v.name, "nvmgr-state0", len(data), tmp_path) == data
     assert _offsets(v.image) == now
 
-    # Live detach.  state0 was plugged at this start, on q35's root bus, which
-    # takes no hot-unplug: refused (exit 13), nothing changed.
-    before = vmlib.sha256(v.image), vmlib.virsh("dumpxml", "--inactive", v.name).stdout
-    p = vmlib.nvmgr("detach", v.name, tmp_path / "state0.xml", "--live", "--config",
-                    check=False)
-    assert p.returncode == 13 and "root bus" in p.stderr and "--config" in p.stderr, p
-    assert (vmlib.sha256(v.image), vmlib.virsh("dumpxml", "--inactive", v.name).stdout) == before
+    # state0 was plugged at this start on a PCIe root port nvmgr added to the
+    # definition (q35's root bus takes no hot-unplug); its live detach, with a
+    # guest that accepts it, and the refusal for a domain without such a port
+    # are in test_detach_boot.py.
+    dev = next(json.loads(a) for a in args if '"drive":"nvmgr-state0"' in a)
+    assert str(dev.get("bus", "")).startswith("ua-nvmgr-port-"), dev
     # A section hot-plugged in this run (on a PCIe root port) goes out of the
     # running QEMU (device and block nodes) and the definition; its bytes stay.
     data1 = os.urandom(64 << 10)
