@@ -55,8 +55,9 @@ def test_a_uefi_tpm_vm_with_its_image_on_rbd(vm: MakeVM, ceph: CephCluster,
     p = vmlib.nvmgr("put", loc, "uefi-vars", tmp_path / "vars.bin", "--force", check=False)
     assert p.returncode == 7 and "RBD's exclusive lock: client." in p.stderr, p
     assert v.state() == "running"
+    mark = len(vmlib.hook_log_lines())
     v.destroy()
-    vmlib.wait_hook_log(rf"{v.name} release end: ", timeout=60)
+    vmlib.wait_hook_log(rf"{v.name} release end: ", after=mark, timeout=60)
     vmlib.nvmgr("check", loc)
     varstore = tmp_path / "vars.fd"
     vmlib.nvmgr("get", loc, "uefi-vars", "-o", varstore)
@@ -67,8 +68,9 @@ def test_a_uefi_tpm_vm_with_its_image_on_rbd(vm: MakeVM, ceph: CephCluster,
 
     v.start()  # the TPM comes back from RBD
     v.wait_for_shell(240)
+    mark = len(vmlib.hook_log_lines())
     v.destroy()
-    vmlib.wait_hook_log(rf"{v.name} release end: ", timeout=60)
+    vmlib.wait_hook_log(rf"{v.name} release end: ", after=mark, timeout=60)
     permall.unlink()
     vmlib.nvmgr("get", loc, "tpm-permall", "-o", permall)
     ek2, _ = vmlib.read_ek(permall.read_bytes(), tmp_path)
@@ -125,8 +127,9 @@ def test_a_source_element_with_the_key_in_a_libvirt_ceph_secret(vm: MakeVM, ceph
         v.start()
         v.wait_for_shell(240)
         assert not (v.runtime_dir / "rbd.key").exists()
+        mark = len(vmlib.hook_log_lines())
         v.destroy()
-        vmlib.wait_hook_log(rf"{v.name} release end: ", timeout=60)
+        vmlib.wait_hook_log(rf"{v.name} release end: ", after=mark, timeout=60)
         vmlib.nvmgr("check", loc)
         varstore = tmp_path / "vars.fd"
         vmlib.nvmgr("get", loc, "uefi-vars", "-o", varstore)
