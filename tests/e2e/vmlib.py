@@ -170,29 +170,39 @@ def install_hook() -> bool:
 HOOK_SERVER_PIDFILE = RUNTIME_ROOT / "hook-server.pid"
 
 
-def hook_server_pid() -> int | None:
-    """The pid of the hook server started by :func:`start_hook_server`, if it runs."""
+def _server_pid(pidfile: Path, command: str) -> int | None:
+    """The pid in *pidfile* while that process runs ``nvmgr COMMAND``, else None."""
     try:
-        pid = int(HOOK_SERVER_PIDFILE.read_text().strip())
+        pid = int(pidfile.read_text().strip())
         os.kill(pid, 0)
-        if b"hook-server" in Path(f"/proc/{pid}/cmdline").read_bytes():
+        if command.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
             return pid
     except (OSError, ValueError):
         pass
     return None
 
 
-def stop_hook_server(timeout: float = 30) -> None:
-    """Stop the hook server (any checkout's) and wait until it is gone."""
-    pid = hook_server_pid()
+def _stop_server(pidfile: Path, command: str, timeout: float) -> None:
+    """SIGTERM the ``nvmgr COMMAND`` daemon of *pidfile*, if it runs, and wait until it is gone."""
+    pid = _server_pid(pidfile, command)
     if pid is None:
         return
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while hook_server_pid() == pid:
+    while _server_pid(pidfile, command) == pid:
         if time.monotonic() > deadline:
-            raise Failed(f"the hook server (pid {pid}) did not stop within {timeout} s")
+            raise Failed(f"the {command} (pid {pid}) did not stop within {timeout} s")
         time.sleep(0.05)
+
+
+def hook_server_pid() -> int | None:
+    """The pid of the hook server started by :func:`start_hook_server`, if it runs."""
+    return _server_pid(HOOK_SERVER_PIDFILE, "hook-server")
+
+
+def stop_hook_server(timeout: float = 30) -> None:
+    """Stop the hook server (any checkout's) and wait until it is gone."""
+    _stop_server(HOOK_SERVER_PIDFILE, "hook-server", timeout)
 
 
 def start_hook_server() -> int:
@@ -223,18 +233,7 @@ def stop_cli_server(timeout: float = 30) -> None:
     """Stop the CLI server :func:`start_cli_server` started, if it runs; :func:`nvmgr`
     runs commands in their own process again."""
     NVMGR_ENV.pop("NVMGR_CLI_SOCKET", None)
-    try:
-        pid = int(CLI_SERVER_PIDFILE.read_text().strip())
-        if b"cli-server" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-            return
-        os.kill(pid, signal.SIGTERM)
-    except (OSError, ValueError):
-        return
-    deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}").exists():
-        if time.monotonic() > deadline:
-            raise Failed(f"the CLI server (pid {pid}) did not stop within {timeout} s")
-        time.sleep(0.05)
+    _stop_server(CLI_SERVER_PIDFILE, "cli-server", timeout)
 
 
 def uninstall_hook() -> bool:
