@@ -75,6 +75,64 @@ def test_put_from_stdin_and_get_to_stdout(nvmgr, tmp_path: Path) -> None:
     assert r.returncode == 0 and r.stdout == data
 
 
+def _flip(img: Path, offset: int) -> None:
+    with open(img, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+def test_get_o_publishes_the_file_only_when_verified(nvmgr, tmp_path: Path) -> None:
+    """get -o writes a large section as it reads it, into an anonymous file that
+    takes the name only once the crc holds: a corrupted section leaves an older file
+    whole (content, mode) and no new or temporary file; a good get replaces it and
+    keeps its mode."""
+    from nvmgr.image.image import Image
+
+    img = tmp_path / "vm.nvram"
+    data = os.urandom(9 << 20)  # three 4 MiB pieces
+    src = tmp_path / "blob"
+    src.write_bytes(data)
+    assert nvmgr("create", img, "-s", "blob:10M").returncode == 0
+    assert nvmgr("put", img, "blob", src).returncode == 0
+    with Image.open(str(img)) as opened:
+        offset = opened.section("blob").offset
+    out = tmp_path / "out.bin"
+    out.write_bytes(b"older")
+    os.chmod(out, 0o640)
+    r = nvmgr("get", img, "blob", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == data and os.stat(out).st_mode & 0o777 == 0o640
+    out.write_bytes(b"older")
+    _flip(img, offset + (9 << 20) - 5)  # in the last piece: the first two are written
+    r = nvmgr("get", img, "blob", "-o", out)
+    assert r.returncode == ExitCode.CORRUPT and b"section blob is corrupted" in r.stderr
+    assert out.read_bytes() == b"older" and os.stat(out).st_mode & 0o777 == 0o640
+    fresh = tmp_path / "fresh.bin"
+    assert nvmgr("get", img, "blob", "-o", fresh).returncode == ExitCode.CORRUPT
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blob", "out.bin", "vm.nvram"]
+
+
+def test_get_o_to_a_device_or_through_a_symlink_writes_in_place(nvmgr, tmp_path: Path) -> None:
+    """Where the output is not a plain file (a device, a symlink), get writes it
+    itself, verified bytes only: /dev/null stays a device, a symlink stays a symlink
+    and its target gets the bytes."""
+    img = tmp_path / "vm.nvram"
+    data = os.urandom(5 << 20)
+    src = tmp_path / "blob"
+    src.write_bytes(data)
+    assert nvmgr("create", img, "-s", "blob:6M").returncode == 0
+    assert nvmgr("put", img, "blob", src).returncode == 0
+    assert nvmgr("get", img, "blob", "-o", "/dev/null").returncode == 0
+    target = tmp_path / "target.bin"
+    target.write_bytes(b"x")
+    link = tmp_path / "link.bin"
+    link.symlink_to(target)
+    assert nvmgr("get", img, "blob", "-o", link).returncode == 0
+    assert link.is_symlink() and target.read_bytes() == data
+
+
 @pytest.mark.parametrize(
     ("args", "code", "words"),
     [

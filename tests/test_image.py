@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -326,6 +327,77 @@ def test_live_sections_must_be_sector_multiples_and_count_their_luks_header() ->
     assert s.reserved == 4096 + LUKS_HEADER_SIZE  # no cipher padding: QEMU's LUKS
 
 
+def _file_reads(monkeypatch: pytest.MonkeyPatch, img: Image) -> list[tuple[int, int]]:
+    """Every read of the raw image's file from now on, as (offset, length): single
+    reads and each piece of a long one."""
+    reads: list[tuple[int, int]] = []
+    f = img.container._file  # type: ignore[attr-defined]
+    real_read, real_pieces = f.read, f.pieces
+
+    def read(off: int, n: int) -> bytes:
+        reads.append((off, n))
+        return real_read(off, n)  # type: ignore[no-any-return]
+
+    def pieces(off: int, length: int, piece: int) -> Iterator[memoryview]:
+        for p in real_pieces(off, length, piece):
+            reads.append((off, len(p)))
+            off += len(p)
+            yield p
+
+    monkeypatch.setattr(f, "read", read)
+    monkeypatch.setattr(f, "pieces", pieces)
+    return reads
+
+
+def test_get_to_unverified_first_reads_once_and_raises_after_writing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """verified_first=False (a sink published only on success): one pass whatever
+    the size, bytes handed on as read, CorruptError at the end; encrypted sections
+    are still checked before any byte goes out."""
+    from nvmgr.image import image as image_mod
+
+    monkeypatch.setattr(image_mod, "CHUNK", 4096)
+    monkeypatch.setattr(image_mod, "ONE_PASS_MAX", 8192)  # two passes when verified first
+    path = str(tmp_path / "vm.nvram")
+    payload = os.urandom(5 * 4096 + 100)
+    with Image.create(path, [SectionSpec("blob", 64 * 1024, Binding.OPAQUE)]) as img:
+        img.put("blob", payload)
+        offset = img.section("blob").offset
+    with Image.open(path) as img:
+        reads = _file_reads(monkeypatch, img)
+        got: list[bytes] = []
+        assert img.get_to("blob", lambda b: got.append(bytes(b)), verified_first=False) \
+            == len(payload)
+        assert b"".join(got) == payload
+        assert sum(n for o, n in reads if offset <= o < offset + len(payload)) == len(payload)
+    with open(path, "r+b") as f:  # one flipped byte in the last piece
+        f.seek(offset + 5 * 4096 + 3)
+        b = f.read(1)
+        f.seek(offset + 5 * 4096 + 3)
+        f.write(bytes([b[0] ^ 0x40]))
+    with Image.open(path) as img:
+        seen: list[bytes] = []
+        with pytest.raises(CorruptError, match="section blob is corrupted"):
+            img.get_to("blob", lambda b: seen.append(bytes(b)), verified_first=False)
+        assert len(seen) == 6  # written, for the caller to throw away
+    k = kek()
+    enc = str(tmp_path / "enc.nvram")
+    with Image.create(enc, [SectionSpec("blob", 64 * 1024, Binding.OPAQUE, encrypted=True)],
+                      kek=k) as img:
+        img.put("blob", payload)
+        offset = img.section("blob").offset
+    with open(enc, "r+b") as f:
+        f.seek(offset + 5 * 4096 + 3)
+        b = f.read(1)
+        f.seek(offset + 5 * 4096 + 3)
+        f.write(bytes([b[0] ^ 0x40]))
+    with Image.open(enc, kek=k) as img:
+        seen.clear()
+        with pytest.raises(CorruptError, match="blob"):
+            img.get_to("blob", lambda b: seen.append(bytes(b)), verified_first=False)
+        assert seen == []  # no byte decrypted before the check
+
+
 @pytest.mark.parametrize("one_pass", [True, False], ids=["one-pass", "two-pass"])
 def test_get_to_reads_once_up_to_its_bound_and_writes_nothing_unverified(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_pass: bool) -> None:
@@ -342,14 +414,7 @@ def test_get_to_reads_once_up_to_its_bound_and_writes_nothing_unverified(
         img.put("blob", payload)
         offset = img.section("blob").offset
     with Image.open(path) as img:
-        reads: list[tuple[int, int]] = []
-        real = img.container.read
-
-        def counted(off: int, n: int) -> bytes:
-            reads.append((off, n))
-            return real(off, n)
-
-        monkeypatch.setattr(img.container, "read", counted)
+        reads = _file_reads(monkeypatch, img)
         got: list[bytes] = []
         assert img.get_to("blob", lambda b: got.append(bytes(b))) == len(payload)
         assert b"".join(got) == payload

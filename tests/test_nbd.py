@@ -379,6 +379,40 @@ def test_create_writes_a_new_image_only_into_a_blank_export(tmp_path: Path) -> N
     assert data.read_bytes() == before
 
 
+def test_undefine_remove_nvram_takes_only_its_own_image_out_of_the_export(
+        tmp_path: Path) -> None:
+    """What ``undefine --remove-nvram`` blanks (:func:`nvmgr.virt.define._nbd_extent`,
+    asked before the domain is undefined): the image's own bytes when the domain owns
+    it; nothing in a blank export; another domain's image or data that is no nvmgr
+    image are refused, the export unchanged."""
+    import uuid
+
+    from nvmgr.domain.plan import plan_domain
+    from nvmgr.errors import ForeignImageError
+    from nvmgr.provision.prepare import prepare_image
+    from nvmgr.virt.define import _nbd_extent
+
+    plan = plan_domain((ROOT / "tests" / "data" / "uefi-tpm2-in.xml").read_text())
+    export = tmp_path / "export.raw"
+    with open(export, "wb") as f:
+        f.truncate(8 << 20)
+    with served_unix(export, tmp_path / "nbd.sock") as uri:
+        assert _nbd_extent(uri, plan.domain_uuid, "vm1") is None
+        img, created, _added = prepare_image(plan, kek=None, fmt="raw", path=uri)
+        with img:
+            size = img.directory.image_size
+        written = export.read_bytes()
+        with pytest.raises(UsageError, match=rf"holds the image of another domain "
+                           rf"\({plan.domain_uuid}\): nothing was removed"):
+            _nbd_extent(uri, uuid.uuid4(), "vm2")
+        assert _nbd_extent(uri, plan.domain_uuid, "vm1") == size
+        assert export.read_bytes() == written
+    export.write_bytes(b"somebody else's data".ljust(8 << 20, b"\0"))
+    with served_unix(export, tmp_path / "nbd.sock") as uri, \
+            pytest.raises(ForeignImageError):
+        _nbd_extent(uri, plan.domain_uuid, "vm1")
+
+
 def test_a_domains_image_goes_into_a_blank_export_and_is_blanked_back_out(
         tmp_path: Path) -> None:
     """What ``define --image nbd+unix://...`` and the prepare hook do

@@ -399,24 +399,34 @@ def test_sweep_leaves_live_exports_alone(image: str, runtime: Path) -> None:
 
 
 def test_sweep_removes_orphans(runtime: Path) -> None:
-    """Leftovers of a clean daemon exit under a killed nvmgr: a plain file and
-    an unlocked lock; a mountpoint whose lock is gone."""
+    """Leftovers of a clean daemon exit under a killed nvmgr: a plain file, an NBD
+    socket and an unlocked lock; a mountpoint and a socket whose lock is gone.  A
+    live export's three names stay."""
+    import fcntl
+    import socket
+
     runtime.mkdir(mode=0o700, exist_ok=True)
+    socks = []
+    for n in ("aaaa.nbd", "cccc.nbd", "dddd.nbd"):
+        sk = socket.socket(socket.AF_UNIX)
+        sk.bind(str(runtime / n))
+        socks.append(sk)
     (runtime / "aaaa").write_bytes(b"")
     (runtime / "aaaa.lock").write_bytes(b"")
     (runtime / "bbbb").write_bytes(b"")
     held = runtime / "cccc.lock"
     held.write_bytes(b"")
     (runtime / "cccc").write_bytes(b"")
-    import fcntl
 
     with open(held, "rb") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         removed = fuse.sweep(str(runtime))
         assert sorted(os.path.basename(p) for p in removed) == ["aaaa", "bbbb"]
-        assert leftovers(runtime) == ["cccc", "cccc.lock"]
-    for n in ("cccc", "cccc.lock"):
+        assert leftovers(runtime) == ["cccc", "cccc.lock", "cccc.nbd"]
+    for n in ("cccc", "cccc.lock", "cccc.nbd"):
         (runtime / n).unlink()
+    for sk in socks:
+        sk.close()
 
 
 def test_closed_container(image: str) -> None:

@@ -15,17 +15,20 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from nvmgr import paths
-from nvmgr.errors import BusyError, ExternalError, NotFoundError, UsageError
+from nvmgr.errors import BusyError, ExitCode, ExternalError, NotFoundError, UsageError
 from nvmgr.format.layout import SectionSpec
 from nvmgr.format.model import Binding
 from nvmgr.image.image import CHUNK, Image
 from nvmgr.storage import rbd
+from nvmgr.storage.nbdread import REUSE_PIECE
 from nvmgr.storage.rbd import WRITEBACK_FROM, WRITEBACK_SPLIT, RbdContainer
 from tests.ceph_cluster import PACKAGES, CephCluster, missing_tools
+from tests.conftest import RunCli
 from tests.test_crash import Crash, Faults, State, assert_monotone, explain, injected, observe, rand
 
 
@@ -102,6 +105,42 @@ def test_a_flush_after_a_write_ends_the_writethrough_start(ceph: CephCluster,
         c.write(2 << 20, big)
     assert [k for k, _o, n in trace.trace] == ["flush", "write", "flush", "write", "write"]
     assert trace.trace[1] == ("write", 0, WRITEBACK_SPLIT)
+
+
+def test_long_reads_go_over_nbd_with_requests_in_flight(ceph: CephCluster, where: str,
+                                                       tmp_path: Path, nvmgr: RunCli) -> None:
+    """A read-only container reads more than one piece through its daemon's NBD
+    export (the FUSE file serves one request at a time); a writable one has no NBD
+    export (it would pin the image's size).  ``nvmgr get -o`` of a 9 MiB section
+    gets the stored bytes; one flipped byte in its last piece is named and leaves
+    no output file."""
+    loc = _location(ceph, where, f"nbdread-{uuid.uuid4().hex[:8]}")
+    data = os.urandom(9 << 20)
+    with Image.create(loc, [SectionSpec("blob", 10 << 20, Binding.OPAQUE)]) as img:
+        img.put("blob", data)
+        offset = img.section("blob").offset
+        assert isinstance(img.container, RbdContainer)
+        assert img.container._export is not None and img.container._export.nbd_socket is None
+    with RbdContainer(loc) as c:
+        assert c._export is not None and c._export.nbd_socket is not None
+        assert c.read(offset, 4096) == data[:4096] and c._reader is None  # small: FUSE
+        pieces = [bytes(p) for p in c.pieces(offset, len(data), CHUNK)]
+        assert c._reader is not None and not c._reader.closed
+        assert b"".join(pieces) == data and [len(p) for p in pieces] == [CHUNK, CHUNK, 1 << 20]
+        reused = [len(p) for p in c.pieces(offset, len(data), CHUNK, reuse=True)]
+        assert reused == [REUSE_PIECE] * (len(data) // REUSE_PIECE)
+    out = tmp_path / "out.bin"
+    r = nvmgr("get", loc, "blob", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == data
+    out.unlink()
+    with RbdContainer(loc, writable=True) as c:
+        last = c.read(offset + len(data) - 1, 1)
+        c.write(offset + len(data) - 1, bytes([last[0] ^ 1]))
+        c.flush()
+    r = nvmgr("get", loc, "blob", "-o", out)
+    assert r.returncode == ExitCode.CORRUPT and b"section blob is corrupted" in r.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 # -------------------------------------------------------------- crash safety

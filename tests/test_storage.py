@@ -110,11 +110,39 @@ def test_raw_round_trip_and_refusals(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_pieces_in_order_reused_or_fresh(tmp_path: Path, fmt: str) -> None:
+    """Container.pieces: the bytes in order, in pieces of the size asked (the last
+    shorter, past the end zeros); with reuse, every piece a view of one buffer."""
+    if fmt == "qcow2" and not shutil.which("qemu-storage-daemon"):
+        pytest.skip("needs qemu-storage-daemon")
+    data = os.urandom(64 << 10)
+    path = str(tmp_path / f"p.{fmt}")
+    with create_container(path, fmt, len(data)) as c:
+        c.write(0, data)
+        c.flush()
+    with open_container(path) as c:
+        for reuse in (False, True):
+            seen = []
+            got = b""
+            for p in c.pieces(1000, len(data), 4096, reuse=reuse):
+                got += bytes(p)
+                seen.append(p.obj if isinstance(p, memoryview) else p)
+            assert got == data[1000:] + bytes(1000)
+            assert len(seen) == 16
+            if reuse:
+                assert all(o is seen[0] for o in seen)
+            else:
+                assert len({id(o) for o in seen}) > 1
+        with pytest.raises(UsageError, match="bad read"):
+            list(c.pieces(-1, 10, 4, reuse=True))
+
+
 def test_storage_modules_import_in_one_direction() -> None:
-    """base <- raw <- qcow2 <- network <- rbd, nbd <- formats; qemu, mounts and fuse below
-    qcow2; nothing imports the compatibility module container."""
-    order = ["base", "qemu", "raw", "mounts", "fuse", "qcow2", "network", "rbd", "nbd",
-             "formats"]
+    """base <- raw <- qcow2 <- network <- rbd, nbd <- formats; qemu, mounts, nbdread and
+    fuse below qcow2; nothing imports the compatibility module container."""
+    order = ["base", "qemu", "raw", "mounts", "nbdread", "fuse", "qcow2", "network", "rbd",
+             "nbd", "formats"]
     for i, name in enumerate(order):
         tree = ast.parse((PKG / "storage" / f"{name}.py").read_text())
         deps = set()

@@ -10,6 +10,7 @@ import os
 import stat
 import sys
 import uuid
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from nvmgr.cli.common import (
@@ -196,11 +197,68 @@ def _get_args(p: argparse.ArgumentParser) -> None:
     _add_image(p)
     p.add_argument("name", metavar="NAME", help="the section")
     p.add_argument("-o", "--output-file", metavar="FILE",
-                   help="write here (created 0600) instead of standard output "
-                        "('-': standard output, as put reads '-' from standard input)")
+                   help="write here instead of standard output ('-': standard output, "
+                        "as put reads '-' from standard input); a new FILE is 0600, one "
+                        "replaced keeps its mode, and FILE changes only once the bytes "
+                        "are verified")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long for an nvmgr writer instead of failing at once")
     _add_key_args(p)
+
+
+@contextlib.contextmanager
+def _published(path: str) -> Iterator[int | None]:
+    """An anonymous file (``O_TMPFILE``) in *path*'s directory that becomes *path*
+    only when the block ends without an exception; None where that cannot be done
+    (*path* exists and is not a regular file, or the file system has no
+    ``O_TMPFILE``): the caller then writes *path* itself, verified bytes only.
+
+    *path* is replaced by a rename, so a failed or killed ``get`` leaves the old
+    file whole or no file.  A file it replaces keeps its mode and owner, and the
+    new one is fsync'ed first (the old content is at stake); the replacement is a
+    new inode, as with ``cp --remove-destination``.
+    """
+    try:
+        old: os.stat_result | None = os.lstat(path)
+    except FileNotFoundError:
+        old = None
+    dfd = tmp = -1
+    if (old is None or stat.S_ISREG(old.st_mode)) and os.path.isdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # no O_TMPFILE here, or no such directory
+            dfd = os.open(os.path.dirname(os.path.abspath(path)),
+                          os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            tmp = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+    if tmp < 0:
+        if dfd >= 0:
+            os.close(dfd)
+        yield None
+        return
+    try:
+        yield tmp
+        if old is not None:
+            os.fchmod(tmp, stat.S_IMODE(old.st_mode))
+            with contextlib.suppress(PermissionError):
+                os.fchown(tmp, old.st_uid, old.st_gid)
+            os.fsync(tmp)
+        base = os.path.basename(path)
+        name = f".{base}.nvmgr-{uuid.uuid4().hex[:8]}"
+        # linkat(AT_SYMLINK_FOLLOW) of the descriptor's /proc link: the file gets a name.
+        os.link(f"/proc/self/fd/{tmp}", name, dst_dir_fd=dfd, follow_symlinks=True)
+        try:
+            os.replace(name, base, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=dfd)
+            raise
+    finally:
+        os.close(tmp)
+        os.close(dfd)
+
+
+def _write_all(fd: int, chunk: bytes | bytearray | memoryview) -> None:
+    view = memoryview(chunk).cast("B")
+    while view:
+        view = view[os.write(fd, view):]
 
 
 @command("get", "write a section's bytes out, verified and decrypted",
@@ -214,11 +272,19 @@ def cmd_get(args: argparse.Namespace) -> Result:
         if not args.output_file and getattr(args, "output", "text") == "json":
             raise UsageError("get with --output json needs -o FILE (the payload is binary)")
         if args.output_file:
+            with _published(args.output_file) as tmp:
+                if tmp is not None:
+                    # Written as read (the next pieces on their way meanwhile); a
+                    # corrupted section raises before the file is published.
+                    length = img.get_to(args.name, lambda b: _write_all(tmp, b),
+                                        verified_first=False)
+                    return {"section": args.name, "length": length,
+                            "file": args.output_file}
             # Opened at the first verified chunk: a corrupted section leaves no file.
             with contextlib.ExitStack() as stack:
                 out: list[Any] = []
 
-                def write(chunk: bytes | memoryview) -> None:
+                def write(chunk: bytes | bytearray | memoryview) -> None:
                     if not out:
                         fd = os.open(args.output_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                                      0o600)

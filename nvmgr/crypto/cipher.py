@@ -495,7 +495,7 @@ class SectionVerifier:
     def __init__(self, h: hmac.HMAC) -> None:
         self._h = h
 
-    def update(self, chunk: bytes) -> None:
+    def update(self, chunk: bytes | bytearray | memoryview) -> None:
         """Feed the next chunk of ciphertext.
 
         :param chunk: any number of bytes.

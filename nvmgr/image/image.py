@@ -57,6 +57,7 @@ from nvmgr.format.model import (
     Section,
     SectionCrypto,
 )
+from nvmgr.storage.base import Piece
 from nvmgr.storage.container import Container, create_container, open_container
 from nvmgr.storage.formats import image_exists, is_location
 from nvmgr.storage.rbd import is_rbd
@@ -667,10 +668,9 @@ class Image:
         crc = 0
         done = 0
         total = s.stored_length
-        while done < total:
-            n = min(CHUNK, total - done)
-            crc = zlib.crc32(self.container.read(s.offset + done, n), crc)
-            done += n
+        for piece in self.container.pieces(s.offset, total, CHUNK, reuse=True):
+            crc = zlib.crc32(piece, crc)
+            done += len(piece)
             if progress:
                 progress(done, total)
         return crc
@@ -695,7 +695,7 @@ class Image:
                 f"section {name} holds {s.stored_length:,} bytes, more than the "
                 f"{MAX_IN_MEMORY:,} read into memory at once: stream it "
                 f"(nvmgr get -o FILE)", image=self.path, section=name)
-        raw = self.container.read(s.offset, s.stored_length)
+        raw = self._read_stored(s)
         if s.crypto is not None:  # one pass checks the crc32 and the MAC
             try:
                 return self._get_cipher().decrypt(name, raw, s.crypto.iv, s.crypto.mac,
@@ -715,7 +715,8 @@ class Image:
             return self._luks_payload(s, raw)
         return raw
 
-    def get_to(self, name: str, write: Callable[[bytes | memoryview], object]) -> int:
+    def get_to(self, name: str, write: Callable[[bytes | bytearray | memoryview], object], *,
+               verified_first: bool = True) -> int:
         """Write the section's payload through *write*, verified; return its length.
 
         Unencrypted sections up to :data:`ONE_PASS_MAX` are read once, in
@@ -726,15 +727,23 @@ class Image:
         :data:`CHUNK` pieces: no byte is decrypted before the MAC is checked.
         *write* may be given a ``memoryview`` that is reused after it returns.
 
+        With ``verified_first=False`` an unencrypted section's bytes go to *write*
+        as they are read, in one pass whatever the size, and its crc is checked at
+        the end: :class:`CorruptError` then comes *after* the bytes were written.
+        Only for a sink that the caller discards on an error and publishes on
+        success (``nvmgr get -o FILE``'s anonymous file): the output is then written
+        while the next pieces are on their way.  Encrypted sections are verified
+        first either way.
+
         :raise CorruptError, KeyRequiredError, WrongKeyError: as :meth:`get`.
         """
         holder, _ = self._where(name)
         if holder is not self:
-            return holder.get_to(name, write)
+            return holder.get_to(name, write, verified_first=verified_first)
         s = self._local(self.section(name))
         if s.crypto is not None:  # verified whole in memory, then decrypted chunk by chunk
             cipher = self._get_cipher()
-            raw = self.container.read(s.offset, s.stored_length)
+            raw = self._read_stored(s)
             try:
                 return cipher.decrypt_to(name, raw, s.crypto.iv, s.crypto.mac, write,
                                          crc32=s.crc32, chunk=CHUNK)
@@ -746,10 +755,17 @@ class Image:
             write(data)
             return len(data)
         check = not (s.live and s.dirty)
-        if s.stored_length <= ONE_PASS_MAX:
+        chunks: list[Piece] = []
+        if not verified_first:
+            crc = 0
+            for piece in self.container.pieces(s.offset, s.stored_length, CHUNK, reuse=True):
+                if check:
+                    crc = zlib.crc32(piece, crc)
+                write(piece)
+        elif s.stored_length <= ONE_PASS_MAX:
             chunks, crc = self._read_once(s, check)
         else:
-            chunks, crc = [], self._stored_crc(s) if check else s.crc32
+            crc = self._stored_crc(s) if check else s.crc32
         if check and crc != s.crc32:
             raise CorruptError(
                 f"section {name} is corrupted (crc32 {crc:08x}, directory says {s.crc32:08x})",
@@ -758,23 +774,32 @@ class Image:
             for chunk in chunks:
                 write(chunk)
             return s.stored_length
-        for off in range(0, s.stored_length, CHUNK):
-            write(self.container.read(s.offset + off, min(CHUNK, s.stored_length - off)))
+        if not verified_first:
+            return s.stored_length
+        for piece in self.container.pieces(s.offset, s.stored_length, CHUNK, reuse=True):
+            write(piece)
         return s.stored_length
 
-    def _read_once(self, s: Section, check: bool) -> tuple[list[bytes], int]:
+    def _read_stored(self, s: Section) -> bytes:
+        """Section *s*'s stored bytes, whole: one read, or where the container keeps
+        several reads in flight (a network image's), :data:`CHUNK` pieces joined."""
+        if s.stored_length <= CHUNK or not self.container.parallel_reads:
+            return self.container.read(s.offset, s.stored_length)
+        # Fresh pieces: join() takes them all before it copies (reused ones would clash).
+        return b"".join(self.container.pieces(s.offset, s.stored_length, CHUNK))
+
+    def _read_once(self, s: Section, check: bool) -> tuple[list[Piece], int]:
         """Section *s*'s stored bytes in :data:`CHUNK` pieces and their crc32 (0
         unless *check*): each piece's crc runs in a helper thread while the next
         piece is read (both release the GIL), so the check costs no extra time
         where reads wait on storage (a network image's export)."""
         import threading
 
-        chunks: list[bytes] = []
+        chunks: list[Piece] = []
         crc = [0]
         helper: threading.Thread | None = None
         try:
-            for off in range(0, s.stored_length, CHUNK):
-                piece = self.container.read(s.offset + off, min(CHUNK, s.stored_length - off))
+            for piece in self.container.pieces(s.offset, s.stored_length, CHUNK):
                 if helper is not None:
                     helper.join()
                 if check:
@@ -836,7 +861,7 @@ class Image:
                 f"payload of {s.payload})", image=self.path, section=s.name)
         current = None
         if s.length == s.capacity:
-            raw = self.container.read(s.offset, s.stored_length)
+            raw = self._read_stored(s)
             if (s.live and s.dirty) or zlib.crc32(raw) == s.crc32:
                 current = raw
         vol = qemu.luks_volume(bytes(data), s.payload, self.luks_passphrase(), volume=current,
@@ -1477,7 +1502,7 @@ class Image:
                                                 "crc32 ok; LUKS volume not opened (no key)"))
                     continue
                 try:
-                    self._luks_payload(s, self.container.read(s.offset, s.stored_length))
+                    self._luks_payload(s, self._read_stored(s))
                 except CorruptError as e:
                     errors.append(e.message)
                     results.append(SectionCheck(s.name, "corrupt", e.message))
@@ -1490,8 +1515,8 @@ class Image:
                     continue
                 cipher = self._get_cipher()
                 v = cipher.verifier(s.name, s.crypto.iv)
-                for off in range(0, s.stored_length, CHUNK):
-                    v.update(self.container.read(s.offset + off, min(CHUNK, s.stored_length - off)))
+                for piece in self.container.pieces(s.offset, s.stored_length, CHUNK, reuse=True):
+                    v.update(piece)
                 if not v.verify(s.crypto.mac):
                     msg = f"section {s.name} is corrupted (MAC mismatch)"
                     errors.append(msg)

@@ -21,7 +21,7 @@ import fcntl
 import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from nvmgr.errors import BusyError, NotFoundError, UsageError
 
@@ -29,6 +29,9 @@ from nvmgr.errors import BusyError, NotFoundError, UsageError
 #: every write ("write") and flush ("flush"); tests raise from it to simulate a
 #: crash at that point.  None in normal operation.
 FaultHook = Callable[[str, int, int], None]
+
+#: A piece of a long read (:meth:`Container.pieces`).
+Piece = bytes | bytearray | memoryview
 
 #: QEMU's image-locking byte for "some process holds the write permission"
 #: (raw-posix: 100 + bit index of BLK_PERM_WRITE).
@@ -49,6 +52,24 @@ class Container:
 
     def read(self, offset: int, length: int) -> bytes:
         raise NotImplementedError
+
+    @property
+    def parallel_reads(self) -> bool:
+        """Whether :meth:`pieces` keeps several reads in flight (long reads are then
+        faster in pieces than in one :meth:`read`)."""
+        return False
+
+    def pieces(self, offset: int, length: int, piece: int, *,
+               reuse: bool = False) -> Iterator[Piece]:
+        """The *length* bytes at *offset*, in order, in pieces of at most *piece*
+        bytes: how long reads are made.  Here one :meth:`read` after the other; a
+        network image's container keeps several in flight.  With *reuse* the
+        caller is done with each piece before it asks for the next, and the
+        container may hand out views of the same few buffers.
+        """
+        del reuse  # every read here is a new bytes object
+        for off in range(offset, offset + length, piece):
+            yield self.read(off, min(piece, offset + length - off))
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         raise NotImplementedError

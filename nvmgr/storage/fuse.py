@@ -11,10 +11,12 @@ call ``blk_flush``), and ftruncate on it resizes the image.
 
 The runtime directory, ``nvmgr-fuse-UID`` under ``$XDG_RUNTIME_DIR`` (else
 the temp directory), is mode 0700 and must belong to the user.  Each export
-owns two names in it::
+owns two or three names in it::
 
     ID.lock   flock'd for the export's whole life, by nvmgr and by its daemon
     ID        the mountpoint
+    ID.nbd    the daemon's NBD socket, when it has one (``nbd=True``: a network
+              image's large reads, :mod:`nvmgr.storage.nbdread`)
 
 Liveness is that lock: a ``.lock`` nobody holds belongs to an export whose
 nvmgr and daemon are both gone.  Every start first sweeps such leftovers --
@@ -50,6 +52,7 @@ from typing import IO, TYPE_CHECKING
 from nvmgr.errors import ExternalError, NvmgrError
 from nvmgr.storage import qemu
 from nvmgr.storage.mounts import MOUNTINFO, is_fuse_mount  # noqa: F401 (is_fuse_mount: this module's too)
+from nvmgr.storage.nbdread import NbdReader
 
 if TYPE_CHECKING:  # imported where a process starts: raw images' commands never pay for it
     import subprocess
@@ -69,6 +72,9 @@ _MNT_DETACH = 2
 _UMOUNT_NOFOLLOW = 8
 
 _LOCK_SUFFIX = ".lock"
+_NBD_SUFFIX = ".nbd"
+#: The name of the format node's NBD export (on the slot's own socket).
+NBD_EXPORT = "img0"
 
 
 def _base_dir() -> str:
@@ -185,16 +191,23 @@ def sweep(d: str) -> list[str]:
             mountpoint = lock_path[: -len(_LOCK_SUFFIX)]
             remove_mountpoint(mountpoint)
             with contextlib.suppress(FileNotFoundError):
+                os.unlink(mountpoint + _NBD_SUFFIX)
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(lock_path)
             removed.append(mountpoint)
         except (OSError, NvmgrError) as e:
             log.warning("cannot clean up %s: %s", lock_path, e)
         finally:
             os.close(fd)
-    for n in names:  # a mountpoint whose .lock is gone: its export is dead
-        if n.endswith(_LOCK_SUFFIX) or n + _LOCK_SUFFIX in locks:
+    for n in names:  # a mountpoint (or socket) whose .lock is gone: its export is dead
+        stem = n.removesuffix(_NBD_SUFFIX)
+        if n.endswith(_LOCK_SUFFIX) or stem + _LOCK_SUFFIX in locks:
             continue
         try:
+            if stem != n:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(d, n))
+                continue
             remove_mountpoint(os.path.join(d, n))
             removed.append(os.path.join(d, n))
         except (OSError, NvmgrError) as e:
@@ -241,6 +254,8 @@ class _Slot:
             return
         try:
             remove_mountpoint(self.mountpoint)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.mountpoint + _NBD_SUFFIX)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.mountpoint + _LOCK_SUFFIX)
         except (OSError, NvmgrError) as e:
@@ -299,6 +314,9 @@ class FuseExport:
         the image: the nvmgr lock then lasts until nvmgr *and* its daemon
         are gone).
     :param image: the image's name in errors.
+    :param nbd: also export the format node read-only over NBD, on the unix
+        socket :attr:`nbd_socket` (export :data:`NBD_EXPORT`): several reads in
+        flight, where the FUSE file serves one at a time (:meth:`reader`).
     :raise BusyError: a running QEMU holds a conflicting image lock.
     :raise CorruptError: the format driver refused the file.
     :raise ExternalError: the daemon is missing, failed, could not mount its
@@ -315,6 +333,7 @@ class FuseExport:
         image: str,
         protocol: dict[str, object] | None = None,
         objects: Sequence[str] = (),
+        nbd: bool = False,
     ) -> None:
         self.image = image
         self.driver = driver
@@ -327,6 +346,8 @@ class FuseExport:
         self.start_latency = 0.0
         self._slot = _Slot()
         self.mountpoint = self._slot.mountpoint
+        #: The NBD socket (``nbd=True``), else None.
+        self.nbd_socket = self.mountpoint + _NBD_SUFFIX if nbd else None
         try:
             self._start(image_path, writable, tuple(pass_fds))
         except BaseException:
@@ -361,8 +382,14 @@ class FuseExport:
             *(x for o in self.objects for x in ("--object", o)),
             "--blockdev", json.dumps(file_node),
             "--blockdev", fmt_arg,
-            "--export", json.dumps(export),
         ]
+        if self.nbd_socket is not None:
+            # Set up before the FUSE export: once the mount shows, the socket listens.
+            args += ["--nbd-server", json.dumps(
+                        {"addr": {"type": "unix", "path": self.nbd_socket}}),
+                     "--export", json.dumps({"type": "nbd", "id": "nbd0", "node-name": "img0",
+                                             "name": NBD_EXPORT, "writable": False})]
+        args += ["--export", json.dumps(export)]
         return args, fmt_arg
 
     def _start(self, image_path: str, writable: bool, pass_fds: tuple[int, ...]) -> None:
@@ -401,6 +428,15 @@ class FuseExport:
         return qemu.daemon_error(
             stderr, status, image=self.image, format_arg=fmt_arg, fmt=self.driver
         )
+
+    def reader(self) -> NbdReader:
+        """A new connection to the daemon's NBD export (``nbd=True`` only).
+
+        :raise ExternalError: the daemon does not answer on it.
+        """
+        if self.nbd_socket is None:
+            raise ValueError("this export has no NBD socket")
+        return NbdReader(self.nbd_socket, NBD_EXPORT, image=self.image)
 
     @property
     def pid(self) -> int | None:

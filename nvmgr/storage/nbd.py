@@ -222,7 +222,7 @@ class NbdContainer(LocationContainer):
         try:
             export = FuseExport(self._abs, driver="raw", writable=self.writable,
                                 pass_fds=(self._lock_fd,), image=self.path,
-                                protocol=self.location.node())
+                                protocol=self.location.node(), nbd=not self.writable)
         except ExternalError as e:
             if _no_export(str(e)):
                 raise NotFoundError(f"the NBD server has no export {self.location.export!r}",

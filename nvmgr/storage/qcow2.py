@@ -39,7 +39,7 @@ from typing import Any
 
 from nvmgr.errors import ExternalError, NoSpaceError, NotFoundError, UsageError
 from nvmgr.storage import qemu
-from nvmgr.storage.base import Container, create_exclusive, open_locked, read_head
+from nvmgr.storage.base import Container, Piece, create_exclusive, open_locked, read_head
 from nvmgr.storage.fuse import FuseExport, set_readahead
 from nvmgr.storage.raw import PosixFile, check_io
 
@@ -228,6 +228,17 @@ class Qcow2Container(Container):
         check_io(self, offset, length, write=False)
         with self._io("read"):
             return f.read(offset, length)
+
+    def pieces(self, offset: int, length: int, piece: int, *,
+               reuse: bool = False) -> Iterator[Piece]:
+        """As :meth:`Container.pieces`; with *reuse*, into one buffer (:meth:`PosixFile.pieces`)."""
+        if not reuse:
+            yield from super().pieces(offset, length, piece)
+            return
+        f = self._opened()
+        check_io(self, offset, length, write=False)
+        with self._io("read"):
+            yield from f.pieces(offset, length, piece)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         """Write *data* at *offset* (calls the fault hook first).

@@ -9,9 +9,10 @@ it on the file that QEMU's FUSE export of the image shows.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 from nvmgr.errors import NoSpaceError, UsageError
-from nvmgr.storage.base import Container, create_exclusive, open_locked, qemu_holds_write
+from nvmgr.storage.base import Container, Piece, create_exclusive, open_locked, qemu_holds_write
 
 
 class PosixFile:
@@ -37,6 +38,24 @@ class PosixFile:
         if len(out) < length:
             out += bytes(length - len(out))  # past EOF reads as zeros, as in QEMU
         return bytes(out)
+
+    def pieces(self, offset: int, length: int, piece: int) -> Iterator[memoryview]:
+        """The *length* bytes at *offset* in pieces of *piece* bytes, each read into
+        the same buffer (valid until the next is asked for): fresh memory costs more
+        than the read on this machine kind (the first touch of each page), so a
+        64 MiB section read this way touches 4 MiB of it.  Past EOF reads as zeros.
+        """
+        buf = memoryview(bytearray(min(piece, length)))
+        for off in range(offset, offset + length, piece):
+            view = buf[:min(piece, offset + length - off)]
+            got = 0
+            while got < len(view):
+                n = os.preadv(self.fd, [view[got:]], off + got)
+                if n == 0:
+                    view[got:] = bytes(len(view) - got)  # past EOF reads as zeros
+                    break
+                got += n
+            yield view
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         """Write all of *data* at *offset*.
@@ -134,6 +153,15 @@ class RawContainer(Container):
     def read(self, offset: int, length: int) -> bytes:
         check_io(self, offset, length, write=False)
         return self._file.read(offset, length)
+
+    def pieces(self, offset: int, length: int, piece: int, *,
+               reuse: bool = False) -> Iterator[Piece]:
+        """As :meth:`Container.pieces`; with *reuse*, into one buffer (:meth:`PosixFile.pieces`)."""
+        if not reuse:
+            yield from super().pieces(offset, length, piece)
+            return
+        check_io(self, offset, length, write=False)
+        yield from self._file.pieces(offset, length, piece)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         n = memoryview(data).nbytes

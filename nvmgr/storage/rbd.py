@@ -769,7 +769,7 @@ class RbdContainer(LocationContainer):
             try:
                 export = FuseExport(self._abs, driver="raw", writable=self.writable,
                                     pass_fds=tuple(fds), image=self.path, protocol=node,
-                                    objects=objects)
+                                    objects=objects, nbd=not self.writable)
             except ExternalError as e:
                 if "No such file or directory" in str(e):
                     raise NotFoundError(f"no RBD image {loc.image} in pool {loc.pool}",

@@ -250,6 +250,30 @@ def member_files(image: str) -> list[str]:
     return out
 
 
+def _nbd_extent(image: str, dom_uuid: uuid.UUID | None, name: str) -> int | None:
+    """The bytes the domain's image takes in its NBD export, which ``undefine
+    --remove-nvram`` writes zeros over (the export is the server's: nvmgr wrote its
+    image into it blank and gives it back blank); None when the export holds no
+    image (blank, or the server has no such export).
+
+    :raise UsageError: the export holds another domain's image.
+    :raise CorruptError: it holds something that is not an nvmgr image (left alone).
+    :raise ExternalError: the server cannot be reached (nothing changed: say
+        --keep-nvram to undefine all the same).
+    """
+    try:
+        if nbd.export_blank(image):
+            return None
+    except NotFoundError:
+        return None
+    with Image.open(image) as img:
+        owner = img.directory.domain_uuid
+        if owner is not None and dom_uuid is not None and owner != dom_uuid:
+            raise UsageError(f"{image} holds the image of another domain ({owner}): "
+                             "nothing was removed", domain=name, image=image)
+        return img.directory.image_size
+
+
 def _set_key_source(dom: Domain, key_file: str | None, key_secret: str | None) -> None:
     """Record the key source in the domain's metadata (checked like read metadata).
 
@@ -285,12 +309,12 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
         raise UsageError(
             f"the domain's state is in {image}: undefine with --keep-nvram or --remove-nvram",
             domain=name)
-    if remove_nvram and image and is_location(image) and not is_rbd(image):
-        raise UsageError(f"the domain's image is an NBD export ({image}): undefine with "
-                         "--keep-nvram and remove the image on the NBD server", domain=name)
     members: list[str] = []
+    nbd_extent: int | None = None
     if remove_nvram and image:
         virt.require_inactive(name, uri, what="removing its image")
+        if is_nbd(image):  # checked before anything changes
+            nbd_extent = _nbd_extent(image, dom.uuid, name)
         members = member_files(image)
         if is_rbd(image) and image_exists(image):  # refused before anything changes
             for loc in (image, *(m for m in members if is_rbd(m))):
@@ -308,7 +332,11 @@ def undefine(name: str, *, uri: str | None = None, keep_nvram: bool = False,
         with contextlib.suppress(NotFoundError):
             rbd.remove(image)
             removed = True
-    elif remove_nvram and image and os.path.exists(image):
+    elif nbd_extent is not None and image:
+        # The export is the server's: given blank, it goes back blank.
+        nbd.blank_out(image, nbd_extent)
+        removed = True
+    elif remove_nvram and image and not is_location(image) and os.path.exists(image):
         os.unlink(image)
         removed = True
     if removed:

@@ -305,4 +305,9 @@ def test_a_vm_with_its_image_on_an_nbd_server_over_tcp(nbd_tcp_server: NbdServer
     varstore = tmp_path / "vars.fd"
     vmlib.nvmgr("get", uri, "uefi-vars", "-o", varstore)
     assert "BootOrder" in vmlib.uefi_vars(varstore)
-    vmlib.nvmgr("undefine", v.name, "--keep-nvram")
+    # undefine --remove-nvram gives the export back blank, as define was given it.
+    assert nbd_tcp_server.file.read_bytes().count(0) < EXPORT_SIZE
+    r = vmlib.nvmgr_json("undefine", v.name, "--remove-nvram")
+    assert r["image_removed"] is True, r
+    assert nbd_tcp_server.file.read_bytes().count(0) == EXPORT_SIZE
+    assert nbd_tcp_server.file.stat().st_size == EXPORT_SIZE
