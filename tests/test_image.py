@@ -39,6 +39,13 @@ def kek() -> Kek:
     return Kek(os.urandom(32), "test")
 
 
+def _flip_byte(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        b = f.read()[offset]
+        f.seek(offset)
+        f.write(bytes([b ^ 0x40]))
+
+
 @pytest.fixture(params=FORMATS)
 def fmt(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -141,11 +148,7 @@ def test_encrypted_sections_wrong_key_missing_key_and_corruption_differ(tmp_path
     with Image.open(path, kek=k) as img:
         assert img.get("tpm-permall") == secret
         off = img.section("tpm-permall").offset
-    with open(path, "r+b") as f:
-        f.seek(off + 17)
-        b = f.read(1)
-        f.seek(off + 17)
-        f.write(bytes([b[0] ^ 0x40]))
+    _flip_byte(path, off + 17)
     with Image.open(path, kek=k) as img:
         with pytest.raises(CorruptError, match="section tpm-permall is corrupted"):
             img.get("tpm-permall")
@@ -370,11 +373,7 @@ def test_get_to_unverified_first_reads_once_and_raises_after_writing(
             == len(payload)
         assert b"".join(got) == payload
         assert sum(n for o, n in reads if offset <= o < offset + len(payload)) == len(payload)
-    with open(path, "r+b") as f:  # one flipped byte in the last piece
-        f.seek(offset + 5 * 4096 + 3)
-        b = f.read(1)
-        f.seek(offset + 5 * 4096 + 3)
-        f.write(bytes([b[0] ^ 0x40]))
+    _flip_byte(path, offset + 5 * 4096 + 3)  # one flipped byte in the last piece
     with Image.open(path) as img:
         seen: list[bytes] = []
         with pytest.raises(CorruptError, match="section blob is corrupted"):
@@ -386,11 +385,7 @@ def test_get_to_unverified_first_reads_once_and_raises_after_writing(
                       kek=k) as img:
         img.put("blob", payload)
         offset = img.section("blob").offset
-    with open(enc, "r+b") as f:
-        f.seek(offset + 5 * 4096 + 3)
-        b = f.read(1)
-        f.seek(offset + 5 * 4096 + 3)
-        f.write(bytes([b[0] ^ 0x40]))
+    _flip_byte(enc, offset + 5 * 4096 + 3)
     with Image.open(enc, kek=k) as img:
         seen.clear()
         with pytest.raises(CorruptError, match="blob"):
@@ -421,11 +416,7 @@ def test_get_to_reads_once_up_to_its_bound_and_writes_nothing_unverified(
         assert len(got) == 6 and all(len(g) == 4096 for g in got[:5])
         in_blob = [r for r in reads if offset <= r[0] < offset + len(payload)]
         assert sum(n for _o, n in in_blob) == len(payload) * (1 if one_pass else 2)
-    with open(path, "r+b") as f:  # one flipped byte in the fourth piece
-        f.seek(offset + 3 * 4096 + 7)
-        b = f.read(1)
-        f.seek(offset + 3 * 4096 + 7)
-        f.write(bytes([b[0] ^ 0x40]))
+    _flip_byte(path, offset + 3 * 4096 + 7)  # one flipped byte in the fourth piece
     with Image.open(path) as img:
         seen: list[bytes] = []
         with pytest.raises(CorruptError, match="section blob is corrupted"):
