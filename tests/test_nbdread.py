@@ -251,3 +251,23 @@ def test_a_reply_to_no_request_is_refused() -> None:
     with pytest.raises(ExternalError, match="bad reply"):
         list(reader.pieces(0, 4096, 4096))
     t.join(5)
+
+
+@needs_qsd
+def test_no_socket_where_its_path_would_be_too_long(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A unix socket's path has 107 bytes at most: under a deeper runtime directory
+    the daemon gets no NBD export (the FUSE file serves every read) rather than fail."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True, mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(deep))
+    path = tmp_path / "img.raw"
+    path.write_bytes(os.urandom(4096))
+    export = FuseExport(str(path), driver="raw", writable=False, image=str(path), nbd=True)
+    try:
+        assert export.nbd_socket is None
+        assert Path(export.mountpoint).read_bytes() == path.read_bytes()
+        with pytest.raises(ValueError, match="no NBD socket"):
+            export.reader()
+    finally:
+        export.close()

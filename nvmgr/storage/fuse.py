@@ -73,6 +73,8 @@ _UMOUNT_NOFOLLOW = 8
 
 _LOCK_SUFFIX = ".lock"
 _NBD_SUFFIX = ".nbd"
+#: sizeof(sockaddr_un.sun_path) on Linux, with its terminating NUL.
+_SUN_PATH_MAX = 108
 #: The name of the format node's NBD export (on the slot's own socket).
 NBD_EXPORT = "img0"
 
@@ -346,8 +348,11 @@ class FuseExport:
         self.start_latency = 0.0
         self._slot = _Slot()
         self.mountpoint = self._slot.mountpoint
-        #: The NBD socket (``nbd=True``), else None.
-        self.nbd_socket = self.mountpoint + _NBD_SUFFIX if nbd else None
+        #: The NBD socket (``nbd=True``), else None; None too where its path is
+        #: longer than a unix socket's may be (a deep $XDG_RUNTIME_DIR): the FUSE
+        #: file then serves every read.
+        sock = self.mountpoint + _NBD_SUFFIX
+        self.nbd_socket = sock if nbd and len(os.fsencode(sock)) < _SUN_PATH_MAX else None
         try:
             self._start(image_path, writable, tuple(pass_fds))
         except BaseException:
