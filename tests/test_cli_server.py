@@ -12,7 +12,6 @@ with the same command run without the server (``NVMGR_CLI_SOCKET=``).
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import stat
@@ -29,26 +28,13 @@ from nvmgr import paths
 from nvmgr.cli import client
 from nvmgr.cli.server import MAGIC
 from nvmgr.errors import ExitCode
+from tests.served import ServerProcess
 
-ROOT = Path(__file__).resolve().parent.parent
 
-
-class CliServer:
+class CliServer(ServerProcess):
     def __init__(self, tmp: Path) -> None:
-        self.pkg_root = tmp / "pkg"
-        shutil.copytree(ROOT / "nvmgr", self.pkg_root / "nvmgr",
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        self.sock = tmp / "cli.sock"
-        self.log = tmp / "server.log"
-        self.out = open(self.log, "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nvmgr", "cli-server", "--socket", str(self.sock)],
-            cwd=tmp, env=self.env(served=False), stdout=self.out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while "listening" not in self.lines_text():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the server did not start: {self.lines_text()}")
-            time.sleep(0.05)
+        super().__init__(tmp, "cli-server", "cli.sock", env={"NVMGR_CLI_SOCKET": ""},
+                         timeout=60)
 
     def env(self, *, served: bool = True, **extra: str) -> dict[str, str]:
         return {**os.environ, "PYTHONPATH": str(self.pkg_root),
@@ -61,19 +47,10 @@ class CliServer:
                               capture_output=True, cwd=cwd or self.pkg_root.parent, env=self.env(served=served, **extra),
                               timeout=120, check=False)
 
-    def lines_text(self) -> str:
-        return self.log.read_text()
-
     def ran(self, command: str) -> list[str]:
         """The server's lines of workers that ran *command*."""
         return [ln for ln in self.lines_text().splitlines()
                 if ln.startswith(f"cli-server: {command}: exit ")]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-        self.out.close()
 
 
 @pytest.fixture

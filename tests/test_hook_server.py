@@ -24,8 +24,7 @@ import pytest
 
 from nvmgr.errors import ExitCode
 from nvmgr.hook import client
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.served import ROOT, ServerProcess
 
 PLAIN = b"<domain type='qemu'><name>plain</name></domain>"
 HOSTILE = (b"<?xml version='1.0'?><!DOCTYPE d [<!ENTITY x 'y'>]>"
@@ -37,26 +36,9 @@ ASKS_ONLY = (b"<domain type='qemu'><name>asks</name>"
              b"</metadata><os><type>hvm</type></os></domain>")
 
 
-class HookServer:
+class HookServer(ServerProcess):
     def __init__(self, tmp: Path) -> None:
-        self.pkg_root = tmp / "pkg"
-        shutil.copytree(ROOT / "nvmgr", self.pkg_root / "nvmgr",
-                        ignore=shutil.ignore_patterns("__pycache__"))
-        self.sock = tmp / "hook.sock"
-        self.log = tmp / "server.log"
-        self.out = open(self.log, "w")  # noqa: SIM115
-        env = {**os.environ, "PYTHONPATH": str(self.pkg_root)}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nvmgr", "hook-server", "--socket", str(self.sock)],
-            cwd=tmp, env=env, stdout=self.out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while "listening" not in self.lines_text():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the server did not start: {self.lines_text()}")
-            time.sleep(0.05)
-
-    def lines_text(self) -> str:
-        return self.log.read_text()
+        super().__init__(tmp, "hook-server", "hook.sock")
 
     def lines(self, what: str) -> list[str]:
         return [ln for ln in self.lines_text().splitlines() if what in ln]
@@ -64,12 +46,6 @@ class HookServer:
     @property
     def client(self) -> Path:
         return self.pkg_root / "nvmgr" / "hook" / "client.py"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-        self.out.close()
 
 
 @pytest.fixture
