@@ -190,7 +190,9 @@ def _undefine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connect", "-c", metavar="URI", help="libvirt URI (qemu:///system)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--keep-nvram", action="store_true", help="keep the nvmgr image")
-    g.add_argument("--remove-nvram", action="store_true", help="delete the nvmgr image too")
+    g.add_argument("--remove-nvram", action="store_true",
+                   help="delete the nvmgr image too (on RBD: the RBD image and its snapshots; "
+                        "in an NBD export: zeros over the image, the export given back blank)")
 
 
 @command("undefine", "undefine a domain, keeping or removing its image (virsh's semantics)",
