@@ -50,6 +50,7 @@ def e2e_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     # checkout, a bench) waits here for the first to finish.
     with open("/run/lock/nvmgr-e2e.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        vmlib.E2E_LOCK_FD = lock.fileno()  # handed to scripts/demo (tests/e2e/test_demo.py)
         vmlib.ensure_services()
         work = tmp_path_factory.mktemp("e2e")
         vmlib.ensure_hook(work)

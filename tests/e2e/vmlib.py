@@ -54,6 +54,8 @@ QEMU_LOG_DIR = Path("/var/log/libvirt/qemu")
 SWTPM_LOG_DIR = Path("/var/log/swtpm/libvirt/qemu")
 #: Sockets the tests create (serial consoles, NBD exports).
 SOCK_ROOT = Path("/run/nvmgr-e2e")
+#: The session's descriptor of /run/lock/nvmgr-e2e.lock while it holds it (conftest).
+E2E_LOCK_FD = -1
 
 NVMGR_NS = "https://nvmgr.dev/schemas/metadata/1"
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
