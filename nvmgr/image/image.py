@@ -704,13 +704,7 @@ class Image:
                 e.image = self.path
                 raise
         if not (s.live and s.dirty):
-            crc = zlib.crc32(raw)
-            if crc != s.crc32:
-                raise CorruptError(
-                    f"section {name} is corrupted (crc32 {crc:08x}, directory says {s.crc32:08x})",
-                    image=self.path,
-                    section=name,
-                )
+            self._require_crc(s, zlib.crc32(raw))
         if s.luks:
             return self._luks_payload(s, raw)
         return raw
@@ -755,30 +749,34 @@ class Image:
             write(data)
             return len(data)
         check = not (s.live and s.dirty)
-        chunks: list[Piece] = []
-        if not verified_first:
+        if not verified_first:  # written as read, the crc checked at the end
             crc = 0
             for piece in self.container.pieces(s.offset, s.stored_length, CHUNK, reuse=True):
                 if check:
                     crc = zlib.crc32(piece, crc)
                 write(piece)
-        elif s.stored_length <= ONE_PASS_MAX:
+            if check:
+                self._require_crc(s, crc)
+            return s.stored_length
+        if s.stored_length <= ONE_PASS_MAX:
             chunks, crc = self._read_once(s, check)
-        else:
-            crc = self._stored_crc(s) if check else s.crc32
-        if check and crc != s.crc32:
-            raise CorruptError(
-                f"section {name} is corrupted (crc32 {crc:08x}, directory says {s.crc32:08x})",
-                image=self.path, section=name)
-        if chunks:
+            if check:
+                self._require_crc(s, crc)
             for chunk in chunks:
                 write(chunk)
             return s.stored_length
-        if not verified_first:
-            return s.stored_length
+        if check:  # a first pass checks, a second copies
+            self._require_crc(s, self._stored_crc(s))
         for piece in self.container.pieces(s.offset, s.stored_length, CHUNK, reuse=True):
             write(piece)
         return s.stored_length
+
+    def _require_crc(self, s: Section, crc: int) -> None:
+        """:raise CorruptError: *crc*, of section *s*'s stored bytes, is not the directory's."""
+        if crc != s.crc32:
+            raise CorruptError(
+                f"section {s.name} is corrupted (crc32 {crc:08x}, directory says {s.crc32:08x})",
+                image=self.path, section=s.name)
 
     def _read_stored(self, s: Section) -> bytes:
         """Section *s*'s stored bytes, whole: one read, or where the container keeps
