@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 PACKAGES = ("ceph-mon", "ceph-mgr", "ceph-osd", "ceph-common")
@@ -39,6 +40,19 @@ class CephError(RuntimeError):
 
 def missing_tools() -> list[str]:
     return [t for t in TOOLS if shutil.which(t) is None]
+
+
+def skip_without_ceph() -> None:
+    """``pytest.skip``, with the reason, where the harness cannot run: without root
+    (its daemons run as root) or without Ceph's packages."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("the Ceph harness runs its daemons as root")
+    missing = missing_tools()
+    if missing:
+        pytest.skip(f"Ceph is not installed ({', '.join(missing)} missing; scripts/setup "
+                    f"installs {' '.join(PACKAGES)})")
 
 
 def _free_port() -> int:
@@ -222,6 +236,28 @@ log file = {r}/client/$name.$pid.log
         return f"client.{name}", keyring, key
 
     # ------------------------------------------------------------ tear-down
+
+    @contextlib.contextmanager
+    def opened_elsewhere(self, location: str, image: str) -> Iterator[None]:
+        """``qemu-io`` holding *location* (qemu-img's spelling) open, a watcher of RBD
+        image *image* of the pool, as a running VM on another host does; closed when
+        the block ends (its "quit": a killed client would stay a watcher until its
+        watch times out)."""
+        client = subprocess.Popen(["qemu-io", "-f", "raw", location], stdin=subprocess.PIPE,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert client.stdin is not None
+        client.stdin.write(b"read 0 512\n")
+        client.stdin.flush()
+        try:
+            deadline = time.monotonic() + 60
+            while '"watchers":[]' in self.run("rbd", "status", f"{self.pool}/{image}",
+                                              "--format", "json"):
+                if time.monotonic() > deadline:
+                    raise CephError("qemu-io never opened the image")
+                time.sleep(0.2)
+            yield
+        finally:
+            client.communicate(b"quit\n", timeout=60)
 
     def stop(self) -> None:
         for p in reversed(self.procs):  # the OSD before the monitor

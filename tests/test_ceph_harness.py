@@ -18,17 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.ceph_cluster import PACKAGES, CephCluster, missing_tools
+from tests.ceph_cluster import CephCluster, skip_without_ceph
 
 
 @pytest.fixture(scope="module")
 def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
-    if os.geteuid() != 0:
-        pytest.skip("the Ceph harness runs its daemons as root")
-    missing = missing_tools()
-    if missing:
-        pytest.skip(f"Ceph is not installed ({', '.join(missing)} missing; scripts/setup "
-                    f"installs {' '.join(PACKAGES)})")
+    skip_without_ceph()
     with CephCluster(tmp_path_factory.mktemp("ceph")) as c:
         yield c
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,19 +25,14 @@ from nvmgr.image.image import CHUNK, Image
 from nvmgr.storage import rbd
 from nvmgr.storage.nbdread import REUSE_PIECE
 from nvmgr.storage.rbd import WRITEBACK_FROM, WRITEBACK_SPLIT, RbdContainer
-from tests.ceph_cluster import PACKAGES, CephCluster, missing_tools
+from tests.ceph_cluster import CephCluster, skip_without_ceph
 from tests.conftest import RunCli
 from tests.test_crash import Crash, Faults, State, assert_monotone, explain, injected, observe, rand
 
 
 @pytest.fixture(scope="module")
 def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
-    if os.geteuid() != 0:
-        pytest.skip("the Ceph harness runs its daemons as root")
-    missing = missing_tools()
-    if missing:
-        pytest.skip(f"Ceph is not installed ({', '.join(missing)} missing; scripts/setup "
-                    f"installs {' '.join(PACKAGES)})")
+    skip_without_ceph()
     with CephCluster(tmp_path_factory.mktemp("ceph")) as c:
         # A SIGKILLed daemon's RBD lock is broken once its watch times out (30 s
         # by default): the daemon-kill model waits for that at every crash point.
@@ -271,24 +264,9 @@ def test_remove_refuses_an_open_image_and_leaves_it_whole(ceph: CephCluster, whe
     with Image.open(loc) as img, pytest.raises(BusyError, match="another nvmgr"):
         rbd.remove(loc)  # this host's nvmgr holds it
     # Another client (QEMU, as a running VM) has it open: a watcher.
-    # Commands on its stdin: "quit" closes the image (a killed client would stay a
-    # watcher until its watch times out).
-    qemu_io = subprocess.Popen(
-        ["qemu-io", "-f", "raw", rbd.RbdLocation.parse(loc).qemu_filename()],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert qemu_io.stdin is not None
-    qemu_io.stdin.write(b"read 0 512\n")
-    qemu_io.stdin.flush()
-    try:
-        deadline = time.monotonic() + 60
-        while '"watchers":[]' in ceph.run("rbd", "status", f"{ceph.pool}/{image}",
-                                          "--format", "json"):
-            assert time.monotonic() < deadline, "qemu-io never opened the image"
-            time.sleep(0.2)
-        with pytest.raises(BusyError, match="the RBD image is open: client"):
-            rbd.remove(loc)
-    finally:
-        qemu_io.communicate(b"quit\n", timeout=60)
+    with ceph.opened_elsewhere(rbd.RbdLocation.parse(loc).qemu_filename(), image), \
+            pytest.raises(BusyError, match="the RBD image is open: client"):
+        rbd.remove(loc)
     assert _exists(ceph, image)
     assert [s["name"] for s in rbd.snapshot_list(loc)] == ["snap1"]
     with Image.open(loc) as img:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ceph_cluster import PACKAGES, CephCluster, missing_tools
+from tests.ceph_cluster import CephCluster, skip_without_ceph
 
 from . import vmlib
 
@@ -90,12 +90,7 @@ def vm(e2e_env: Path, tmp_path: Path) -> Iterator[MakeVM]:
 def ceph() -> Iterator[CephCluster]:
     """A single-node Ceph cluster on 127.0.0.1 for the module (``tests/ceph_cluster.py``);
     skipped, with the reason, without root or Ceph's packages."""
-    if os.geteuid() != 0:
-        pytest.skip("the Ceph harness runs its daemons as root")
-    missing = missing_tools()
-    if missing:
-        pytest.skip(f"Ceph is not installed ({', '.join(missing)} missing; scripts/setup "
-                    f"installs {' '.join(PACKAGES)})")
+    skip_without_ceph()
     # Not under pytest's 0700 temp root: QEMU (libvirt-qemu) reads the conf.
     root = Path(tempfile.mkdtemp(prefix="nvmgr-ceph-e2e-", dir="/var/tmp"))
     with CephCluster(root) as c:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import subprocess
-import time
 import uuid
 from pathlib import Path
 
@@ -160,24 +158,10 @@ def test_undefine_remove_nvram_takes_the_rbd_image_unless_a_client_has_it_open(
     loc = json.loads(vmlib.nvmgr("define", v.xml_path, "--output", "json").stdout)["image"]
     vmlib.nvmgr("snapshot", loc, "create", "before")
     admin = f"rbd:{ceph.pool}/{image}:conf={ceph.conf}:id=admin:keyring={ceph.admin_keyring}"
-    # Commands on its stdin: "quit" closes the image (a killed client would stay a
-    # watcher until its watch times out).
-    other = subprocess.Popen(["qemu-io", "-f", "raw", admin], stdin=subprocess.PIPE,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert other.stdin is not None
-    other.stdin.write(b"read 0 512\n")
-    other.stdin.flush()
-    try:
-        deadline = time.monotonic() + 60
-        while '"watchers":[]' in ceph.run("rbd", "status", f"{ceph.pool}/{image}",
-                                          "--format", "json"):
-            assert time.monotonic() < deadline, "qemu-io never opened the image"
-            time.sleep(0.2)
+    with ceph.opened_elsewhere(admin, image):
         p = vmlib.nvmgr("undefine", v.name, "--remove-nvram", check=False)
         assert p.returncode == 7 and "the RBD image is open: client." in p.stderr, p
         assert vmlib.exists(v.name)
-    finally:
-        other.communicate(b"quit\n", timeout=60)
     assert image in ceph.run("rbd", "ls", ceph.pool).split()
     r = json.loads(vmlib.nvmgr("undefine", v.name, "--remove-nvram", "--output", "json").stdout)
     assert r["image"] == loc and r["image_removed"] is True, r
